@@ -1,0 +1,945 @@
+"""The domain: campaigns, the send state machine, replies and Message 2.
+
+Every function here works on the database alone (no queue, no HTTP), so the
+same rules hold wherever they are called from: a worker thread, the web role,
+the CLI or a test. Guarantees are carried by single SQL statements and unique
+constraints, never by check-then-act:
+
+- a claim is one ``UPDATE ... WHERE status ... RETURNING``: a second claim of
+  the same row finds nothing, so a task enqueued twice sends once;
+- Message 1 and Message 2 are unique per (campaign, contact, kind);
+- statuses only move forward (``UPDATE ... WHERE status IN (lower ranks)``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import string
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import peewee as pw
+
+from daemon.errors import InputError
+from daemon.errors import NotFoundError
+from daemon.errors import StateError
+from daemon.store.db import is_postgres
+from daemon.store.models import Campaign
+from daemon.store.models import CampaignContact
+from daemon.store.models import CampaignStatus
+from daemon.store.models import Contact
+from daemon.store.models import InboundEvent
+from daemon.store.models import Interaction
+from daemon.store.models import MemberState
+from daemon.store.models import Message
+from daemon.store.models import MessageStatus
+from daemon.store.models import WaStatus
+from daemon.store.models import database
+from daemon.store.models import utcnow
+
+log = logging.getLogger(__name__)
+
+PRIORITY_MESSAGE_2 = 10
+# A row claimed this many times without an answer from the provider keeps
+# killing its worker (or the workers keep dying): give up on it.
+MAX_INTERRUPTED_ATTEMPTS = 20
+_CHUNK = 500
+_BUILTIN_FIELDS = ("name", "phone")
+_SENT_OR_LATER = ("sent", "delivered", "read")
+
+
+# ---------------------------------------------------------------- templates
+
+
+def template_fields(template: str) -> set[str]:
+    """The `{variable}` names a template uses; InputError if it is malformed."""
+    fields = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InputError(f"invalid template {template[:40]!r}: {exc}") from None
+    for _, field_name, format_spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if not field_name.isidentifier():
+            raise InputError(
+                f"invalid template variable {{{field_name}}}: use {{name}}-style "
+                "names (letters, digits, underscore)"
+            )
+        if format_spec or conversion:
+            raise InputError(f"template variable {{{field_name}}}: no format specs")
+        fields.add(field_name)
+    return fields
+
+
+def template_values(contact: Contact) -> dict[str, str]:
+    values = {k: str(v) for k, v in (contact.variables or {}).items()}
+    values["name"] = contact.name
+    values["phone"] = contact.phone
+    return values
+
+
+def render(template: str, contact: Contact) -> str:
+    return template.format_map(template_values(contact))
+
+
+def _check_contact_has(fields: set[str], contact: Contact) -> None:
+    values = template_values(contact)
+    for name in sorted(fields):
+        if not values.get(name):
+            raise InputError(
+                f"template variable {{{name}}} is missing for contact {contact.phone}"
+            )
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def create_campaign(
+    name: str,
+    message1: str,
+    message2: str,
+    contact_ids: Iterable[int],
+    *,
+    skip_invalid: bool = True,
+) -> Campaign:
+    """Create a draft campaign; every contact must fill every template variable."""
+    name = (name or "").strip()
+    if not name:
+        raise InputError("campaign name is empty")
+    for label, text in (("message1", message1), ("message2", message2)):
+        if not text or not text.strip():
+            raise InputError(f"{label} is empty")
+        if len(text) > 4096:
+            raise InputError(f"{label} is longer than 4096 characters")
+    fields = template_fields(message1) | template_fields(message2)
+    ids = sorted(set(contact_ids))
+    with database.atomic():
+        contacts = _contacts_by_id(ids)
+        for contact in contacts:
+            _check_contact_has(fields, contact)
+        campaign = Campaign.create(
+            name=name, message1=message1, message2=message2, skip_invalid=skip_invalid
+        )
+        now = utcnow()
+        rows = [
+            {
+                "campaign": campaign.id,
+                "contact": c.id,
+                # Opted-out contacts stay out of every later campaign.
+                "state": MemberState.OPTED_OUT
+                if c.opted_out_at
+                else MemberState.PENDING,
+                "updated_at": now,
+            }
+            for c in contacts
+        ]
+        for start in range(0, len(rows), _CHUNK):
+            CampaignContact.insert_many(rows[start : start + _CHUNK]).execute()
+    return campaign
+
+
+def _contacts_by_id(ids: list[int]) -> list[Contact]:
+    contacts = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        contacts.extend(Contact.select().where(Contact.id.in_(chunk)))
+    if len(contacts) != len(ids):
+        missing = sorted(set(ids) - {c.id for c in contacts})
+        raise NotFoundError(f"contact {missing[0]} does not exist")
+    return contacts
+
+
+def get_campaign(campaign_id: int) -> Campaign:
+    campaign = Campaign.get_or_none(Campaign.id == campaign_id)
+    if campaign is None:
+        raise NotFoundError(f"campaign {campaign_id} does not exist")
+    return campaign
+
+
+def _set_status(campaign_id: int, allowed: tuple[str, ...], new: str, **extra) -> int:
+    return (
+        Campaign.update(status=new, **extra)
+        .where(Campaign.id == campaign_id, Campaign.status.in_(allowed))
+        .execute()
+    )
+
+
+def _transition(campaign_id, allowed, new, verb, **extra) -> Campaign:
+    campaign = get_campaign(campaign_id)
+    if not _set_status(campaign_id, allowed, new, **extra):
+        campaign = get_campaign(campaign_id)
+        raise StateError(
+            f"cannot {verb} campaign {campaign_id}: it is {campaign.status}"
+        )
+    return get_campaign(campaign_id)
+
+
+def start_campaign(campaign_id: int, tasks) -> Campaign:
+    """draft -> running, then fan out Message 1 in the background."""
+    campaign = _transition(
+        campaign_id,
+        (CampaignStatus.DRAFT,),
+        CampaignStatus.RUNNING,
+        "start",
+        started_at=utcnow(),
+    )
+    tasks.enqueue_fanout(campaign_id)
+    return campaign
+
+
+def pause_campaign(campaign_id: int, reason: str = "") -> Campaign:
+    """running -> paused: no new sends; sends already in flight finish."""
+    return _transition(
+        campaign_id,
+        (CampaignStatus.RUNNING,),
+        CampaignStatus.PAUSED,
+        "pause",
+        status_reason=reason,
+    )
+
+
+def resume_campaign(campaign_id: int, tasks) -> Campaign:
+    campaign = _transition(
+        campaign_id,
+        (CampaignStatus.PAUSED,),
+        CampaignStatus.RUNNING,
+        "resume",
+        status_reason="",
+    )
+    tasks.enqueue_fanout(campaign_id)
+    tasks.enqueue_sends(due_message_ids(campaign_id))
+    return campaign
+
+
+def cancel_campaign(campaign_id: int) -> Campaign:
+    """Any open state -> cancelled; messages not yet sent are cancelled."""
+    with database.atomic():
+        campaign = _transition(
+            campaign_id,
+            (CampaignStatus.DRAFT, CampaignStatus.RUNNING, CampaignStatus.PAUSED),
+            CampaignStatus.CANCELLED,
+            "cancel",
+            finished_at=utcnow(),
+        )
+        Message.update(status=MessageStatus.CANCELLED).where(
+            Message.campaign == campaign_id,
+            Message.status.in_((MessageStatus.QUEUED, MessageStatus.PENDING)),
+        ).execute()
+    return campaign
+
+
+def retry_failed(campaign_id: int, tasks) -> int:
+    """Queue every failed message of a campaign again, from attempt zero."""
+    get_campaign(campaign_id)
+    with database.atomic():
+        failed = list(
+            Message.select(Message.id, Message.kind, Message.contact).where(
+                Message.campaign == campaign_id, Message.status == MessageStatus.FAILED
+            )
+        )
+        if not failed:
+            return 0
+        ids = [m.id for m in failed]
+        for start in range(0, len(ids), _CHUNK):
+            Message.update(
+                status=MessageStatus.QUEUED,
+                attempts=0,
+                failures=0,
+                next_attempt_at=None,
+                error=None,
+                failed_at=None,
+                enqueued_at=utcnow(),
+            ).where(Message.id.in_(ids[start : start + _CHUNK])).execute()
+        for kind, back_to in ((1, MemberState.PENDING), (2, MemberState.INTERACTED)):
+            contacts = [m.contact_id for m in failed if m.kind == kind]
+            for start in range(0, len(contacts), _CHUNK):
+                CampaignContact.update(state=back_to, updated_at=utcnow()).where(
+                    CampaignContact.campaign == campaign_id,
+                    CampaignContact.contact.in_(contacts[start : start + _CHUNK]),
+                    CampaignContact.state == MemberState.FAILED,
+                ).execute()
+        _set_status(
+            campaign_id,
+            (CampaignStatus.COMPLETED,),
+            CampaignStatus.RUNNING,
+            finished_at=None,
+        )
+    tasks.enqueue_sends(ids)
+    return len(ids)
+
+
+def maybe_complete(campaign_id: int) -> bool:
+    """running -> completed once every contact reached a final state."""
+    open_members = CampaignContact.select(CampaignContact.id).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.state.in_(tuple(MemberState.OPEN)),
+    )
+    open_messages = Message.select(Message.id).where(
+        Message.campaign == campaign_id,
+        Message.status.in_((MessageStatus.QUEUED, MessageStatus.SENDING)),
+    )
+    if open_members.exists() or open_messages.exists():
+        return False
+    return bool(
+        _set_status(
+            campaign_id,
+            (CampaignStatus.RUNNING,),
+            CampaignStatus.COMPLETED,
+            finished_at=utcnow(),
+        )
+    )
+
+
+# ---------------------------------------------------------------- views
+
+
+def campaign_summary(campaign_id: int) -> dict:
+    campaign = get_campaign(campaign_id)
+    members = dict(
+        CampaignContact.select(CampaignContact.state, pw.fn.COUNT(CampaignContact.id))
+        .where(CampaignContact.campaign == campaign_id)
+        .group_by(CampaignContact.state)
+        .tuples()
+    )
+    messages: dict[str, dict[str, int]] = {"message1": {}, "message2": {}}
+    rows = (
+        Message.select(Message.kind, Message.status, pw.fn.COUNT(Message.id))
+        .where(Message.campaign == campaign_id)
+        .group_by(Message.kind, Message.status)
+        .tuples()
+    )
+    for kind, status, count in rows:
+        messages[f"message{kind}"][status] = count
+    return {
+        **_campaign_fields(campaign),
+        "contacts": sum(members.values()),
+        "members": members,
+        "messages": messages,
+    }
+
+
+def _campaign_fields(campaign: Campaign) -> dict:
+    return {
+        "id": campaign.id,
+        "name": campaign.name,
+        "status": campaign.status,
+        "status_reason": campaign.status_reason,
+        "message1": campaign.message1,
+        "message2": campaign.message2,
+        "created_at": _iso(campaign.created_at),
+        "started_at": _iso(campaign.started_at),
+        "finished_at": _iso(campaign.finished_at),
+    }
+
+
+def list_campaigns() -> list[dict]:
+    counts = dict(
+        CampaignContact.select(
+            CampaignContact.campaign, pw.fn.COUNT(CampaignContact.id)
+        )
+        .group_by(CampaignContact.campaign)
+        .tuples()
+    )
+    return [
+        {**_campaign_fields(c), "contacts": counts.get(c.id, 0)}
+        for c in Campaign.select().order_by(Campaign.id)
+    ]
+
+
+def message_dict(message: Message) -> dict:
+    return {
+        "id": message.id,
+        "campaign_id": message.campaign_id,
+        "contact_id": message.contact_id,
+        "phone": message.phone,
+        "kind": message.kind,
+        "status": message.status,
+        "attempts": message.attempts,
+        "error": message.error,
+        "idempotency_key": message.idempotency_key,
+        "provider_id": message.provider_id,
+        "created_at": _iso(message.created_at),
+        "sent_at": _iso(message.sent_at),
+        "delivered_at": _iso(message.delivered_at),
+        "read_at": _iso(message.read_at),
+        "failed_at": _iso(message.failed_at),
+        "next_attempt_at": _iso(message.next_attempt_at),
+    }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
+# ---------------------------------------------------------------- fan-out
+
+
+def idempotency_key(campaign_id: int, contact_id: int, kind: int) -> str:
+    return f"cd-{campaign_id}-{contact_id}-m{kind}"
+
+
+def fan_out(campaign_id: int, batch_size: int = 500) -> list[int]:
+    """Create the next batch of Message 1 rows; their ids (to enqueue) or [].
+
+    Resumable: it only looks at members still pending with no Message 1, and
+    the unique (campaign, contact, kind) index makes a concurrent or repeated
+    run harmless.
+    """
+    with database.atomic():
+        campaign = Campaign.get_or_none(Campaign.id == campaign_id)
+        if campaign is None or campaign.status != CampaignStatus.RUNNING:
+            return []
+        existing = Message.select(Message.id).where(
+            Message.campaign == campaign_id,
+            Message.contact == CampaignContact.contact,
+            Message.kind == 1,
+        )
+        members = list(
+            CampaignContact.select(CampaignContact, Contact)
+            .join(Contact)
+            .where(
+                CampaignContact.campaign == campaign_id,
+                CampaignContact.state == MemberState.PENDING,
+                ~pw.fn.EXISTS(existing),
+            )
+            .order_by(CampaignContact.id)
+            .limit(batch_size)
+        )
+        if not members:
+            return []
+        now = utcnow()
+        rows, opted_out, skipped = [], [], []
+        for member in members:
+            contact = member.contact
+            if contact.opted_out_at:
+                opted_out.append(member.id)
+            elif campaign.skip_invalid and contact.wa_status == WaStatus.INVALID:
+                skipped.append(member.id)
+            else:
+                rows.append(_message_row(campaign, contact, 1, now))
+        _set_member_states(opted_out, MemberState.OPTED_OUT, now)
+        _set_member_states(skipped, MemberState.SKIPPED, now)
+        ids = _insert_messages(rows)
+    return ids
+
+
+def _message_row(campaign: Campaign, contact: Contact, kind: int, now) -> dict:
+    template = campaign.message1 if kind == 1 else campaign.message2
+    return {
+        "campaign": campaign.id,
+        "contact": contact.id,
+        "phone": contact.phone,
+        "kind": kind,
+        "body": render(template, contact),
+        "status": MessageStatus.QUEUED,
+        "priority": PRIORITY_MESSAGE_2 if kind == 2 else 0,
+        "idempotency_key": idempotency_key(campaign.id, contact.id, kind),
+        "created_at": now,
+        "enqueued_at": now,
+    }
+
+
+def _insert_messages(rows: list[dict]) -> list[int]:
+    if not rows:
+        return []
+    query = Message.insert_many(rows).on_conflict_ignore().returning(Message.id)
+    return [row[0] for row in query.tuples().execute()]
+
+
+def _set_member_states(member_ids: list[int], state: str, now) -> None:
+    if member_ids:
+        CampaignContact.update(state=state, updated_at=now).where(
+            CampaignContact.id.in_(member_ids)
+        ).execute()
+
+
+def due_message_ids(campaign_id: int) -> list[int]:
+    now = utcnow()
+    return [
+        m.id
+        for m in Message.select(Message.id).where(
+            Message.campaign == campaign_id,
+            Message.status == MessageStatus.QUEUED,
+            Message.next_attempt_at.is_null() | (Message.next_attempt_at <= now),
+        )
+    ]
+
+
+# ---------------------------------------------------------------- sending
+
+
+def claim(message_id: int, owner: str, lease_s: float, now=None) -> Message | None:
+    """Take the row for sending, or None if someone else has it or it is not due."""
+    now = now or utcnow()
+    running = Campaign.select(Campaign.id).where(
+        Campaign.status == CampaignStatus.RUNNING
+    )
+    due = (Message.status == MessageStatus.QUEUED) & (
+        Message.next_attempt_at.is_null() | (Message.next_attempt_at <= now)
+    )
+    abandoned = (Message.status == MessageStatus.SENDING) & (
+        Message.lease_expires_at < now
+    )
+    query = (
+        Message.update(
+            status=MessageStatus.SENDING,
+            lease_owner=owner,
+            lease_expires_at=now + dt.timedelta(seconds=lease_s),
+            attempts=Message.attempts + 1,
+        )
+        .where(Message.id == message_id, due | abandoned, Message.campaign.in_(running))
+        .returning(Message)
+    )
+    rows = list(query.execute())
+    return rows[0] if rows else None
+
+
+def release(message: Message, owner: str, next_attempt_at, reason: str = "") -> bool:
+    """Give a claimed row back without counting a failure (pacing, window)."""
+    return bool(
+        Message.update(
+            status=MessageStatus.QUEUED,
+            next_attempt_at=next_attempt_at,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=Message.attempts - 1,
+            enqueued_at=utcnow(),
+            error=reason or Message.error,
+        )
+        .where(
+            Message.id == message.id,
+            Message.lease_owner == owner,
+            Message.status == MessageStatus.SENDING,
+        )
+        .execute()
+    )
+
+
+def record_sent(message: Message, owner: str, provider_id, wa_id, now=None) -> None:
+    """The provider accepted the message: sent (unless a webhook got further)."""
+    now = now or utcnow()
+    status = pw.Case(
+        None,
+        ((Message.status == MessageStatus.SENDING, MessageStatus.SENT),),
+        Message.status,
+    )
+    updated = (
+        Message.update(
+            status=status,
+            provider_id=provider_id,
+            wa_id=wa_id,
+            sent_at=pw.fn.COALESCE(Message.sent_at, now),
+            lease_owner=None,
+            lease_expires_at=None,
+            error=None,
+        )
+        .where(Message.id == message.id, Message.lease_owner == owner)
+        .execute()
+    )
+    if updated:
+        _member_after_send(message.campaign_id, message.contact_id, message.kind, now)
+
+
+def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
+    if kind == 1:
+        CampaignContact.update(
+            state=MemberState.MESSAGE_1_SENT,
+            message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now),
+            updated_at=now,
+        ).where(
+            CampaignContact.campaign == campaign_id,
+            CampaignContact.contact == contact_id,
+            CampaignContact.state == MemberState.PENDING,
+        ).execute()
+    else:
+        CampaignContact.update(state=MemberState.MESSAGE_2_SENT, updated_at=now).where(
+            CampaignContact.campaign == campaign_id,
+            CampaignContact.contact == contact_id,
+            CampaignContact.state == MemberState.INTERACTED,
+        ).execute()
+        maybe_complete(campaign_id)
+
+
+def record_failure(message: Message, owner: str, reason: str, now=None) -> bool:
+    """Permanent failure: failed with the provider's reason."""
+    now = now or utcnow()
+    updated = (
+        Message.update(
+            status=MessageStatus.FAILED,
+            error=reason[:2000],
+            failed_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        .where(
+            Message.id == message.id,
+            Message.lease_owner == owner,
+            Message.status == MessageStatus.SENDING,
+        )
+        .execute()
+    )
+    if updated:
+        _member_failed(message.campaign_id, message.contact_id, now)
+        maybe_complete(message.campaign_id)
+    return bool(updated)
+
+
+def _member_failed(campaign_id: int, contact_id: int, now) -> None:
+    CampaignContact.update(state=MemberState.FAILED, updated_at=now).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.contact == contact_id,
+        CampaignContact.state.in_((MemberState.PENDING, MemberState.INTERACTED)),
+    ).execute()
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_s: float
+    factor: float
+    cap_s: float
+    jitter: float
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Delay before the retry after the `failures`-th failure (1-based).
+
+        With base 60, factor 2: 60 s, 120 s, 240 s ... capped at cap_s, then
+        up to `jitter` of it added at random.
+        """
+        raw = min(self.cap_s, self.base_s * self.factor ** max(failures - 1, 0))
+        return raw * (1 + self.jitter * (rng or random).random())
+
+
+def record_retryable(
+    message: Message,
+    owner: str,
+    reason: str,
+    delay_s: float,
+    max_attempts: int,
+    now=None,
+) -> dt.datetime | None:
+    """A failure that may succeed later: queued again with next_attempt_at.
+
+    Returns the next attempt time, or None when the attempts are used up and
+    the message failed instead.
+    """
+    now = now or utcnow()
+    failures = message.failures + 1
+    if failures >= max_attempts:
+        record_failure(message, owner, f"{reason} (after {failures} attempts)", now)
+        return None
+    next_at = now + dt.timedelta(seconds=delay_s)
+    updated = (
+        Message.update(
+            status=MessageStatus.QUEUED,
+            failures=failures,
+            next_attempt_at=next_at,
+            error=reason[:2000],
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=now,
+        )
+        .where(
+            Message.id == message.id,
+            Message.lease_owner == owner,
+            Message.status == MessageStatus.SENDING,
+        )
+        .execute()
+    )
+    return next_at if updated else None
+
+
+def release_leases(owner: str, now=None) -> int:
+    """Make a dead worker's rows claimable at once (no waiting for expiry)."""
+    now = now or utcnow()
+    return (
+        Message.update(lease_expires_at=now - dt.timedelta(seconds=1), enqueued_at=None)
+        .where(Message.lease_owner == owner, Message.status == MessageStatus.SENDING)
+        .execute()
+    )
+
+
+# ---------------------------------------------------------------- sweeping
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    messages: list[tuple[int, int]]  # (id, priority)
+    events: list[int]
+    campaigns: list[int]
+
+
+def sweep(now=None, grace_s: float = 30.0, limit: int = 5000) -> SweepResult:
+    """Rows the queue may have lost: due and not enqueued lately, or abandoned.
+
+    Marks them enqueued now; the caller enqueues them. A row that is still in
+    the queue as well is harmless: the claim lets one send through.
+    """
+    now = now or utcnow()
+    stale = now - dt.timedelta(seconds=grace_s)
+    running = Campaign.select(Campaign.id).where(
+        Campaign.status == CampaignStatus.RUNNING
+    )
+    not_recent = Message.enqueued_at.is_null() | (Message.enqueued_at < stale)
+    due = (Message.status == MessageStatus.QUEUED) & (
+        Message.next_attempt_at.is_null() | (Message.next_attempt_at <= now)
+    )
+    abandoned = (Message.status == MessageStatus.SENDING) & (
+        Message.lease_expires_at < now
+    )
+    with database.atomic():
+        query = (
+            Message.select(Message.id, Message.priority)
+            .where((due | abandoned) & not_recent, Message.campaign.in_(running))
+            .order_by(Message.id)
+            .limit(limit)
+        )
+        if is_postgres():
+            # Two leaders for a moment (lease handover) must not both take
+            # the same batch.
+            query = query.for_update(skip_locked=True)
+        messages = list(query.tuples())
+        ids = [m[0] for m in messages]
+        for start in range(0, len(ids), _CHUNK):
+            Message.update(enqueued_at=now).where(
+                Message.id.in_(ids[start : start + _CHUNK])
+            ).execute()
+    events = [
+        e.id
+        for e in InboundEvent.select(InboundEvent.id)
+        .where(InboundEvent.processed_at.is_null(), InboundEvent.received_at < stale)
+        .order_by(InboundEvent.id)
+        .limit(limit)
+    ]
+    pending_members = CampaignContact.select(CampaignContact.campaign).where(
+        CampaignContact.state == MemberState.PENDING
+    )
+    campaigns = [
+        c.id
+        for c in Campaign.select(Campaign.id).where(
+            Campaign.status == CampaignStatus.RUNNING,
+            Campaign.id.in_(pending_members),
+        )
+    ]
+    return SweepResult(messages=messages, events=events, campaigns=campaigns)
+
+
+def running_campaign_ids() -> list[int]:
+    return [
+        c.id
+        for c in Campaign.select(Campaign.id).where(
+            Campaign.status == CampaignStatus.RUNNING
+        )
+    ]
+
+
+def expire_interactions(window_h: float, now=None) -> int:
+    """Message 1 older than the reply window with no reply: the contact expires."""
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(hours=window_h)
+    with database.atomic():
+        expiring = list(
+            CampaignContact.select(CampaignContact.id, CampaignContact.campaign).where(
+                CampaignContact.state == MemberState.MESSAGE_1_SENT,
+                CampaignContact.message1_sent_at < cutoff,
+            )
+        )
+        _set_member_states([m.id for m in expiring], MemberState.EXPIRED, now)
+    for campaign_id in {m.campaign_id for m in expiring}:
+        maybe_complete(campaign_id)
+    return len(expiring)
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+def fold_keyword(text: str) -> str:
+    """Upper case without accents or surrounding punctuation: 'Arrêt !' -> 'ARRET'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    bare = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return bare.strip().strip(string.punctuation + " ").upper()
+
+
+def is_opt_out(body: str, keywords: Iterable[str]) -> bool:
+    return fold_keyword(body) in {fold_keyword(k) for k in keywords}
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    outcome: str
+    message2_id: int | None = None
+
+
+def handle_reply(
+    phone: str,
+    body: str,
+    *,
+    is_group: bool,
+    window_h: float,
+    opt_out_keywords: Iterable[str],
+    event_id: int | None = None,
+    now=None,
+) -> ReplyOutcome:
+    """A contact wrote to us: maybe opt them out, maybe create Message 2."""
+    now = now or utcnow()
+    if is_group:
+        return ReplyOutcome("ignored_group")
+    contact = Contact.get_or_none(Contact.phone == phone)
+    if contact is None:
+        return ReplyOutcome("unknown_contact")
+    if is_opt_out(body, opt_out_keywords):
+        opt_out_contact(contact, f"replied {body.strip()[:40]!r}", now=now)
+        _record_interaction(contact, None, event_id, body, "opted_out", now)
+        return ReplyOutcome("opted_out")
+    if contact.opted_out_at:
+        _record_interaction(contact, None, event_id, body, "opted_out_before", now)
+        return ReplyOutcome("opted_out_before")
+    with database.atomic():
+        member = _open_member_for_reply(contact, window_h, now)
+        if member is None:
+            _record_interaction(contact, None, event_id, body, "no_open_campaign", now)
+            return ReplyOutcome("no_open_campaign")
+        took = (
+            CampaignContact.update(
+                state=MemberState.INTERACTED, interacted_at=now, updated_at=now
+            )
+            .where(
+                CampaignContact.id == member.id,
+                CampaignContact.state.in_(
+                    (MemberState.PENDING, MemberState.MESSAGE_1_SENT)
+                ),
+            )
+            .execute()
+        )
+        campaign = member.campaign
+        if not took:
+            _record_interaction(contact, campaign, event_id, body, "already", now)
+            return ReplyOutcome("already_interacted")
+        ids = _insert_messages([_message_row(campaign, contact, 2, now)])
+        _record_interaction(contact, campaign, event_id, body, "message_2", now)
+    return ReplyOutcome("message_2_queued", ids[0] if ids else None)
+
+
+def _open_member_for_reply(contact: Contact, window_h: float, now):
+    """The member this reply answers: latest Message 1 sent within the window."""
+    cutoff = now - dt.timedelta(hours=window_h)
+    message1 = Message.alias()
+    candidates = (
+        CampaignContact.select(CampaignContact, Campaign)
+        .join(Campaign)
+        .switch(CampaignContact)
+        .join(
+            message1,
+            on=(
+                (message1.campaign == CampaignContact.campaign)
+                & (message1.contact == CampaignContact.contact)
+                & (message1.kind == 1)
+            ),
+        )
+        .where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(
+                (MemberState.PENDING, MemberState.MESSAGE_1_SENT)
+            ),
+            Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
+            # A reply proves the provider took Message 1, even if our worker
+            # died before recording it (status still 'sending').
+            message1.status.in_(("sending",) + _SENT_OR_LATER),
+            message1.sent_at.is_null() | (message1.sent_at >= cutoff),
+            message1.created_at >= cutoff - dt.timedelta(days=30),
+        )
+        .order_by(message1.id.desc())
+        .limit(1)
+    )
+    return candidates.first()
+
+
+def _record_interaction(contact, campaign, event_id, body, outcome, now) -> None:
+    Interaction.create(
+        contact=contact.id,
+        campaign=campaign.id if campaign else None,
+        event=event_id,
+        body=(body or "")[:4000],
+        outcome=outcome,
+        received_at=now,
+    )
+
+
+def opt_out_contact(contact: Contact, reason: str, now=None) -> None:
+    """The contact gets nothing more from any campaign, now or later."""
+    now = now or utcnow()
+    with database.atomic():
+        Contact.update(opted_out_at=pw.fn.COALESCE(Contact.opted_out_at, now)).where(
+            Contact.id == contact.id
+        ).execute()
+        CampaignContact.update(state=MemberState.OPTED_OUT, updated_at=now).where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(tuple(MemberState.OPEN)),
+        ).execute()
+        Message.update(
+            status=MessageStatus.CANCELLED, error=f"opted out: {reason}"
+        ).where(
+            Message.contact == contact.id, Message.status == MessageStatus.QUEUED
+        ).execute()
+    log.info("contact %s opted out (%s)", contact.phone, reason)
+
+
+def find_message(reference=None, provider_id=None, wa_id=None) -> Message | None:
+    if reference:
+        found = Message.get_or_none(Message.idempotency_key == reference)
+        if found:
+            return found
+    for field, value in ((Message.provider_id, provider_id), (Message.wa_id, wa_id)):
+        if value:
+            found = Message.get_or_none(field == value)
+            if found:
+                return found
+    if provider_id:
+        return Message.get_or_none(Message.wa_id == provider_id)
+    return None
+
+
+def apply_status(
+    message: Message, status: str, *, error: str | None = None, now=None
+) -> bool:
+    """Move a message forward to `status`; never backwards. True if it moved."""
+    now = now or utcnow()
+    if status == MessageStatus.FAILED:
+        return _apply_failed_status(message, error or "failed", now)
+    rank = MessageStatus.RANK.get(status)
+    if rank is None or rank < MessageStatus.RANK["sent"]:
+        return False
+    lower = [s for s, r in MessageStatus.RANK.items() if r < rank]
+    values = {"status": status, "sent_at": pw.fn.COALESCE(Message.sent_at, now)}
+    if status in ("delivered", "read"):
+        values["delivered_at"] = pw.fn.COALESCE(Message.delivered_at, now)
+    if status == "read":
+        values["read_at"] = pw.fn.COALESCE(Message.read_at, now)
+    moved = (
+        Message.update(**values)
+        .where(Message.id == message.id, Message.status.in_(lower))
+        .execute()
+    )
+    if moved and message.status in ("queued", "sending"):
+        _member_after_send(message.campaign_id, message.contact_id, message.kind, now)
+    return bool(moved)
+
+
+def _apply_failed_status(message: Message, error: str, now) -> bool:
+    # "failed" after "delivered" happens (out-of-order webhooks): the
+    # contact has the message, so we keep the better status.
+    moved = (
+        Message.update(status=MessageStatus.FAILED, error=error[:2000], failed_at=now)
+        .where(
+            Message.id == message.id,
+            Message.status.in_(("queued", "sending", "sent")),
+        )
+        .execute()
+    )
+    if moved:
+        _member_failed(message.campaign_id, message.contact_id, now)
+        maybe_complete(message.campaign_id)
+    return bool(moved)

@@ -1,0 +1,168 @@
+"""The `campaignd` command line: parse, load the config once, dispatch.
+
+Errors are one line on stderr and a non-zero exit: 2 for usage and config
+errors, 1 for other failures, 3 from `status` when no daemon answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from daemon import __version__
+from daemon import config as config_mod
+from daemon.errors import EXIT_CONFIG
+from daemon.errors import EXIT_FAILURE
+from daemon.errors import ConfigError
+from daemon.errors import DaemonError
+
+ROLES_HELP = "web | worker:default | worker:messages | worker:retry | "
+ROLES_HELP += "worker:verification | scheduler"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_CONFIG, f"campaignd: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", help="TOML config file (default: $CAMPAIGND_CONFIG)"
+    )
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="print JSON")
+
+    parser = _Parser(prog="campaignd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("run", parents=[common], help="run the daemon (supervisor)")
+    p = sub.add_parser("child", parents=[common], help=argparse.SUPPRESS)
+    p.add_argument("role", help=ROLES_HELP)
+    sub.add_parser("web", parents=[common], help="run the web role in the foreground")
+    p = sub.add_parser(
+        "worker", parents=[common], help="run one queue consumer in the foreground"
+    )
+    p.add_argument(
+        "--queue",
+        required=True,
+        choices=("default", "messages", "retry", "verification"),
+    )
+    sub.add_parser(
+        "scheduler", parents=[common], help="run the scheduler in the foreground"
+    )
+    sub.add_parser(
+        "status", parents=[common, json_flag], help="show the running daemon's state"
+    )
+    p = sub.add_parser("restart", parents=[common], help="restart one role gracefully")
+    p.add_argument("role", help=ROLES_HELP)
+    sub.add_parser(
+        "check-config", parents=[common], help="print the effective config or errors"
+    )
+
+    contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    p = contacts.add_parser("import", parents=[common, json_flag], help="import a CSV")
+    p.add_argument("file")
+    p.add_argument("--region", default="FR", help="region for local numbers")
+    p = contacts.add_parser("list", parents=[common, json_flag], help="list contacts")
+    p.add_argument("--limit", type=int, default=50)
+    p = contacts.add_parser("opt-out", parents=[common, json_flag], help="opt out")
+    p.add_argument("phone")
+
+    campaign = sub.add_parser("campaign", help="manage campaigns").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    p = campaign.add_parser("create", parents=[common, json_flag])
+    p.add_argument("--name", required=True)
+    p.add_argument("--message1", required=True)
+    p.add_argument("--message2", required=True)
+    p.add_argument("--contacts", help="CSV of the campaign's contacts")
+    p.add_argument("--region", default="FR")
+    p.add_argument("--all-contacts", action="store_true", help="target every contact")
+    campaign.add_parser("list", parents=[common, json_flag])
+    for action in ("show", "start", "pause", "resume", "cancel", "retry-failed"):
+        p = campaign.add_parser(action, parents=[common, json_flag])
+        p.add_argument("id", type=int)
+
+    p = sub.add_parser(
+        "verify", parents=[common, json_flag], help="check numbers are on WhatsApp"
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--phone", help="check one number now")
+    target.add_argument("--campaign", type=int, help="queue checks for a campaign")
+    target.add_argument("--all", action="store_true", help="queue unknown numbers")
+
+    p = sub.add_parser("demo", help="run a complete local demo")
+    p.add_argument("--contacts", type=int, default=200)
+    p.add_argument("--keep", action="store_true", help="keep the data dir")
+
+    p = sub.add_parser("fake-provider", help="run the local fake provider")
+    _fake_provider().add_arguments(p)
+    return parser
+
+
+def _fake_provider():
+    return importlib.import_module("daemon.providers.fake")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except ConfigError as exc:
+        print(f"campaignd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DaemonError as exc:
+        print(f"campaignd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def dispatch(args) -> int:
+    command = args.command
+    if command == "fake-provider":
+        return _fake_provider().main(args)
+    if command == "demo":
+        return importlib.import_module("daemon.demo").main(args)
+    cfg = config_mod.load(getattr(args, "config", None))
+    if command == "check-config":
+        print(config_mod.to_toml(config_mod.masked(cfg)), end="")
+        return 0
+    if command == "run":
+        return importlib.import_module("daemon.supervisor").main(cfg)
+    if command == "child":
+        return run_role(cfg, args.role)
+    if command == "web":
+        return run_role(cfg, "web")
+    if command == "worker":
+        return run_role(cfg, f"worker:{args.queue}")
+    if command == "scheduler":
+        return run_role(cfg, "scheduler")
+    if command in ("status", "restart"):
+        return importlib.import_module("daemon.status").client_main(cfg, args)
+    commands = importlib.import_module("daemon.commands")
+    if command == "contacts":
+        return commands.contacts(cfg, args)
+    if command == "campaign":
+        return commands.campaign(cfg, args)
+    if command == "verify":
+        return commands.verify(cfg, args)
+    raise AssertionError(f"unhandled command {command}")
+
+
+def run_role(cfg, role: str) -> int:
+    """Run one role in this process: the body of every child."""
+    # Several instances of one role are named "worker:messages#2".
+    name, _, queue = role.split("#")[0].partition(":")
+    if name == "web":
+        return importlib.import_module("daemon.web.app").main(cfg)
+    if name == "worker" and queue in ("default", "messages", "retry", "verification"):
+        return importlib.import_module("daemon.worker").main(cfg, queue)
+    if name == "scheduler":
+        return importlib.import_module("daemon.scheduler").main(cfg)
+    raise ConfigError(f"unknown role {role!r} (roles: {ROLES_HELP})")

@@ -1,0 +1,126 @@
+"""Pacing of Message 1: a rate per device, a daily cap, and a send window.
+
+Shared by every worker thread, process and host, because the state lives in
+the database: the next free send slot in a `lease` row, the day's count in a
+`daily_counter` row. Each reservation is one short write transaction
+(IMMEDIATE on SQLite, SELECT ... FOR UPDATE on PostgreSQL). With the limits
+at 0 (unlimited), nothing is read or written.
+
+Message 2 is not paced: it answers a person who just wrote to us.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from daemon.config import PacingConfig
+from daemon.config import parse_hhmm
+from daemon.store.db import is_postgres
+from daemon.store.models import DailyCounter
+from daemon.store.models import Lease
+from daemon.store.models import database
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Send now after `wait_s`, or come back at `retry_at` (naive UTC)."""
+
+    wait_s: float = 0.0
+    retry_at: dt.datetime | None = None
+    reason: str = ""
+
+    @property
+    def go(self) -> bool:
+        return self.retry_at is None
+
+
+class Pacer:
+    def __init__(self, cfg: PacingConfig, device: str, max_wait_s: float = 5.0):
+        self.cfg = cfg
+        self.device = device or "default"
+        # A thread may sleep this long for its slot; beyond it the message
+        # goes back to the queue so threads stay free for Message 2.
+        self.max_wait_s = max_wait_s
+        self._tz = ZoneInfo(cfg.timezone)
+        self._start = parse_hhmm("pacing.window_start", cfg.window_start)
+        self._end = parse_hhmm("pacing.window_end", cfg.window_end)
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            not self.cfg.per_minute
+            and not self.cfg.daily_cap
+            and self._start == self._end
+        )
+
+    def decide(self, now: dt.datetime) -> Decision:
+        """Window, then daily cap, then the rate slot (the only one that waits)."""
+        opens = self.window_opens_at(now)
+        if opens is not None:
+            return Decision(retry_at=opens, reason="outside the send window")
+        if self.cfg.daily_cap and not self._take_daily(now):
+            tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time())
+            return Decision(retry_at=tomorrow, reason="daily cap reached")
+        if self.cfg.per_minute:
+            return self._reserve_slot(now)
+        return Decision()
+
+    def window_opens_at(self, now: dt.datetime) -> dt.datetime | None:
+        """None when `now` (naive UTC) is inside the window, else the next opening."""
+        if self._start == self._end:
+            return None
+        local = now.replace(tzinfo=dt.UTC).astimezone(self._tz)
+        minutes = local.hour * 60 + local.minute
+        start = self._start[0] * 60 + self._start[1]
+        end = self._end[0] * 60 + self._end[1]
+        inside = (
+            start <= minutes < end if start < end else minutes >= start or minutes < end
+        )
+        if inside:
+            return None
+        opening = local.replace(
+            hour=self._start[0] % 24, minute=self._start[1], second=0, microsecond=0
+        )
+        if opening <= local:
+            opening += dt.timedelta(days=1)
+        return opening.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def _take_daily(self, now: dt.datetime) -> bool:
+        name = f"cap:{self.device}"
+        day = now.date()
+        with database.atomic():
+            DailyCounter.insert(
+                day=day, name=name, value=0
+            ).on_conflict_ignore().execute()
+            taken = (
+                DailyCounter.update(value=DailyCounter.value + 1, updated_at=now)
+                .where(
+                    DailyCounter.day == day,
+                    DailyCounter.name == name,
+                    DailyCounter.value < self.cfg.daily_cap,
+                )
+                .execute()
+            )
+        return bool(taken)
+
+    def _reserve_slot(self, now: dt.datetime) -> Decision:
+        name = f"pacing:{self.device}"
+        interval = 60.0 / self.cfg.per_minute
+        now_s = now.replace(tzinfo=dt.UTC).timestamp()
+        with database.atomic():
+            Lease.insert(name=name, value="0").on_conflict_ignore().execute()
+            query = Lease.select().where(Lease.name == name)
+            if is_postgres():
+                query = query.for_update()
+            row = query.get()
+            slot = max(float(row.value or 0), now_s)
+            wait = slot - now_s
+            if wait > self.max_wait_s:
+                retry_at = dt.datetime.fromtimestamp(slot, dt.UTC).replace(tzinfo=None)
+                return Decision(retry_at=retry_at, reason="pacing")
+            spacing = interval + random.uniform(0, self.cfg.jitter_s)
+            Lease.update(value=repr(slot + spacing)).where(Lease.name == name).execute()
+        return Decision(wait_s=wait)

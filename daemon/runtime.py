@@ -1,0 +1,128 @@
+"""What every child process does for itself: die with its parent, beat, log.
+
+The supervisor starts each role as ``python -m daemon child ROLE -c CONFIG``
+with two environment variables:
+
+- ``CAMPAIGND_SUPERVISOR_PID``: the pid the child must outlive no longer.
+- ``CAMPAIGND_HEARTBEAT_FILE``: a file the child rewrites every heartbeat.
+
+Heartbeat file format (one line, ASCII): ``<oldest_task_started_epoch> <running>``
+where the first field is the wall-clock start time of the oldest task still
+running in this child (``0`` when idle) and the second the number of running
+tasks. The supervisor judges liveness by the file's mtime and the hard time
+limit by the first field.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+HEARTBEAT_ENV = "CAMPAIGND_HEARTBEAT_FILE"
+SUPERVISOR_PID_ENV = "CAMPAIGND_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger(__name__)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when the supervisor dies, and check it is alive.
+
+    Without this a SIGKILLed supervisor would leave a web child holding the
+    port, and the restarted daemon could not bind it.
+    """
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the getppid check remains
+        pass
+    # The parent may have died between fork and prctl: then we were already
+    # re-parented and no signal will ever come.
+    if expected and os.getppid() != int(expected):
+        sys.exit(0)
+
+
+def parent_alive() -> bool:
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    return not expected or os.getppid() == int(expected)
+
+
+def lease_owner() -> str:
+    """The owner string of message leases taken by this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """Child side of the heartbeat: a small file rewritten in place."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+
+    @classmethod
+    def from_env(cls) -> Heartbeat | None:
+        path = os.environ.get(HEARTBEAT_ENV)
+        return cls(path) if path else None
+
+    def beat(self, oldest_task_started: float | None = None, running: int = 0) -> None:
+        line = f"{oldest_task_started or 0:.3f} {running}\n".encode()
+        # pwrite + ftruncate rewrite in place and bump mtime: no rename, no
+        # new inode, one syscall pair per beat.
+        os.pwrite(self._fd, line, 0)
+        os.ftruncate(self._fd, len(line))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def read_heartbeat(path: str) -> tuple[float, float, int] | None:
+    """Supervisor side: (mtime, oldest_task_started or 0, running) or None."""
+    try:
+        with open(path, "rb") as f:
+            mtime = os.fstat(f.fileno()).st_mtime
+            data = f.read(100).split()
+    except FileNotFoundError:
+        return None
+    try:
+        return mtime, float(data[0]), int(data[1])
+    except (IndexError, ValueError):
+        return mtime, 0.0, 0
+
+
+class TaskClock:
+    """Start times of the tasks running in this process, for the heartbeat."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[int, float] = {}
+
+    def started(self) -> None:
+        with self._lock:
+            self._running[threading.get_ident()] = time.time()
+
+    def finished(self) -> None:
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+
+    def oldest(self) -> tuple[float | None, int]:
+        with self._lock:
+            if not self._running:
+                return None, 0
+            return min(self._running.values()), len(self._running)
+
+
+def setup_logging(level: str = "info", role: str = "") -> None:
+    tag = f"[{role}] " if role else ""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )

@@ -1,0 +1,1 @@
+"""Storage: peewee models, connections per mode, and versioned migrations."""

@@ -1,0 +1,134 @@
+"""Open the database for the configured mode and bring its schema up to date.
+
+Embedded mode is a SQLite file in WAL mode with IMMEDIATE write transactions
+(DEFERRED ones hit SQLITE_BUSY_SNAPSHOT, which ignores the busy timeout).
+Cluster mode is PostgreSQL through peewee's pool on psycopg 3. Each process
+opens its own connections after exec; nothing is shared across fork.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import zlib
+from pathlib import Path
+from urllib.parse import unquote
+from urllib.parse import urlparse
+
+import peewee as pw
+from playhouse.postgres_ext import PooledPsycopg3Database
+
+from daemon.config import Config
+from daemon.errors import ConfigError
+from daemon.store import migrations as migrations_pkg
+from daemon.store.models import database
+
+log = logging.getLogger(__name__)
+
+# Any constant shared by all campaignd processes; hashed from a name so it is
+# unlikely to collide with another application's advisory locks.
+MIGRATION_LOCK_ID = zlib.crc32(b"campaignd:migrations")
+
+
+def open_database(cfg: Config, *, migrate_schema: bool = False) -> pw.Database:
+    """Connect the models to the configured database (once per process)."""
+    db = make_database(cfg.database_url, cfg)
+    database.initialize(db)
+    if migrate_schema:
+        migrate(db)
+    return db
+
+
+def make_database(url: str, cfg: Config | None = None) -> pw.Database:
+    busy = cfg.database.busy_timeout_s if cfg else 10.0
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return pw.SqliteDatabase(
+            str(path),
+            timeout=busy,
+            lock_type="IMMEDIATE",
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "busy_timeout": int(busy * 1000),
+                "foreign_keys": 1,
+            },
+        )
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urlparse(url)
+        return PooledPsycopg3Database(
+            unquote(parts.path.lstrip("/")) or "postgres",
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 5432,
+            user=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            max_connections=cfg.database.max_connections if cfg else 8,
+            # A dead server must not hang a worker past its soft limit.
+            connect_timeout=5,
+            stale_timeout=300,
+            timeout=10,
+        )
+    raise ConfigError(f"database.url: unsupported URL {url!r}")
+
+
+def is_postgres(db: pw.Database | None = None) -> bool:
+    db = db or database.obj
+    return isinstance(db, pw.PostgresqlDatabase)
+
+
+def migrate(db: pw.Database) -> list[str]:
+    """Apply every migration not yet recorded; safe when many start at once."""
+    applied = []
+    with db.connection_context():
+        if isinstance(db, pw.PostgresqlDatabase):
+            # Session-level advisory lock: other hosts wait here until we
+            # are done, then find nothing left to apply.
+            db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+            try:
+                applied = _apply_pending(db)
+            finally:
+                db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
+        else:
+            # SQLite DDL is transactional: one IMMEDIATE transaction holds the
+            # write lock across the check and the changes.
+            applied = _apply_pending(db)
+    for name in applied:
+        log.info("applied migration %s", name)
+    return applied
+
+
+def _apply_pending(db: pw.Database) -> list[str]:
+    applied = []
+    with db.atomic():
+        db.execute_sql(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(name VARCHAR(100) PRIMARY KEY, applied_at TIMESTAMP)"
+        )
+        done = {row[0] for row in db.execute_sql("SELECT name FROM schema_version")}
+        for name in migration_names():
+            if name in done:
+                continue
+            module = importlib.import_module(f"{migrations_pkg.__name__}.{name}")
+            module.up(db)
+            db.execute_sql(
+                "INSERT INTO schema_version (name, applied_at) "
+                f"VALUES ({db.param}, CURRENT_TIMESTAMP)",
+                (name,),
+            )
+            applied.append(name)
+    return applied
+
+
+def migration_names() -> list[str]:
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(migrations_pkg.__path__)
+        if m.name.startswith("m")
+    )
+
+
+def schema_versions(db: pw.Database) -> list[str]:
+    with db.connection_context():
+        return [r[0] for r in db.execute_sql("SELECT name FROM schema_version")]

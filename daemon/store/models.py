@@ -1,0 +1,244 @@
+"""The tables. The database row is the source of truth; queues carry only ids.
+
+Timestamps are naive UTC datetimes (peewee stores them the same way on SQLite
+and PostgreSQL); use `utcnow()` for every write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import peewee as pw
+
+database = pw.DatabaseProxy()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class JSONField(pw.TextField):
+    """JSON text that works the same on SQLite and PostgreSQL."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class WaStatus:
+    UNKNOWN = "unknown"
+    VALID = "valid"
+    INVALID = "invalid"
+
+
+class Contact(BaseModel):
+    phone = pw.CharField(max_length=20, unique=True)  # E.164 with '+'
+    name = pw.CharField(max_length=200, default="")
+    variables = JSONField(default=dict)
+    wa_status = pw.CharField(max_length=10, default=WaStatus.UNKNOWN)
+    wa_checked_at = pw.DateTimeField(null=True)
+    opted_out_at = pw.DateTimeField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class CampaignStatus:
+    DRAFT = "draft"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class Campaign(BaseModel):
+    name = pw.CharField(max_length=200)
+    message1 = pw.TextField()
+    message2 = pw.TextField()
+    status = pw.CharField(max_length=12, default=CampaignStatus.DRAFT, index=True)
+    # Why a campaign paused itself (e.g. the provider flagged spam).
+    status_reason = pw.TextField(default="")
+    skip_invalid = pw.BooleanField(default=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    started_at = pw.DateTimeField(null=True)
+    finished_at = pw.DateTimeField(null=True)
+
+
+class MemberState:
+    PENDING = "pending"
+    MESSAGE_1_SENT = "message_1_sent"
+    INTERACTED = "interacted"
+    MESSAGE_2_SENT = "message_2_sent"
+    EXPIRED = "expired"
+    OPTED_OUT = "opted_out"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not on WhatsApp, left out of the campaign
+
+    FINAL = frozenset({"message_2_sent", "expired", "opted_out", "failed", "skipped"})
+    OPEN = frozenset({"pending", "message_1_sent", "interacted"})
+
+
+class CampaignContact(BaseModel):
+    campaign = pw.ForeignKeyField(Campaign, backref="members", on_delete="CASCADE")
+    contact = pw.ForeignKeyField(Contact, backref="memberships", on_delete="CASCADE")
+    state = pw.CharField(max_length=16, default=MemberState.PENDING)
+    message1_sent_at = pw.DateTimeField(null=True)
+    interacted_at = pw.DateTimeField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = (
+            (("campaign", "contact"), True),
+            (("campaign", "state"), False),
+            (("contact", "state"), False),
+        )
+
+
+class MessageStatus:
+    PENDING = "pending"
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    # Statuses only move forward along this rank; failed is terminal.
+    RANK = {
+        "pending": 0,
+        "queued": 1,
+        "sending": 2,
+        "sent": 3,
+        "delivered": 4,
+        "read": 5,
+    }
+    FINAL = frozenset({"sent", "delivered", "read", "failed", "expired", "cancelled"})
+
+
+class Message(BaseModel):
+    campaign = pw.ForeignKeyField(Campaign, backref="messages", on_delete="CASCADE")
+    contact = pw.ForeignKeyField(Contact, backref="messages", on_delete="CASCADE")
+    kind = pw.SmallIntegerField()  # 1 = Message 1, 2 = Message 2
+    # The number and text as sent: the send path needs no join, and a later
+    # edit of the contact does not change what was sent.
+    phone = pw.CharField(max_length=20)
+    body = pw.TextField()
+    status = pw.CharField(max_length=10, default=MessageStatus.QUEUED)
+    priority = pw.SmallIntegerField(default=0)
+    # Claims (including ones cut short by a crash) and provider failures;
+    # only failures count toward retry.max_attempts.
+    attempts = pw.IntegerField(default=0)
+    failures = pw.IntegerField(default=0)
+    next_attempt_at = pw.DateTimeField(null=True)
+    # Last time a queue entry was made for this row; the sweeper re-enqueues
+    # rows that are due and have not been enqueued for a while.
+    enqueued_at = pw.DateTimeField(null=True)
+    lease_owner = pw.CharField(max_length=100, null=True)
+    lease_expires_at = pw.DateTimeField(null=True)
+    # Sent to the provider as `reference`: a re-send after a crash carries
+    # the same key, so the provider (and we) can tell it is the same message.
+    idempotency_key = pw.CharField(max_length=80, unique=True)
+    provider_id = pw.CharField(max_length=120, null=True, index=True)
+    wa_id = pw.CharField(max_length=200, null=True, index=True)
+    error = pw.TextField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    sent_at = pw.DateTimeField(null=True)
+    delivered_at = pw.DateTimeField(null=True)
+    read_at = pw.DateTimeField(null=True)
+    failed_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            # The guarantee "one Message 1 and at most one Message 2 per
+            # contact and campaign" is this constraint, not a check.
+            (("campaign", "contact", "kind"), True),
+            (("status", "next_attempt_at"), False),
+            (("campaign", "status"), False),
+            (("lease_owner",), False),
+        )
+
+
+class InboundEvent(BaseModel):
+    provider = pw.CharField(max_length=20)
+    dedupe_key = pw.CharField(max_length=300, unique=True)
+    event_type = pw.CharField(max_length=60, default="")
+    payload = pw.TextField()
+    received_at = pw.DateTimeField(default=utcnow)
+    processed_at = pw.DateTimeField(null=True, index=True)
+    attempts = pw.IntegerField(default=0)
+    result = pw.TextField(null=True)
+
+
+class Interaction(BaseModel):
+    """A reply from a contact (every reply is kept, even ones that send nothing)."""
+
+    contact = pw.ForeignKeyField(Contact, backref="interactions", on_delete="CASCADE")
+    campaign = pw.ForeignKeyField(Campaign, null=True, on_delete="SET NULL")
+    event = pw.ForeignKeyField(InboundEvent, null=True, on_delete="SET NULL")
+    body = pw.TextField(default="")
+    outcome = pw.CharField(max_length=30, default="")
+    received_at = pw.DateTimeField(default=utcnow)
+
+
+class DailyCounter(BaseModel):
+    day = pw.DateField()
+    name = pw.CharField(max_length=60)
+    value = pw.BigIntegerField(default=0)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("day", "name"), True),)
+
+
+class Alert(BaseModel):
+    key = pw.CharField(max_length=120, index=True)
+    severity = pw.CharField(max_length=10, default="critical")
+    message = pw.TextField()
+    raised_at = pw.DateTimeField(default=utcnow)
+    resolved_at = pw.DateTimeField(null=True)
+
+
+class Lease(BaseModel):
+    """Named leases: leader election, pacing slots, one-at-a-time jobs."""
+
+    name = pw.CharField(max_length=120, unique=True)
+    owner = pw.CharField(max_length=120, default="")
+    expires_at = pw.DateTimeField(null=True)
+    # A free slot of data: pacing keeps its next free send time here.
+    value = pw.TextField(default="")
+
+
+class JobRun(BaseModel):
+    job = pw.CharField(max_length=60, unique=True)
+    last_run_at = pw.DateTimeField(null=True)
+    last_result = pw.TextField(default="")
+
+
+class HealthCheck(BaseModel):
+    checked_at = pw.DateTimeField(default=utcnow, index=True)
+    ok = pw.BooleanField()
+    details = JSONField(default=dict)
+
+
+MODELS = [
+    Contact,
+    Campaign,
+    CampaignContact,
+    Message,
+    InboundEvent,
+    Interaction,
+    DailyCounter,
+    Alert,
+    Lease,
+    JobRun,
+    HealthCheck,
+]

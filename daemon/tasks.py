@@ -1,0 +1,337 @@
+"""The Huey tasks. Each carries only an id; the row it names is the truth.
+
+A `Tasks` object registers the tasks on the queues of one process. Producers
+(web, CLI, scheduler) use it to enqueue; workers run the same functions.
+Task names are the original system's: send_single_message,
+send_campaign_messages, retry_failed_message, verify_whatsapp, bulk_verify,
+process_webhook_event, plus run_job for the periodic jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterable
+
+from daemon import campaigns
+from daemon.config import Config
+from daemon.pacing import Pacer
+from daemon.queue import PRIORITY_HIGH
+from daemon.queue import Queues
+from daemon.runtime import TaskClock
+from daemon.runtime import lease_owner
+from daemon.store.models import Contact
+from daemon.store.models import InboundEvent
+from daemon.store.models import Message
+from daemon.store.models import WaStatus
+from daemon.store.models import database
+from daemon.store.models import utcnow
+
+log = logging.getLogger(__name__)
+
+# Meta error codes with a campaign-level meaning (providers.md §C.5).
+META_OPT_OUT_CODES = {131050, "131050"}
+META_PAUSE_CODES = {131048, 132015, "131048", "132015"}
+
+
+class Tasks:
+    def __init__(
+        self,
+        cfg: Config,
+        queues: Queues,
+        provider=None,
+        *,
+        clock: Callable = utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.cfg = cfg
+        self.queues = queues
+        self.clock = clock
+        self.sleep = sleep
+        self.task_clock = TaskClock()
+        self._provider = provider
+        self._provider_lock = threading.Lock()
+        self.pacer = Pacer(cfg.pacing, cfg.provider.device)
+        self.backoff = campaigns.Backoff(
+            cfg.retry.base_s, cfg.retry.factor, cfg.retry.cap_s, cfg.retry.jitter
+        )
+        # The lease outlives the hard time limit: past it the supervisor has
+        # killed the worker, so an expired lease never belongs to a live send.
+        self.lease_s = cfg.workers.hard_time_limit_s + 30.0
+        self.send_single_message = self._register("messages", self.deliver)
+        self.send_campaign_messages = self._register("messages", self.fan_out)
+        self.retry_failed_message = self._register("retry", self.deliver, "retry")
+        self.verify_whatsapp = self._register("verification", self.verify)
+        self.bulk_verify = self._register("verification", self.verify_many)
+        self.process_webhook_event = self._register("default", self.process_event)
+        self.run_job = self._register("default", self.job)
+
+    def _register(self, queue: str, func: Callable, alias: str = ""):
+        names = {
+            self.deliver: "send_single_message",
+            self.fan_out: "send_campaign_messages",
+            self.verify: "verify_whatsapp",
+            self.verify_many: "bulk_verify",
+            self.process_event: "process_webhook_event",
+            self.job: "run_job",
+        }
+        name = "retry_failed_message" if alias == "retry" else names[func]
+
+        @functools.wraps(func)
+        def tracked(*args, **kwargs):
+            self.task_clock.started()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.task_clock.finished()
+
+        return self.queues.get(queue).task(name=name)(tracked)
+
+    @property
+    def provider(self):
+        if self._provider is None:
+            with self._provider_lock:
+                if self._provider is None:
+                    from daemon.providers import make_provider
+
+                    self._provider = make_provider(self.cfg.provider)
+        return self._provider
+
+    # ------------------------------------------------------------ enqueueing
+
+    def enqueue_sends(self, ids: Iterable[int], priority: int = 0) -> None:
+        for message_id in ids:
+            self.send_single_message(message_id, priority=priority)
+
+    def enqueue_fanout(self, campaign_id: int) -> None:
+        self.send_campaign_messages(campaign_id)
+
+    def enqueue_bulk_verify(self, contact_ids: list[int]) -> None:
+        self.bulk_verify(list(contact_ids))
+
+    def _schedule_send(self, message_id: int, eta, *, retry: bool = False) -> None:
+        task = self.retry_failed_message if retry else self.send_single_message
+        task.schedule(args=(message_id,), eta=eta)
+
+    # ------------------------------------------------------------ sending
+
+    def deliver(self, message_id: int) -> str:
+        """Claim -> pacing -> provider -> record. Returns what happened."""
+        from daemon.providers.base import PauseCampaignError
+        from daemon.providers.base import PermanentError
+        from daemon.providers.base import RecipientOptedOutError
+        from daemon.providers.base import RetryableError
+
+        owner = lease_owner()
+        now = self.clock()
+        message = campaigns.claim(message_id, owner, self.lease_s, now)
+        if message is None:
+            return "not claimable"
+        if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
+            campaigns.record_failure(message, owner, "too many interrupted attempts")
+            return "failed"
+        if message.kind == 1 and not self.pacer.unlimited:
+            decision = self.pacer.decide(now)
+            if not decision.go:
+                campaigns.release(message, owner, decision.retry_at, decision.reason)
+                self._schedule_send(message.id, decision.retry_at)
+                return f"deferred: {decision.reason}"
+            if decision.wait_s > 0:
+                self.sleep(decision.wait_s)
+        try:
+            result = self.provider.send(
+                message.phone,
+                message.body,
+                message.idempotency_key,
+                kind=message.kind,
+                variables=self._variables(message),
+            )
+        except RetryableError as exc:
+            return self._after_retryable(message, owner, exc.reason, exc.retry_after)
+        except RecipientOptedOutError as exc:
+            campaigns.record_failure(message, owner, exc.reason)
+            contact = Contact.get_by_id(message.contact_id)
+            campaigns.opt_out_contact(contact, f"provider: {exc.reason}")
+            return "failed: opted out"
+        except PauseCampaignError as exc:
+            campaigns.release(message, owner, None, exc.reason)
+            campaigns.pause_campaign(message.campaign_id, f"provider: {exc.reason}")
+            return "campaign paused"
+        except PermanentError as exc:
+            campaigns.record_failure(message, owner, exc.reason)
+            _count_send(message.kind, "failed")
+            return "failed"
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the row
+            log.exception("unexpected error sending message %s", message.id)
+            return self._after_retryable(message, owner, f"internal error: {exc}", None)
+        campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
+        _count_send(message.kind, "sent")
+        return "sent"
+
+    def _after_retryable(self, message, owner, reason, retry_after) -> str:
+        delay = (
+            retry_after
+            if retry_after is not None
+            else self.backoff.delay(message.failures + 1)
+        )
+        next_at = campaigns.record_retryable(
+            message, owner, reason, delay, self.cfg.retry.max_attempts, self.clock()
+        )
+        if next_at is None:
+            _count_send(message.kind, "failed")
+            return "failed"
+        _count_send(message.kind, "retry")
+        self._schedule_send(message.id, next_at, retry=True)
+        return f"retry at {next_at.isoformat()}"
+
+    def _variables(self, message: Message) -> dict[str, str]:
+        if self.cfg.provider.kind != "meta" or message.kind != 1:
+            return {}
+        return campaigns.template_values(Contact.get_by_id(message.contact_id))
+
+    def fan_out(self, campaign_id: int) -> int:
+        """Create and enqueue every Message 1 of a running campaign, in batches."""
+        total = 0
+        while True:
+            ids = campaigns.fan_out(campaign_id, self.cfg.campaigns.fanout_batch)
+            if not ids:
+                break
+            self.enqueue_sends(ids)
+            total += len(ids)
+        campaigns.maybe_complete(campaign_id)
+        return total
+
+    # ------------------------------------------------------------ verification
+
+    def verify(self, contact_id: int) -> str:
+        from daemon.providers.base import ProviderError
+
+        contact = Contact.get_or_none(Contact.id == contact_id)
+        if contact is None:
+            return "no such contact"
+        try:
+            check = self.provider.check_number(contact.phone)
+        except ProviderError as exc:
+            log.warning("number check for %s failed: %s", contact.phone, exc)
+            return f"error: {exc}"
+        status = WaStatus.VALID if check.exists else WaStatus.INVALID
+        Contact.update(wa_status=status, wa_checked_at=self.clock()).where(
+            Contact.id == contact_id
+        ).execute()
+        return status
+
+    def verify_many(self, contact_ids: list[int]) -> int:
+        """A paced series of single checks (the provider has no bulk endpoint)."""
+        spacing = 60.0 / self.cfg.campaigns.verify_per_minute
+        for index, contact_id in enumerate(contact_ids):
+            self.verify_whatsapp.schedule(args=(contact_id,), delay=index * spacing)
+        return len(contact_ids)
+
+    # ------------------------------------------------------------ webhooks
+
+    def process_event(self, event_id: int) -> str:
+        """Apply one stored webhook item; marks it processed in the same transaction."""
+        from daemon.providers import webhook_parser
+
+        message2_ids: list[int] = []
+        with database.atomic():
+            event = InboundEvent.get_or_none(InboundEvent.id == event_id)
+            if event is None or event.processed_at is not None:
+                return "already processed"
+            try:
+                item = json.loads(event.payload)
+                parsed = webhook_parser(event.provider).parse(item)
+            except (ValueError, KeyError) as exc:
+                outcome = f"unparseable: {exc}"
+            else:
+                outcome = self._apply_event(parsed, event.id, message2_ids)
+            InboundEvent.update(
+                processed_at=self.clock(),
+                result=outcome[:200],
+                attempts=InboundEvent.attempts + 1,
+            ).where(
+                InboundEvent.id == event_id, InboundEvent.processed_at.is_null()
+            ).execute()
+        # After the commit: a worker killed here leaves a queued Message 2
+        # row, which the sweeper enqueues.
+        self.enqueue_sends(message2_ids, priority=PRIORITY_HIGH)
+        return outcome
+
+    def _apply_event(self, parsed, event_id: int, message2_ids: list[int]) -> str:
+        from daemon.providers.base import InboundMessage
+        from daemon.providers.base import StatusUpdate
+
+        if isinstance(parsed, InboundMessage):
+            reply = campaigns.handle_reply(
+                parsed.from_phone,
+                parsed.body,
+                is_group=parsed.is_group,
+                window_h=self.cfg.campaigns.reply_window_h,
+                opt_out_keywords=self.cfg.campaigns.opt_out_keywords,
+                event_id=event_id,
+                now=self.clock(),
+            )
+            if reply.message2_id:
+                message2_ids.append(reply.message2_id)
+            return f"reply: {reply.outcome}"
+        if isinstance(parsed, StatusUpdate):
+            return self._apply_status(parsed)
+        return f"ignored: {getattr(parsed, 'reason', '')}"
+
+    def _apply_status(self, update) -> str:
+        message = campaigns.find_message(
+            update.reference, update.provider_message_id, update.wa_id
+        )
+        if message is None:
+            return "status: unknown message"
+        moved = campaigns.apply_status(
+            message, update.status, error=update.error, now=self.clock()
+        )
+        if update.status == "failed" and update.error_code in META_OPT_OUT_CODES:
+            contact = Contact.get_by_id(message.contact_id)
+            campaigns.opt_out_contact(contact, f"provider code {update.error_code}")
+        if update.status == "failed" and update.error_code in META_PAUSE_CODES:
+            try:
+                campaigns.pause_campaign(
+                    message.campaign_id, f"provider code {update.error_code}"
+                )
+            except campaigns.StateError:
+                pass
+        return f"status {update.status}: {'applied' if moved else 'no change'}"
+
+    # ------------------------------------------------------------ periodic jobs
+
+    def job(self, name: str) -> str:
+        """Run one periodic job by name (the scheduler only enqueues these)."""
+        from daemon import jobs
+
+        return jobs.run(name, self, self.clock())
+
+    def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
+        """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
+        found = campaigns.sweep(now or self.clock(), grace_s=grace_s)
+        for message_id, priority in found.messages:
+            self.send_single_message(message_id, priority=priority)
+        for event_id in found.events:
+            self.process_webhook_event(event_id)
+        for campaign_id in found.campaigns:
+            self.enqueue_fanout(campaign_id)
+        return {
+            "messages": len(found.messages),
+            "events": len(found.events),
+            "campaigns": len(found.campaigns),
+        }
+
+
+def _count_send(kind: int, outcome: str) -> None:
+    try:
+        from daemon import metrics
+    except ImportError:  # the metrics module is optional for the worker
+        return
+    counter = getattr(metrics, "SENDS", None)
+    if counter is not None:
+        counter.labels(kind=str(kind), outcome=outcome).inc()

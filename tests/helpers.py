@@ -1,0 +1,57 @@
+"""Shared test helpers: configs on disk, waiting on conditions, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from daemon import config as config_mod
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what=""):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dump_toml(data: dict) -> str:
+    lines = []
+    for table, values in data.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {config_mod._toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for table, values in extra.items():
+        out.setdefault(table, {}).update(values)
+    return out
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(dump_toml(data))
+    return path
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop("CAMPAIGND_CONFIG", None)
+    env.update(extra)
+    return env
