@@ -472,33 +472,65 @@ def due_message_ids(campaign_id: int) -> list[int]:
 # ---------------------------------------------------------------- sending
 
 
-def claim(message_id: int, owner: str, lease_s: float, now=None) -> Message | None:
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """What the send path needs of a claimed row (no ORM object per send)."""
+
+    id: int
+    campaign_id: int
+    contact_id: int
+    kind: int
+    phone: str
+    body: str
+    attempts: int
+    failures: int
+    idempotency_key: str
+
+
+# The send path runs these statements thousands of times a second; peewee
+# would rebuild their SQL text each time (profiled at ~2 ms of CPU per send),
+# so they are written out once. `{p}` is the driver's parameter marker.
+_CLAIM_SQL = """
+UPDATE message SET status = 'sending', lease_owner = {p}, lease_expires_at = {p},
+       attempts = attempts + 1
+ WHERE id = {p}
+   AND ((status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= {p}))
+        OR (status = 'sending' AND lease_expires_at < {p}))
+   AND campaign_id IN (SELECT id FROM campaign WHERE status = 'running')
+RETURNING id, campaign_id, contact_id, kind, phone, body, attempts, failures,
+          idempotency_key
+"""
+_RECORD_SENT_SQL = """
+UPDATE message SET status = CASE WHEN status = 'sending' THEN 'sent' ELSE status END,
+       provider_id = {p}, wa_id = {p}, sent_at = COALESCE(sent_at, {p}),
+       lease_owner = NULL, lease_expires_at = NULL, error = NULL
+ WHERE id = {p} AND lease_owner = {p}
+"""
+_MEMBER_SENT_SQL = """
+UPDATE campaign_contact SET state = 'message_1_sent',
+       message1_sent_at = COALESCE(message1_sent_at, {p}), updated_at = {p}
+ WHERE campaign_id = {p} AND contact_id = {p} AND state = 'pending'
+"""
+
+
+def _sql(template: str) -> str:
+    return template.replace("{p}", database.param)
+
+
+def claim(
+    message_id: int, owner: str, lease_s: float, now=None
+) -> ClaimedMessage | None:
     """Take the row for sending, or None if someone else has it or it is not due."""
     now = now or utcnow()
-    running = Campaign.select(Campaign.id).where(
-        Campaign.status == CampaignStatus.RUNNING
+    expires = now + dt.timedelta(seconds=lease_s)
+    cursor = database.execute_sql(
+        _sql(_CLAIM_SQL), (owner, expires, message_id, now, now)
     )
-    due = (Message.status == MessageStatus.QUEUED) & (
-        Message.next_attempt_at.is_null() | (Message.next_attempt_at <= now)
-    )
-    abandoned = (Message.status == MessageStatus.SENDING) & (
-        Message.lease_expires_at < now
-    )
-    query = (
-        Message.update(
-            status=MessageStatus.SENDING,
-            lease_owner=owner,
-            lease_expires_at=now + dt.timedelta(seconds=lease_s),
-            attempts=Message.attempts + 1,
-        )
-        .where(Message.id == message_id, due | abandoned, Message.campaign.in_(running))
-        .returning(Message)
-    )
-    rows = list(query.execute())
-    return rows[0] if rows else None
+    row = cursor.fetchone()
+    return ClaimedMessage(*row) if row else None
 
 
-def release(message: Message, owner: str, next_attempt_at, reason: str = "") -> bool:
+def release(message, owner: str, next_attempt_at, reason: str = "") -> bool:
     """Give a claimed row back without counting a failure (pacing, window)."""
     return bool(
         Message.update(
@@ -519,29 +551,20 @@ def release(message: Message, owner: str, next_attempt_at, reason: str = "") -> 
     )
 
 
-def record_sent(message: Message, owner: str, provider_id, wa_id, now=None) -> None:
+def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
     """The provider accepted the message: sent (unless a webhook got further)."""
     now = now or utcnow()
-    status = pw.Case(
-        None,
-        ((Message.status == MessageStatus.SENDING, MessageStatus.SENT),),
-        Message.status,
-    )
-    updated = (
-        Message.update(
-            status=status,
-            provider_id=provider_id,
-            wa_id=wa_id,
-            sent_at=pw.fn.COALESCE(Message.sent_at, now),
-            lease_owner=None,
-            lease_expires_at=None,
-            error=None,
+    with database.atomic():
+        cursor = database.execute_sql(
+            _sql(_RECORD_SENT_SQL), (provider_id, wa_id, now, message.id, owner)
         )
-        .where(Message.id == message.id, Message.lease_owner == owner)
-        .execute()
-    )
-    if updated:
-        _member_after_send(message.campaign_id, message.contact_id, message.kind, now)
+        if cursor.rowcount and message.kind == 1:
+            database.execute_sql(
+                _sql(_MEMBER_SENT_SQL),
+                (now, now, message.campaign_id, message.contact_id),
+            )
+    if cursor.rowcount and message.kind == 2:
+        _member_after_send(message.campaign_id, message.contact_id, 2, now)
 
 
 def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
@@ -564,7 +587,7 @@ def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> Non
         maybe_complete(campaign_id)
 
 
-def record_failure(message: Message, owner: str, reason: str, now=None) -> bool:
+def record_failure(message, owner: str, reason: str, now=None) -> bool:
     """Permanent failure: failed with the provider's reason."""
     now = now or utcnow()
     updated = (
@@ -614,7 +637,7 @@ class Backoff:
 
 
 def record_retryable(
-    message: Message,
+    message,
     owner: str,
     reason: str,
     delay_s: float,

@@ -16,6 +16,7 @@ limit by the first field.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -56,7 +57,12 @@ def parent_alive() -> bool:
 
 def lease_owner() -> str:
     """The owner string of message leases taken by this process."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return _owner_for(os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _owner_for(pid: int) -> str:
+    return f"{socket.gethostname()}:{pid}"
 
 
 class Heartbeat:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 
 from daemon import campaigns
+from daemon import metrics
 from daemon.config import Config
 from daemon.pacing import Pacer
 from daemon.queue import PRIORITY_HIGH
@@ -328,10 +329,4 @@ class Tasks:
 
 
 def _count_send(kind: int, outcome: str) -> None:
-    try:
-        from daemon import metrics
-    except ImportError:  # the metrics module is optional for the worker
-        return
-    counter = getattr(metrics, "SENDS", None)
-    if counter is not None:
-        counter.labels(kind=str(kind), outcome=outcome).inc()
+    metrics.SENDS.labels(kind=str(kind), outcome=outcome).inc()
