@@ -894,6 +894,13 @@ def _record_interaction(contact, campaign, event_id, body, outcome, now) -> None
 def opt_out_contact(contact: Contact, reason: str, now=None) -> None:
     """The contact gets nothing more from any campaign, now or later."""
     now = now or utcnow()
+    affected = [
+        m.campaign_id
+        for m in CampaignContact.select(CampaignContact.campaign).where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(tuple(MemberState.OPEN)),
+        )
+    ]
     with database.atomic():
         Contact.update(opted_out_at=pw.fn.COALESCE(Contact.opted_out_at, now)).where(
             Contact.id == contact.id
@@ -907,6 +914,8 @@ def opt_out_contact(contact: Contact, reason: str, now=None) -> None:
         ).where(
             Message.contact == contact.id, Message.status == MessageStatus.QUEUED
         ).execute()
+    for campaign_id in affected:
+        maybe_complete(campaign_id)
     log.info("contact %s opted out (%s)", contact.phone, reason)
 
 
