@@ -57,16 +57,22 @@ class Pacer:
         )
 
     def decide(self, now: dt.datetime) -> Decision:
-        """Window, then daily cap, then the rate slot (the only one that waits)."""
+        """Window, then the rate slot (the only one that waits), then the cap.
+
+        The cap comes last so that a message sent back for pacing has not
+        used up a unit of the day's cap; a slot taken by a message that then
+        hits the cap is lost, which only happens once the cap is reached.
+        """
         opens = self.window_opens_at(now)
         if opens is not None:
             return Decision(retry_at=opens, reason="outside the send window")
+        decision = self._reserve_slot(now) if self.cfg.per_minute else Decision()
+        if not decision.go:
+            return decision
         if self.cfg.daily_cap and not self._take_daily(now):
             tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time())
             return Decision(retry_at=tomorrow, reason="daily cap reached")
-        if self.cfg.per_minute:
-            return self._reserve_slot(now)
-        return Decision()
+        return decision
 
     def window_opens_at(self, now: dt.datetime) -> dt.datetime | None:
         """None when `now` (naive UTC) is inside the window, else the next opening."""
