@@ -214,6 +214,10 @@ class Tasks:
         contact = Contact.get_or_none(Contact.id == contact_id)
         if contact is None:
             return "no such contact"
+        if not getattr(self.provider, "supports_number_check", True):
+            # Meta's Cloud API has no pre-check: a bad number fails on send
+            # (131026) instead, so the contact stays "unknown".
+            return "not supported by the provider"
         try:
             check = self.provider.check_number(contact.phone)
         except ProviderError as exc:

@@ -1,0 +1,193 @@
+"""A small keep-alive HTTP client: one persistent http.client connection per thread.
+
+Why not ``requests``: the send pipeline measured ~1 ms of CPU per send with it,
+and 2-3x less with a plain per-thread ``http.client`` connection.
+
+Resend rules (a send must never reach the provider twice because of us):
+
+- An idle kept-alive connection that the server has closed is noticed before
+  the request is written (the socket polls readable) and replaced silently.
+- If writing the request fails on a reused connection, the server cannot have
+  received the whole request, so it is written once more on a new connection.
+- Once the request is written, any failure is a RetryableError. Only GETs are
+  repeated once when a reused connection drops without an answer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.providers.base import RetryableError
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON, or None when it is empty or not JSON."""
+        if not self.body:
+            return None
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+class HttpClient:
+    """Thread-safe client of one origin; each thread keeps its own connection."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._query = parts.query
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._headers = dict(headers or {})
+        self._ssl = ssl.create_default_context() if self._https else None
+        self._local = threading.local()
+        # Each thread's connection, so close() reaches other threads' sockets
+        # and a finished thread's socket is closed, not left to the GC.
+        self._conns: list[tuple[threading.Thread, http.client.HTTPConnection]] = []
+        self._lock = threading.Lock()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        """Send one request and read the whole answer; raise RetryableError on I/O."""
+        target = (self._prefix + path) or "/"
+        if self._query:
+            target += ("&" if "?" in path else "?") + self._query
+        all_headers = {**self._headers, **headers} if headers else self._headers
+        read_timeout = self._read_timeout if timeout is None else timeout
+        conn = getattr(self._local, "conn", None)
+        reused = False
+        if conn is not None and conn.sock is not None:
+            reused = True
+            if _peer_closed(conn.sock):
+                # Server closed the idle connection: nothing sent yet, reconnect.
+                conn.close()
+                reused = False
+        if conn is None:
+            conn = self._new_connection()
+        while True:
+            if conn.sock is None:
+                self._connect(conn)
+            if conn.sock.gettimeout() != read_timeout:
+                conn.sock.settimeout(read_timeout)
+            try:
+                conn.request(method, target, body, all_headers)
+            except TimeoutError as exc:
+                conn.close()
+                raise RetryableError(
+                    f"timed out after {read_timeout:g} s sending to {self.origin}"
+                ) from exc
+            except OSError as exc:
+                conn.close()
+                if reused:
+                    # The request did not get out whole: safe to write again.
+                    reused = False
+                    continue
+                raise RetryableError(f"sending to {self.origin} failed: {exc}") from exc
+            try:
+                resp = conn.getresponse()
+                data = resp.read()
+            except TimeoutError as exc:
+                conn.close()
+                raise RetryableError(
+                    f"no response from {self.origin} within {read_timeout:g} s"
+                ) from exc
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                if reused and method in _IDEMPOTENT:
+                    reused = False
+                    continue
+                raise RetryableError(
+                    f"connection to {self.origin} lost after the request was sent:"
+                    f" {exc!r}"
+                ) from exc
+            if resp.will_close:
+                conn.close()
+            names = {k.lower(): v for k, v in resp.getheaders()}
+            return Response(resp.status, names, data)
+
+    def close(self) -> None:
+        """Close every thread's connection; later requests reconnect."""
+        with self._lock:
+            conns = [conn for _, conn in self._conns]
+            self._conns = [(t, c) for t, c in self._conns if t.is_alive()]
+        for conn in conns:
+            conn.close()
+
+    def _new_connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+            )
+        else:
+            conn = http.client.HTTPConnection(
+                self._host, self._port, timeout=self._connect_timeout
+            )
+        self._local.conn = conn
+        with self._lock:
+            for thread, old in self._conns:
+                if not thread.is_alive():
+                    old.close()
+            live = [(t, c) for t, c in self._conns if t.is_alive()]
+            self._conns = [*live, (threading.current_thread(), conn)]
+        return conn
+
+    def _connect(self, conn: http.client.HTTPConnection) -> None:
+        # The connection timeout covers TCP (and TLS) setup; reads get their own.
+        conn.timeout = self._connect_timeout
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise RetryableError(f"cannot connect to {self.origin}: {exc}") from exc
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when an idle kept-alive socket is readable: EOF, reset or junk."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+    except (OSError, ValueError):
+        return True
