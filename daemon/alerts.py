@@ -1,0 +1,293 @@
+"""Alerts: a CRITICAL log line, a row in the `alert` table, optional notices.
+
+Any process that opened the database can raise one (the supervisor for roles
+that are down or FATAL, the scheduler's health check for the rest):
+
+    raise_alert("role_down:host1:web", "web not running for 312s", cfg=cfg)
+    resolve_alert("role_down:host1:web", cfg=cfg)
+
+One active row per key: raising an active key again changes nothing and
+notifies no one. With `cfg`, a new alert and its recovery are also sent to
+`alerts.webhook_url` (JSON POST, 5 s timeout) and `alerts.command` (run by
+/bin/sh with the alert in CAMPAIGND_ALERT_* variables), from threads, so the
+caller never waits on a slow receiver. The JSON body carries a "text" field,
+which is what Slack/Mattermost incoming webhooks display.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from dataclasses import dataclass
+
+from daemon.config import AlertsConfig
+from daemon.config import Config
+from daemon.states import ChildState
+from daemon.store.models import Alert
+from daemon.store.models import database
+from daemon.store.models import utcnow
+
+RAISED = "raised"
+RESOLVED = "resolved"
+WEBHOOK_TIMEOUT_S = 5.0
+COMMAND_TIMEOUT_S = 30.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """One alert or recovery notice, as sent to the webhook and the command."""
+
+    key: str
+    status: str  # RAISED or RESOLVED
+    severity: str
+    message: str
+    host: str
+    at: str  # ISO 8601, UTC
+
+    @classmethod
+    def now(cls, key: str, status: str, message: str, severity: str = "critical"):
+        at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        return cls(key, status, severity, message, socket.gethostname(), at)
+
+    def payload(self) -> dict:
+        body = asdict(self)
+        body["text"] = f"[campaignd@{self.host}] {self.status.upper()}: {self.message}"
+        return body
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CAMPAIGND_ALERT_KEY": self.key,
+            "CAMPAIGND_ALERT_STATUS": self.status,
+            "CAMPAIGND_ALERT_SEVERITY": self.severity,
+            "CAMPAIGND_ALERT_MESSAGE": self.message,
+            "CAMPAIGND_ALERT_HOST": self.host,
+            "CAMPAIGND_ALERT_AT": self.at,
+            "CAMPAIGND_ALERT_JSON": json.dumps(self.payload()),
+        }
+
+
+# ------------------------------------------------------------------ database
+
+
+@contextlib.contextmanager
+def db_session():
+    """Use the caller's connection if open; otherwise open one and close it.
+
+    A connection opened here is really closed afterwards (pooled PostgreSQL
+    connections included), so the supervisor holds none between jobs.
+    """
+    opened = database.is_closed()
+    if opened:
+        database.connect()
+    try:
+        yield
+    finally:
+        if opened:
+            database.close()
+            close_idle = getattr(database.obj, "close_idle", None)
+            if close_idle:
+                close_idle()
+
+
+def record_raised(key: str, message: str, severity: str = "critical") -> bool:
+    """Insert an active alert row unless one is active for `key`; True if new."""
+    with db_session(), database.atomic():
+        active = Alert.select().where(Alert.key == key, Alert.resolved_at.is_null())
+        if active.exists():
+            return False
+        Alert.create(key=key, message=message, severity=severity)
+    return True
+
+
+def record_resolved(key: str) -> bool:
+    """Mark the active alert for `key` resolved; True if there was one."""
+    with db_session():
+        updated = (
+            Alert.update(resolved_at=utcnow())
+            .where(Alert.key == key, Alert.resolved_at.is_null())
+            .execute()
+        )
+    return updated > 0
+
+
+def active_alerts(limit: int = 100) -> list[dict]:
+    """Unresolved alerts, newest first."""
+    with db_session():
+        rows = (
+            Alert.select()
+            .where(Alert.resolved_at.is_null())
+            .order_by(Alert.raised_at.desc())
+            .limit(limit)
+        )
+        return [
+            {
+                "key": a.key,
+                "severity": a.severity,
+                "message": a.message,
+                "raised_at": a.raised_at.isoformat(timespec="seconds") + "Z",
+            }
+            for a in rows
+        ]
+
+
+def active_keys(*prefixes: str) -> list[str]:
+    """Keys of the unresolved alerts starting with any of `prefixes`."""
+    with db_session():
+        rows = Alert.select(Alert.key).where(Alert.resolved_at.is_null())
+        return [a.key for a in rows if a.key.startswith(prefixes)]
+
+
+# ------------------------------------------------------------- notifications
+
+
+def post_webhook(url: str, event: AlertEvent, timeout: float = WEBHOOK_TIMEOUT_S):
+    """POST the event as JSON; log (never raise) on failure. True if 2xx."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(event.payload()).encode(),
+        headers={"Content-Type": "application/json", "User-Agent": "campaignd"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("alert webhook %s failed for %s: %s", url, event.key, exc)
+        return False
+
+
+def command_argv(command: str) -> list[str]:
+    return ["/bin/sh", "-c", command]
+
+
+def run_command(command: str, event: AlertEvent, timeout=COMMAND_TIMEOUT_S):
+    """Run the alert command with the event in its environment; its exit code."""
+    try:
+        done = subprocess.run(
+            command_argv(command),
+            env={**os.environ, **event.env()},
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("alert command failed for %s: %s", event.key, exc)
+        return None
+    if done.returncode:
+        log.warning("alert command for %s exited %s", event.key, done.returncode)
+    return done.returncode
+
+
+def notify_in_background(alerts_cfg: AlertsConfig, event: AlertEvent) -> None:
+    """Send the event to the webhook and the command without waiting for them."""
+    if alerts_cfg.webhook_url:
+        _thread(post_webhook, alerts_cfg.webhook_url, event)
+    if alerts_cfg.command:
+        _thread(run_command, alerts_cfg.command, event)
+
+
+def _thread(target, *args) -> None:
+    threading.Thread(
+        target=target, args=args, name="campaignd-alert", daemon=True
+    ).start()
+
+
+# ------------------------------------------------------------------ the API
+
+
+def raise_alert(
+    key: str, message: str, severity: str = "critical", cfg: Config | None = None
+) -> bool:
+    """Record and announce an alert once per key; True if it is new."""
+    if not record_raised(key, message, severity):
+        return False
+    log.critical("ALERT %s: %s", key, message)
+    if cfg is not None:
+        notify_in_background(cfg.alerts, AlertEvent.now(key, RAISED, message, severity))
+    return True
+
+
+def resolve_alert(key: str, cfg: Config | None = None, message: str = "") -> bool:
+    """Close the active alert for `key` and send the recovery notice; True if any."""
+    if not record_resolved(key):
+        return False
+    message = message or f"{key} resolved"
+    log.warning("RESOLVED %s: %s", key, message)
+    if cfg is not None:
+        notify_in_background(cfg.alerts, AlertEvent.now(key, RESOLVED, message))
+    return True
+
+
+# -------------------------------------------------------------- role alerts
+
+
+class RoleAlerts:
+    """The supervisor's alert policy for its roles (pure: no I/O, time given).
+
+    A role not RUNNING for `down_after_s` raises ``role_down:HOST:ROLE``; a
+    FATAL role raises ``role_fatal:HOST:ROLE`` at once; both are resolved when
+    the role is RUNNING again.
+    """
+
+    def __init__(self, host: str, down_after_s: float):
+        self.host = host
+        self.down_after_s = down_after_s
+        self.raised: set[str] = set()
+
+    def down_key(self, name: str) -> str:
+        return f"role_down:{self.host}:{name}"
+
+    def fatal_key(self, name: str) -> str:
+        return f"role_fatal:{self.host}:{name}"
+
+    def prefixes(self) -> tuple[str, str]:
+        return f"role_down:{self.host}:", f"role_fatal:{self.host}:"
+
+    def check(self, children, now: float) -> list[tuple[str, str, str]]:
+        """(key, RAISED|RESOLVED, message) for every change since last time."""
+        out = []
+        for child in children:
+            down_key, fatal_key = self.down_key(child.name), self.fatal_key(child.name)
+            if child.state is ChildState.RUNNING:
+                for key in (down_key, fatal_key):
+                    if key in self.raised:
+                        self.raised.discard(key)
+                        message = f"{child.name} is running again (pid {child.pid})"
+                        out.append((key, RESOLVED, message))
+                continue
+            if child.state is ChildState.FATAL and fatal_key not in self.raised:
+                self.raised.add(fatal_key)
+                out.append((fatal_key, RAISED,
+                            f"{child.name} is FATAL after {len(child.exits)} exits "
+                            f"(last: {child.last_exit}); next try in "
+                            f"{max(0.0, child.retry_at - now):.0f}s"))
+            down_for = now - (child.down_since if child.down_since is not None else now)
+            if down_for >= self.down_after_s and down_key not in self.raised:
+                self.raised.add(down_key)
+                out.append((down_key, RAISED,
+                            f"{child.name} not running for {down_for:.0f}s "
+                            f"({child.state.name}, last exit: "
+                            f"{child.last_exit or 'none'})"))
+        return out
+
+    def next_deadline(self, children) -> float | None:
+        """When a down role will cross the threshold (monotonic), if any."""
+        return min(
+            (
+                c.down_since + self.down_after_s
+                for c in children
+                if c.down_since is not None and self.down_key(c.name) not in self.raised
+            ),
+            default=None,
+        )

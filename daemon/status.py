@@ -1,0 +1,408 @@
+"""The status socket: one JSON request, one JSON answer, per connection.
+
+Wire format (a Unix stream socket, mode 0660, at cfg.status_socket)::
+
+    client                                   supervisor
+      connect ─────────────────────────────────>
+      {"cmd": "status"}\\n  (or shut down the write side) ──>
+      <────────── {"daemon": {...}, "roles": [...], ...}\\n
+      <────────── close
+
+Commands: ``status`` (``"figures": false`` skips queue depths and counters
+and is answered at once); ``restart`` with ``"role": "web"`` (a base name such as
+``worker:messages`` restarts every instance); ``reload`` (same as SIGHUP).
+Anything else, or bad JSON, answers ``{"error": "..."}``. The server side runs
+inside the supervisor's selector loop, non-blocking and without threads; an
+answer may be deferred (the supervisor parks a status request for at most a
+second while fresh queue depths are gathered off the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from daemon.errors import EXIT_FAILURE
+from daemon.errors import EXIT_NOT_RUNNING
+from daemon.errors import EXIT_OK
+from daemon.errors import ConfigError
+from daemon.errors import DaemonError
+
+MAX_REQUEST_BYTES = 65_536
+# A client that neither sends its request nor reads its answer in this time
+# is dropped, so it cannot hold a file descriptor forever.
+CLIENT_TIMEOUT_S = 5.0
+# sockaddr_un.sun_path is 108 bytes including the final NUL.
+MAX_SOCKET_PATH = 107
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyRunning(DaemonError):
+    """Another supervisor answers on the status socket."""
+
+
+class Connection:
+    """One client: its request bytes in, its answer bytes out."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+        self.inbuf = bytearray()
+        self.outbuf = b""
+        self.answered = False
+
+
+class StatusServer:
+    """Accepts, reads and answers clients from the caller's selector."""
+
+    def __init__(self, path: Path, group: str, on_request):
+        self.path = Path(path)
+        # on_request(request: dict, conn: Connection): answer with respond(),
+        # now or later.
+        self.on_request = on_request
+        self.sock = bind(self.path, group)
+        self.selector: selectors.BaseSelector | None = None
+        self.conns: set[Connection] = set()
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        self.selector = selector
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def _accept(self, _mask: int) -> None:
+        for _ in range(32):  # a burst of clients must not starve the loop
+            try:
+                sock, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            conn = Connection(sock, time.monotonic() + CLIENT_TIMEOUT_S)
+            self.conns.add(conn)
+            self.selector.register(
+                sock, selectors.EVENT_READ, lambda mask, c=conn: self._read(c)
+            )
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(MAX_REQUEST_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.inbuf += data
+        complete = not data or b"\n" in conn.inbuf
+        if len(conn.inbuf) > MAX_REQUEST_BYTES:
+            self.selector.unregister(conn.sock)
+            self.respond(conn, {"error": "request too large"})
+            return
+        if not complete:
+            return
+        self.selector.unregister(conn.sock)
+        line = bytes(conn.inbuf).split(b"\n", 1)[0].strip()
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            self.respond(conn, {"error": f"bad JSON: {exc}"})
+            return
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            self.respond(conn, {"error": 'expected an object like {"cmd": "status"}'})
+            return
+        self.on_request(request, conn)
+
+    def respond(self, conn: Connection, answer: dict) -> None:
+        """Send the answer (what does not fit now goes out on EVENT_WRITE)."""
+        if conn.answered or conn not in self.conns:
+            return
+        conn.answered = True
+        conn.outbuf = json.dumps(answer, default=str).encode() + b"\n"
+        conn.deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        self._write(conn)
+
+    def _write(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        conn.outbuf = conn.outbuf[sent:]
+        if not conn.outbuf:
+            self._close(conn)
+            return
+        try:
+            self.selector.register(
+                conn.sock, selectors.EVENT_WRITE, lambda mask, c=conn: self._write(c)
+            )
+        except KeyError:  # registered for writing already
+            pass
+
+    def _close(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def expire(self, now: float) -> None:
+        """Drop clients past their deadline."""
+        for conn in [c for c in self.conns if c.deadline <= now]:
+            log.debug("status client timed out")
+            self._close(conn)
+
+    def next_deadline(self) -> float | None:
+        return min((c.deadline for c in self.conns), default=None)
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            self._close(conn)
+        if self.selector is not None:
+            try:
+                self.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def bind(path: Path, group: str = "") -> socket.socket:
+    """Bind the listening socket (0660), refusing if a daemon already answers."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"status.socket: path longer than {MAX_SOCKET_PATH} bytes: {path}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a daemon that was killed
+        else:
+            raise AlreadyRunning(f"another campaignd answers on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes the socket 0660 from birth: no window where others
+    # could connect (we are still single-threaded here).
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    if group:
+        try:
+            shutil.chown(path, group=group)
+        except (LookupError, PermissionError) as exc:
+            sock.close()
+            path.unlink(missing_ok=True)
+            raise ConfigError(
+                f"status.group: cannot use group {group!r}: {exc}"
+            ) from None
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+# ------------------------------------------------------------------- figures
+
+
+class FigureGatherer:
+    """Queue depths and counters for the status socket (runs in a pool thread)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._queues = None
+
+    def gather(self) -> dict:
+        figures: dict = {}
+        try:
+            if self._queues is None:
+                from daemon.queue import make_queues
+
+                self._queues = make_queues(self.cfg)
+            figures["queues"] = self._queues.depths()
+        except Exception as exc:  # noqa: BLE001 - shown to the operator
+            figures["queues_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            figures.update(_db_figures())
+        except Exception as exc:  # noqa: BLE001
+            figures["db_error"] = f"{type(exc).__name__}: {exc}"
+        return figures
+
+
+def _db_figures() -> dict:
+    import peewee as pw
+
+    from daemon.alerts import active_alerts
+    from daemon.alerts import db_session
+    from daemon.store.models import Campaign
+    from daemon.store.models import HealthCheck
+    from daemon.store.models import Lease
+    from daemon.store.models import Message
+    from daemon.store.models import utcnow
+
+    with db_session():
+        campaigns = dict(
+            Campaign.select(Campaign.status, pw.fn.COUNT(Campaign.id))
+            .group_by(Campaign.status).tuples()
+        )
+        messages = dict(
+            Message.select(Message.status, pw.fn.COUNT(Message.id))
+            .group_by(Message.status).tuples()
+        )
+        check = HealthCheck.select().order_by(HealthCheck.checked_at.desc()).first()
+        leader = (
+            Lease.select()
+            .where(Lease.name.contains("leader"), Lease.expires_at > utcnow())
+            .first()
+        )
+        active = active_alerts()
+    return {
+        "campaigns": campaigns,
+        "messages": messages,
+        "last_health_check": None if check is None else {
+            "checked_at": check.checked_at.isoformat(timespec="seconds") + "Z",
+            "ok": check.ok,
+            "details": check.details,
+        },
+        "leader": leader.owner if leader else None,
+        "alerts": active,
+    }
+
+
+# -------------------------------------------------------------------- client
+
+
+def request(path: Path, payload: dict, timeout: float = 5.0) -> dict:
+    """Send one request and return the answer (raises OSError if no daemon)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65_536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks) or b"{}")
+
+
+def client_main(cfg, args) -> int:
+    """`campaignd status [--json]` and `campaignd restart ROLE`."""
+    path = cfg.status_socket
+    if args.command == "restart":
+        payload = {"cmd": "restart", "role": args.role}
+    else:
+        payload = {"cmd": "status"}
+    try:
+        answer = request(path, payload)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"campaignd: not running (nothing answers on {path})", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except PermissionError:
+        print(
+            f"campaignd: permission denied on {path} (are you in status.group?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        print(f"campaignd: no valid answer on {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if "error" in answer:
+        print(f"campaignd: error: {answer['error']}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.command == "restart":
+        print("restarting: " + ", ".join(answer.get("restarting", [])))
+        return EXIT_OK
+    if getattr(args, "json", False):
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(format_status(answer))
+    return EXIT_OK if is_healthy(answer) else EXIT_FAILURE
+
+
+def is_healthy(answer: dict) -> bool:
+    """Running, every role RUNNING, no active alert."""
+    daemon = answer.get("daemon", {})
+    roles = answer.get("roles", [])
+    return (
+        daemon.get("state") == "running"
+        and bool(roles)
+        and all(r.get("state") == "RUNNING" for r in roles)
+        and not answer.get("alerts")
+    )
+
+
+def format_status(answer: dict) -> str:
+    """The status answer as a readable table."""
+    d = answer.get("daemon", {})
+    lines = [
+        f"campaignd {d.get('version', '?')} on {d.get('host', '?')}: "
+        f"{d.get('state', '?')}, pid {d.get('pid')}, up {_duration(d.get('uptime_s'))}"
+        + (f", leader {d['leader']}" if d.get("leader") else ""),
+        "",
+        f"{'ROLE':<22}{'STATE':<10}{'PID':>8}{'UP':>9}{'RESTARTS':>10}"
+        f"{'RSS MB':>8}{'CPU%':>7}{'BEAT':>7}  LAST EXIT",
+    ]
+    for r in answer.get("roles", []):
+        beat = r.get("heartbeat_age_s")
+        lines.append(
+            f"{r['name']:<22}{r['state']:<10}{_s(r.get('pid')):>8}"
+            f"{_duration(r.get('uptime_s')):>9}{r.get('restarts', 0):>10}"
+            f"{_num(r.get('rss_mb'), 0):>8}{_num(r.get('cpu_percent'), 1):>7}"
+            f"{(_num(beat, 1) + 's') if beat is not None else '-':>7}"
+            f"  {r.get('last_exit') or '-'}"
+        )
+    lines.append("")
+    queues = answer.get("queues")
+    if isinstance(queues, dict) and queues:
+        lines.append("queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
+    else:
+        lines.append(f"queues: {answer.get('queues_error') or 'unknown'}")
+    campaigns = answer.get("campaigns")
+    if campaigns:
+        lines.append(
+            "campaigns: " + ", ".join(f"{k} {v}" for k, v in campaigns.items())
+        )
+    check = answer.get("last_health_check")
+    if check:
+        verdict = "ok" if check.get("ok") else "FAILING"
+        lines.append(f"last health check: {check.get('checked_at')} {verdict}")
+    if answer.get("data_age_s") is not None:
+        lines.append(f"(queue and campaign figures {answer['data_age_s']:.1f}s old)")
+    alerts = answer.get("alerts") or []
+    lines.append(f"alerts: {len(alerts) or 'none'}")
+    for a in alerts:
+        lines.append(f"  {a.get('severity', '?').upper()} {a['key']}: {a['message']}")
+    return "\n".join(lines)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _s(value) -> str:
+    return "-" if value is None else str(value)

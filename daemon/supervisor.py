@@ -1,0 +1,755 @@
+"""The supervisor: one process tree that heals itself, talks to systemd and
+answers on a status socket (design sections 1 and 6).
+
+`Supervisor.run()` is one selector loop woken by signals (set_wakeup_fd), the
+status socket, finished background jobs, or the next deadline any step asked
+for; there is no fixed tick. Each pass runs named steps:
+
+    wait -> handle_signals -> reap_children -> check_heartbeats ->
+    check_resources -> manage_children -> collect_jobs -> check_alerts ->
+    notify_systemd -> serve_status
+
+Signal handlers only record the signal; `handle_<name>` methods act on it, and
+status-socket commands reach the same methods. Children are exec'ed
+(posix_spawn), reaped only here with waitpid(-1, WNOHANG). Database work
+(lease release, alert rows, status figures) and alert webhooks run in small
+thread pools, so the loop never waits on a database lock or a slow receiver.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from daemon import __version__
+from daemon import alerts
+from daemon import config as config_mod
+from daemon.child import Child
+from daemon.child import ChildPolicy
+from daemon.child import OsProcesses
+from daemon.child import RoleSpec
+from daemon.child import describe_exit
+from daemon.errors import EXIT_CONFIG
+from daemon.errors import EXIT_FAILURE
+from daemon.errors import ConfigError
+from daemon.runtime import SUPERVISOR_PID_ENV
+from daemon.runtime import setup_logging
+from daemon.states import WAITING_STATES
+from daemon.states import ChildState
+from daemon.status import AlreadyRunning
+from daemon.status import FigureGatherer
+from daemon.status import StatusServer
+from daemon.systemd import SYSTEMD_ENV
+from daemon.systemd import Notifier
+
+log = logging.getLogger("daemon.supervisor")
+
+# While a child is STARTING its first heartbeat is polled this often, so a
+# respawn is seen RUNNING within a few tens of ms, not a heartbeat interval.
+STARTING_POLL_S = 0.025
+# Status figures (queue depths, counters) younger than this are served as
+# they are; older ones are refreshed off-loop while the request waits <= 1 s.
+FIGURES_MAX_AGE_S = 2.0
+FIGURES_WAIT_S = 1.0
+# After the stop deadline's SIGKILLs, how long to wait for the reaping.
+KILL_WAIT_S = 5.0
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def default_roles(cfg: config_mod.Config, config_path: str) -> list[RoleSpec]:
+    """The real roles, in start order (design section 1)."""
+    names = ["web", "worker:default"]
+    names += [f"worker:messages#{i + 1}" for i in range(cfg.workers.messages_processes)]
+    names += ["worker:retry", "worker:verification", "scheduler"]
+    tail = ["-c", config_path] if config_path else []
+    base = [sys.executable, "-m", "daemon", "child"]
+    return [RoleSpec(name, tuple(base + [name] + tail)) for name in names]
+
+
+def main(cfg: config_mod.Config, roles=None) -> int:
+    """`campaignd run`: migrate once, then supervise until told to stop."""
+    setup_logging(cfg.daemon.log_level, "supervisor")
+    try:
+        db = _migrate(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any DB failure: let systemd retry
+        log.error("cannot open or migrate the database: %s", exc)
+        return EXIT_FAILURE
+    _close_db(db)
+    try:
+        supervisor = Supervisor(cfg, roles)
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    return supervisor.run()
+
+
+def _migrate(cfg):
+    from daemon.store.db import open_database
+
+    return open_database(cfg, migrate_schema=True)
+
+
+def _close_db(db) -> None:
+    # Pooled PostgreSQL keeps idle connections: drop them too, so nothing is
+    # held while children are spawned.
+    if not db.is_closed():
+        db.close()
+    close_all = getattr(db, "close_all", None)
+    if close_all:
+        close_all()
+
+
+class Supervisor:
+    """Owns the children, the respawn policy, the status socket and sd_notify."""
+
+    def __init__(self, cfg: config_mod.Config, roles=None, env=None):
+        env = dict(os.environ if env is None else env)
+        self.role_factory = roles or default_roles
+        self.host = socket.gethostname()
+        run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        self.run_dir = Path(run_base) if run_base else cfg.data_path / "run"
+        self.metrics_dir = cfg.data_path / "metrics"
+        self.config_path = ""
+        # Bound first: AlreadyRunning must stop us before we touch run_dir.
+        self.status_server = StatusServer(
+            cfg.status_socket, cfg.status.group, self.on_status_request
+        )
+        self.cfg = self._snapshot_config(cfg)
+        self.policy = ChildPolicy.from_config(self.cfg)
+        child_env = {k: v for k, v in env.items() if k not in SYSTEMD_ENV}
+        child_env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        child_env[METRICS_ENV] = str(self.metrics_dir)
+        self.ops = OsProcesses(child_env)
+        self.systemd = Notifier(env)
+        self.children: list[Child] = []
+        self.retired: list[Child] = []  # roles gone from the config, stopping
+        self.selector = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        self._jobs: list[tuple[concurrent.futures.Future, object]] = []
+        self._db_pool = _pool("supervisor-db")
+        self._figures_pool = _pool("supervisor-figures")
+        self._notify_pool = _pool("supervisor-notify")
+        self._figures: dict | None = None
+        self._figures_at = 0.0
+        self._figures_job: concurrent.futures.Future | None = None
+        self._gatherer = FigureGatherer(self.cfg)
+        self._parked: list[tuple[object, float]] = []
+        self.role_alerts = alerts.RoleAlerts(self.host, self.cfg.alerts.down_after_s)
+        self._helpers: dict[int, tuple[str, float]] = {}  # alert commands
+        self._replace: list[str] = []  # names to replace one by one
+        self._replacing: tuple[Child, float] | None = None
+        self.reloading = False
+        self.ready_sent = False
+        self.stopping_since: float | None = None
+        self.stop_deadline = 0.0
+        self.escalated = False
+        self.exit_code = 0
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self._next_beat_check = 0.0
+        self._next_resource_check = 0.0
+        self._next_watchdog = 0.0
+        self._last_status_line = ""
+
+    # ----------------------------------------------------------------- loop
+
+    def run(self) -> int:
+        """Start every role and supervise until stopped; the exit code."""
+        self.start()
+        try:
+            while not self.finished(time.monotonic()):
+                self.wait()
+                self.handle_signals()
+                self.reap_children()
+                now, wall = time.monotonic(), time.time()
+                self.check_heartbeats(now, wall)
+                self.check_resources(now)
+                self.manage_children(now)
+                self.collect_jobs()
+                self.check_alerts(now)
+                self.notify_systemd(now)
+                self.serve_status(now)
+        except Exception:
+            log.exception("supervisor failed: stopping every child")
+            self.exit_code = EXIT_FAILURE
+            self._kill_all("supervisor failure")
+            raise
+        finally:
+            self.close()
+        log.info("stopped (exit code %s)", self.exit_code)
+        return self.exit_code
+
+    def start(self) -> None:
+        # Imported now, not at the first child death, where it would add
+        # tens of ms to that respawn.
+        from prometheus_client import multiprocess  # noqa: F401
+
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        # prometheus_client multiprocess files of a previous run would be
+        # added to this run's counters.
+        for stale in self.metrics_dir.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        self._sig_r, self._sig_w = _nonblocking_pipe()
+        self._jobs_r, self._jobs_w = _nonblocking_pipe()
+        self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain)
+        self.selector.register(self._jobs_r, selectors.EVENT_READ, self._drain)
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                    signal.SIGUSR1):
+            signal.signal(sig, self._record_signal)
+        self.status_server.register(self.selector)
+        self.children = [self._new_child(s) for s in self._role_specs()]
+        self._submit(self._db_pool, alerts.active_keys, *self.role_alerts.prefixes(),
+                     on_done=self._adopt_alerts)
+        log.info(
+            "campaignd %s supervising %d roles (pid %s, status socket %s)",
+            __version__, len(self.children), os.getpid(), self.cfg.status_socket,
+        )
+
+    def _record_signal(self, signum, frame) -> None:
+        # NO LOGGING, NO I/O: just queue the signal for the loop.
+        self._signals.append(signum)
+
+    def wait(self) -> None:
+        """Sleep until a signal, a client, a finished job or the next deadline."""
+        now = time.monotonic()
+        deadline = self.next_wakeup(now)
+        timeout = None if deadline is None else max(0.0, deadline - now)
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+
+    def _drain(self, _mask: int) -> None:
+        for fd in (self._sig_r, self._jobs_r):
+            try:
+                while os.read(fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def next_wakeup(self, now: float) -> float | None:
+        candidates = [c.next_deadline(now) for c in self.children + self.retired]
+        if any(c.alive for c in self.children + self.retired):
+            candidates.append(self._next_beat_check)
+            candidates.append(self._next_resource_check)
+        if self.systemd.watchdog_interval_s:
+            candidates.append(self._next_watchdog)
+        if self.stopping_since is None:
+            candidates.append(self.role_alerts.next_deadline(self.children))
+        else:
+            candidates.append(self.stop_deadline + KILL_WAIT_S)
+        candidates += [deadline for _, deadline in self._parked]
+        candidates += [deadline for _, deadline in self._helpers.values()]
+        candidates.append(self.status_server.next_deadline())
+        return min((c for c in candidates if c is not None), default=None)
+
+    def finished(self, now: float) -> bool:
+        if self.stopping_since is None:
+            return False
+        alive = [c for c in self.children + self.retired if c.alive]
+        if not alive:
+            return True
+        if now > self.stop_deadline + KILL_WAIT_S:
+            log.critical("giving up on %s: not reaped after SIGKILL", alive)
+            return True
+        return False
+
+    # -------------------------------------------------------------- signals
+
+    def handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            name = signal.Signals(signum).name[3:].lower()
+            getattr(self, f"handle_{name}")()
+
+    def handle_chld(self) -> None:
+        """A child changed state: reap_children() runs next anyway."""
+
+    def handle_term(self) -> None:
+        """Graceful stop: SIGTERM every child, SIGKILL at the stop timeout."""
+        self.begin_stop("SIGTERM")
+
+    def handle_int(self) -> None:
+        """Like TERM; a second INT kills what is left at once."""
+        if self.stopping_since is None:
+            self.begin_stop("SIGINT")
+        elif not self.escalated:
+            self.escalated = True
+            self._kill_all("second interrupt")
+
+    def handle_hup(self) -> None:
+        """Reload the config; replace the children one by one."""
+        if self.stopping_since is not None:
+            return
+        self.systemd.reloading()
+        try:
+            new_cfg = self._snapshot_config(self.cfg, reload=True)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            self.systemd.notify("READY=1", f"STATUS=reload failed: {exc}")
+            return
+        self._warn_restart_only_changes(new_cfg)
+        self.cfg = new_cfg
+        self.policy = ChildPolicy.from_config(new_cfg)
+        self._gatherer = FigureGatherer(new_cfg)
+        self.role_alerts.down_after_s = new_cfg.alerts.down_after_s
+        self._sync_roles()
+        self.reloading = True
+        self._replace = [c.name for c in self.children]
+        log.info("config reloaded from %s: replacing %d roles one by one",
+                 new_cfg.source, len(self._replace))
+
+    def handle_usr1(self) -> None:
+        """Log every role's state (a poor operator's `campaignd status`)."""
+        now = time.monotonic()
+        for child in self.children:
+            log.info("status: %s", child.status(now))
+
+    def begin_stop(self, reason: str, exit_code: int = 0) -> None:
+        if self.stopping_since is not None:
+            return
+        now = time.monotonic()
+        self.stopping_since = now
+        self.exit_code = exit_code
+        grace = self.cfg.daemon.stop_timeout_s
+        self.stop_deadline = now + grace
+        self._replace.clear()
+        self._replacing = None
+        alive = sum(1 for c in self.children if c.alive)
+        log.info("stopping (%s): SIGTERM to %d children, %gs to finish",
+                 reason, alive, grace)
+        self.systemd.notify("STOPPING=1", f"STATUS=stopping: {reason}")
+        for child in self.children + self.retired:
+            child.stop(now, f"daemon stopping ({reason})", grace, restart=False)
+
+    def _kill_all(self, reason: str) -> None:
+        now = time.monotonic()
+        for child in self.children + self.retired:
+            child.kill(now, reason, restart=False)
+
+    # ------------------------------------------------------------- children
+
+    def reap_children(self) -> None:
+        """Collect every exited child (waitpid(-1, WNOHANG) until empty)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # no children at all: normal
+                return
+            if pid == 0:
+                return
+            child = next(
+                (c for c in self.children + self.retired if c.pid == pid), None
+            )
+            if child is not None:
+                self._child_gone(child, status)
+            elif pid in self._helpers:
+                what, _ = self._helpers.pop(pid)
+                log.info("%s %s", what, describe_exit(status)[0])
+            else:
+                log.info("reaped unknown pid %s (%s)", pid, describe_exit(status)[0])
+
+    def _child_gone(self, child: Child, status: int) -> None:
+        pid = child.pid
+        child.finish(status, time.monotonic())
+        _mark_metrics_dead(pid, self.metrics_dir)
+        if child.name.startswith("worker:"):
+            owner = f"{self.host}:{pid}"
+            self._submit(self._db_pool, _release_leases, owner,
+                         on_done=self._leases_released)
+        if (
+            child.state is ChildState.EXITED
+            and child.last_exit_code == EXIT_CONFIG
+            and self.stopping_since is None
+        ):
+            log.critical(
+                "%s exited with the config-error code %d: stopping the daemon",
+                child.name, EXIT_CONFIG,
+            )
+            self.begin_stop(f"{child.name}: config error", exit_code=EXIT_CONFIG)
+
+    def _leases_released(self, result) -> None:
+        if result and result[1]:
+            log.info("released %d message leases of %s", result[1], result[0])
+
+    def check_heartbeats(self, now: float, wall: float) -> None:
+        """First beat -> RUNNING; stale beat -> stop; stuck task -> kill."""
+        if now < self._next_beat_check:
+            return
+        for child in self.children:
+            child.check_heartbeat(now, wall)
+        starting = any(c.state is ChildState.STARTING for c in self.children)
+        interval = min(self.cfg.supervisor.heartbeat_interval_s, 1.0)
+        self._next_beat_check = now + (STARTING_POLL_S if starting else interval)
+
+    def check_resources(self, now: float) -> None:
+        """psutil every check_interval_s: zombies, RSS limit, CPU for status."""
+        if now < self._next_resource_check:
+            return
+        self._next_resource_check = now + self.cfg.supervisor.check_interval_s
+        for child in self.children:
+            if child.inspect(now) == "zombie":
+                log.warning("%s: pid %s is a zombie: reaping", child.name, child.pid)
+                self.reap_children()
+
+    def manage_children(self, now: float) -> None:
+        """Apply the respawn policy, roll replacements, end stray helpers."""
+        respawn = self.stopping_since is None
+        for child in self.children:
+            child.transition(now, respawn)
+        for child in list(self.retired):
+            child.transition(now, respawn=False)
+            if not child.alive:
+                self.retired.remove(child)
+        if respawn:
+            self._replace_next(now)
+        for pid, (what, deadline) in list(self._helpers.items()):
+            if now >= deadline:
+                log.warning("%s: too slow, SIGKILL", what)
+                self.ops.signal(pid, signal.SIGKILL)
+                self._helpers[pid] = (what, now + KILL_WAIT_S)
+
+    def restart_role(self, role: str) -> list[str]:
+        """Queue a graceful replacement of a role (or all its instances)."""
+        names = [c.name for c in self.children
+                 if c.name == role or c.name.split("#")[0] == role]
+        self._replace += [n for n in names if n not in self._replace]
+        return names
+
+    def _replace_next(self, now: float) -> None:
+        if self._replacing:
+            child, since = self._replacing
+            replaced = child.state is ChildState.RUNNING and child.spawned_at > since
+            if not (replaced or child.state in WAITING_STATES):
+                return
+            self._replacing = None
+        while self._replace:
+            child = self._child(self._replace.pop(0))
+            if child is None:
+                continue
+            if child.alive:
+                child.stop(now, "replacing", self.cfg.daemon.stop_timeout_s)
+                self._replacing = (child, now)
+                return
+            if child.state in (ChildState.BACKOFF, ChildState.FATAL):
+                child.retry_at = now  # an operator asked: try now
+        if self.reloading:
+            self.reloading = False
+            log.info("reload complete: every role replaced")
+            self.systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _child(self, name: str) -> Child | None:
+        return next((c for c in self.children if c.name == name), None)
+
+    def _new_child(self, spec: RoleSpec) -> Child:
+        safe = spec.name.replace(":", "-").replace("#", "-")
+        child = Child(spec, self.policy, self.run_dir / f"{safe}.heartbeat", self.ops)
+        child.down_since = time.monotonic()
+        return child
+
+    def _role_specs(self) -> list[RoleSpec]:
+        return list(self.role_factory(self.cfg, self.config_path))
+
+    def _sync_roles(self) -> None:
+        specs = {s.name: s for s in self._role_specs()}
+        kept = []
+        now = time.monotonic()
+        for child in self.children:
+            if child.name in specs:
+                child.spec = specs.pop(child.name)
+                child.policy = self.policy
+                kept.append(child)
+            else:
+                child.stop(now, "role removed by reload",
+                           self.cfg.daemon.stop_timeout_s, restart=False)
+                self.retired.append(child)
+        kept += [self._new_child(s) for s in specs.values()]
+        self.children = kept
+
+    # --------------------------------------------------------------- config
+
+    def _snapshot_config(self, cfg, reload: bool = False) -> config_mod.Config:
+        """Validate the config file's bytes and give children exactly those.
+
+        Children load the copy in run_dir, not the original: an operator's
+        half-edited file must not reach a child respawned later (it would
+        exit with the config-error code and stop the whole daemon).
+        """
+        if not cfg.source:
+            return cfg
+        try:
+            data = Path(cfg.source).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{cfg.source}: cannot read: {exc.strerror}") from None
+        try:
+            raw = tomllib.loads(data.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{cfg.source}: invalid TOML: {exc}") from None
+        new = config_mod.from_dict(raw, source=cfg.source)
+        if not reload:
+            new = cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        snapshot = self.run_dir / "config.toml"
+        tmp = snapshot.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, snapshot)
+        self.config_path = str(snapshot)
+        return new
+
+    def _warn_restart_only_changes(self, new_cfg) -> None:
+        for what, old, new in (
+            ("daemon.data_dir", self.cfg.daemon.data_dir, new_cfg.daemon.data_dir),
+            ("status.socket", self.cfg.status_socket, new_cfg.status_socket),
+        ):
+            if old != new:
+                log.warning("%s changed: takes effect on the next daemon start", what)
+
+    # --------------------------------------------------------------- alerts
+
+    def check_alerts(self, now: float) -> None:
+        """Alert on roles down too long or FATAL; send recoveries."""
+        if self.stopping_since is not None:
+            return
+        for key, status, message in self.role_alerts.check(self.children, now):
+            self.announce(key, status, message)
+
+    def announce(self, key: str, status: str, message: str) -> None:
+        """Log, record and send one alert or recovery notice, without waiting."""
+        if status == alerts.RAISED:
+            log.critical("ALERT %s: %s", key, message)
+            self._submit(self._db_pool, alerts.record_raised, key, message)
+        else:
+            log.warning("RESOLVED %s: %s", key, message)
+            self._submit(self._db_pool, alerts.record_resolved, key)
+        event = alerts.AlertEvent.now(key, status, message)
+        if self.cfg.alerts.webhook_url:
+            self._notify_pool.submit(alerts.post_webhook, self.cfg.alerts.webhook_url,
+                                     event)
+        if self.cfg.alerts.command:
+            # Spawned from the loop (not a thread) so our waitpid(-1) reaps a
+            # pid it knows, and nobody else's wait() loses its status.
+            argv = alerts.command_argv(self.cfg.alerts.command)
+            try:
+                pid = self.ops.spawn(tuple(argv), event.env())
+            except OSError as exc:
+                log.warning("alert command failed to start: %s", exc)
+                return
+            deadline = time.monotonic() + alerts.COMMAND_TIMEOUT_S
+            self._helpers[pid] = (f"alert command for {key} (pid {pid})", deadline)
+
+    def _adopt_alerts(self, keys) -> None:
+        # Alerts left active by a previous run on this host: resolve them
+        # when their role runs again.
+        self.role_alerts.raised.update(keys or ())
+
+    # -------------------------------------------------------------- systemd
+
+    def status_line(self) -> str:
+        running = sum(c.state is ChildState.RUNNING for c in self.children)
+        line = f"{running}/{len(self.children)} roles running"
+        bad = [f"{c.name} {c.state.name}" for c in self.children
+               if c.state is not ChildState.RUNNING]
+        if bad:
+            line += "; " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        if self.stopping_since is not None:
+            line = "stopping; " + line
+        elif self.reloading:
+            line = "reloading; " + line
+        return line
+
+    def notify_systemd(self, now: float) -> None:
+        """READY=1 once all run; WATCHDOG=1 while all beat; STATUS= on change."""
+        if not self.systemd.enabled:
+            return
+        line = self.status_line()
+        all_running = all(c.state is ChildState.RUNNING for c in self.children)
+        if not self.ready_sent and all_running and self.stopping_since is None:
+            self.ready_sent = True
+            log.info("every role is running: READY")
+            self.systemd.notify("READY=1", f"STATUS={line}")
+            self._last_status_line = line
+        elif line != self._last_status_line:
+            self._last_status_line = line
+            self.systemd.notify(f"STATUS={line}")
+        interval = self.systemd.watchdog_interval_s
+        if interval and now >= self._next_watchdog:
+            if self.watchdog_ok(now):
+                self.systemd.notify("WATCHDOG=1")
+                self._next_watchdog = now + interval
+            else:
+                self._next_watchdog = now + min(interval, 0.1)
+
+    def watchdog_ok(self, now: float) -> bool:
+        """Every live child beat recently (a wedged tree stops the pings)."""
+        sup = self.cfg.supervisor
+        fresh = min(sup.heartbeat_timeout_s / 2, max(3 * sup.heartbeat_interval_s, 2.0))
+        return all(c.heartbeat_fresh(now, fresh) for c in self.children)
+
+    # --------------------------------------------------------------- status
+
+    def on_status_request(self, request: dict, conn) -> None:
+        cmd = request["cmd"]
+        respond = self.status_server.respond
+        if cmd == "status":
+            now = time.monotonic()
+            fresh = now - self._figures_at <= FIGURES_MAX_AGE_S
+            # "figures": false asks for the roles only, answered at once.
+            if request.get("figures") is False or (self._figures is not None
+                                                   and fresh):
+                respond(conn, self.status_answer(now))
+                return
+            self.refresh_figures()
+            self._parked.append((conn, now + FIGURES_WAIT_S))
+        elif cmd == "restart":
+            role = request.get("role")
+            names = self.restart_role(role) if isinstance(role, str) else []
+            if not names:
+                roles = ", ".join(c.name for c in self.children)
+                respond(conn, {"error": f"unknown role {role!r} (roles: {roles})"})
+            elif self.stopping_since is not None:
+                respond(conn, {"error": "the daemon is stopping"})
+            else:
+                respond(conn, {"ok": True, "restarting": names})
+        elif cmd == "reload":
+            self.handle_hup()
+            respond(conn, {"ok": True, "reloading": self.reloading})
+        else:
+            respond(conn, {"error": f"unknown cmd {cmd!r} (status, restart, reload)"})
+
+    def refresh_figures(self) -> None:
+        if self._figures_job is not None and not self._figures_job.done():
+            return
+        self._figures_job = self._submit(
+            self._figures_pool, self._gatherer.gather, on_done=self._got_figures
+        )
+
+    def _got_figures(self, figures) -> None:
+        self._figures = figures or {}
+        self._figures_at = time.monotonic()
+        now = time.monotonic()
+        for conn, _ in self._parked:
+            self.status_server.respond(conn, self.status_answer(now))
+        self._parked.clear()
+
+    def serve_status(self, now: float) -> None:
+        """Answer parked requests whose wait is over; drop idle clients."""
+        due = [p for p in self._parked if p[1] <= now]
+        for item in due:
+            self._parked.remove(item)
+            self.status_server.respond(item[0], self.status_answer(now))
+        self.status_server.expire(now)
+
+    def status_answer(self, now: float) -> dict:
+        figures = self._figures or {}
+        if self.stopping_since is not None:
+            state = "stopping"
+        elif self.reloading:
+            state = "reloading"
+        elif all(c.state is ChildState.RUNNING for c in self.children):
+            state = "running"
+        else:
+            state = "degraded" if self.ready_sent else "starting"
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "host": self.host,
+                "version": __version__,
+                "state": state,
+                "uptime_s": round(now - self.started_at, 1),
+                "config": self.cfg.source,
+                "leader": figures.get("leader"),
+            },
+            "roles": [c.status(now) for c in self.children],
+            "queues": figures.get("queues"),
+            "queues_error": figures.get("queues_error")
+            or (None if self._figures is not None else "still gathering"),
+            "campaigns": figures.get("campaigns"),
+            "messages": figures.get("messages"),
+            "last_health_check": figures.get("last_health_check"),
+            "alerts": figures.get("alerts", []),
+            "db_error": figures.get("db_error"),
+            "data_age_s": round(now - self._figures_at, 1)
+            if self._figures is not None else None,
+        }
+
+    # ----------------------------------------------------------------- jobs
+
+    def _submit(self, pool, fn, *args, on_done=None):
+        """Run fn(*args) in a pool; on_done(result) later runs on the loop."""
+        future = pool.submit(fn, *args)
+        self._jobs.append((future, on_done))
+        future.add_done_callback(lambda _f: _wake(self._jobs_w))
+        return future
+
+    def collect_jobs(self) -> None:
+        """Hand finished background results to their callbacks (loop thread)."""
+        done = [job for job in self._jobs if job[0].done()]
+        for job in done:
+            self._jobs.remove(job)
+            future, on_done = job
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - a job's failure is logged
+                log.warning("background job failed: %s", exc)
+                result = None
+            if on_done is not None:
+                on_done(result)
+
+    def close(self) -> None:
+        self.status_server.close()
+        signal.set_wakeup_fd(-1)
+        for pool in (self._figures_pool, self._db_pool, self._notify_pool):
+            pool.shutdown(wait=False)
+        self.selector.close()
+        for fd in (self._sig_r, self._sig_w, self._jobs_r, self._jobs_w):
+            os.close(fd)
+
+
+def _release_leases(owner: str) -> tuple[str, int]:
+    # NOTE(supervisor): rows go back with enqueued_at=NULL, so the next sweep
+    # (scheduler.sweep_s) re-enqueues them; no task is enqueued from here.
+    from daemon import campaigns
+
+    with alerts.db_session():
+        return owner, campaigns.release_leases(owner)
+
+
+def _mark_metrics_dead(pid: int | None, metrics_dir: Path) -> None:
+    if pid is None:
+        return
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(metrics_dir))
+    except Exception as exc:  # noqa: BLE001 - metrics must not break supervision
+        log.debug("mark_process_dead(%s) failed: %s", pid, exc)
+
+
+def _pool(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"\0")
+    except (BlockingIOError, OSError):  # full (a wakeup is pending) or closed
+        pass

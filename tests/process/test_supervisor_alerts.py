@@ -1,0 +1,57 @@
+"""A role down longer than alerts.down_after_s: alert out, then the recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from daemon.store.db import open_database
+from daemon.store.models import Alert
+from tests.helpers import wait_for
+from tests.process.fixture_roles import AlertReceiver
+from tests.process.fixture_roles import FixtureDaemon
+
+
+@pytest.mark.timeout(60)
+def test_down_alert_and_recovery_reach_webhook_and_command(tmp_path, make_config):
+    """Verify the alert POST and command, the alert row, and the recovery notice."""
+    out = tmp_path / "alerts.out"
+    with AlertReceiver() as receiver:
+        daemon = FixtureDaemon(tmp_path, make_config, {
+            "alerts": {
+                "down_after_s": 1.0,
+                "webhook_url": receiver.url,
+                "command": f'echo "$CAMPAIGND_ALERT_STATUS $CAMPAIGND_ALERT_KEY"'
+                           f' >> {out}',
+            },
+            # Keep it crashing in BACKOFF (no FATAL) while the test watches.
+            "supervisor": {"crash_loop_exits": 1000},
+        }, roles="web,scheduler")
+        try:
+            daemon.start()
+            daemon.set_flag("scheduler", "crash")
+            os.kill(daemon.role("scheduler")["pid"], signal.SIGKILL)
+            raised = receiver.wait_for(":scheduler", "raised")
+            assert raised["key"].startswith("role_down:")
+            assert "scheduler not running for" in raised["message"]
+            assert raised["severity"] == "critical"
+
+            daemon.clear_flag("scheduler", "crash")
+            resolved = receiver.wait_for(":scheduler", "resolved")
+            assert resolved["key"] == raised["key"]
+            assert "running again" in resolved["message"]
+            assert [b["status"] for b in receiver.received] == ["raised", "resolved"]
+            wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2,
+                     what="the alert command ran twice")
+            assert out.read_text().split()[::2] == ["raised", "resolved"]
+        finally:
+            daemon.close()
+    database = open_database(daemon.cfg)
+    try:
+        with database.connection_context():
+            [row] = Alert.select().where(Alert.key == raised["key"])
+            assert row.resolved_at is not None
+    finally:
+        database.close()

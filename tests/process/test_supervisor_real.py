@@ -1,0 +1,125 @@
+"""The real `campaignd run` with the real roles: up, heal, release leases, stop."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from daemon import status as status_mod
+from daemon.store.db import open_database
+from daemon.store.models import Campaign
+from daemon.store.models import Contact
+from daemon.store.models import Message
+from daemon.store.models import utcnow
+from tests.helpers import free_port
+from tests.helpers import subprocess_env
+from tests.helpers import wait_for
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROLE_MODULES = ("daemon.web.app", "daemon.worker", "daemon.scheduler")
+MISSING = [m for m in ROLE_MODULES if importlib.util.find_spec(m) is None]
+
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"real roles not written yet: {', '.join(MISSING)}"
+)
+
+
+def all_running(sock: Path):
+    try:
+        answer = status_mod.request(sock, {"cmd": "status"})
+    except (OSError, ValueError):
+        return None
+    roles = answer["roles"]
+    return answer if roles and all(r["state"] == "RUNNING" for r in roles) else None
+
+
+def tree(pid: int) -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def leased_message(worker_pid: int) -> int:
+    """A message row leased by `worker_pid`, as if it died mid-send."""
+    campaign = Campaign.create(name="t", message1="a", message2="b")
+    contact = Contact.create(phone="+33600000001")
+    message = Message.create(
+        campaign=campaign, contact=contact, kind=1, phone=contact.phone, body="a",
+        status="sending",
+        idempotency_key="t-1", lease_owner=f"{socket.gethostname()}:{worker_pid}",
+        lease_expires_at=utcnow() + dt.timedelta(hours=1),
+    )
+    return message.id
+
+
+@pytest.mark.timeout(120)
+def test_real_daemon_heals_releases_leases_and_stops(make_config):
+    """Verify the real tree: all RUNNING, /healthz, SIGKILL heals, leases of a
+    killed worker released at once, SIGTERM stops everything (no orphan)."""
+    port = free_port()
+    sock = Path(tempfile.mkdtemp(prefix="cdreal", dir="/tmp")) / "s.sock"
+    cfg = make_config("sqlite", {
+        "web": {"port": port},
+        "status": {"socket": str(sock)},
+        "daemon": {"stop_timeout_s": 10.0},
+        "supervisor": {"heartbeat_interval_s": 0.2, "check_interval_s": 0.5},
+    })
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "-c", cfg.source],
+        cwd=REPO_ROOT, env=subprocess_env(),
+    )
+    try:
+        answer = wait_for(lambda: all_running(sock), timeout=60, what="all RUNNING")
+        names = [r["name"] for r in answer["roles"]]
+        assert names == ["web", "worker:default", "worker:messages#1",
+                         "worker:messages#2", "worker:retry",
+                         "worker:verification", "scheduler"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert r.status == 200
+
+        db = open_database(cfg)
+        worker = next(r for r in answer["roles"] if r["name"] == "worker:messages#1")
+        with db.connection_context():
+            message_id = leased_message(worker["pid"])
+        for name in ("web", "worker:messages#1"):
+            old = next(r["pid"] for r in answer["roles"] if r["name"] == name)
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda o=old: (a := all_running(sock)) and all(
+                r["pid"] != o for r in a["roles"]), timeout=30, what=f"{name} back")
+
+        def released():
+            with db.connection_context():
+                row = Message.get_by_id(message_id)
+                return row.lease_expires_at <= utcnow()
+
+        wait_for(released, timeout=10, what="the dead worker's lease released")
+        db.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert r.status == 200
+
+        children = tree(proc.pid)
+        assert len(children) >= 7
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < cfg.daemon.stop_timeout_s + 3
+        assert [p for p in children if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.unlink(missing_ok=True)
