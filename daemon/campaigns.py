@@ -485,6 +485,7 @@ class ClaimedMessage:
     attempts: int
     failures: int
     idempotency_key: str
+    paced_until: dt.datetime | None = None
 
 
 # The send path runs these statements thousands of times a second; peewee
@@ -498,7 +499,7 @@ UPDATE message SET status = 'sending', lease_owner = {p}, lease_expires_at = {p}
         OR (status = 'sending' AND lease_expires_at < {p}))
    AND campaign_id IN (SELECT id FROM campaign WHERE status = 'running')
 RETURNING id, campaign_id, contact_id, kind, phone, body, attempts, failures,
-          idempotency_key
+          idempotency_key, paced_until
 """
 _RECORD_SENT_SQL = """
 UPDATE message SET status = CASE WHEN status = 'sending' THEN 'sent' ELSE status END,
@@ -527,15 +528,21 @@ def claim(
         _sql(_CLAIM_SQL), (owner, expires, message_id, now, now)
     )
     row = cursor.fetchone()
-    return ClaimedMessage(*row) if row else None
+    if row is None:
+        return None
+    # SQLite hands back the stored text: parse it as peewee would.
+    return ClaimedMessage(*row[:-1], Message.paced_until.python_value(row[-1]))
 
 
-def release(message, owner: str, next_attempt_at, reason: str = "") -> bool:
+def release(
+    message, owner: str, next_attempt_at, reason: str = "", paced_until=None
+) -> bool:
     """Give a claimed row back without counting a failure (pacing, window)."""
     return bool(
         Message.update(
             status=MessageStatus.QUEUED,
             next_attempt_at=next_attempt_at,
+            paced_until=paced_until,
             lease_owner=None,
             lease_expires_at=None,
             attempts=Message.attempts - 1,
@@ -695,7 +702,9 @@ class SweepResult:
     campaigns: list[int]
 
 
-def sweep(now=None, grace_s: float = 30.0, limit: int = 5000) -> SweepResult:
+def sweep(
+    now=None, grace_s: float = 30.0, limit: int = 5000, include_queued: bool = True
+) -> SweepResult:
     """Rows the queue may have lost: due and not enqueued lately, or abandoned.
 
     Marks them enqueued now; the caller enqueues them. A row that is still in
@@ -713,10 +722,11 @@ def sweep(now=None, grace_s: float = 30.0, limit: int = 5000) -> SweepResult:
     abandoned = (Message.status == MessageStatus.SENDING) & (
         Message.lease_expires_at < now
     )
+    lost = (due | abandoned) if include_queued else abandoned
     with database.atomic():
         query = (
             Message.select(Message.id, Message.priority)
-            .where((due | abandoned) & not_recent, Message.campaign.in_(running))
+            .where(lost & not_recent, Message.campaign.in_(running))
             .order_by(Message.id)
             .limit(limit)
         )

@@ -159,6 +159,9 @@ def run_role(cfg, role: str) -> int:
     """Run one role in this process: the body of every child."""
     # Several instances of one role are named "worker:messages#2".
     name, _, queue = role.split("#")[0].partition(":")
+    from daemon.runtime import skip_unused_drivers
+
+    skip_unused_drivers(cfg)
     if name == "web":
         return importlib.import_module("daemon.web.app").main(cfg)
     if name == "worker" and queue in ("default", "messages", "retry", "verification"):

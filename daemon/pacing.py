@@ -31,6 +31,9 @@ class Decision:
     wait_s: float = 0.0
     retry_at: dt.datetime | None = None
     reason: str = ""
+    # retry_at is a rate slot reserved for this message: when it comes back
+    # then, it must not reserve another one.
+    slot_reserved: bool = False
 
     @property
     def go(self) -> bool:
@@ -56,17 +59,23 @@ class Pacer:
             and self._start == self._end
         )
 
-    def decide(self, now: dt.datetime) -> Decision:
+    def decide(self, now: dt.datetime, *, has_slot: bool = False) -> Decision:
         """Window, then the rate slot (the only one that waits), then the cap.
 
-        The cap comes last so that a message sent back for pacing has not
-        used up a unit of the day's cap; a slot taken by a message that then
-        hits the cap is lost, which only happens once the cap is reached.
+        Every message gets its own slot, at most once: one too far ahead goes
+        back to the queue until its slot (`slot_reserved`), and comes back
+        with `has_slot=True`. So a backlog of N messages costs N reservations,
+        not N every few seconds. The cap comes last so that a message sent
+        back for pacing has not used up a unit of the day's cap; a slot taken
+        by a message that then hits the cap is lost, which only happens once
+        the cap is reached.
         """
         opens = self.window_opens_at(now)
         if opens is not None:
             return Decision(retry_at=opens, reason="outside the send window")
-        decision = self._reserve_slot(now) if self.cfg.per_minute else Decision()
+        decision = Decision()
+        if self.cfg.per_minute and not has_slot:
+            decision = self._reserve_slot(now)
         if not decision.go:
             return decision
         if self.cfg.daily_cap and not self._take_daily(now):
@@ -123,10 +132,10 @@ class Pacer:
                 query = query.for_update()
             row = query.get()
             slot = max(float(row.value or 0), now_s)
-            wait = slot - now_s
-            if wait > self.max_wait_s:
-                retry_at = dt.datetime.fromtimestamp(slot, dt.UTC).replace(tzinfo=None)
-                return Decision(retry_at=retry_at, reason="pacing")
             spacing = interval + random.uniform(0, self.cfg.jitter_s)
             Lease.update(value=repr(slot + spacing)).where(Lease.name == name).execute()
+        wait = slot - now_s
+        if wait > self.max_wait_s:
+            retry_at = dt.datetime.fromtimestamp(slot, dt.UTC).replace(tzinfo=None)
+            return Decision(retry_at=retry_at, reason="pacing", slot_reserved=True)
         return Decision(wait_s=wait)

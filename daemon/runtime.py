@@ -50,6 +50,22 @@ def die_with_parent() -> None:
         sys.exit(0)
 
 
+def skip_unused_drivers(cfg) -> None:
+    """Keep huey from importing database drivers this mode never uses.
+
+    huey.storage imports redis and psycopg when they are installed (about a
+    second together on a busy machine), and every respawned child would pay
+    for it. Marking a module as absent makes huey's optional import skip it;
+    call this before anything imports huey.
+    """
+    uses_postgres = cfg.database_url.startswith(("postgresql:", "postgres:"))
+    uses_postgres = uses_postgres or cfg.queue.backend == "postgres"
+    if not uses_postgres:
+        sys.modules.setdefault("psycopg", None)
+    if cfg.queue.backend != "redis":
+        sys.modules.setdefault("redis", None)
+
+
 def parent_alive() -> bool:
     expected = os.environ.get(SUPERVISOR_PID_ENV)
     return not expected or os.getppid() == int(expected)

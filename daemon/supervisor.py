@@ -143,6 +143,7 @@ class Supervisor:
         self._figures_at = 0.0
         self._figures_job: concurrent.futures.Future | None = None
         self._gatherer = FigureGatherer(self.cfg)
+        self._requeuer = LeaseReleaser(self.cfg)
         self._parked: list[tuple[object, float]] = []
         self.role_alerts = alerts.RoleAlerts(self.host, self.cfg.alerts.down_after_s)
         self._helpers: dict[int, tuple[str, float]] = {}  # alert commands
@@ -365,7 +366,7 @@ class Supervisor:
         _mark_metrics_dead(pid, self.metrics_dir)
         if child.name.startswith("worker:"):
             owner = f"{self.host}:{pid}"
-            self._submit(self._db_pool, _release_leases, owner,
+            self._submit(self._db_pool, self._requeuer.release, owner,
                          on_done=self._leases_released)
         if (
             child.state is ChildState.EXITED
@@ -717,13 +718,32 @@ class Supervisor:
             os.close(fd)
 
 
-def _release_leases(owner: str) -> tuple[str, int]:
-    # NOTE(supervisor): rows go back with enqueued_at=NULL, so the next sweep
-    # (scheduler.sweep_s) re-enqueues them; no task is enqueued from here.
-    from daemon import campaigns
+class LeaseReleaser:
+    """Gives a dead worker's rows back and enqueues them (on the DB thread).
 
-    with alerts.db_session():
-        return owner, campaigns.release_leases(owner)
+    Its queues and tasks are built on first use, in that thread, so the
+    supervisor opens no queue connection unless a worker dies.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._tasks = None
+
+    def release(self, owner: str) -> tuple[str, int]:
+        from daemon import campaigns
+
+        with alerts.db_session():
+            try:
+                if self._tasks is None:
+                    from daemon.queue import make_queues
+                    from daemon.tasks import Tasks
+
+                    self._tasks = Tasks(self.cfg, make_queues(self.cfg))
+                return owner, self._tasks.release_and_requeue(owner)
+            except Exception:  # noqa: BLE001 - the queue may be down
+                # The rows are still released; the sweeper enqueues them.
+                log.warning("could not enqueue %s's rows; the sweeper will", owner)
+                return owner, campaigns.release_leases(owner)
 
 
 def _mark_metrics_dead(pid: int | None, metrics_dir: Path) -> None:

@@ -136,9 +136,15 @@ class Tasks:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
         if message.kind == 1 and not self.pacer.unlimited:
-            decision = self.pacer.decide(now)
+            decision = self.pacer.decide(now, has_slot=message.paced_until is not None)
             if not decision.go:
-                campaigns.release(message, owner, decision.retry_at, decision.reason)
+                campaigns.release(
+                    message,
+                    owner,
+                    decision.retry_at,
+                    decision.reason,
+                    paced_until=decision.retry_at if decision.slot_reserved else None,
+                )
                 self._schedule_send(message.id, decision.retry_at)
                 return f"deferred: {decision.reason}"
             if decision.wait_s > 0:
@@ -316,9 +322,29 @@ class Tasks:
 
         return jobs.run(name, self, self.clock())
 
+    def release_and_requeue(self, owner: str) -> int:
+        """A worker died: make its rows claimable and enqueue them at once."""
+        stranded = list(
+            Message.select(Message.id, Message.priority)
+            .where(Message.lease_owner == owner, Message.status == "sending")
+            .tuples()
+        )
+        campaigns.release_leases(owner)
+        for message_id, priority in stranded:
+            self.send_single_message(message_id, priority=priority)
+        return len(stranded)
+
     def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
         """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
-        found = campaigns.sweep(now or self.clock(), grace_s=grace_s)
+        # Rows waiting in a long backlog are not lost: re-enqueueing them on
+        # every sweep would only fill the queue with duplicates. Once the
+        # send queues are drained, a due row that is still queued is lost.
+        drained = not (
+            self.queues.messages.pending_count() or self.queues.retry.pending_count()
+        )
+        found = campaigns.sweep(
+            now or self.clock(), grace_s=grace_s, include_queued=drained
+        )
         for message_id, priority in found.messages:
             self.send_single_message(message_id, priority=priority)
         for event_id in found.events:

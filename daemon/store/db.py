@@ -17,7 +17,6 @@ from urllib.parse import unquote
 from urllib.parse import urlparse
 
 import peewee as pw
-from playhouse.postgres_ext import PooledPsycopg3Database
 
 from daemon.config import Config
 from daemon.errors import ConfigError
@@ -57,6 +56,10 @@ def make_database(url: str, cfg: Config | None = None) -> pw.Database:
             },
         )
     if url.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg costs ~0.3 s of start-up that embedded mode
+        # (and every respawn there) does not need to pay.
+        from playhouse.postgres_ext import PooledPsycopg3Database
+
         parts = urlparse(url)
         return PooledPsycopg3Database(
             unquote(parts.path.lstrip("/")) or "postgres",

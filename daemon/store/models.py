@@ -139,6 +139,9 @@ class Message(BaseModel):
     attempts = pw.IntegerField(default=0)
     failures = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(null=True)
+    # A pacing slot already reserved for this row: when it comes back at
+    # that time it sends without reserving another one.
+    paced_until = pw.DateTimeField(null=True)
     # Last time a queue entry was made for this row; the sweeper re-enqueues
     # rows that are due and have not been enqueued for a while.
     enqueued_at = pw.DateTimeField(null=True)

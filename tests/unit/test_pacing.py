@@ -161,13 +161,28 @@ def test_daily_cap_is_per_device(db):
 
 def test_messages_sent_back_for_pacing_do_not_use_the_daily_cap(db):
     pacer = Pacer(pacing(per_minute=12, daily_cap=3), "dev", max_wait_s=5)
-    sent = 0
-    now = T0
-    # A backlog: 4 callers at once, again and again, for a minute.
-    for _ in range(12):
-        sent += sum(pacer.decide(now).go for _ in range(4))
-        now += dt.timedelta(seconds=5)
-    assert sent == 3
+    # A backlog of 8 messages at once: 2 fit in the wait limit, 6 go back
+    # with their own slot reserved, 5 s apart.
+    first = [pacer.decide(T0) for _ in range(8)]
+    assert sum(d.go for d in first) == 2
+    deferred = [d for d in first if not d.go]
+    assert all(d.slot_reserved for d in deferred)
+    assert [d.retry_at for d in deferred] == [
+        T0 + dt.timedelta(seconds=5 * i) for i in range(2, 8)
+    ]
+    # Each comes back at its slot without reserving another; the cap lets
+    # exactly one more through.
+    later = [pacer.decide(d.retry_at, has_slot=True) for d in deferred]
+    assert sum(d.go for d in later) == 1
+    assert {d.reason for d in later if not d.go} == {"daily cap reached"}
+
+
+def test_a_message_with_a_slot_does_not_reserve_another(db):
+    pacer = Pacer(pacing(per_minute=12), "dev", max_wait_s=5)
+    assert pacer.decide(T0).wait_s == 0.0
+    assert pacer.decide(T0, has_slot=True).go
+    # The next fresh message still gets the slot after the first one.
+    assert pacer.decide(T0).wait_s == 5.0
 
 
 # ---------------------------------------------------------------- window
