@@ -1,0 +1,397 @@
+"""Webhook ingest: req/s and latency of the real web role next to a hello-world ceiling.
+
+Both servers run in their own process with the same waitress settings
+(daemon.web.app.WebServer). The real one is `campaignd web`: every POST is a
+1.5 KB Wassenger `message:in:new` body with a unique id, verified, inserted and
+committed (SQLite WAL by default, or --database-url), enqueued for processing,
+then answered. The ceiling is a Falcon app that reads the body and answers the
+same JSON without touching anything.
+
+Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
+when it is installed, else a multi-process Python keep-alive client.
+
+    .venv/bin/python bench/webhook_ingest.py [--seconds 10] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from daemon import config as config_mod  # noqa: E402
+
+PATH = "/webhooks/wassenger"
+SECRET = "bench-secret"
+ID_MARK = "__ID__"
+
+
+def sample_body(msg_id: str = ID_MARK) -> str:
+    """A realistic Wassenger message:in:new (providers.md B.3), about 1.5 KB."""
+    phone = "+33612345678"
+    wid = phone.lstrip("+") + "@c.us"
+    body = {
+        "id": msg_id,
+        "object": "message",
+        "event": "message:in:new",
+        "created": 1765642500,
+        "device": {
+            "id": "68fd1067b488de07029fccc2",
+            "phone": "+33198765432",
+            "alias": "Campaigns",
+            "plan": "io-professional",
+        },
+        "data": {
+            "id": msg_id,
+            "type": "text",
+            "flow": "inbound",
+            "status": "active",
+            "ack": "delivered",
+            "from": wid,
+            "fromNumber": phone,
+            "to": "33198765432@c.us",
+            "toNumber": "+33198765432",
+            "date": "2025-12-13T16:15:00.000Z",
+            "timestamp": 1765642500,
+            "body": "Bonjour, oui je suis intéressée, pouvez-vous m'envoyer les "
+            "détails de l'offre et les horaires d'ouverture ? Merci beaucoup !",
+            "chat": {
+                "id": wid,
+                "name": "Camille Martin",
+                "type": "chat",
+                "lid": "183807571451999@lid",
+                "status": "pending",
+                "waStatus": "active",
+                "lastOutboundMessageAt": "2025-12-13T16:05:13.000Z",
+                "lastInboundMessageAt": "2025-12-13T16:15:00.000Z",
+                "labels": ["campagne", "printemps"],
+                "owner": {"agent": None},
+                "contact": {
+                    "wid": wid,
+                    "type": "user",
+                    "name": "Camille Martin",
+                    "phone": phone,
+                    "metadata": [{"key": "source", "value": "campaignd"}],
+                },
+                "links": {"chat": f"/v1/chat/68fd1067b488de07029fccc2/chats/{wid}"},
+            },
+            "events": {},
+            "meta": {
+                "isGroup": False,
+                "isForwarded": False,
+                "notifyName": "Camille",
+                "source": "android",
+                "isFirstMessage": False,
+            },
+            "links": {
+                "message": f"/v1/chat/68fd1067b488de07029fccc2/messages/{msg_id}"
+            },
+        },
+    }
+    text = json.dumps(body, ensure_ascii=False)
+    # Pad with a realistic-looking field up to ~1.5 KB.
+    pad = max(0, 1500 - len(text.encode()) - 20)
+    body["data"]["meta"]["rawNotes"] = "x" * pad
+    return json.dumps(body, ensure_ascii=False)
+
+
+# --- the ceiling server -------------------------------------------------------------
+
+
+def serve_hello(port: int, threads: int) -> None:
+    import falcon
+
+    from daemon.web.app import WebServer
+
+    class Hello:
+        def on_post(self, req, resp):
+            req.bounded_stream.read()
+            resp.media = {"stored": 1, "duplicates": 0}
+
+    app = falcon.App()
+    app.add_route(PATH, Hello())
+    cfg = config_mod.from_dict({"web": {"port": port, "threads": threads}})
+    server = WebServer(app, cfg)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.serve()
+
+
+# --- load generators ----------------------------------------------------------------
+
+WRK_SCRIPT = """
+local template = [==[%(body)s]==]
+local counter = 0
+local prefix = ""
+local threads = {}
+function setup(thread)
+  thread:set("prefix", "%(run)s" .. tostring(#threads))
+  table.insert(threads, thread)
+end
+function init(args)
+  prefix = wrk.thread:get("prefix")
+end
+request = function()
+  counter = counter + 1
+  local body = template:gsub("%(mark)s", prefix .. "X" .. counter)
+  return wrk.format("POST", "%(path)s", {
+    ["Content-Type"] = "application/json",
+    ["X-Webhook-Secret"] = "%(secret)s",
+  }, body)
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    "RESULT %%d %%d %%d %%d %%d %%d\\n",
+    summary.requests, summary.duration, latency:percentile(50),
+    latency:percentile(99), errors.status, errors.connect + errors.read +
+    errors.write + errors.timeout))
+end
+"""
+
+
+def run_wrk(url: str, seconds: float, connections: int, run_id: str) -> dict:
+    script = WRK_SCRIPT % {
+        "body": sample_body(),
+        "mark": ID_MARK,
+        "path": PATH,
+        "secret": SECRET,
+        "run": run_id,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{min(connections, max(1, os.cpu_count() or 1))}",
+                f"-c{connections}",
+                f"-d{int(seconds)}s",
+                "--timeout",
+                "10s",
+                "-s",
+                f.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+    requests, duration_us, p50, p99, bad_status, socket_errors = map(
+        int, line.split()[1:]
+    )
+    return {
+        "rps": requests / (duration_us / 1e6),
+        "p50_ms": p50 / 1000,
+        "p99_ms": p99 / 1000,
+        "errors": bad_status + socket_errors,
+        "requests": requests,
+    }
+
+
+def _python_worker(args) -> tuple[int, int, list[float]]:
+    host, port, deadline, connections, worker = args
+    template = sample_body()
+    conns = [
+        http.client.HTTPConnection(host, port, timeout=10) for _ in range(connections)
+    ]
+    latencies: list[float] = []
+    errors = count = 0
+    headers = {"Content-Type": "application/json", "X-Webhook-Secret": SECRET}
+    while time.time() < deadline:
+        for conn in conns:
+            count += 1
+            body = template.replace(ID_MARK, f"py{os.getpid()}w{worker}n{count}")
+            started = time.perf_counter()
+            try:
+                conn.request("POST", PATH, body=body.encode(), headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    errors += 1
+            except (OSError, http.client.HTTPException):
+                errors += 1
+                conn.close()
+            latencies.append(time.perf_counter() - started)
+    return count, errors, latencies
+
+
+def run_python_client(url: str, seconds: float, connections: int) -> dict:
+    # Connections of one process take turns; several processes give the
+    # concurrency. Slower than wrk: treat its numbers as a lower bound.
+    host, port = url.removeprefix("http://").split(":")
+    processes = min(connections, max(2, (os.cpu_count() or 2) * 2))
+    per_process = max(1, connections // processes)
+    deadline = time.time() + seconds
+    started = time.perf_counter()
+    with multiprocessing.Pool(processes) as pool:
+        results = pool.map(
+            _python_worker,
+            [(host, int(port), deadline, per_process, i) for i in range(processes)],
+        )
+    elapsed = time.perf_counter() - started
+    latencies = sorted(lat for _, _, lats in results for lat in lats)
+    total = sum(count for count, _, _ in results)
+    return {
+        "rps": total / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "errors": sum(errors for _, errors, _ in results),
+        "requests": total,
+    }
+
+
+# --- orchestration ------------------------------------------------------------------
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, path: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    host_port = url.removeprefix("http://")
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        conn = http.client.HTTPConnection(host_port, timeout=1)
+        try:
+            conn.request("POST" if path == PATH else "GET", path, body=b"{}")
+            conn.getresponse().read()
+            return
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def load(url: str, args, run_id: str) -> dict:
+    if args.client == "wrk":
+        return run_wrk(url, args.seconds, args.connections, run_id)
+    return run_python_client(url, args.seconds, args.connections)
+
+
+def bench_campaignd(args, workdir: Path) -> tuple[dict, int]:
+    port = free_port()
+    data = {
+        "daemon": {"data_dir": str(workdir / "data"), "log_level": "warning"},
+        "web": {"port": port, "threads": args.threads, "webhook_secret": SECRET},
+    }
+    if args.database_url:
+        data["database"] = {"url": args.database_url}
+    cfg_path = workdir / "campaignd.toml"
+    cfg_path.write_text(config_mod.to_toml(data))
+    env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "web", "-c", str(cfg_path)],
+        env=env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, "/healthz")
+        load(url, argparse.Namespace(**{**vars(args), "seconds": 1}), "warm")
+        result = load(url, args, "run")
+    finally:
+        stop(proc)
+    cfg = config_mod.load(cfg_path)
+    from daemon.store.db import open_database
+    from daemon.store.models import InboundEvent
+    from daemon.store.models import database
+
+    open_database(cfg)
+    with database.connection_context():
+        stored = InboundEvent.select().count()
+    return result, stored
+
+
+def bench_hello(args) -> dict:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-hello",
+            str(port),
+            "--threads",
+            str(args.threads),
+        ],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, PATH)
+        load(url, argparse.Namespace(**{**vars(args), "seconds": 1}), "warm")
+        return load(url, args, "run")
+    finally:
+        stop(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=8, help="waitress threads")
+    parser.add_argument("--database-url", default="", help="default: SQLite file")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_hello:
+        serve_hello(args.serve_hello, args.threads)
+        return 0
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "python"
+    body_size = len(sample_body("ACB19255F805BFD6139C144316DE574F").encode())
+    print(
+        f"webhook ingest: {body_size} B bodies, {args.connections} connections, "
+        f"{args.seconds:g} s, client {args.client}, waitress threads {args.threads}, "
+        f"database {args.database_url or 'SQLite (WAL)'}"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="campaignd-bench-"))
+    try:
+        hello = bench_hello(args)
+        real, stored = bench_campaignd(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{'server':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for name, r in (("hello-world falcon (ceiling)", hello), ("campaignd web", real)):
+        print(
+            f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['errors']:>8}"
+        )
+    print(f"ratio campaignd / ceiling: {real['rps'] / hello['rps']:.2f}")
+    print(f"events stored: {stored} (the warm-up included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

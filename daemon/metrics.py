@@ -1,0 +1,127 @@
+"""Prometheus metrics shared by every campaignd process.
+
+Workers increment these; the web role serves them on GET /metrics. Under the
+supervisor every child runs with PROMETHEUS_MULTIPROC_DIR set (the supervisor
+creates and empties that directory), so prometheus_client writes each value to
+a per-process mmap file and the web role adds them up at scrape time. Without
+that variable (a role run alone, tests) the plain in-process registry is used.
+
+The metric objects are module-level on purpose: that is how prometheus_client
+registers them, and each process gets its own copy after exec.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import generate_latest
+from prometheus_client import multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Webhook event names we count under their own label; anything else (payloads
+# are attacker-controlled when no secret is set) is counted as "other", so the
+# label set stays small.
+KNOWN_EVENTS = frozenset(
+    {
+        "message:in:new",
+        "message:out:new",
+        "message:out:sent",
+        "message:out:ack",
+        "message:out:failed",
+        "message:out:delivered",
+        "message:out:read",
+        "message:update",
+        "message:reaction",
+        "number:session",
+        "message",
+        "status:sent",
+        "status:delivered",
+        "status:read",
+        "status:failed",
+        "errors",
+        "unknown",
+    }
+)
+
+SENDS = Counter(
+    "campaignd_sends_total",
+    "Provider send attempts by message kind (1, 2) and outcome "
+    "(sent, retry, failed, skipped).",
+    ["kind", "outcome"],
+)
+RETRIES = Counter(
+    "campaignd_retries_total",
+    "Sends scheduled for another attempt, by message kind and reason "
+    "(timeout, http_429, http_5xx, lease_expired, ...).",
+    ["kind", "reason"],
+)
+WEBHOOK_EVENTS = Counter(
+    "campaignd_webhook_events_total",
+    "Webhook events stored by the web role (duplicates excluded), by provider "
+    "and event type.",
+    ["provider", "event"],
+)
+WEBHOOK_REQUESTS = Counter(
+    "campaignd_webhook_requests_total",
+    "Webhook POSTs by provider and outcome (stored, duplicate, unauthorized, "
+    "invalid, unavailable).",
+    ["provider", "outcome"],
+)
+STATUS_UPDATES = Counter(
+    "campaignd_status_updates_total",
+    "Delivery status updates applied to messages, by new status.",
+    ["status"],
+)
+INTERACTIONS = Counter(
+    "campaignd_interactions_total",
+    "Replies from contacts, by outcome (message2, opted_out, late, unknown, ...).",
+    ["outcome"],
+)
+TASK_SECONDS = Histogram(
+    "campaignd_task_seconds",
+    "Duration of queue tasks, by task name.",
+    ["task"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+HTTP_SECONDS = Histogram(
+    "campaignd_http_request_seconds",
+    "Duration of HTTP requests served by the web role, by route and status class.",
+    ["route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+def event_label(event_type: str) -> str:
+    """The WEBHOOK_EVENTS label for an event type (bounded cardinality)."""
+    return event_type if event_type in KNOWN_EVENTS else "other"
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def render(extra_collectors=()) -> bytes:
+    """The Prometheus text of every process's metrics plus `extra_collectors`.
+
+    The extra collectors (queue depths, computed at scrape time) live in a
+    throwaway registry so nothing global is mutated per scrape.
+    """
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        base = generate_latest(registry)
+    else:
+        base = generate_latest(REGISTRY)
+    if not extra_collectors:
+        return base
+    extra = CollectorRegistry()
+    for collector in extra_collectors:
+        extra.register(collector)
+    return base + generate_latest(extra)

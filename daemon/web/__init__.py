@@ -1,0 +1,122 @@
+"""The web role: webhooks, admin API, health and metrics on one Falcon app.
+
+This module holds the request helpers every resource shares: reading a JSON
+body defensively (a client's mistake is always a 4xx, never a 5xx) and the
+error responses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+
+# Real webhook payloads nest about 7 levels (Meta's entry/changes/value/...);
+# anything much deeper is garbage or an attack on the parsers behind us.
+MAX_JSON_DEPTH = 32
+
+
+def bad_request(title: str, description: str) -> falcon.HTTPBadRequest:
+    return falcon.HTTPBadRequest(title=title, description=description)
+
+
+def read_body(req: falcon.Request) -> bytes:
+    """The raw request body (already size-limited by the BodyLimit middleware)."""
+    return req.bounded_stream.read()
+
+
+def parse_json(raw: bytes, *, strict_text: bool = True) -> Any:
+    """Decode a JSON body or raise a 400 that says what is wrong with it.
+
+    `strict_text` also rejects strings the database cannot store (NUL, lone
+    surrogates): right for the admin API. Webhook payloads are kept as they
+    come (stored as ASCII-escaped JSON) so a provider is never refused.
+    """
+    if not raw.strip():
+        raise bad_request("Empty body", "expected a JSON document, got no body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(
+            "Invalid UTF-8", f"the body is not valid UTF-8 (byte {exc.start})"
+        ) from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as exc:  # JSONDecodeError, huge integers, NaN
+        raise bad_request("Invalid JSON", f"could not parse the body: {exc}") from None
+    check_shape(value, strict_text=strict_text)
+    return value
+
+
+def parse_json_object(raw: bytes, *, strict_text: bool = True) -> dict:
+    value = parse_json(raw, strict_text=strict_text)
+    if not isinstance(value, dict):
+        raise bad_request(
+            "Invalid body", f"expected a JSON object, got {json_kind(value)}"
+        )
+    return value
+
+
+def check_shape(value: Any, *, strict_text: bool) -> None:
+    """Reject JSON nested deeper than MAX_JSON_DEPTH (and bad text if strict)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep()
+            for key, child in item.items():
+                if strict_text:
+                    check_text(key, "object key")
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep()
+            stack.extend((child, depth + 1) for child in item)
+        elif strict_text and isinstance(item, str):
+            check_text(item, "string")
+
+
+def check_text(text: str, what: str) -> None:
+    if "\x00" in text:
+        raise bad_request("Invalid text", f"a {what} contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(
+                "Invalid text", f"a {what} contains an unpaired surrogate escape"
+            ) from None
+
+
+def clean_text(text: str, limit: int) -> str:
+    """Storable text for a key column: no NUL, no lone surrogate, bounded."""
+    text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    return text[:limit]
+
+
+def json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _too_deep() -> falcon.HTTPBadRequest:
+    return bad_request(
+        "Invalid JSON", f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+    )

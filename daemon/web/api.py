@@ -1,0 +1,410 @@
+"""The admin API under /api/v1 (bearer token; disabled when web.api_token is empty).
+
+Resources only translate HTTP to the domain functions of daemon.campaigns and
+daemon.contacts; the domain errors map to statuses in app.py (InputError 400,
+NotFoundError 404, StateError 409). Bodies are strict: unknown fields and wrong
+types are a 400 that names the field, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import falcon
+
+from daemon import campaigns
+from daemon import contacts as contacts_mod
+from daemon.errors import NotFoundError
+from daemon.store.models import CampaignContact
+from daemon.store.models import Contact
+from daemon.store.models import Message
+from daemon.store.models import database
+from daemon.web import bad_request
+from daemon.web import json_kind
+from daemon.web import parse_json_object
+from daemon.web import read_body
+from daemon.web.openapi import MAX_ID
+from daemon.web.openapi import MESSAGE_STATUSES
+
+PREFIX = "/api/v1"
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+DEFAULT_REGION = "FR"
+
+
+class ApiAuth:
+    """Middleware: resources marked `admin_api` need `Authorization: Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self.token = token.encode()
+
+    def process_resource(self, req, resp, resource, params) -> None:
+        if not getattr(resource, "admin_api", False):
+            return
+        if not self.token:
+            raise falcon.HTTPForbidden(
+                title="Admin API disabled",
+                description="set web.api_token to enable /api/v1",
+            )
+        scheme, _, given = (req.auth or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            self.token, given.strip().encode("utf-8", "replace")
+        ):
+            raise falcon.HTTPUnauthorized(
+                title="Unauthorized",
+                description="send Authorization: Bearer <web.api_token>",
+                challenges=["Bearer"],
+            )
+
+
+class InvalidContacts(falcon.HTTPBadRequest):
+    """400 listing every rejected contact row."""
+
+    def __init__(self, errors: list[tuple[int, str]]):
+        super().__init__(
+            title="Invalid contacts",
+            description=f"no valid contact ({len(errors)} rejected)",
+        )
+        self.errors = errors
+
+    def to_dict(self, obj_type=dict):
+        out = super().to_dict(obj_type)
+        out["errors"] = _errors_json(self.errors)
+        return out
+
+
+# --- body fields -----------------------------------------------------------------
+
+
+class Body:
+    """Typed, named access to a JSON object body; every mistake is a 400."""
+
+    def __init__(self, data: dict, allowed: set[str]):
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise bad_request(
+                "Invalid body",
+                f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})",
+            )
+        self.data = data
+
+    @classmethod
+    def read(cls, req: falcon.Request, allowed: set[str], *, optional=False) -> Body:
+        raw = read_body(req)
+        if optional and not raw.strip():
+            return cls({}, allowed)
+        return cls(parse_json_object(raw), allowed)
+
+    def text(self, name: str, *, required=False, max_len=4096, default="") -> str:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise bad_request("Invalid body", f"field {name!r} is required")
+            return default
+        if not isinstance(value, str):
+            raise bad_request(
+                "Invalid body",
+                f"field {name!r} must be a string, got {json_kind(value)}",
+            )
+        if len(value) > max_len:
+            raise bad_request(
+                "Invalid body", f"field {name!r} is longer than {max_len} characters"
+            )
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise bad_request("Invalid body", f"field {name!r} must be true or false")
+        return value
+
+    def ids(self, name: str) -> list[int]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ID
+            for v in value
+        ):
+            raise bad_request(
+                "Invalid body", f"field {name!r} must be a list of positive ids"
+            )
+        return value
+
+    def contacts(self, region: str) -> contacts_mod.ParsedCsv | None:
+        """The `contacts` field: CSV text or a list of {phone, name, ...}."""
+        value = self.data.get("contacts")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return contacts_mod.parse_csv_text(value, region)
+        if isinstance(value, list):
+            return contacts_mod.parse_records(value, region)
+        raise bad_request(
+            "Invalid body",
+            "field 'contacts' must be CSV text or a list of objects, "
+            f"got {json_kind(value)}",
+        )
+
+
+def _errors_json(errors: list[tuple[int, str]]) -> list[dict]:
+    return [{"line": line, "reason": reason} for line, reason in errors]
+
+
+def _import(parsed: contacts_mod.ParsedCsv | None) -> tuple[list[int], dict]:
+    """Upsert parsed contacts; (contact ids, report). 400 when none is valid."""
+    if parsed is None:
+        return [], {"created": 0, "updated": 0, "duplicates_merged": 0, "errors": []}
+    if not parsed.rows and parsed.errors:
+        raise InvalidContacts(parsed.errors)
+    result = contacts_mod.import_rows(parsed.rows)
+    report = {
+        "created": result.created,
+        "updated": result.updated,
+        "duplicates_merged": parsed.duplicates_merged,
+        "errors": _errors_json(parsed.errors),
+    }
+    return result.contact_ids, report
+
+
+# --- campaigns -----------------------------------------------------------------
+
+_CREATE_FIELDS = {
+    "name",
+    "message1",
+    "message2",
+    "contacts",
+    "contact_ids",
+    "region",
+    "skip_invalid",
+    "start",
+}
+
+
+class CampaignCollection:
+    """GET (list) and POST (create) /api/v1/campaigns"""
+
+    admin_api = True
+    uses_database = True
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"campaigns": campaigns.list_campaigns()}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = Body.read(req, _CREATE_FIELDS)
+        name = body.text("name", required=True, max_len=200)
+        message1 = body.text("message1", required=True)
+        message2 = body.text("message2", required=True)
+        region = body.text("region", default=DEFAULT_REGION, max_len=8)
+        skip_invalid = body.flag("skip_invalid", True)
+        start = body.flag("start", False)
+        extra_ids = body.ids("contact_ids")
+        parsed = body.contacts(region)
+        # One transaction: a campaign refused (say, a contact lacks {city})
+        # leaves no half-imported contacts behind.
+        with database.atomic():
+            imported_ids, report = _import(parsed)
+            contact_ids = list(dict.fromkeys(imported_ids + extra_ids))
+            if not contact_ids:
+                raise bad_request(
+                    "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
+                )
+            campaign = campaigns.create_campaign(
+                name, message1, message2, contact_ids, skip_invalid=skip_invalid
+            )
+        if start:
+            campaigns.start_campaign(campaign.id, self.tasks)
+        resp.status = falcon.HTTP_201
+        resp.location = f"{PREFIX}/campaigns/{campaign.id}"
+        resp.media = {**campaigns.campaign_summary(campaign.id), "import": report}
+
+
+class CampaignItem:
+    """GET /api/v1/campaigns/{campaign_id}"""
+
+    admin_api = True
+    uses_database = True
+
+    def on_get(self, req, resp, campaign_id: int) -> None:
+        resp.media = campaigns.campaign_summary(campaign_id)
+
+
+class CampaignAction:
+    """POST /api/v1/campaigns/{campaign_id}/{start,pause,resume,cancel,retry-failed}"""
+
+    admin_api = True
+    uses_database = True
+    ACTIONS = ("start", "pause", "resume", "cancel", "retry-failed")
+
+    def __init__(self, tasks, action: str):
+        assert action in self.ACTIONS, action
+        self.tasks = tasks
+        self.action = action
+
+    def on_post(self, req, resp, campaign_id: int) -> None:
+        allowed = {"reason"} if self.action == "pause" else set()
+        body = Body.read(req, allowed, optional=True)
+        extra: dict[str, Any] = {}
+        if self.action == "start":
+            campaigns.start_campaign(campaign_id, self.tasks)
+        elif self.action == "pause":
+            reason = body.text("reason", max_len=500) or "paused from the admin API"
+            campaigns.pause_campaign(campaign_id, reason)
+        elif self.action == "resume":
+            campaigns.resume_campaign(campaign_id, self.tasks)
+        elif self.action == "cancel":
+            campaigns.cancel_campaign(campaign_id)
+        else:
+            extra["retried"] = campaigns.retry_failed(campaign_id, self.tasks)
+        resp.media = {**campaigns.campaign_summary(campaign_id), **extra}
+
+
+# --- contacts ------------------------------------------------------------------
+
+
+def find_contact(ref: str) -> Contact:
+    """A contact by numeric id or by E.164 phone ('+' first; %2B in a URL)."""
+    if ref.isdigit() and ref.isascii():
+        contact_id = int(ref) if len(ref) <= 10 else MAX_ID + 1
+        contact = (
+            Contact.get_or_none(Contact.id == contact_id)
+            if contact_id <= MAX_ID
+            else None
+        )
+    elif ref.startswith("+"):
+        contact = Contact.get_or_none(
+            Contact.phone == contacts_mod.normalize_phone(ref, DEFAULT_REGION)
+        )
+    else:
+        raise bad_request(
+            "Invalid contact reference",
+            "use a numeric contact id or an E.164 phone number such as +33612345678",
+        )
+    if contact is None:
+        raise NotFoundError(f"contact {ref} does not exist")
+    return contact
+
+
+def contact_dict(contact: Contact) -> dict:
+    memberships = (
+        CampaignContact.select()
+        .where(CampaignContact.contact == contact.id)
+        .order_by(CampaignContact.campaign)
+    )
+    return {
+        "id": contact.id,
+        "phone": contact.phone,
+        "name": contact.name,
+        "variables": contact.variables or {},
+        "wa_status": contact.wa_status,
+        "wa_checked_at": _iso(contact.wa_checked_at),
+        "opted_out": contact.opted_out_at is not None,
+        "opted_out_at": _iso(contact.opted_out_at),
+        "created_at": _iso(contact.created_at),
+        "campaigns": [
+            {
+                "campaign_id": m.campaign_id,
+                "state": m.state,
+                "message1_sent_at": _iso(m.message1_sent_at),
+                "interacted_at": _iso(m.interacted_at),
+            }
+            for m in memberships
+        ],
+    }
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
+class ContactImport:
+    """POST /api/v1/contacts/import: JSON {contacts, region} or a text/csv body."""
+
+    admin_api = True
+    uses_database = True
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.content_type and req.content_type.startswith("text/csv"):
+            region = req.get_param("region") or DEFAULT_REGION
+            text, _ = contacts_mod.decode_csv_bytes(read_body(req), "CSV body")
+            parsed = contacts_mod.parse_csv_text(text, region)
+        else:
+            body = Body.read(req, {"contacts", "region"})
+            region = body.text("region", default=DEFAULT_REGION, max_len=8)
+            parsed = body.contacts(region)
+            if parsed is None:
+                raise bad_request("Invalid body", "field 'contacts' is required")
+        contact_ids, report = _import(parsed)
+        resp.media = {**report, "contact_ids": contact_ids}
+
+
+class ContactItem:
+    """GET /api/v1/contacts/{ref}"""
+
+    admin_api = True
+    uses_database = True
+
+    def on_get(self, req, resp, ref: str) -> None:
+        resp.media = contact_dict(find_contact(ref))
+
+
+class ContactOptOut:
+    """POST /api/v1/contacts/{ref}/opt-out"""
+
+    admin_api = True
+    uses_database = True
+
+    def on_post(self, req, resp, ref: str) -> None:
+        body = Body.read(req, {"reason"}, optional=True)
+        reason = body.text("reason", max_len=500) or "admin API"
+        contact = find_contact(ref)
+        campaigns.opt_out_contact(contact, reason)
+        resp.media = contact_dict(Contact.get_by_id(contact.id))
+
+
+# --- messages ------------------------------------------------------------------
+
+
+class MessageCollection:
+    """GET /api/v1/messages, filtered (campaign, contact, status, kind) and paged."""
+
+    admin_api = True
+    uses_database = True
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        query = Message.select().order_by(Message.id)
+        for param, field in (
+            ("campaign_id", Message.campaign),
+            ("contact_id", Message.contact),
+        ):
+            value = req.get_param_as_int(param, min_value=1, max_value=MAX_ID)
+            if value is not None:
+                query = query.where(field == value)
+        status = req.get_param("status")
+        if status is not None:
+            if status not in MESSAGE_STATUSES:
+                raise falcon.HTTPInvalidParam(
+                    f"must be one of {', '.join(MESSAGE_STATUSES)}", "status"
+                )
+            query = query.where(Message.status == status)
+        kind = req.get_param_as_int("kind", min_value=1, max_value=2)
+        if kind is not None:
+            query = query.where(Message.kind == kind)
+        limit = req.get_param_as_int(
+            "limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE
+        )
+        cursor = req.get_param_as_int("cursor", min_value=0, max_value=MAX_ID)
+        offset = req.get_param_as_int("offset", min_value=0, max_value=10**9)
+        if cursor is not None and offset is not None:
+            raise bad_request("Invalid query", "use either 'cursor' or 'offset'")
+        if cursor is not None:
+            query = query.where(Message.id > cursor)
+        if offset:
+            query = query.offset(offset)
+        rows = list(query.limit(limit))
+        resp.media = {
+            "messages": [campaigns.message_dict(m) for m in rows],
+            "next_cursor": rows[-1].id if len(rows) == limit else None,
+        }
