@@ -129,7 +129,12 @@ def dispatch(args) -> int:
         return _fake_provider().main(args)
     if command == "demo":
         return importlib.import_module("daemon.demo").main(args)
-    cfg = config_mod.load(getattr(args, "config", None))
+    # status and restart only need paths: they must work for an operator who
+    # cannot read the service's secret files.
+    cfg = config_mod.load(
+        getattr(args, "config", None),
+        read_secrets=command not in ("status", "restart"),
+    )
     if command == "check-config":
         print(config_mod.to_toml(config_mod.masked(cfg)), end="")
         return 0

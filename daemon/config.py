@@ -240,8 +240,14 @@ class Config:
         return Path(self.status.socket or self.data_path / "campaignd.sock")
 
 
-def load(path: str | os.PathLike | None = None, env=None) -> Config:
-    """Read the config from `path`, $CAMPAIGND_CONFIG, or defaults only."""
+def load(
+    path: str | os.PathLike | None = None, env=None, *, read_secrets: bool = True
+) -> Config:
+    """Read the config from `path`, $CAMPAIGND_CONFIG, or defaults only.
+
+    `read_secrets=False` leaves `*_file` secrets unread: `campaignd status`
+    needs only paths, and an operator cannot read the service's credentials.
+    """
     env = os.environ if env is None else env
     path = path or env.get(CONFIG_ENV) or None
     raw: dict = {}
@@ -255,10 +261,13 @@ def load(path: str | os.PathLike | None = None, env=None) -> Config:
             raise ConfigError(f"{path}: config file not readable") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(raw, env=env, source=str(Path(path).resolve()) if path else "")
+    source = str(Path(path).resolve()) if path else ""
+    return from_dict(raw, env=env, source=source, read_secrets=read_secrets)
 
 
-def from_dict(raw: dict, env=None, source: str = "") -> Config:
+def from_dict(
+    raw: dict, env=None, source: str = "", *, read_secrets: bool = True
+) -> Config:
     """Build and validate a Config from parsed TOML."""
     env = os.environ if env is None else env
     hints = typing.get_type_hints(Config)
@@ -270,7 +279,7 @@ def from_dict(raw: dict, env=None, source: str = "") -> Config:
         section = raw.get(f.name, {})
         if not isinstance(section, dict):
             raise ConfigError(f"{f.name}: must be a table, got {_kind(section)}")
-        tables[f.name] = _build(hints[f.name], f.name, section, env)
+        tables[f.name] = _build(hints[f.name], f.name, section, env, read_secrets)
     # Children run with the same cwd today, but a relative data dir would
     # silently move if anyone changed that; resolve it once here.
     tables["daemon"] = dataclasses.replace(
@@ -285,7 +294,7 @@ def _tables():
     return [f for f in dataclasses.fields(Config) if f.name != "source"]
 
 
-def _build(cls, table: str, section: dict, env):
+def _build(cls, table: str, section: dict, env, read_secrets: bool = True):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     file_keys = {
@@ -301,6 +310,8 @@ def _build(cls, table: str, section: dict, env):
         if name in section:
             value = _coerce(key, hints[name], section[name])
         elif f"{name}_file" in section:
+            if not read_secrets:
+                continue
             value = _read_secret_file(f"{key}_file", section[f"{name}_file"], env)
         elif meta.get("env") and env.get(meta["env"]):
             value = env[meta["env"]]

@@ -140,11 +140,29 @@ class TaskClock:
             return min(self._running.values()), len(self._running)
 
 
+# syslog priorities of logging levels, for journald's "<N>" line prefix.
+_JOURNAL_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its priority so `journalctl -p err` finds alerts."""
+
+    def format(self, record):
+        priority = _JOURNAL_PRIORITY.get(record.levelname, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
 def setup_logging(level: str = "info", role: str = "") -> None:
     tag = f"[{role}] " if role else ""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        # journald stamps the time itself.
+        handler.setFormatter(_JournalFormatter(f"{tag}%(name)s: %(message)s"))
+    else:
+        fmt = f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
         force=True,
     )

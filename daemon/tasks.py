@@ -82,12 +82,16 @@ class Tasks:
         }
         name = "retry_failed_message" if alias == "retry" else names[func]
 
+        duration = metrics.TASK_SECONDS.labels(task=name)
+
         @functools.wraps(func)
         def tracked(*args, **kwargs):
             self.task_clock.started()
+            started = time.monotonic()
             try:
                 return func(*args, **kwargs)
             finally:
+                duration.observe(time.monotonic() - started)
                 self.task_clock.finished()
 
         return self.queues.get(queue).task(name=name)(tracked)
@@ -192,6 +196,9 @@ class Tasks:
             _count_send(message.kind, "failed")
             return "failed"
         _count_send(message.kind, "retry")
+        metrics.RETRIES.labels(
+            kind=str(message.kind), reason=_reason_label(reason)
+        ).inc()
         self._schedule_send(message.id, next_at, retry=True)
         return f"retry at {next_at.isoformat()}"
 
@@ -286,6 +293,7 @@ class Tasks:
                 event_id=event_id,
                 now=self.clock(),
             )
+            metrics.INTERACTIONS.labels(outcome=reply.outcome).inc()
             if reply.message2_id:
                 message2_ids.append(reply.message2_id)
             return f"reply: {reply.outcome}"
@@ -302,6 +310,8 @@ class Tasks:
         moved = campaigns.apply_status(
             message, update.status, error=update.error, now=self.clock()
         )
+        if moved:
+            metrics.STATUS_UPDATES.labels(status=update.status).inc()
         if update.status == "failed" and update.error_code in META_OPT_OUT_CODES:
             contact = Contact.get_by_id(message.contact_id)
             campaigns.opt_out_contact(contact, f"provider code {update.error_code}")
@@ -360,3 +370,17 @@ class Tasks:
 
 def _count_send(kind: int, outcome: str) -> None:
     metrics.SENDS.labels(kind=str(kind), outcome=outcome).inc()
+
+
+def _reason_label(reason: str) -> str:
+    """A short, bounded label for a retry reason ("HTTP 503: ..." -> "http_5xx")."""
+    lowered = reason.lower()
+    if "429" in lowered:
+        return "http_429"
+    if "http 5" in lowered:
+        return "http_5xx"
+    if "timed out" in lowered or "timeout" in lowered:
+        return "timeout"
+    if "connect" in lowered:
+        return "connection"
+    return "other"
