@@ -120,7 +120,9 @@ def create_campaign(
     with database.atomic():
         contacts = _contacts_by_id(ids)
         for contact in contacts:
-            _check_contact_has(fields, contact)
+            # An opted-out contact gets nothing, so its variables do not matter.
+            if not contact.opted_out_at:
+                _check_contact_has(fields, contact)
         campaign = Campaign.create(
             name=name, message1=message1, message2=message2, skip_invalid=skip_invalid
         )

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p = contacts.add_parser("opt-out", parents=[common, json_flag], help="opt out")
     p.add_argument("phone")
+    p.add_argument("--region", default="FR", help="region for a local number")
 
     campaign = sub.add_parser("campaign", help="manage campaigns").add_subparsers(
         dest="action", required=True, parser_class=_Parser
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--phone", help="check one number now")
     target.add_argument("--campaign", type=int, help="queue checks for a campaign")
     target.add_argument("--all", action="store_true", help="queue unknown numbers")
+    p.add_argument("--region", default="FR", help="region for a local --phone")
 
     p = sub.add_parser("demo", help="run a complete local demo")
     p.add_argument("--contacts", type=int, default=200)

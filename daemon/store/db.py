@@ -8,9 +8,13 @@ opens its own connections after exec; nothing is shared across fork.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
+import random
+import sqlite3
+import time
 import zlib
 from pathlib import Path
 from urllib.parse import unquote
@@ -44,12 +48,12 @@ def make_database(url: str, cfg: Config | None = None) -> pw.Database:
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
         path.parent.mkdir(parents=True, exist_ok=True)
+        _switch_to_wal(path, busy)
         return pw.SqliteDatabase(
             str(path),
             timeout=busy,
             lock_type="IMMEDIATE",
             pragmas={
-                "journal_mode": "wal",
                 "synchronous": "normal",
                 "busy_timeout": int(busy * 1000),
                 "foreign_keys": 1,
@@ -74,6 +78,25 @@ def make_database(url: str, cfg: Config | None = None) -> pw.Database:
             timeout=10,
         )
     raise ConfigError(f"database.url: unsupported URL {url!r}")
+
+
+def _switch_to_wal(path: Path, busy_s: float) -> None:
+    """Put the file in WAL mode once (the mode is stored in the file).
+
+    Two processes switching a fresh file at the same moment: SQLite answers
+    one of them "database is locked" at once, ignoring the busy timeout, so
+    this retries until the timeout instead of failing a child at start.
+    """
+    deadline = time.monotonic() + busy_s
+    while True:
+        try:
+            with contextlib.closing(sqlite3.connect(str(path), timeout=busy_s)) as conn:
+                conn.execute("PRAGMA journal_mode = wal")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.05)
 
 
 def is_postgres(db: pw.Database | None = None) -> bool:

@@ -1,0 +1,227 @@
+"""`campaignd campaign ...` as the operator runs it: a process, daemon down."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from daemon.errors import EXIT_FAILURE
+from daemon.errors import EXIT_OK
+from daemon.queue import make_queues
+from tests.helpers import subprocess_env
+
+M1 = "Bonjour {name}, une question sur {city} ?"
+M2 = "Merci {name} ! Voici le lien."
+
+
+def campaignd(cfg, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "daemon", *args, "-c", cfg.source]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=90,
+        check=False,
+    )
+
+
+def ok_json(cfg, *args: str):
+    proc = campaignd(cfg, *args, "--json")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == EXIT_FAILURE, proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def contacts_csv(tmp_path):
+    path = tmp_path / "contacts.csv"
+    path.write_text(
+        "phone;name;city\n06 12 34 56 78;Ann;Paris\n07 81 22 33 44;Bob;Lyon\n"
+    )
+    return path
+
+
+def create(cfg, csv_path, *extra: str) -> subprocess.CompletedProcess:
+    return campaignd(
+        cfg,
+        "campaign",
+        "create",
+        "--name",
+        "Spring",
+        "--message1",
+        M1,
+        "--message2",
+        M2,
+        "--contacts",
+        str(csv_path),
+        *extra,
+    )
+
+
+def test_create_imports_the_csv_and_makes_a_draft(make_config, contacts_csv):
+    cfg = make_config("sqlite")
+    proc = create(cfg, contacts_csv)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc.stdout.splitlines()[0] == "campaign 1: Spring"
+    assert "  status      draft" in proc.stdout
+    assert "  imported    2 new contacts, 0 updated, 0 duplicates merged" in proc.stdout
+    assert proc.stdout.rstrip().endswith("start it with: campaignd campaign start 1")
+
+    summary = ok_json(cfg, "campaign", "show", "1")
+    assert summary["status"] == "draft"
+    assert summary["contacts"] == 2
+    assert summary["members"] == {"pending": 2}
+    assert summary["message1"] == M1
+
+    listed = ok_json(cfg, "campaign", "list")
+    assert [(c["id"], c["name"], c["contacts"]) for c in listed] == [(1, "Spring", 2)]
+    table = campaignd(cfg, "campaign", "list")
+    assert table.stdout.splitlines()[0].split()[:4] == [
+        "ID",
+        "NAME",
+        "STATUS",
+        "CONTACTS",
+    ]
+
+
+def test_template_variable_missing_creates_and_imports_nothing(make_config, tmp_path):
+    cfg = make_config("sqlite")
+    path = tmp_path / "contacts.csv"
+    path.write_text("phone,name,city\n0612345678,Ann,Paris\n0781223344,Bob,\n")
+    error = one_error_line(create(cfg, path))
+    assert error == (
+        "campaignd: error: template variable {city} is missing for contact +33781223344"
+    )
+    assert ok_json(cfg, "campaign", "list") == []
+    assert ok_json(cfg, "contacts", "list")["total"] == 0
+
+
+def test_rejected_rows_create_and_import_nothing(make_config, tmp_path):
+    cfg = make_config("sqlite")
+    path = tmp_path / "contacts.csv"
+    path.write_text("phone,name,city\n0612345678,Ann,Paris\n12,Bob,Lyon\n")
+    proc = create(cfg, path)
+    assert proc.stdout.splitlines() == ["line 3: invalid phone number '12': too short"]
+    assert one_error_line(proc).endswith(
+        "contacts.csv: 1 row rejected (listed above); fix them and run again "
+        "(nothing was imported or created)"
+    )
+    assert ok_json(cfg, "campaign", "list") == []
+    assert ok_json(cfg, "contacts", "list")["total"] == 0
+
+
+def test_malformed_template_is_refused(make_config, contacts_csv):
+    cfg = make_config("sqlite")
+    proc = campaignd(
+        cfg,
+        "campaign",
+        "create",
+        "--name",
+        "x",
+        "--message1",
+        "Hi {first name}",
+        "--message2",
+        "ok",
+        "--contacts",
+        str(contacts_csv),
+    )
+    assert "invalid template variable {first name}" in one_error_line(proc)
+
+
+def test_contacts_source_is_required_once(make_config, contacts_csv):
+    cfg = make_config("sqlite")
+    base = ["campaign", "create", "--name", "x", "--message1", "a", "--message2", "b"]
+    neither = campaignd(cfg, *base)
+    both = campaignd(cfg, *base, "--all-contacts", "--contacts", str(contacts_csv))
+    for proc in (neither, both):
+        assert one_error_line(proc) == (
+            "campaignd: error: give either --contacts FILE.csv or --all-contacts"
+        )
+    empty = campaignd(cfg, *base, "--all-contacts")
+    assert (
+        one_error_line(empty) == "campaignd: error: no contacts yet: import some first"
+    )
+
+
+def test_all_contacts_targets_everyone_and_keeps_opted_out_out(
+    make_config, contacts_csv
+):
+    cfg = make_config("sqlite")
+    assert campaignd(cfg, "contacts", "import", str(contacts_csv)).returncode == 0
+    assert campaignd(cfg, "contacts", "opt-out", "0612345678").returncode == 0
+    summary = ok_json(
+        cfg,
+        "campaign",
+        "create",
+        "--name",
+        "All",
+        "--message1",
+        M1,
+        "--message2",
+        M2,
+        "--all-contacts",
+    )
+    assert summary["contacts"] == 2
+    assert summary["members"] == {"opted_out": 1, "pending": 1}
+
+
+@pytest.mark.timeout(90)
+def test_lifecycle_start_pause_resume_cancel(any_mode_config, contacts_csv):
+    cfg = any_mode_config
+    assert create(cfg, contacts_csv).returncode == EXIT_OK
+    queues = make_queues(cfg)
+    try:
+        assert sum(queues.depths().values()) == 0
+
+        started = ok_json(cfg, "campaign", "start", "1")
+        assert started["status"] == "running"
+        assert started["started_at"]
+        # The fan-out waits in the queue for the daemon's workers.
+        assert queues.depths()["messages"] == 1
+
+        again = campaignd(cfg, "campaign", "start", "1")
+        assert one_error_line(again) == (
+            "campaignd: error: cannot start campaign 1: it is running"
+        )
+
+        paused = ok_json(cfg, "campaign", "pause", "1")
+        assert (paused["status"], paused["status_reason"]) == (
+            "paused",
+            "paused by the operator",
+        )
+        text = campaignd(cfg, "campaign", "show", "1")
+        assert "  status      paused (paused by the operator)" in text.stdout
+
+        assert ok_json(cfg, "campaign", "resume", "1")["status"] == "running"
+        assert queues.depths()["messages"] == 2
+
+        retried = ok_json(cfg, "campaign", "retry-failed", "1")
+        assert retried["retried"] == 0
+
+        cancelled = ok_json(cfg, "campaign", "cancel", "1")
+        assert cancelled["status"] == "cancelled"
+        assert cancelled["finished_at"]
+        assert "cannot resume campaign 1: it is cancelled" in one_error_line(
+            campaignd(cfg, "campaign", "resume", "1")
+        )
+    finally:
+        queues.close()
+
+
+@pytest.mark.parametrize(
+    "action", ["show", "start", "pause", "resume", "cancel", "retry-failed"]
+)
+def test_unknown_campaign_is_one_line(make_config, action):
+    cfg = make_config("sqlite")
+    proc = campaignd(cfg, "campaign", action, "42")
+    assert one_error_line(proc) == "campaignd: error: campaign 42 does not exist"

@@ -1,0 +1,127 @@
+"""Schema migrations: they apply, they are idempotent, and racing starts are safe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from daemon.store.db import make_database
+from daemon.store.db import migrate
+from daemon.store.db import migration_names
+from daemon.store.db import open_database
+from daemon.store.db import schema_versions
+from daemon.store.models import MODELS
+from daemon.store.models import Contact
+from tests.helpers import subprocess_env
+
+PROCESSES = 6
+
+# Each racer imports everything first, says "ready", then blocks on stdin so
+# the parent can release all of them at the same moment.
+RACER = """
+import sys
+from daemon import config
+from daemon.store.db import open_database
+cfg = config.load(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+db = open_database(cfg, migrate_schema=True)
+db.close()
+print("done", flush=True)
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cfg(request, make_config):
+    if request.param == "sqlite":
+        return make_config("sqlite")
+    pg = request.getfixturevalue("pg_url")
+    return make_config("sqlite", {"database": {"url": pg}})
+
+
+def _version_counts(db) -> dict[str, int]:
+    with db.connection_context():
+        rows = db.execute_sql(
+            "SELECT name, COUNT(*) FROM schema_version GROUP BY name"
+        ).fetchall()
+    return dict(rows)
+
+
+def _close(db) -> None:
+    close_all = getattr(db, "close_all", None)
+    if close_all:
+        close_all()
+    else:
+        db.close()
+
+
+def test_migrations_create_every_table(cfg):
+    db = open_database(cfg, migrate_schema=True)
+    try:
+        assert schema_versions(db) == migration_names()
+        assert migration_names()[0] == "m0001_initial"
+        with db.connection_context():
+            tables = set(db.get_tables())
+        assert {model._meta.table_name for model in MODELS} <= tables
+    finally:
+        _close(db)
+
+
+def test_migrations_are_idempotent_and_keep_data(cfg):
+    db = open_database(cfg, migrate_schema=True)
+    try:
+        with db.connection_context():
+            Contact.create(phone="+33612345678", name="Ann")
+        assert migrate(db) == []
+        assert migrate(db) == []
+        assert _version_counts(db) == dict.fromkeys(migration_names(), 1)
+        with db.connection_context():
+            assert Contact.get(Contact.phone == "+33612345678").name == "Ann"
+    finally:
+        _close(db)
+
+
+def test_open_without_migrate_leaves_the_database_alone(cfg):
+    db = open_database(cfg, migrate_schema=False)
+    try:
+        with db.connection_context():
+            assert "schema_version" not in db.get_tables()
+    finally:
+        _close(db)
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_first_start_applies_each_migration_once(cfg):
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, cfg.source],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
+        for _ in range(PROCESSES)
+    ]
+    try:
+        for racer in racers:
+            assert racer.stdout.readline().strip() == "ready"
+        for racer in racers:
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        results = [racer.communicate(timeout=60) for racer in racers]
+    finally:
+        for racer in racers:
+            if racer.poll() is None:
+                racer.kill()
+                racer.wait()
+    for racer, (out, err) in zip(racers, results, strict=True):
+        assert racer.returncode == 0, err
+        assert out.strip() == "done"
+    db = make_database(cfg.database_url, cfg)
+    try:
+        assert _version_counts(db) == dict.fromkeys(migration_names(), 1)
+    finally:
+        _close(db)
