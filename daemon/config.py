@@ -102,7 +102,8 @@ class WebConfig:
     )
     # Bearer token for /api/v1; empty disables the admin API.
     api_token: str = _opt("", secret=True, env="CAMPAIGND_API_TOKEN")
-    max_body_bytes: int = _opt(1_048_576, lo=1024, hi=64 * 1_048_576)
+    # Meta batches up to 1,000 updates in one POST (up to 3 MB).
+    max_body_bytes: int = _opt(4 * 1_048_576, lo=1024, hi=64 * 1_048_576)
 
 
 @dataclass(frozen=True)
