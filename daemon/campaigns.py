@@ -49,6 +49,10 @@ MAX_INTERRUPTED_ATTEMPTS = 20
 _CHUNK = 500
 _BUILTIN_FIELDS = ("name", "phone")
 _SENT_OR_LATER = ("sent", "delivered", "read")
+# A reply can answer a member in these states. EXPIRED is included because
+# the window is judged at the reply's arrival: the expiry job may have run
+# between its arrival and its processing.
+_REPLYABLE_STATES = ("pending", "message_1_sent", "expired")
 
 
 # ---------------------------------------------------------------- templates
@@ -843,9 +847,7 @@ def handle_reply(
             )
             .where(
                 CampaignContact.id == member.id,
-                CampaignContact.state.in_(
-                    (MemberState.PENDING, MemberState.MESSAGE_1_SENT)
-                ),
+                CampaignContact.state.in_(_REPLYABLE_STATES),
             )
             .execute()
         )
@@ -876,9 +878,7 @@ def _open_member_for_reply(contact: Contact, window_h: float, now):
         )
         .where(
             CampaignContact.contact == contact.id,
-            CampaignContact.state.in_(
-                (MemberState.PENDING, MemberState.MESSAGE_1_SENT)
-            ),
+            CampaignContact.state.in_(_REPLYABLE_STATES),
             Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
             # A reply proves the provider took Message 1, even if our worker
             # died before recording it (status still 'sending').

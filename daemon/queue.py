@@ -8,6 +8,7 @@ reads them, and on Redis they would grow forever.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -22,6 +23,7 @@ QUEUE_NAMES = ("default", "messages", "retry", "verification")
 # Message 2 answers a person who is waiting: it jumps the Message 1 backlog.
 PRIORITY_HIGH = 10
 PRIORITY_NORMAL = 0
+QUEUE_SCHEMA_LOCK_ID = zlib.crc32(b"campaignd:queue-schema")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,23 @@ class _PostgresHuey(_NoRevocation, PostgresHuey):
 
 
 def make_queues(cfg: Config) -> Queues:
+    if cfg.queue.backend == "postgres":
+        return _postgres_queues(cfg)
     return Queues(**{name: _make_huey(cfg, name) for name in QUEUE_NAMES})
+
+
+def _postgres_queues(cfg: Config) -> Queues:
+    """PostgresHuey creates its tables with CREATE TABLE IF NOT EXISTS, which
+    races between processes on a fresh database (a pg_type unique violation):
+    create them under an advisory lock, like the schema migrations."""
+    import psycopg
+
+    with psycopg.connect(_libpq_dsn(cfg.queue_url), autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (QUEUE_SCHEMA_LOCK_ID,))
+        try:
+            return Queues(**{name: _make_huey(cfg, name) for name in QUEUE_NAMES})
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (QUEUE_SCHEMA_LOCK_ID,))
 
 
 def _make_huey(cfg: Config, queue: str) -> Huey:

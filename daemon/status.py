@@ -238,7 +238,24 @@ class FigureGatherer:
             figures.update(_db_figures())
         except Exception as exc:  # noqa: BLE001
             figures["db_error"] = f"{type(exc).__name__}: {exc}"
+        figures.update(_leader_figures(self.cfg))
         return figures
+
+
+def _leader_figures(cfg) -> dict:
+    """The cluster's scheduler leader (Redis key or lease row) and our role."""
+    from daemon import leader
+
+    figures: dict = {}
+    try:
+        figures["leader"] = leader.current_holder(cfg)
+    except Exception as exc:  # noqa: BLE001 - shown to the operator
+        figures["leader_error"] = f"{type(exc).__name__}: {exc}"
+    state = leader.read_state(
+        leader.state_path(cfg), max_age_s=2 * cfg.scheduler.leader_lease_s
+    )
+    figures["this_host_leads"] = bool(state and state.get("leader"))
+    return figures
 
 
 def _db_figures() -> dict:
@@ -248,9 +265,7 @@ def _db_figures() -> dict:
     from daemon.alerts import db_session
     from daemon.store.models import Campaign
     from daemon.store.models import HealthCheck
-    from daemon.store.models import Lease
     from daemon.store.models import Message
-    from daemon.store.models import utcnow
 
     with db_session():
         campaigns = dict(
@@ -262,11 +277,6 @@ def _db_figures() -> dict:
             .group_by(Message.status).tuples()
         )
         check = HealthCheck.select().order_by(HealthCheck.checked_at.desc()).first()
-        leader = (
-            Lease.select()
-            .where(Lease.name.contains("leader"), Lease.expires_at > utcnow())
-            .first()
-        )
         active = active_alerts()
     return {
         "campaigns": campaigns,
@@ -276,7 +286,6 @@ def _db_figures() -> dict:
             "ok": check.ok,
             "details": check.details,
         },
-        "leader": leader.owner if leader else None,
         "alerts": active,
     }
 

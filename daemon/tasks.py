@@ -266,7 +266,7 @@ class Tasks:
             except (ValueError, KeyError) as exc:
                 outcome = f"unparseable: {exc}"
             else:
-                outcome = self._apply_event(parsed, event.id, message2_ids)
+                outcome = self._apply_event(parsed, event, message2_ids)
             InboundEvent.update(
                 processed_at=self.clock(),
                 result=outcome[:200],
@@ -279,7 +279,7 @@ class Tasks:
         self.enqueue_sends(message2_ids, priority=PRIORITY_HIGH)
         return outcome
 
-    def _apply_event(self, parsed, event_id: int, message2_ids: list[int]) -> str:
+    def _apply_event(self, parsed, event, message2_ids: list[int]) -> str:
         from daemon.providers.base import InboundMessage
         from daemon.providers.base import StatusUpdate
 
@@ -290,8 +290,10 @@ class Tasks:
                 is_group=parsed.is_group,
                 window_h=self.cfg.campaigns.reply_window_h,
                 opt_out_keywords=self.cfg.campaigns.opt_out_keywords,
-                event_id=event_id,
-                now=self.clock(),
+                event_id=event.id,
+                # The reply window is judged when the reply reached us, not
+                # when a (possibly backlogged) worker gets to it.
+                now=min(event.received_at, self.clock()),
             )
             metrics.INTERACTIONS.labels(outcome=reply.outcome).inc()
             if reply.message2_id:

@@ -1,0 +1,446 @@
+"""Each periodic job run with an injected clock, checked by its effect on the rows.
+
+Real SQLite database and queue, real fake-provider HTTP server on loopback;
+the tasks the jobs enqueue are executed from the real Huey queue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from daemon import campaigns
+from daemon import jobs
+from daemon import monitoring
+from daemon.alerts import active_alerts
+from daemon.errors import InputError
+from daemon.pacing import Pacer
+from daemon.providers import make_provider
+from daemon.providers.fake import FakeOptions
+from daemon.providers.fake import FakeProvider
+from daemon.queue import make_queues
+from daemon.store.db import open_database
+from daemon.store.models import Campaign
+from daemon.store.models import CampaignContact
+from daemon.store.models import CampaignStatus
+from daemon.store.models import Contact
+from daemon.store.models import DailyCounter
+from daemon.store.models import HealthCheck
+from daemon.store.models import Interaction
+from daemon.store.models import JobRun
+from daemon.store.models import Lease
+from daemon.store.models import MemberState
+from daemon.store.models import Message
+from daemon.store.models import MessageStatus
+from daemon.store.models import utcnow
+from daemon.tasks import Tasks
+
+pytestmark = pytest.mark.timeout(60)
+
+DAY = dt.date(2025, 3, 10)
+NOON = dt.datetime(2025, 3, 10, 12, 0)
+
+
+@pytest.fixture
+def fake():
+    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "cluster"])
+def env(request, make_config, fake):
+    """Tasks on SQLite, or PostgreSQL + Redis, with a real provider client."""
+    extra = {"provider": {"base_url": fake.url, "token": "t", "timeout_s": 2.0}}
+    if request.param == "cluster":
+        pg = request.getfixturevalue("pg_url")
+        prefix = request.getfixturevalue("redis_prefix")
+        cfg = make_config("cluster", extra, pg=pg, redis=prefix)
+    else:
+        cfg = make_config("sqlite", extra)
+    db = open_database(cfg, migrate_schema=True)
+    queues = make_queues(cfg)
+    provider = make_provider(cfg.provider)
+    tasks = Tasks(cfg, queues, provider, sleep=lambda s: None)
+    yield tasks
+    provider.close()
+    queues.close()
+    db.close_all() if hasattr(db, "close_all") else db.close()
+
+
+def make_campaign(n: int, status: str = CampaignStatus.RUNNING) -> Campaign:
+    contacts = [
+        Contact.create(phone=f"+3361234{i + 1001:04d}", name=f"c{i}") for i in range(n)
+    ]
+    campaign = campaigns.create_campaign(
+        "c", "Bonjour {name}", "Merci", [c.id for c in contacts]
+    )
+    Campaign.update(status=status, started_at=NOON).where(
+        Campaign.id == campaign.id
+    ).execute()
+    return Campaign.get_by_id(campaign.id)
+
+
+def message(campaign, contact, **fields) -> Message:
+    values = {
+        "campaign": campaign,
+        "contact": contact,
+        "kind": 1,
+        "phone": contact.phone,
+        "body": "hi",
+        "idempotency_key": campaigns.idempotency_key(
+            campaign.id, contact.id, fields.get("kind", 1)
+        ),
+        "created_at": NOON - dt.timedelta(hours=2),
+    }
+    values.update(fields)
+    return Message.create(**values)
+
+
+def drain(tasks: Tasks, limit: int = 500) -> int:
+    """Execute every task waiting in the real queues (what the workers do)."""
+    executed = 0
+    for _ in range(limit):
+        progressed = False
+        for huey in tasks.queues.all():
+            # Checked first: a dequeue from an empty Redis queue blocks 1 s.
+            task = huey.dequeue() if huey.pending_count() else None
+            if task is not None:
+                huey.execute(task)
+                executed += 1
+                progressed = True
+        if not progressed:
+            return executed
+    raise AssertionError("queues did not drain")
+
+
+# ------------------------------------------------------------ monitoring
+
+
+def test_sync_monitoring_persists_counters_per_day_from_the_rows(env):
+    campaign = make_campaign(4)
+    c = list(Contact.select().order_by(Contact.id))
+    late_yesterday = dt.datetime(2025, 3, 9, 23, 50)
+    message(
+        campaign,
+        c[0],
+        status="read",
+        sent_at=late_yesterday,
+        delivered_at=late_yesterday,
+        read_at=NOON - dt.timedelta(hours=3),
+    )
+    message(
+        campaign,
+        c[1],
+        status="delivered",
+        sent_at=NOON - dt.timedelta(hours=1),
+        delivered_at=NOON - dt.timedelta(minutes=50),
+    )
+    message(campaign, c[2], status="failed", failed_at=NOON - dt.timedelta(hours=1))
+    message(
+        campaign, c[1], kind=2, status="sent", sent_at=NOON - dt.timedelta(minutes=5)
+    )
+    Interaction.create(
+        contact=c[1],
+        campaign=campaign,
+        body="oui",
+        received_at=NOON - dt.timedelta(minutes=6),
+    )
+    Contact.update(opted_out_at=late_yesterday).where(Contact.id == c[3].id).execute()
+
+    result = jobs.run("sync_monitoring", env, NOON)
+
+    today = monitoring.counters_for(DAY)
+    yesterday = monitoring.counters_for(DAY - dt.timedelta(days=1))
+    assert today["sent"] == 2 and yesterday["sent"] == 1
+    assert today["message1_sent"] == 1 and today["message2_sent"] == 1
+    assert today["delivered"] == 1 and yesterday["delivered"] == 1
+    assert today["read"] == 1 and today["failed"] == 1
+    assert today["replies"] == 1 and yesterday["opt_outs"] == 1
+    assert today["opt_outs"] == 0
+    assert JobRun.get(JobRun.job == "sync_monitoring").last_result.endswith(result)
+
+    # Idempotent: a second run rewrites the same values, it does not add.
+    jobs.run("sync_monitoring", env, NOON + dt.timedelta(minutes=1))
+    assert monitoring.counters_for(DAY)["sent"] == 2
+    assert DailyCounter.select().where(DailyCounter.day == DAY).count() == len(
+        monitoring.COUNTER_NAMES
+    )
+    assert monitoring.today_counters(NOON) == monitoring.counters_for(DAY)
+
+
+def test_reset_daily_monitoring_starts_the_day_at_midnight_and_caps_restart(
+    env, make_config
+):
+    midnight = dt.datetime(2025, 3, 11, 0, 0, 2)
+    pacer = Pacer(
+        make_config("sqlite", {"pacing": {"daily_cap": 2}}).pacing, env.pacer.device
+    )
+    assert pacer.decide(NOON).go and pacer.decide(NOON).go
+    assert not pacer.decide(NOON).go  # the cap of the 10th is used up
+
+    result = jobs.run("reset_daily_monitoring", env, midnight)
+
+    new_day = monitoring.counters_for(midnight.date())
+    assert set(monitoring.COUNTER_NAMES) <= set(new_day)
+    assert all(v == 0 for v in new_day.values())
+    assert new_day[f"cap:{env.pacer.device}"] == 0
+    assert "started 2025-03-11" in result
+    # Yesterday is closed (its cap row is kept as history), today's cap is new.
+    assert monitoring.counters_for(DAY)[f"cap:{env.pacer.device}"] == 2
+    assert pacer.decide(midnight).go
+    # Running it again (catch-up, or a second leader) changes nothing.
+    jobs.run("reset_daily_monitoring", env, midnight + dt.timedelta(minutes=1))
+    assert monitoring.counters_for(midnight.date())[f"cap:{env.pacer.device}"] == 1
+
+
+# ------------------------------------------------------------ leases
+
+
+def test_cleanup_expired_locks_removes_only_what_dead_processes_left(env):
+    campaign = make_campaign(3)
+    c = list(Contact.select().order_by(Contact.id))
+    Lease.create(
+        name="job:gone", owner="h:1", expires_at=NOON - dt.timedelta(seconds=1)
+    )
+    Lease.create(
+        name="job:alive", owner="h:2", expires_at=NOON + dt.timedelta(minutes=1)
+    )
+    Lease.create(name="pacing:dev", value="1741608000.0")  # no expiry: kept
+    expired_lease = NOON - dt.timedelta(minutes=5)
+    done = message(
+        campaign,
+        c[0],
+        status="delivered",
+        lease_owner="h:1",
+        lease_expires_at=expired_lease,
+    )
+    sending = message(
+        campaign,
+        c[1],
+        status="sending",
+        lease_owner="h:1",
+        lease_expires_at=expired_lease,
+    )
+    fresh = message(
+        campaign,
+        c[2],
+        status="sent",
+        lease_owner="h:3",
+        lease_expires_at=NOON + dt.timedelta(minutes=1),
+    )
+
+    result = jobs.run("cleanup_expired_locks", env, NOON)
+
+    assert sorted(lease.name for lease in Lease.select()) == ["job:alive", "pacing:dev"]
+    assert Message.get_by_id(done.id).lease_owner is None
+    # A sending row keeps its (expired) lease: the claim takes it over.
+    assert Message.get_by_id(sending.id).lease_owner == "h:1"
+    assert Message.get_by_id(fresh.id).lease_owner == "h:3"
+    assert result.startswith("leases 1, message leases 1")
+
+
+# ------------------------------------------------------------ recovery
+
+
+def test_recover_interrupted_campaigns_after_a_crash(env, fake):
+    """Rows a killed worker left behind are re-enqueued, sent, and the campaign ends."""
+    campaign = make_campaign(4)
+    c = list(Contact.select().order_by(Contact.id))
+    long_ago = NOON - dt.timedelta(minutes=30)
+    # Claimed by a worker that was SIGKILLed mid-send (lease expired).
+    message(
+        campaign,
+        c[0],
+        status="sending",
+        lease_owner="dead:1",
+        lease_expires_at=NOON - dt.timedelta(minutes=1),
+        enqueued_at=long_ago,
+    )
+    # Queued, but its queue entry was lost with the queue.
+    message(campaign, c[1], status="queued", enqueued_at=long_ago)
+    # c[2], c[3]: the fan-out task was lost before creating their rows.
+    assert drain(env) == 0
+
+    result = jobs.run("recover_interrupted_campaigns", env, NOON)
+
+    assert "messages=2" in result and "campaigns=1" in result
+    assert env.queues.messages.pending_count() == 3  # 2 sends + 1 fan-out
+    drain(env)
+    statuses = [m.status for m in Message.select().order_by(Message.id)]
+    assert statuses == ["sent"] * 4, [m.error for m in Message.select()]
+    assert fake.stats()["sends_accepted"] == 4
+    # Nothing is left to recover: a second run enqueues nothing.
+    assert "messages=0" in jobs.run("recover_interrupted_campaigns", env, NOON)
+    assert drain(env) == 0
+
+
+def test_recover_completes_running_campaigns_with_nothing_open(env):
+    campaign = make_campaign(1)
+    contact = Contact.get()
+    CampaignContact.update(state=MemberState.EXPIRED).execute()
+    message(campaign, contact, status="delivered")
+
+    result = jobs.run("recover_interrupted_campaigns", env, NOON)
+
+    assert result.endswith("completed 1")
+    assert Campaign.get_by_id(campaign.id).status == CampaignStatus.COMPLETED
+
+
+def test_sweep_job_enqueued_by_the_scheduler_runs_on_the_default_queue(env):
+    campaign = make_campaign(1)
+    message(
+        campaign,
+        Contact.get(),
+        status="queued",
+        enqueued_at=utcnow() - dt.timedelta(hours=1),
+    )
+    env.run_job("sweep")  # what the scheduler leader does
+    assert env.queues.default.pending_count() == 1
+
+    huey = env.queues.default
+    huey.execute(huey.dequeue())  # what worker:default does
+
+    # The send, plus a fan-out (a no-op here: the member is pending only
+    # because its Message 1 is not sent yet).
+    assert env.queues.messages.pending_count() == 2
+    assert "messages=1" in JobRun.get(JobRun.job == "sweep").last_result
+
+
+# ------------------------------------------------------------ health
+
+
+def test_system_health_check_records_then_raises_and_clears_alerts(env, fake):
+    result = jobs.run("system_health_check", env, NOON)
+    assert result == "ok"
+    check = monitoring.last_health_check()
+    assert check["ok"] is True
+    details = check["details"]
+    assert details["database"]["ok"] and details["database"]["latency_ms"] >= 0
+    assert details["queue"]["depths"] == {
+        "default": 0,
+        "messages": 0,
+        "retry": 0,
+        "verification": 0,
+    }
+    assert details["provider"]["ok"]
+    assert details["error_rate"] == {"ok": True, "rate": 0.0, "sent": 0, "failed": 0}
+    assert details["backlog"]["ok"] and details["backlog"]["late"] == 0
+    assert active_alerts() == []
+
+    # Now break things: provider down, most sends failing, a stale backlog.
+    fake.configure(down=True)
+    campaign = make_campaign(40)
+    contacts = list(Contact.select().order_by(Contact.id))
+    for contact in contacts[:25]:
+        message(
+            campaign,
+            contact,
+            status="failed",
+            failed_at=NOON - dt.timedelta(minutes=10),
+        )
+    for contact in contacts[25:35]:
+        message(
+            campaign,
+            contact,
+            status="delivered",
+            sent_at=NOON - dt.timedelta(minutes=10),
+        )
+    for contact in contacts[35:]:
+        message(
+            campaign,
+            contact,
+            status="queued",
+            created_at=NOON - dt.timedelta(minutes=30),
+        )
+
+    later = NOON + dt.timedelta(minutes=2)
+    result = jobs.run("system_health_check", env, later)
+
+    assert result == "failing: provider, error_rate, backlog"
+    check = monitoring.last_health_check()
+    assert check["ok"] is False
+    assert check["details"]["error_rate"]["rate"] == pytest.approx(25 / 35, abs=1e-3)
+    assert check["details"]["backlog"]["late"] == 5
+    assert check["details"]["backlog"]["oldest_due"] == "2025-03-10T11:30:00Z"
+    keys = {a["key"] for a in active_alerts()}
+    assert keys == {"health:provider", "health:error_rate", "health:backlog"}
+    # Raising again while active adds no second alert.
+    jobs.run("system_health_check", env, later + dt.timedelta(minutes=2))
+    assert len(active_alerts()) == 3
+
+    # Recovery: provider back, the failures age out, the backlog is sent.
+    fake.configure(down=False)
+    Message.update(status=MessageStatus.SENT, sent_at=later).where(
+        Message.status == MessageStatus.QUEUED
+    ).execute()
+    much_later = NOON + dt.timedelta(hours=2)
+    assert jobs.run("system_health_check", env, much_later) == "ok"
+    assert active_alerts() == []
+    assert HealthCheck.select().count() == 4
+
+
+def test_health_check_reports_a_provider_that_does_not_answer(env, fake):
+    fake.stop()
+    assert jobs.run("system_health_check", env, NOON) == "failing: provider"
+    assert {a["key"] for a in active_alerts()} == {"health:provider"}
+
+
+# ------------------------------------------------------------ interactions
+
+
+def test_check_expired_interactions_then_a_late_reply_sends_no_message_2(env):
+    campaign = make_campaign(2)
+    old, recent = list(Contact.select().order_by(Contact.id))
+    sent_25h_ago = NOON - dt.timedelta(hours=25)
+    sent_1h_ago = NOON - dt.timedelta(hours=1)
+    for contact, sent_at in ((old, sent_25h_ago), (recent, sent_1h_ago)):
+        message(
+            campaign, contact, status="delivered", sent_at=sent_at, created_at=sent_at
+        )
+        CampaignContact.update(
+            state=MemberState.MESSAGE_1_SENT, message1_sent_at=sent_at
+        ).where(CampaignContact.contact == contact.id).execute()
+
+    assert jobs.run("check_expired_interactions", env, NOON) == "expired 1"
+
+    def state(contact):
+        return CampaignContact.get(CampaignContact.contact == contact.id).state
+
+    assert state(old) == MemberState.EXPIRED
+    assert state(recent) == MemberState.MESSAGE_1_SENT
+    window = env.cfg.campaigns.reply_window_h
+    keywords = env.cfg.campaigns.opt_out_keywords
+    late = campaigns.handle_reply(
+        old.phone,
+        "oui",
+        is_group=False,
+        window_h=window,
+        opt_out_keywords=keywords,
+        now=NOON,
+    )
+    on_time = campaigns.handle_reply(
+        recent.phone,
+        "oui",
+        is_group=False,
+        window_h=window,
+        opt_out_keywords=keywords,
+        now=NOON,
+    )
+    assert late.message2_id is None
+    assert on_time.message2_id is not None
+    assert [m.contact_id for m in Message.select().where(Message.kind == 2)] == [
+        recent.id
+    ]
+
+
+# ------------------------------------------------------------ dispatch
+
+
+def test_run_rejects_an_unknown_job_and_records_results(env):
+    with pytest.raises(InputError, match="unknown job 'nope'"):
+        jobs.run("nope", env, NOON)
+    jobs.run("check_expired_interactions", env, NOON)
+    row = JobRun.get(JobRun.job == "check_expired_interactions")
+    assert row.last_result == "2025-03-10T12:00:00Z expired 0"
+    assert row.last_run_at == NOON
