@@ -274,7 +274,7 @@ def from_dict(
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(raw) - {f.name for f in _tables()})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown table")
+        raise ConfigError(f"{_key_text(unknown[0])}: unknown table")
     tables = {}
     for f in _tables():
         section = raw.get(f.name, {})
@@ -283,8 +283,11 @@ def from_dict(
         tables[f.name] = _build(hints[f.name], f.name, section, env, read_secrets)
     # Children run with the same cwd today, but a relative data dir would
     # silently move if anyone changed that; resolve it once here.
+    data_dir = tables["daemon"].data_dir
+    if not data_dir or "\0" in data_dir:
+        raise ConfigError("daemon.data_dir: must be a directory path")
     tables["daemon"] = dataclasses.replace(
-        tables["daemon"], data_dir=str(Path(tables["daemon"].data_dir).resolve())
+        tables["daemon"], data_dir=str(Path(data_dir).resolve())
     )
     cfg = Config(**tables, source=source)
     _check_cross_fields(cfg)
@@ -303,7 +306,7 @@ def _build(cls, table: str, section: dict, env, read_secrets: bool = True):
     }
     for key in section:
         if key not in fields and key not in file_keys:
-            raise ConfigError(f"{table}.{key}: unknown key")
+            raise ConfigError(f"{table}.{_key_text(key)}: unknown key")
     values = {}
     for name, f in fields.items():
         key = f"{table}.{name}"
@@ -348,8 +351,14 @@ def _check_range(key: str, value, meta) -> None:
         raise ConfigError(f"{key}: must be {_num(lo)}-{_num(hi)}, got {_num(value)}")
 
 
+def _key_text(key: str) -> str:
+    """A key as typed, or quoted when it holds characters that would break
+    the one-line error (a quoted TOML key may contain anything)."""
+    return key if key.isprintable() and " " not in key else repr(key)
+
+
 def _read_secret_file(key: str, value, env) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise ConfigError(f"{key}: must be a file path")
     path = Path(value)
     creds = env.get("CREDENTIALS_DIRECTORY")

@@ -39,6 +39,8 @@ MAX_REQUEST_BYTES = 65_536
 # A client that neither sends its request nor reads its answer in this time
 # is dropped, so it cannot hold a file descriptor forever.
 CLIENT_TIMEOUT_S = 5.0
+# How long the listener rests after accept() fails (e.g. out of descriptors).
+ACCEPT_PAUSE_S = 1.0
 # sockaddr_un.sun_path is 108 bytes including the final NUL.
 MAX_SOCKET_PATH = 107
 
@@ -71,6 +73,7 @@ class StatusServer:
         self.sock = bind(self.path, group)
         self.selector: selectors.BaseSelector | None = None
         self.conns: set[Connection] = set()
+        self._paused_until: float | None = None
 
     def register(self, selector: selectors.BaseSelector) -> None:
         self.selector = selector
@@ -81,6 +84,14 @@ class StatusServer:
             try:
                 sock, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of file descriptors (EMFILE/ENFILE) or the like: the
+                # listener would stay readable and spin the loop, so it rests
+                # for a moment; the supervisor itself carries on.
+                log.warning("status socket: cannot accept (%s); pausing 1 s", exc)
+                self.selector.unregister(self.sock)
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
             sock.setblocking(False)
             conn = Connection(sock, time.monotonic() + CLIENT_TIMEOUT_S)
@@ -154,13 +165,19 @@ class StatusServer:
         conn.sock.close()
 
     def expire(self, now: float) -> None:
-        """Drop clients past their deadline."""
+        """Drop clients past their deadline; resume accepting after a pause."""
         for conn in [c for c in self.conns if c.deadline <= now]:
             log.debug("status client timed out")
             self._close(conn)
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
     def next_deadline(self) -> float | None:
-        return min((c.deadline for c in self.conns), default=None)
+        deadlines = [c.deadline for c in self.conns]
+        if self._paused_until is not None:
+            deadlines.append(self._paused_until)
+        return min(deadlines, default=None)
 
     def close(self) -> None:
         for conn in list(self.conns):

@@ -9,6 +9,7 @@ process_webhook_event, plus run_job for the periodic jobs.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import logging
@@ -120,7 +121,12 @@ class Tasks:
 
     def _schedule_send(self, message_id: int, eta, *, retry: bool = False) -> None:
         task = self.retry_failed_message if retry else self.send_single_message
-        task.schedule(args=(message_id,), eta=eta)
+        # Huey reads a naive eta as local time and keeps whole seconds: give
+        # it an aware UTC time, rounded up so the task is never early.
+        rounded = eta.replace(microsecond=0) + dt.timedelta(
+            seconds=1 if eta.microsecond else 0
+        )
+        task.schedule(args=(message_id,), eta=rounded.replace(tzinfo=dt.UTC))
 
     # ------------------------------------------------------------ sending
 
@@ -135,7 +141,7 @@ class Tasks:
         now = self.clock()
         message = campaigns.claim(message_id, owner, self.lease_s, now)
         if message is None:
-            return "not claimable"
+            return self._not_claimed(message_id, now)
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
@@ -182,6 +188,19 @@ class Tasks:
         campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
         _count_send(message.kind, "sent")
         return "sent"
+
+    def _not_claimed(self, message_id: int, now) -> str:
+        """Someone else has it, it is done, or it came early: then come back."""
+        row = (
+            Message.select(Message.status, Message.next_attempt_at)
+            .where(Message.id == message_id)
+            .first()
+        )
+        if row and row.status == "queued" and row.next_attempt_at:
+            if row.next_attempt_at > now:
+                self._schedule_send(message_id, row.next_attempt_at)
+                return "not due yet: rescheduled"
+        return "not claimable"
 
     def _after_retryable(self, message, owner, reason, retry_after) -> str:
         delay = (
