@@ -133,7 +133,9 @@ class WorkersConfig:
 class RetryConfig:
     base_s: float = _opt(60.0, lo=0.0, hi=86400.0)
     factor: float = _opt(2.0, lo=1.0, hi=10.0)
-    max_attempts: int = _opt(3, lo=1, hi=100)
+    # The first send and three retries (60 s, 120 s, 240 s), as the
+    # original system did.
+    max_attempts: int = _opt(4, lo=1, hi=100)
     cap_s: float = _opt(3600.0, lo=0.0, hi=7 * 86400.0)
     # Share of the delay added at random, so retries do not stampede.
     jitter: float = _opt(0.1, lo=0.0, hi=1.0)

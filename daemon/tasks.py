@@ -229,8 +229,12 @@ class Tasks:
     def fan_out(self, campaign_id: int) -> int:
         """Create and enqueue every Message 1 of a running campaign, in batches."""
         total = 0
+        first = True
         while True:
-            ids = campaigns.fan_out(campaign_id, self.cfg.campaigns.fanout_batch)
+            ids = campaigns.fan_out(
+                campaign_id, self.cfg.campaigns.fanout_batch, analyze=first
+            )
+            first = False
             if not ids:
                 break
             self.enqueue_sends(ids)
