@@ -6,6 +6,10 @@ Time is a parameter (`now`, from time.monotonic; `wall` for heartbeat mtimes),
 so tests drive the whole machine without sleeping. The OS is behind a small
 seam (`OsProcesses`: spawn, signal) that unit tests replace.
 
+A spawn first offers the role to the supervisor's warm spare (`spare.take`), a
+process that has imported every role already; only without one is a new
+process exec'ed. Either way the child is STARTING with that pid.
+
 Respawn policy (design section 6), worked through for the defaults:
 the 1st unexpected exit restarts at once; the 2nd waits 0.1 s, the 3rd 0.2 s,
 then 0.4, 0.8 ... up to 60 s. Sixty seconds of RUNNING forget the failures.
@@ -105,12 +109,16 @@ class OsProcesses:
     def __init__(self, base_env: dict[str, str]):
         self.base_env = base_env
 
-    def spawn(self, argv: tuple[str, ...], env: dict[str, str]) -> int:
+    def spawn(
+        self, argv: tuple[str, ...], env: dict[str, str], stdin: int | None = None
+    ) -> int:
+        """Exec argv in its own process group; `stdin`: an fd to give as fd 0."""
         # posix_spawn (vfork + exec): no Python runs between fork and exec,
         # nothing leaks. Own process group: a terminal's Ctrl-C reaches only
         # the supervisor, which runs the stop protocol, and SIGKILL can take
         # a child's whole group. SIGPIPE/SIGXFSZ are ignored by Python and
         # would stay ignored across exec without setsigdef.
+        actions = [] if stdin is None else [(os.POSIX_SPAWN_DUP2, stdin, 0)]
         return os.posix_spawnp(
             argv[0],
             list(argv),
@@ -118,6 +126,7 @@ class OsProcesses:
             setpgroup=0,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
             setsigmask=(),
+            file_actions=actions,
         )
 
     def signal(self, pid: int, sig: int, group: bool = False) -> None:
@@ -172,11 +181,15 @@ def read_beat(path: Path, wall: float) -> Beat | None:
 class Child:
     """One role instance and everything the supervisor knows about it."""
 
-    def __init__(self, spec: RoleSpec, policy: ChildPolicy, heartbeat_path, ops):
+    def __init__(
+        self, spec: RoleSpec, policy: ChildPolicy, heartbeat_path, ops, spare=None
+    ):
         self.spec = spec
         self.policy = policy
         self.heartbeat_path = Path(heartbeat_path)
         self.ops = ops
+        # take(role, heartbeat_path, now) -> pid of a warm spare, or None.
+        self.spare = spare
         self.state = ChildState.STOPPED
         self.state_since = 0.0
         self.pid: int | None = None
@@ -314,7 +327,7 @@ class Child:
     # ---------------------------------------------------------------- actions
 
     def spawn(self, now: float, reason: str) -> None:
-        """Start the process (exec); STARTING until its first heartbeat."""
+        """Start the process (spare or exec); STARTING until its first heartbeat."""
         # A heartbeat left by the previous process must not count as this
         # one's first beat.
         self.heartbeat_path.unlink(missing_ok=True)
@@ -330,21 +343,27 @@ class Child:
         if self._spawns:
             self.restarts += 1
         self._spawns += 1
-        try:
-            pid = self.ops.spawn(
-                self.spec.argv, {HEARTBEAT_ENV: str(self.heartbeat_path)}
-            )
-        except OSError as exc:
-            self.change_state(ChildState.STARTING, reason, now)
-            self.spawned_at = now
-            self.last_exit = f"spawn failed: {exc}"
-            self.last_exit_code = None
-            self.change_state(ChildState.EXITED, self.last_exit, now)
-            self._count_exit(now)
-            return
+        pid = None
+        if self.spare is not None:
+            pid = self.spare.take(self.name, self.heartbeat_path, now)
+        how = f"warm spare pid {pid} took it"
+        if pid is None:
+            try:
+                pid = self.ops.spawn(
+                    self.spec.argv, {HEARTBEAT_ENV: str(self.heartbeat_path)}
+                )
+            except OSError as exc:
+                self.change_state(ChildState.STARTING, reason, now)
+                self.spawned_at = now
+                self.last_exit = f"spawn failed: {exc}"
+                self.last_exit_code = None
+                self.change_state(ChildState.EXITED, self.last_exit, now)
+                self._count_exit(now)
+                return
+            how = f"pid {pid}"
         self.pid = pid
         self.spawned_at = now
-        self.change_state(ChildState.STARTING, f"{reason}; pid {pid}", now)
+        self.change_state(ChildState.STARTING, f"{reason}; {how}", now)
 
     def stop(self, now: float, reason: str, grace_s: float, *, restart: bool = True,
              failure: bool = False) -> None:

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", parents=[common], help="run the daemon (supervisor)")
     p = sub.add_parser("child", parents=[common], help=argparse.SUPPRESS)
-    p.add_argument("role", help=ROLES_HELP)
+    p.add_argument("role", nargs="?", default="", help=ROLES_HELP)
+    p.add_argument("--standby", action="store_true", help="run as the warm spare")
     sub.add_parser("web", parents=[common], help="run the web role in the foreground")
     p = sub.add_parser(
         "worker", parents=[common], help="run one queue consumer in the foreground"
@@ -142,6 +143,8 @@ def dispatch(args) -> int:
         return 0
     if command == "run":
         return importlib.import_module("daemon.supervisor").main(cfg)
+    if command == "child" and args.standby:
+        return importlib.import_module("daemon.runtime").standby(cfg)
     if command == "child":
         return run_role(cfg, args.role)
     if command == "web":

@@ -6,6 +6,10 @@ with two environment variables:
 - ``CAMPAIGND_SUPERVISOR_PID``: the pid the child must outlive no longer.
 - ``CAMPAIGND_HEARTBEAT_FILE``: a file the child rewrites every heartbeat.
 
+``python -m daemon child --standby -c CONFIG`` is the warm spare (`standby`):
+it imports every role's code, opens nothing, and waits on its stdin (one end
+of a socketpair held by the supervisor) for the role it is to become.
+
 Heartbeat file format (one line, ASCII): ``<oldest_task_started_epoch> <running>``
 where the first field is the wall-clock start time of the oldest task still
 running in this child (``0`` when idle) and the second the number of running
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
+import json
 import logging
 import os
 import signal
@@ -28,6 +34,18 @@ import time
 HEARTBEAT_ENV = "CAMPAIGND_HEARTBEAT_FILE"
 SUPERVISOR_PID_ENV = "CAMPAIGND_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+# What a spare imports while it waits: every role's module and the ones the
+# roles import lazily on their first task or request.
+STANDBY_IMPORTS = (
+    "daemon.worker",
+    "daemon.web.app",
+    "daemon.scheduler",
+    "daemon.providers",
+    "daemon.jobs",
+)
+STANDBY_READY = b"ready\n"
+_STANDBY_FD = 0
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +82,92 @@ def skip_unused_drivers(cfg) -> None:
         sys.modules.setdefault("psycopg", None)
     if cfg.queue.backend != "redis":
         sys.modules.setdefault("redis", None)
+
+
+def set_process_name(name: str) -> None:
+    """Name this process for `top` and `ps -o comm` (the kernel keeps 15 bytes)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the name stays "python"
+        pass
+
+
+def show_role_in_cmdline(role: str) -> bool:
+    """Make `ps` and psutil show ``child ROLE`` instead of ``child --standby``.
+
+    The kernel reads /proc/PID/cmdline from our original argv memory, so the
+    new words are written there (NUL-padded, never past its end). When the
+    role does not fit, argv[0] is shortened to "python"; else it is left.
+    """
+    words = [role if w == "--standby" else w for w in sys.orig_argv]
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        # Fields after "pid (comm) " start at field 3; arg_start is field 48.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        start, end = int(fields[45]), int(fields[46])
+    except (OSError, ValueError, IndexError):
+        return False
+    for candidate in (words, ["python"] + words[1:]):
+        new = b"\0".join(w.encode() for w in candidate) + b"\0"
+        if len(new) <= end - start:
+            ctypes.memmove(start, new.ljust(end - start, b"\0"), end - start)
+            return True
+    return False
+
+
+def role_tag(role: str) -> str:
+    """A short process name for a role: cd-web, cd-w-msg#2, cd-scheduler."""
+    short = role.replace("worker:", "w-").replace("messages", "msg")
+    return f"cd-{short}"[:15]
+
+
+def standby(cfg) -> int:
+    """The warm spare: import every role, then become the role we are sent.
+
+    The supervisor writes one JSON line ``{"role": ..., "heartbeat": ...}`` to
+    our stdin; EOF means we are not needed. Nothing is opened before that
+    line (no database, queue or socket), so the role starts exactly as a
+    freshly exec'ed child would, minus the imports.
+    """
+    die_with_parent()
+    setup_logging(cfg.daemon.log_level, "spare")
+    set_process_name("cd-spare")
+    skip_unused_drivers(cfg)
+    for module in STANDBY_IMPORTS:
+        importlib.import_module(module)
+    if cfg.database_url.startswith(("postgresql:", "postgres:")):
+        importlib.import_module("playhouse.postgres_ext")
+    try:
+        os.write(_STANDBY_FD, STANDBY_READY)
+    except OSError:  # the supervisor closed its end: a role may be waiting
+        pass
+    order = _read_line(_STANDBY_FD)
+    # The role must not keep the supervisor's socket as its stdin.
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, _STANDBY_FD)
+    os.close(null)
+    if not order:
+        return 0
+    message = json.loads(order)
+    role = message["role"]
+    os.environ[HEARTBEAT_ENV] = message["heartbeat"]
+    set_process_name(role_tag(role))
+    show_role_in_cmdline(role)
+    from daemon.cli import run_role
+
+    return run_role(cfg, role)
+
+
+def _read_line(fd: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
 
 
 def parent_alive() -> bool:

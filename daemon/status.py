@@ -389,6 +389,12 @@ def format_status(answer: dict) -> str:
             f"{(_num(beat, 1) + 's') if beat is not None else '-':>7}"
             f"  {r.get('last_exit') or '-'}"
         )
+    spare = answer.get("spare")
+    if spare:
+        lines.append(
+            f"spare {spare.get('state', '?')}, pid {spare.get('pid') or '-'}, "
+            f"roles taken {spare.get('roles_taken', 0)}"
+        )
     lines.append("")
     queues = answer.get("queues")
     if isinstance(queues, dict) and queues:

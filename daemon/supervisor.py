@@ -14,11 +14,19 @@ status-socket commands reach the same methods. Children are exec'ed
 (posix_spawn), reaped only here with waitpid(-1, WNOHANG). Database work
 (lease release, alert rows, status figures) and alert webhooks run in small
 thread pools, so the loop never waits on a database lock or a slow receiver.
+
+Respawns are fast because of the warm spare (`Spare`): once every role has
+run, the supervisor keeps one extra process (``child --standby``) that has
+imported all the roles' code and waits. A dying role is handed to it (one
+line on a socketpair) instead of exec'ing a new Python, and a new spare is
+started behind it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import enum
+import json
 import logging
 import os
 import selectors
@@ -74,6 +82,12 @@ def default_roles(cfg: config_mod.Config, config_path: str) -> list[RoleSpec]:
     return [RoleSpec(name, tuple(base + [name] + tail)) for name in names]
 
 
+def default_spare(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
+    """The warm spare's argv: a child that becomes whichever role it is sent."""
+    tail = ["-c", config_path] if config_path else []
+    return tuple([sys.executable, "-m", "daemon", "child", "--standby"] + tail)
+
+
 def main(cfg: config_mod.Config, roles=None) -> int:
     """`campaignd run`: migrate once, then supervise until told to stop."""
     setup_logging(cfg.daemon.log_level, "supervisor")
@@ -112,9 +126,12 @@ def _close_db(db) -> None:
 class Supervisor:
     """Owns the children, the respawn policy, the status socket and sd_notify."""
 
-    def __init__(self, cfg: config_mod.Config, roles=None, env=None):
+    def __init__(self, cfg: config_mod.Config, roles=None, env=None, spare=None):
         env = dict(os.environ if env is None else env)
         self.role_factory = roles or default_roles
+        # The spare runs the real roles: none for other role factories
+        # (tests' fixture roles) unless one is given.
+        self.spare_factory = spare or (None if roles else default_spare)
         self.host = socket.gethostname()
         run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         self.run_dir = Path(run_base) if run_base else cfg.data_path / "run"
@@ -134,6 +151,8 @@ class Supervisor:
         self.children: list[Child] = []
         self.retired: list[Child] = []  # roles gone from the config, stopping
         self.selector = selectors.DefaultSelector()
+        self.spare = Spare(self.ops, self.selector, self.policy)
+        self.started_up = False  # every role has been RUNNING once
         self._signals: list[int] = []
         self._jobs: list[tuple[concurrent.futures.Future, object]] = []
         self._db_pool = _pool("supervisor-db")
@@ -240,6 +259,7 @@ class Supervisor:
 
     def next_wakeup(self, now: float) -> float | None:
         candidates = [c.next_deadline(now) for c in self.children + self.retired]
+        candidates.append(self.spare.next_deadline(now))
         if any(c.alive for c in self.children + self.retired):
             candidates.append(self._next_beat_check)
             candidates.append(self._next_resource_check)
@@ -258,7 +278,7 @@ class Supervisor:
         if self.stopping_since is None:
             return False
         alive = [c for c in self.children + self.retired if c.alive]
-        if not alive:
+        if not alive and not self.spare.alive:
             return True
         if now > self.stop_deadline + KILL_WAIT_S:
             log.critical("giving up on %s: not reaped after SIGKILL", alive)
@@ -302,9 +322,12 @@ class Supervisor:
         self._warn_restart_only_changes(new_cfg)
         self.cfg = new_cfg
         self.policy = ChildPolicy.from_config(new_cfg)
+        self.spare.policy = self.policy
         self._gatherer = FigureGatherer(new_cfg)
         self.role_alerts.down_after_s = new_cfg.alerts.down_after_s
         self._sync_roles()
+        # The spare loaded the old config: only a new one may take roles.
+        self.spare.retire(time.monotonic(), "config reloaded")
         self.reloading = True
         self._replace = [c.name for c in self.children]
         log.info("config reloaded from %s: replacing %d roles one by one",
@@ -315,6 +338,8 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children:
             log.info("status: %s", child.status(now))
+        if self.spare_factory is not None:
+            log.info("status: spare %s", self.spare.status(now))
 
     def begin_stop(self, reason: str, exit_code: int = 0) -> None:
         if self.stopping_since is not None:
@@ -332,11 +357,13 @@ class Supervisor:
         self.systemd.notify("STOPPING=1", f"STATUS=stopping: {reason}")
         for child in self.children + self.retired:
             child.stop(now, f"daemon stopping ({reason})", grace, restart=False)
+        self.spare.retire(now, "daemon stopping")
 
     def _kill_all(self, reason: str) -> None:
         now = time.monotonic()
         for child in self.children + self.retired:
             child.kill(now, reason, restart=False)
+        self.spare.retire(now, reason)
 
     # ------------------------------------------------------------- children
 
@@ -354,6 +381,9 @@ class Supervisor:
             )
             if child is not None:
                 self._child_gone(child, status)
+            elif self.spare.owns(pid):
+                self.spare.finish(pid, status, time.monotonic())
+                _mark_metrics_dead(pid, self.metrics_dir)
             elif pid in self._helpers:
                 what, _ = self._helpers.pop(pid)
                 log.info("%s %s", what, describe_exit(status)[0])
@@ -414,11 +444,29 @@ class Supervisor:
                 self.retired.remove(child)
         if respawn:
             self._replace_next(now)
+            self._keep_spare(now)
+        if any(c.state is ChildState.STARTING for c in self.children):
+            # A child just (re)spawned: poll for its first beat from now on,
+            # not from the next regular heartbeat check (up to 1 s away).
+            self._next_beat_check = min(self._next_beat_check, now + STARTING_POLL_S)
         for pid, (what, deadline) in list(self._helpers.items()):
             if now >= deadline:
                 log.warning("%s: too slow, SIGKILL", what)
                 self.ops.signal(pid, signal.SIGKILL)
                 self._helpers[pid] = (what, now + KILL_WAIT_S)
+
+    def _keep_spare(self, now: float) -> None:
+        """Start a spare when there is none, once start-up is over."""
+        if self.spare_factory is None:
+            return
+        if not self.started_up:
+            # Start-up imports already load both CPUs: a spare now would
+            # only delay READY.
+            if not all(c.state is ChildState.RUNNING for c in self.children):
+                return
+            self.started_up = True
+        if self.spare.due(now):
+            self.spare.start(now, self.spare_factory(self.cfg, self.config_path))
 
     def restart_role(self, role: str) -> list[str]:
         """Queue a graceful replacement of a role (or all its instances)."""
@@ -454,7 +502,8 @@ class Supervisor:
 
     def _new_child(self, spec: RoleSpec) -> Child:
         safe = spec.name.replace(":", "-").replace("#", "-")
-        child = Child(spec, self.policy, self.run_dir / f"{safe}.heartbeat", self.ops)
+        child = Child(spec, self.policy, self.run_dir / f"{safe}.heartbeat", self.ops,
+                      spare=self.spare)
         child.down_since = time.monotonic()
         return child
 
@@ -673,6 +722,7 @@ class Supervisor:
                 "leader": figures.get("leader"),
             },
             "roles": [c.status(now) for c in self.children],
+            "spare": self.spare.status(now) if self.spare_factory else None,
             "queues": figures.get("queues"),
             "queues_error": figures.get("queues_error")
             or (None if self._figures is not None else "still gathering"),
@@ -710,12 +760,165 @@ class Supervisor:
 
     def close(self) -> None:
         self.status_server.close()
+        self.spare.close_channel()
         signal.set_wakeup_fd(-1)
         for pool in (self._figures_pool, self._db_pool, self._notify_pool):
             pool.shutdown(wait=False)
         self.selector.close()
         for fd in (self._sig_r, self._sig_w, self._jobs_r, self._jobs_w):
             os.close(fd)
+
+
+class SpareState(enum.Enum):
+    NONE = "none"  # no spare process (not started yet, taken, or dead)
+    STARTING = "starting"  # spawned, still importing
+    READY = "ready"  # imported everything, waiting for a role
+
+
+class Spare:
+    """The warm spare: one idle process with every role's code imported.
+
+    It is exec'ed like a child (``child --standby``, own process group) with
+    one end of a socketpair as its stdin; it writes ``ready`` there once its
+    imports are done and then waits for one JSON line naming its role. A
+    STARTING spare can be given a role too: the line waits in the socket and
+    the spare, already part-way through its imports, still beats an exec.
+    A spare that dies is replaced after the children's backoff delays; with
+    no spare, `take` returns None and the child is exec'ed as before.
+    """
+
+    def __init__(self, ops: OsProcesses, selector: selectors.BaseSelector,
+                 policy: ChildPolicy):
+        self.ops = ops
+        self.policy = policy  # its backoff delays apply to spares too
+        self.selector = selector
+        self.state = SpareState.NONE
+        self.state_since = 0.0
+        self.pid: int | None = None
+        self.channel: socket.socket | None = None
+        self.retired: set[int] = set()  # killed, not reaped yet
+        self.failures = 0  # deaths in a row before reaching READY
+        self.retry_at = 0.0
+        self.taken = 0  # roles handed over
+        self.last_exit = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None or bool(self.retired)
+
+    def owns(self, pid: int) -> bool:
+        return pid == self.pid or pid in self.retired
+
+    def change_state(self, new: SpareState, reason: str, now: float,
+                     level: int = logging.INFO) -> None:
+        old, self.state, self.state_since = self.state, new, now
+        log.log(level, "spare: %s -> %s (%s)", old.name, new.name, reason)
+
+    def due(self, now: float) -> bool:
+        return self.state is SpareState.NONE and now >= self.retry_at
+
+    def next_deadline(self, now: float) -> float | None:
+        if self.state is SpareState.NONE and self.retry_at > now:
+            return self.retry_at
+        return None
+
+    def start(self, now: float, argv: tuple[str, ...]) -> None:
+        """Exec a new spare; NONE -> STARTING."""
+        ours, theirs = socket.socketpair()
+        try:
+            pid = self.ops.spawn(argv, {}, stdin=theirs.fileno())
+        except OSError as exc:
+            ours.close()
+            self._failed(now, f"spawn failed: {exc}")
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+        self.selector.register(ours, selectors.EVENT_READ, self._on_channel)
+        self.pid = pid
+        self.change_state(SpareState.STARTING, f"pid {pid}", now)
+
+    def _on_channel(self, _mask: int) -> None:
+        try:
+            data = self.channel.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the spare died: the reaper records it
+            self.close_channel()
+        elif self.state is SpareState.STARTING:
+            self.failures = 0
+            self.change_state(SpareState.READY, f"pid {self.pid} imported every role",
+                              time.monotonic())
+
+    def take(self, role: str, heartbeat_path, now: float) -> int | None:
+        """Hand `role` to the spare; its pid, or None when there is no spare."""
+        if self.pid is None or self.channel is None:
+            return None
+        line = json.dumps({"role": role, "heartbeat": str(heartbeat_path)}) + "\n"
+        try:
+            self.channel.send(line.encode())
+        except OSError as exc:  # died an instant ago, not reaped yet
+            self.retire(now, f"cannot hand over {role}: {exc}")
+            return None
+        pid, self.pid = self.pid, None
+        self.close_channel()
+        self.taken += 1
+        self.change_state(SpareState.NONE, f"pid {pid} became {role}", now)
+        return pid
+
+    def retire(self, now: float, reason: str) -> None:
+        """Kill the spare (it holds nothing; there is nothing to drain)."""
+        self.close_channel()
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        self.retired.add(pid)
+        self.ops.signal(pid, signal.SIGKILL, group=True)
+        self.change_state(SpareState.NONE, f"{reason}: SIGKILL pid {pid}", now)
+
+    def finish(self, pid: int, status: int, now: float) -> None:
+        """Record a reaped spare; one that died on its own is replaced later."""
+        if pid in self.retired:
+            self.retired.discard(pid)
+            log.info("spare: pid %s %s", pid, describe_exit(status, True)[0])
+            return
+        self.pid = None
+        self.close_channel()
+        self._failed(now, f"pid {pid} {describe_exit(status)[0]}")
+
+    def _failed(self, now: float, words: str) -> None:
+        self.failures += 1
+        self.last_exit = words
+        self.retry_at = now + self.policy.backoff_delay(self.failures)
+        self.change_state(
+            SpareState.NONE,
+            f"{words}; next spare in {self.retry_at - now:.2f}s",
+            now,
+            logging.WARNING,
+        )
+
+    def close_channel(self) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.selector.unregister(self.channel)
+        except (KeyError, ValueError):
+            pass
+        self.channel.close()
+        self.channel = None
+
+    def status(self, now: float) -> dict:
+        """The spare as the status socket shows it (not a role)."""
+        return {
+            "state": self.state.value,
+            "pid": self.pid,
+            "state_for_s": round(now - self.state_since, 2),
+            "roles_taken": self.taken,
+            "last_exit": self.last_exit or None,
+        }
 
 
 class LeaseReleaser:

@@ -399,3 +399,50 @@ def test_read_beat_parses_the_runtime_format(tmp_path):
 def test_describe_exit(status, words):
     """Verify that waitpid statuses read as words."""
     assert describe_exit(status)[0] == words
+
+
+class FakeSpare:
+    """A warm spare seam: hands out its pid once, then is gone."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.taken: list[tuple[str, str, float]] = []
+
+    def take(self, role, heartbeat_path, now) -> int | None:
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            self.taken.append((role, str(heartbeat_path), now))
+        return pid
+
+
+def test_respawn_adopts_the_warm_spare_instead_of_exec(make_child, ops):
+    """Verify that a respawn takes the spare's pid (no exec) and is STARTING
+    until its first beat, like an exec'ed child."""
+    child = running_child(make_child)
+    child.spare = FakeSpare(4242)
+    child.finish(killed(signal.SIGKILL), 5.0)
+    child.transition(5.0)
+    assert child.state is S.STARTING
+    assert child.pid == 4242
+    assert child.spawned_at == 5.0
+    assert child.restarts == 1
+    assert len(ops.spawned) == 1  # only the first start was exec'ed
+    assert child.spare.taken == [("web", str(child.heartbeat_path), 5.0)]
+    assert not child.heartbeat_path.exists()  # the old beat does not count
+    beat(child)
+    child.check_heartbeat(5.05, WALL)
+    assert child.state is S.RUNNING
+    child.kill(6.0, "test")
+    assert ops.signals[-2:] == [(4242, signal.SIGKILL, True),
+                                (4242, signal.SIGKILL, False)]
+
+
+def test_without_a_spare_the_respawn_is_exec_ed(make_child, ops):
+    """Verify the fallback: no spare ready -> a normal exec spawn."""
+    child = running_child(make_child)
+    child.spare = FakeSpare(None)
+    child.finish(killed(signal.SIGKILL), 5.0)
+    child.transition(5.0)
+    assert child.state is S.STARTING
+    assert child.pid == 1002
+    assert len(ops.spawned) == 2
