@@ -70,6 +70,7 @@ class Tasks:
         self.verify_whatsapp = self._register("verification", self.verify)
         self.bulk_verify = self._register("verification", self.verify_many)
         self.process_webhook_event = self._register("default", self.process_event)
+        self.process_webhook_events = self._register("default", self.process_events)
         self.run_job = self._register("default", self.job)
 
     def _register(self, queue: str, func: Callable, alias: str = ""):
@@ -79,6 +80,7 @@ class Tasks:
             self.verify: "verify_whatsapp",
             self.verify_many: "bulk_verify",
             self.process_event: "process_webhook_event",
+            self.process_events: "process_webhook_events",
             self.job: "run_job",
         }
         name = "retry_failed_message" if alias == "retry" else names[func]
@@ -301,6 +303,15 @@ class Tasks:
         # row, which the sweeper enqueues.
         self.enqueue_sends(message2_ids, priority=PRIORITY_HIGH)
         return outcome
+
+    def process_events(self, event_ids: list[int]) -> int:
+        """Several stored webhook items in turn (the web role batches them)."""
+        for event_id in event_ids:
+            try:
+                self.process_event(event_id)
+            except Exception:  # noqa: BLE001 - one bad event must not block the rest
+                log.exception("processing webhook event %s failed", event_id)
+        return len(event_ids)
 
     def _apply_event(self, parsed, event, message2_ids: list[int]) -> str:
         from daemon.providers.base import InboundMessage

@@ -205,8 +205,10 @@ def create_app(
     )
     _add_error_handlers(app)
 
-    wassenger = webhooks.WebhookIngest("wassenger", tasks, clock)
-    meta = webhooks.WebhookIngest("meta", tasks, clock)
+    # One writer for both providers: one transaction stream on SQLite.
+    writer = webhooks.EventWriter(tasks)
+    wassenger = webhooks.WebhookIngest("wassenger", tasks, clock, writer)
+    meta = webhooks.WebhookIngest("meta", tasks, clock, writer)
     app.add_route("/webhooks/wassenger", webhooks.WassengerWebhook(cfg, wassenger))
     app.add_route("/webhooks/whatsapp", webhooks.MetaWebhook(cfg, meta))
 

@@ -52,10 +52,10 @@ class RecordingTasks:
         self.fail = fail
         self.events: list[int] = []
 
-    def process_webhook_event(self, event_id: int) -> None:
+    def process_webhook_events(self, event_ids: list[int]) -> None:
         if self.fail:
             raise ConnectionError("queue backend down")
-        self.events.append(event_id)
+        self.events.extend(event_ids)
 
 
 @pytest.fixture
