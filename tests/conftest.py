@@ -21,7 +21,9 @@ from daemon import config as config_mod
 from tests.helpers import merge
 from tests.helpers import write_config
 
-PG_URL = os.environ.get("CAMPAIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get(
+    "CAMPAIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("CAMPAIGND_TEST_REDIS", "redis://127.0.0.1:6379/0")
 REQUIRE = os.environ.get("CAMPAIGND_TEST_REQUIRE_SERVICES") == "1"
 RUN_ID = uuid.uuid4().hex[:8]
@@ -114,8 +116,10 @@ def make_config(tmp_path, base_config):
         if mode in ("cluster", "pgqueue"):
             data = merge(data, {"database": {"url": pg}})
         if mode == "cluster":
-            data = merge(data, {"queue": {"backend": "redis", "url": REDIS_URL,
-                                          "name_prefix": redis}})
+            data = merge(
+                data,
+                {"queue": {"backend": "redis", "url": REDIS_URL, "name_prefix": redis}},
+            )
         if mode == "pgqueue":
             data = merge(data, {"queue": {"backend": "postgres"}})
         path = write_config(tmp_path / f"campaignd-{next(_counter)}.toml", data)

@@ -18,7 +18,9 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what=""):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or predicate}"
+            )
         time.sleep(interval)
 
 
