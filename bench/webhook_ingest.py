@@ -360,7 +360,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=8, help="waitress threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=config_mod.WebConfig().threads,
+        help="waitress threads (default: web.threads)",
+    )
     parser.add_argument("--database-url", default="", help="default: SQLite file")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)

@@ -92,7 +92,9 @@ class ProviderConfig:
 class WebConfig:
     host: str = _opt("127.0.0.1")
     port: int = _opt(8080, lo=1, hi=65535)
-    threads: int = _opt(8, lo=1, hi=256)
+    # Webhook requests wait for their event's group commit: more threads
+    # make bigger batches (bench/webhook_ingest.py).
+    threads: int = _opt(32, lo=1, hi=256)
     # Shared secret expected in X-Webhook-Secret or ?token= on webhooks.
     # Empty disables the check (only sensible on loopback).
     webhook_secret: str = _opt("", secret=True, env="CAMPAIGND_WEBHOOK_SECRET")
