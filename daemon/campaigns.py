@@ -391,8 +391,22 @@ def idempotency_key(campaign_id: int, contact_id: int, kind: int) -> str:
 def fan_out(
     campaign_id: int, batch_size: int = 500, analyze: bool = False
 ) -> list[int]:
-    """Create the next batch of Message 1 rows; their ids (to enqueue) or [].
+    """Create the next batch of Message 1 rows; their ids (to enqueue) or []."""
+    return fan_out_batch(campaign_id, batch_size, analyze=analyze)[0]
 
+
+def fan_out_batch(
+    campaign_id: int,
+    batch_size: int = 500,
+    after_member_id: int = 0,
+    *,
+    analyze: bool = False,
+) -> tuple[list[int], int | None]:
+    """One batch of Message 1 rows: (new message ids, last member id seen).
+
+    The last member id is None once no member is left past `after_member_id`;
+    passing it back as `after_member_id` keeps every batch from re-reading
+    the members already done (members stay pending until their send).
     Resumable: it only looks at members still pending with no Message 1, and
     the unique (campaign, contact, kind) index makes a concurrent or repeated
     run harmless.
@@ -400,7 +414,7 @@ def fan_out(
     with database.atomic():
         campaign = Campaign.get_or_none(Campaign.id == campaign_id)
         if campaign is None or campaign.status != CampaignStatus.RUNNING:
-            return []
+            return [], None
         if analyze and is_postgres():
             # Right after a big import the planner believes these tables are
             # empty and picks a nested-loop anti-join that scans millions of
@@ -416,6 +430,7 @@ def fan_out(
             .join(Contact)
             .where(
                 CampaignContact.campaign == campaign_id,
+                CampaignContact.id > after_member_id,
                 CampaignContact.state == MemberState.PENDING,
                 ~pw.fn.EXISTS(existing),
             )
@@ -423,7 +438,7 @@ def fan_out(
             .limit(batch_size)
         )
         if not members:
-            return []
+            return [], None
         now = utcnow()
         rows, opted_out, skipped = [], [], []
         for member in members:
@@ -437,7 +452,7 @@ def fan_out(
         _set_member_states(opted_out, MemberState.OPTED_OUT, now)
         _set_member_states(skipped, MemberState.SKIPPED, now)
         ids = _insert_messages(rows)
-    return ids
+    return ids, members[-1].id
 
 
 def _message_row(campaign: Campaign, contact: Contact, kind: int, now) -> dict:

@@ -231,14 +231,14 @@ class Tasks:
     def fan_out(self, campaign_id: int) -> int:
         """Create and enqueue every Message 1 of a running campaign, in batches."""
         total = 0
-        first = True
-        while True:
-            ids = campaigns.fan_out(
-                campaign_id, self.cfg.campaigns.fanout_batch, analyze=first
+        after: int | None = 0
+        while after is not None:
+            ids, after = campaigns.fan_out_batch(
+                campaign_id,
+                self.cfg.campaigns.fanout_batch,
+                after,
+                analyze=after == 0,
             )
-            first = False
-            if not ids:
-                break
             self.enqueue_sends(ids)
             total += len(ids)
         campaigns.maybe_complete(campaign_id)
