@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import selectors
 import shutil
 import socket
@@ -39,12 +40,20 @@ MAX_REQUEST_BYTES = 65_536
 # A client that neither sends its request nor reads its answer in this time
 # is dropped, so it cannot hold a file descriptor forever.
 CLIENT_TIMEOUT_S = 5.0
+# Clients served at once (at most a quarter of the descriptor limit); more
+# are refused at once.
+MAX_CLIENTS = 64
 # How long the listener rests after accept() fails (e.g. out of descriptors).
 ACCEPT_PAUSE_S = 1.0
 # sockaddr_un.sun_path is 108 bytes including the final NUL.
 MAX_SOCKET_PATH = 107
 
 log = logging.getLogger(__name__)
+
+
+def _max_clients() -> int:
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(4, min(MAX_CLIENTS, soft_limit // 4))
 
 
 class AlreadyRunning(DaemonError):
@@ -93,6 +102,12 @@ class StatusServer:
                 self.selector.unregister(self.sock)
                 self._paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
+            if len(self.conns) >= _max_clients():
+                # Idle clients must not use up the supervisor's descriptors
+                # (it needs them for heartbeats and children).
+                log.warning("status socket: %d clients open; refusing", len(self.conns))
+                sock.close()
+                continue
             sock.setblocking(False)
             conn = Connection(sock, time.monotonic() + CLIENT_TIMEOUT_S)
             self.conns.add(conn)
@@ -312,9 +327,19 @@ def _db_figures() -> dict:
 
 def request(path: Path, payload: dict, timeout: float = 5.0) -> dict:
     """Send one request and return the answer (raises OSError if no daemon)."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(path))
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except BlockingIOError:
+                # A Unix socket with a timeout fails at once (EAGAIN) when
+                # the listen backlog is full: a busy daemon, not a dead one.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         sock.sendall(json.dumps(payload).encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
         chunks = []
