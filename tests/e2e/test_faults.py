@@ -1,0 +1,532 @@
+"""Service faults against the real daemon: it bends, reports, and loses nothing.
+
+Two timelines, each run once per module by a fixture that records what it
+observes, then judged by the tests below (so one slow daemon run serves many
+small verdicts):
+
+- embedded (SQLite): the provider down for a while (every call 503), then the
+  disk full (the data dir is a small tmpfs, filled up);
+- cluster (our own PostgreSQL and Redis on free ports): Redis killed (its
+  queues are lost) and restarted empty, then PostgreSQL stopped and started.
+
+During each fault: the supervisor and its roles stay up (no FATAL exit),
+/readyz says what is missing, `campaignd status` shows it, a webhook that
+cannot be stored gets a 503 (the provider retries), alerts fire. After it:
+the campaign completes with nothing lost or sent twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from daemon.providers.fake import FakeOptions
+from daemon.providers.fake import FakeProvider
+from tests.e2e import chaos_helpers as ch
+from tests.process.fixture_roles import AlertReceiver
+
+pytestmark = [pytest.mark.slow]
+
+OUTAGE_S = 5.0
+CONTACTS = 20
+REPLY_WINDOW_S = 15.0
+SETTLE_S = 60.0
+
+
+def fake_options(web_port: int) -> FakeOptions:
+    return FakeOptions(
+        latency_ms=10.0,
+        webhook_url=f"http://127.0.0.1:{web_port}/webhooks/wassenger",
+        webhook_secret=ch.WEBHOOK_SECRET,
+        webhook_retries=12,
+        webhook_backoff_ms=250.0,
+        reply_share=0.3,
+        reply_delay_ms=2000.0,
+    )
+
+
+def tables_for(workdir: Path, fake_url: str, web_port: int, alert_url: str,
+               extra: dict | None = None) -> dict:
+    tables = ch.fast_tables(workdir, fake_url, web_port)
+    return ch.merge_tables(tables, {
+        "campaigns": {"reply_window_h": REPLY_WINDOW_S / 3600.0},
+        # A provider outage must not use up the attempts of the rows it hits.
+        "retry": {"max_attempts": 30},
+        "database": {"busy_timeout_s": 1.0},
+        "alerts": {"webhook_url": alert_url},
+        **(extra or {}),
+    })
+
+
+def campaignd_status(cfg) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", "status", "-c", cfg.source],
+        capture_output=True, text=True, timeout=30, cwd=ch.ROOT,
+        env={k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"},
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def post_reply(web_port: int, msg_id: str, phone: str = "+33619999999"):
+    raw = json.dumps({"event": "message:in:new", "id": msg_id,
+                      "data": {"id": msg_id, "fromNumber": phone, "body": "oui"}})
+    try:
+        return requests.post(
+            f"http://127.0.0.1:{web_port}/webhooks/wassenger", data=raw, timeout=20,
+            headers={"X-Webhook-Secret": ch.WEBHOOK_SECRET}).status_code
+    except requests.RequestException:
+        return 0
+
+
+def observe(daemon, cfg, web_port: int, tag: str) -> dict:
+    """Everything an operator (or a provider) would see right now."""
+    status = daemon.status() or {}
+    rc, text = campaignd_status(cfg)
+    ready_code, ready = ch.http_get(f"http://127.0.0.1:{web_port}/readyz", timeout=10)
+    return {
+        "supervisor_alive": daemon.supervisor_pid is not None,
+        "supervisor_starts": daemon.starts,
+        "roles": {r["name"]: r["state"] for r in status.get("roles", [])},
+        "state": (status.get("daemon") or {}).get("state"),
+        "db_error": status.get("db_error"),
+        "queues_error": status.get("queues_error"),
+        "alerts": [a["key"] for a in status.get("alerts") or []],
+        "status_rc": rc,
+        "status_text": text,
+        "readyz": ready_code,
+        "readyz_body": ready,
+        "webhook": post_reply(web_port, f"fault-{tag}-{time.monotonic_ns()}"),
+    }
+
+
+def hold_outage(condition, what: str, started: float) -> None:
+    """Keep the fault on until `condition` holds and OUTAGE_S has passed."""
+    ch.wait_until(lambda: condition() and time.monotonic() - started >= OUTAGE_S,
+                  OUTAGE_S * 4, 0.2, what)
+
+
+def role_state(daemon, name: str) -> str | None:
+    roles = (daemon.status() or {}).get("roles") or []
+    return next((r["state"] for r in roles if r["name"] == name), None)
+
+
+def role_restarts(daemon, name: str) -> int:
+    roles = (daemon.status() or {}).get("roles") or []
+    return next((r["restarts"] for r in roles if r["name"] == name), -1)
+
+
+def settle(campaign_id: int, fake, timeout: float) -> bool:
+    """True once the campaign is completed and nothing is left in flight."""
+    def done():
+        state = ch.campaign_state(campaign_id)
+        return (ch.settled(state, fake) and state["status"] == "completed")
+
+    try:
+        ch.wait_until(done, timeout, 0.25, "campaign settled")
+    except AssertionError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ embedded
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                           str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def _fill(path: Path) -> Path:
+    """Fill the file system holding `path` until ENOSPC; the filler file."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            block = b"\0" * size
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, block)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture(scope="module")
+def embedded_run():
+    work = Path(tempfile.mkdtemp(prefix="faults-emb-", dir="/tmp"))
+    data = work / "data"
+    data.mkdir()
+    tmpfs = _mount_tmpfs(data, "24m")
+    facts: dict = {"tmpfs": tmpfs}
+    daemon = None
+    try:
+        web_port = ch.free_port()
+        options = fake_options(web_port)
+        with AlertReceiver() as alerts, FakeProvider(options) as fake:
+            cfg = ch.write_config(work, tables_for(work, fake.url, web_port,
+                                                   alerts.url))
+            daemon = ch.DaemonUnderTest(cfg, work).start()
+            daemon.wait_ready(90)
+
+            # 1. The provider answers 503 to everything for a while.
+            fake.configure(down=True)
+            campaign_id = ch.seed_campaign(cfg, ch.contact_phones(CONTACTS, 0))
+            ch.wait_until(lambda: fake.stats()["failures_503"] >= CONTACTS, 30, 0.1,
+                          "sends refused by the provider")
+            with contextlib.suppress(AssertionError):
+                alerts.wait_for("health:provider", "raised", timeout=OUTAGE_S * 2)
+            facts["provider_down"] = observe(daemon, cfg, web_port, "provider")
+            facts["provider_alert_sent"] = [a for a in alerts.received
+                                            if "provider" in a["key"]]
+            fake.configure(down=False)
+            facts["provider_settled"] = settle(campaign_id, fake, SETTLE_S)
+            facts["provider_audit"] = ch.audit(campaign_id, fake, options)
+            with contextlib.suppress(AssertionError):
+                alerts.wait_for("health:provider", "resolved", timeout=15)
+            facts["provider_resolved_sent"] = [
+                a for a in alerts.received
+                if "provider" in a["key"] and a["status"] == "resolved"]
+
+            # 2. The disk holding the data dir is full.
+            if tmpfs:
+                second = ch.contact_phones(CONTACTS * 2, 0)[CONTACTS:]
+                campaign2 = ch.seed_campaign(cfg, second)
+                # Full once the Message 1s are out: their acks and the
+                # replies (posted 2 s later) hit the full disk.
+                ch.wait_until(lambda: fake.stats()["sends_accepted"] >= 2 * CONTACTS,
+                              30, 0.05, "second campaign sent")
+                web_restarts = role_restarts(daemon, "web")
+                refused = fake.stats()["webhooks_retried"]
+                started = time.monotonic()
+                filler = _fill(data)
+                facts["disk_full"] = observe(daemon, cfg, web_port, "disk")
+                hold_outage(lambda: fake.stats()["webhooks_retried"] >= refused + 3,
+                            "webhooks refused while the disk is full", started)
+                facts["disk_full_later"] = observe(daemon, cfg, web_port, "disk2")
+                facts["web_restarts_disk_full"] = (
+                    role_restarts(daemon, "web") - web_restarts)
+                filler.unlink()
+                ch.wait_until(lambda: role_state(daemon, "web") == "RUNNING", 60, 0.1,
+                              "web running again")
+                facts["disk_back"] = observe(daemon, cfg, web_port, "diskback")
+                facts["disk_settled"] = settle(campaign2, fake, SETTLE_S)
+                facts["disk_audit"] = ch.audit(campaign2, fake, options)
+            facts["exit_code"] = daemon.stop()
+            facts["exits"] = list(daemon.exits)
+            facts["log"] = daemon.log_text()
+    finally:
+        if daemon is not None:
+            daemon.close()
+        if tmpfs:
+            subprocess.run(["umount", "-l", str(data)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return facts
+
+
+@pytest.mark.timeout(240)
+def test_provider_down_keeps_the_daemon_up_and_alerts(embedded_run):
+    seen = embedded_run["provider_down"]
+    assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1
+    assert set(seen["roles"].values()) == {"RUNNING"}, seen["roles"]
+    # The provider is not a readiness dependency: webhooks still flow.
+    assert seen["readyz"] == 200
+    assert seen["webhook"] == 200
+    assert "health:provider" in seen["alerts"]
+    assert seen["status_rc"] == 1 and "health:provider" in seen["status_text"]
+    assert embedded_run["provider_alert_sent"], "no alert reached alerts.webhook_url"
+
+
+@pytest.mark.timeout(240)
+def test_provider_back_completes_the_campaign_without_loss(embedded_run):
+    assert embedded_run["provider_settled"]
+    audit = embedded_run["provider_audit"]
+    assert audit.message1_accepted == CONTACTS
+    assert audit.lost == 0 and audit.duplicate_deliveries == 0, audit
+    assert audit.message2_missing == 0 and audit.message2_extra == 0, audit
+    assert audit.unprocessed_events == 0
+    assert embedded_run["provider_resolved_sent"], "no recovery notice sent"
+
+
+def _brief(seen: dict) -> dict:
+    return {k: v for k, v in seen.items() if k != "status_text"}
+
+
+def _needs_tmpfs(run):
+    if not run["tmpfs"]:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
+@pytest.mark.timeout(240)
+def test_disk_full_keeps_the_daemon_up(embedded_run):
+    _needs_tmpfs(embedded_run)
+    for phase in ("disk_full", "disk_full_later"):
+        seen = embedded_run[phase]
+        assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1, phase
+        assert "FATAL" not in seen["roles"].values(), _brief(seen)
+    assert embedded_run["disk_back"]["webhook"] == 200
+
+
+@pytest.mark.xfail(strict=False, reason="BUG: the web child dies of SIGBUS on a "
+                   "full disk (prometheus_client multiprocess mmap files live in "
+                   "<data_dir>/metrics) and crash-loops, so webhooks get a refused "
+                   "connection instead of a 503, and 10 exits make web FATAL")
+@pytest.mark.timeout(240)
+def test_disk_full_refuses_webhooks_with_503(embedded_run):
+    _needs_tmpfs(embedded_run)
+    for phase in ("disk_full", "disk_full_later"):
+        seen = embedded_run[phase]
+        # Not stored, so not acknowledged: the provider will retry.
+        assert seen["webhook"] == 503, (phase, _brief(seen))
+    assert embedded_run["web_restarts_disk_full"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="GAP: /readyz only reads (SELECT 1), so it "
+                   "answers 200 while the disk is full and every write fails")
+@pytest.mark.timeout(240)
+def test_disk_full_makes_readyz_fail(embedded_run):
+    _needs_tmpfs(embedded_run)
+    assert embedded_run["disk_full_later"]["readyz"] == 503
+
+
+@pytest.mark.timeout(240)
+def test_disk_back_completes_the_campaign_without_loss(embedded_run):
+    _needs_tmpfs(embedded_run)
+    assert embedded_run["disk_settled"]
+    audit = embedded_run["disk_audit"]
+    assert audit.lost == 0 and audit.duplicate_deliveries == 0, audit
+    assert audit.message2_missing == 0 and audit.message2_extra == 0, audit
+    assert audit.unprocessed_events == 0
+
+
+@pytest.mark.timeout(240)
+def test_embedded_faults_end_with_a_clean_stop(embedded_run):
+    assert embedded_run["exits"] == []  # the supervisor never died
+    assert embedded_run["exit_code"] == 0
+    assert "-> FATAL" not in embedded_run["log"]
+
+
+# ------------------------------------------------------------------- cluster
+
+
+@pytest.fixture(scope="module")
+def cluster_run():
+    if not (ch.OwnPostgres.available() and ch.OwnRedis.available()):
+        pytest.skip("needs redis-server and PostgreSQL binaries")
+    work = Path(tempfile.mkdtemp(prefix="faults-cl-", dir="/tmp"))
+    facts: dict = {}
+    pg = redis = daemon = None
+    try:
+        pg = ch.OwnPostgres().start()
+        redis = ch.OwnRedis(work / "redis").start()
+        web_port = ch.free_port()
+        options = fake_options(web_port)
+        with AlertReceiver() as alerts, FakeProvider(options) as fake:
+            extra = {"database": {"url": pg.url},
+                     "queue": {"backend": "redis", "url": redis.url}}
+            cfg = ch.write_config(work, tables_for(work, fake.url, web_port,
+                                                   alerts.url, extra))
+            daemon = ch.DaemonUnderTest(cfg, work).start()
+            daemon.wait_ready(90)
+            phones = ch.contact_phones(CONTACTS * 2, 0)
+
+            # 1. Redis gone (with every queued task), then back empty.
+            campaign1 = ch.seed_campaign(cfg, phones[:CONTACTS])
+            started = time.monotonic()
+            redis.kill()
+            facts["redis_down"] = observe(daemon, cfg, web_port, "redis")
+            # The status figures are refreshed off-loop (and Redis connects
+            # are retried), so the error shows after a few seconds.
+            hold_outage(lambda: (daemon.status() or {}).get("queues_error"),
+                        "queues_error on the status socket", started)
+            facts["redis_down_later"] = observe(daemon, cfg, web_port, "redis2")
+            facts["redis_alerts_sent"] = list(alerts.received)
+            redis.start()
+            facts["redis_settled"] = settle(campaign1, fake, SETTLE_S)
+            facts["redis_audit"] = ch.audit(campaign1, fake, options)
+
+            # 2. PostgreSQL stopped (connections cut), then started again.
+            campaign2 = ch.seed_campaign(cfg, phones[CONTACTS:])
+            started = time.monotonic()
+            pg.stop(mode="fast")
+            facts["pg_down"] = observe(daemon, cfg, web_port, "pg")
+            hold_outage(lambda: (daemon.status() or {}).get("db_error"),
+                        "db_error on the status socket", started)
+            facts["pg_down_later"] = observe(daemon, cfg, web_port, "pg2")
+            facts["pg_alerts_sent"] = [a for a in alerts.received
+                                       if a not in facts["redis_alerts_sent"]]
+            pg.start()
+            facts["pg_back"] = observe(daemon, cfg, web_port, "pgback")
+            # Known not to settle today (see the xfail below): do not wait
+            # the full minute for it.
+            facts["pg_settled"] = settle(campaign2, fake, SETTLE_S / 2)
+            with contextlib.suppress(Exception):
+                facts["pg_audit"] = ch.audit(campaign2, fake, options)
+            facts["exit_code"] = daemon.stop()
+            facts["exits"] = list(daemon.exits)
+            facts["log"] = daemon.log_text()
+    finally:
+        if daemon is not None:
+            daemon.close()
+        for service in (redis, pg):
+            if service is not None:
+                service.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return facts
+
+
+@pytest.mark.timeout(300)
+def test_redis_down_is_reported_and_webhooks_still_stored(cluster_run):
+    for phase in ("redis_down", "redis_down_later"):
+        seen = cluster_run[phase]
+        assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1, phase
+        assert set(seen["roles"].values()) == {"RUNNING"}, seen["roles"]
+    seen = cluster_run["redis_down_later"]
+    assert seen["readyz"] == 503, _brief(seen)
+    assert "queue" in seen["readyz_body"]["checks"]["failed"], _brief(seen)
+    # The database can store it, so it is acknowledged; the sweeper replays
+    # it once the queue is back.
+    assert seen["webhook"] == 200
+    assert seen["queues_error"] and "queues: " in seen["status_text"]
+
+
+@pytest.mark.xfail(strict=True, reason="GAP: nothing alerts on a queue outage: the "
+                   "health check is itself a task on that queue, and "
+                   "`campaignd status` exits 0 with queues_error set")
+@pytest.mark.timeout(300)
+def test_redis_down_raises_an_alert(cluster_run):
+    seen = cluster_run["redis_down_later"]
+    assert seen["status_rc"] != 0
+    assert cluster_run["redis_alerts_sent"]
+
+
+@pytest.mark.timeout(300)
+def test_redis_back_empty_the_sweeper_recovers_everything(cluster_run):
+    assert cluster_run["redis_settled"]
+    audit = cluster_run["redis_audit"]
+    assert audit.message1_accepted == CONTACTS
+    assert audit.lost == 0 and audit.duplicate_deliveries == 0, audit
+    assert audit.message2_missing == 0 and audit.message2_extra == 0, audit
+    assert audit.unprocessed_events == 0
+
+
+@pytest.mark.timeout(300)
+def test_postgres_down_refuses_webhooks_and_stays_up(cluster_run):
+    for phase in ("pg_down", "pg_down_later"):
+        seen = cluster_run[phase]
+        assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1, phase
+        assert "FATAL" not in seen["roles"].values(), seen["roles"]
+        assert seen["webhook"] == 503, (phase, seen["webhook"])
+    seen = cluster_run["pg_down_later"]
+    assert seen["readyz"] == 503, _brief(seen)
+    assert "database" in seen["readyz_body"]["checks"]["failed"], _brief(seen)
+    assert seen["db_error"]
+    assert cluster_run["pg_back"]["webhook"] == 200
+
+
+@pytest.mark.xfail(strict=True, reason="GAP: a database outage raises no alert "
+                   "(the health check cannot store it, so it only logs) and "
+                   "`campaignd status` neither prints db_error nor exits non-zero")
+@pytest.mark.timeout(300)
+def test_postgres_down_raises_an_alert(cluster_run):
+    seen = cluster_run["pg_down_later"]
+    assert seen["status_rc"] != 0 and "database" in seen["status_text"]
+    assert cluster_run["pg_alerts_sent"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: worker threads keep their dead "
+                   "PostgreSQL connection after a restart ('the connection is "
+                   "closed' on every task) until the worker process is replaced")
+@pytest.mark.timeout(300)
+def test_postgres_back_completes_the_campaign_without_loss(cluster_run):
+    assert cluster_run["pg_settled"]
+    audit = cluster_run["pg_audit"]
+    assert audit.lost == 0 and audit.duplicate_deliveries == 0, audit
+    assert audit.message2_missing == 0 and audit.unprocessed_events == 0
+
+
+@pytest.mark.timeout(300)
+def test_cluster_faults_never_kill_the_supervisor(cluster_run):
+    assert cluster_run["exits"] == []
+    assert cluster_run["exit_code"] == 0
+    assert "-> FATAL" not in cluster_run["log"]
+
+
+# ------------------------------------------------------------ reply vs expiry
+
+
+def _late_reply(make_config, *, others: int) -> int:
+    """A reply stored 30 s before the window closes, processed 60 s after it,
+    the expiry job having run in between (worker:default down or backlogged).
+
+    `others`: contacts of the same campaign still waiting for Message 1, which
+    keep the campaign running. Returns the number of Message 2 rows created.
+    """
+    from daemon import campaigns
+    from daemon.queue import make_queues
+    from daemon.store.db import open_database
+    from daemon.store.models import Contact
+    from daemon.store.models import InboundEvent
+    from daemon.store.models import Message
+    from daemon.store.models import database
+    from daemon.store.models import utcnow
+    from daemon.tasks import Tasks
+
+    window_h = 1.0
+    cfg = make_config("sqlite", {"campaigns": {"reply_window_h": window_h}})
+    open_database(cfg, migrate_schema=True)
+    queues = make_queues(cfg)
+    try:
+        sent_at = utcnow()
+        contacts = [Contact.create(phone=f"+3361234{i:04d}", name="A")
+                    for i in range(1 + others)]
+        campaign = campaigns.create_campaign("late", "Bonjour", "Merci",
+                                             [c.id for c in contacts])
+        tasks = Tasks(cfg, queues)
+        campaigns.start_campaign(campaign.id, tasks)
+        first = Message.get_by_id(sorted(campaigns.fan_out(campaign.id))[0])
+        claimed = campaigns.claim(first.id, "test:1", 60, now=sent_at)
+        campaigns.record_sent(claimed, "test:1", "p1", "w1", now=sent_at)
+        window = dt.timedelta(hours=window_h)
+        reply = {"event": "message:in:new", "id": "late-1",
+                 "data": {"id": "late-1", "fromNumber": first.phone, "body": "oui"}}
+        event = InboundEvent.create(
+            provider="wassenger", dedupe_key="late-1", event_type="message:in:new",
+            payload=json.dumps(reply),
+            received_at=sent_at + window - dt.timedelta(seconds=30))
+        if others:  # still waiting for their Message 1: the campaign runs on
+            Message.update(next_attempt_at=sent_at + 2 * window).where(
+                Message.id != first.id).execute()
+        campaigns.expire_interactions(window_h, now=sent_at + window
+                                      + dt.timedelta(seconds=5))
+        tasks.clock = lambda: sent_at + window + dt.timedelta(seconds=60)
+        tasks.process_event(event.id)
+        return Message.select().where(Message.kind == 2).count()
+    finally:
+        queues.close()
+        database.close()
+
+
+def test_a_reply_received_in_time_is_honoured_even_if_processed_late(make_config):
+    assert _late_reply(make_config, others=1) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: when the expiry job expires the last "
+                   "open member, maybe_complete() completes the campaign although "
+                   "a reply that arrived in time is stored and not yet processed; "
+                   "the reply then finds no running campaign: no Message 2")
+def test_a_late_processed_reply_of_the_last_open_member_gets_message_2(make_config):
+    assert _late_reply(make_config, others=0) == 1
