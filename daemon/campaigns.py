@@ -589,6 +589,8 @@ def release(
 def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
     """The provider accepted the message: sent (unless a webhook got further)."""
     now = now or utcnow()
+    # The row and its member move together: a kill between two commits
+    # would leave the member behind for good (and the campaign open).
     with database.atomic():
         cursor = database.execute_sql(
             _sql(_RECORD_SENT_SQL), (provider_id, wa_id, now, message.id, owner)
@@ -598,8 +600,10 @@ def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
                 _sql(_MEMBER_SENT_SQL),
                 (now, now, message.campaign_id, message.contact_id),
             )
+        elif cursor.rowcount:
+            _member_message2_sent(message.campaign_id, message.contact_id, now)
     if cursor.rowcount and message.kind == 2:
-        _member_after_send(message.campaign_id, message.contact_id, 2, now)
+        maybe_complete(message.campaign_id)
 
 
 def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
@@ -614,12 +618,48 @@ def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> Non
             CampaignContact.state == MemberState.PENDING,
         ).execute()
     else:
-        CampaignContact.update(state=MemberState.MESSAGE_2_SENT, updated_at=now).where(
-            CampaignContact.campaign == campaign_id,
-            CampaignContact.contact == contact_id,
-            CampaignContact.state == MemberState.INTERACTED,
-        ).execute()
+        _member_message2_sent(campaign_id, contact_id, now)
         maybe_complete(campaign_id)
+
+
+def _member_message2_sent(campaign_id: int, contact_id: int, now) -> None:
+    CampaignContact.update(state=MemberState.MESSAGE_2_SENT, updated_at=now).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.contact == contact_id,
+        CampaignContact.state == MemberState.INTERACTED,
+    ).execute()
+
+
+def repair_members(now=None) -> int:
+    """Members left behind their messages (a crash between two commits in an
+    older version, or a webhook that moved the row but not the member)."""
+    now = now or utcnow()
+    sent = Message.select(Message.id).where(
+        Message.campaign == CampaignContact.campaign,
+        Message.contact == CampaignContact.contact,
+        Message.status.in_(_SENT_OR_LATER),
+    )
+    fixed = (
+        CampaignContact.update(state=MemberState.MESSAGE_2_SENT, updated_at=now)
+        .where(
+            CampaignContact.state == MemberState.INTERACTED,
+            pw.fn.EXISTS(sent.where(Message.kind == 2)),
+        )
+        .execute()
+    )
+    fixed += (
+        CampaignContact.update(
+            state=MemberState.MESSAGE_1_SENT,
+            message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now),
+            updated_at=now,
+        )
+        .where(
+            CampaignContact.state == MemberState.PENDING,
+            pw.fn.EXISTS(sent.where(Message.kind == 1)),
+        )
+        .execute()
+    )
+    return fixed
 
 
 def record_failure(message, owner: str, reason: str, now=None) -> bool:
@@ -806,6 +846,15 @@ def running_campaign_ids() -> list[int]:
 def expire_interactions(window_h: float, now=None) -> int:
     """Message 1 older than the reply window with no reply: the contact expires."""
     now = now or utcnow()
+    # A reply that arrived in time but is not processed yet still counts:
+    # judge the window at the oldest unprocessed event, not at now.
+    oldest_unprocessed = (
+        InboundEvent.select(pw.fn.MIN(InboundEvent.received_at))
+        .where(InboundEvent.processed_at.is_null())
+        .scalar()
+    )
+    if oldest_unprocessed is not None:
+        now = min(now, oldest_unprocessed)
     cutoff = now - dt.timedelta(hours=window_h)
     with database.atomic():
         expiring = list(

@@ -80,10 +80,11 @@ def cleanup_expired_locks(tasks, now: dt.datetime) -> str:
 def recover_interrupted_campaigns(tasks, now: dt.datetime) -> str:
     """Re-enqueue stuck rows, resume fan-outs, complete finished campaigns."""
     found = tasks.sweep_once(now, grace_s=RECOVER_GRACE_S)
+    repaired = campaigns.repair_members(now)
     completed = sum(
         1 for cid in campaigns.running_campaign_ids() if campaigns.maybe_complete(cid)
     )
-    return f"{_short(found)}, completed {completed}"
+    return f"{_short(found)}, repaired {repaired}, completed {completed}"
 
 
 def sweep(tasks, now: dt.datetime) -> str:

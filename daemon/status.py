@@ -383,7 +383,7 @@ def client_main(cfg, args) -> int:
 
 
 def is_healthy(answer: dict) -> bool:
-    """Running, every role RUNNING, no active alert."""
+    """Running, every role RUNNING, database and queue reachable, no alert."""
     daemon = answer.get("daemon", {})
     roles = answer.get("roles", [])
     return (
@@ -391,6 +391,8 @@ def is_healthy(answer: dict) -> bool:
         and bool(roles)
         and all(r.get("state") == "RUNNING" for r in roles)
         and not answer.get("alerts")
+        and not answer.get("db_error")
+        and answer.get("queues_error") in (None, "still gathering")
     )
 
 
@@ -425,7 +427,9 @@ def format_status(answer: dict) -> str:
     if isinstance(queues, dict) and queues:
         lines.append("queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
     else:
-        lines.append(f"queues: {answer.get('queues_error') or 'unknown'}")
+        lines.append(f"queues: UNREACHABLE ({answer.get('queues_error') or 'unknown'})")
+    if answer.get("db_error"):
+        lines.append(f"database: UNREACHABLE ({answer['db_error']})")
     campaigns = answer.get("campaigns")
     if campaigns:
         lines.append(

@@ -67,6 +67,8 @@ STARTING_POLL_S = 0.025
 # they are; older ones are refreshed off-loop while the request waits <= 1 s.
 FIGURES_MAX_AGE_S = 2.0
 FIGURES_WAIT_S = 1.0
+# How often the database and the queue backend are probed for alerts.
+DEPENDENCY_CHECK_S = 10.0
 # After the stop deadline's SIGKILLs, how long to wait for the reaping.
 KILL_WAIT_S = 5.0
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -135,7 +137,12 @@ class Supervisor:
         self.host = socket.gethostname()
         run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         self.run_dir = Path(run_base) if run_base else cfg.data_path / "run"
-        self.metrics_dir = cfg.data_path / "metrics"
+        # The prometheus files are memory-mapped: on a full disk a write to
+        # them is a SIGBUS that kills the web child over and over. Under
+        # systemd they live on the runtime directory (tmpfs) instead.
+        self.metrics_dir = (
+            Path(run_base) / "metrics" if run_base else cfg.data_path / "metrics"
+        )
         self.config_path = ""
         # Bound first: AlreadyRunning must stop us before we touch run_dir.
         self.status_server = StatusServer(
@@ -160,6 +167,9 @@ class Supervisor:
         self._notify_pool = _pool("supervisor-notify")
         self._figures: dict | None = None
         self._figures_at = 0.0
+        # Unreachable dependencies: since when (monotonic), and alerted ones.
+        self._dependency_down: dict[str, float] = {}
+        self._dependency_alerted: set[str] = set()
         self._figures_job: concurrent.futures.Future | None = None
         self._gatherer = FigureGatherer(self.cfg)
         self._requeuer = LeaseReleaser(self.cfg)
@@ -267,6 +277,7 @@ class Supervisor:
             candidates.append(self._next_watchdog)
         if self.stopping_since is None:
             candidates.append(self.role_alerts.next_deadline(self.children))
+            candidates.append(self._figures_at + DEPENDENCY_CHECK_S)
         else:
             candidates.append(self.stop_deadline + KILL_WAIT_S)
         candidates += [deadline for _, deadline in self._parked]
@@ -574,6 +585,40 @@ class Supervisor:
             return
         for key, status, message in self.role_alerts.check(self.children, now):
             self.announce(key, status, message)
+        self.check_dependencies(now)
+
+    def check_dependencies(self, now: float) -> None:
+        """Alert when the database or the queue backend stays unreachable.
+
+        The scheduler's health check cannot do it then: it runs as a task on
+        the queue and records into the database. The figures gathered for the
+        status socket say whether both answer; they are refreshed here too.
+        """
+        if now - self._figures_at >= DEPENDENCY_CHECK_S:
+            self.refresh_figures()
+        if self._figures is None:
+            return
+        for key, what, error in (
+            ("dependency:database", "database", self._figures.get("db_error")),
+            ("dependency:queue", "queue backend", self._figures.get("queues_error")),
+        ):
+            if error:
+                since = self._dependency_down.setdefault(key, now)
+                down_for = now - since
+                if key not in self._dependency_alerted and (
+                    down_for >= self.cfg.alerts.down_after_s
+                ):
+                    self._dependency_alerted.add(key)
+                    self.announce(
+                        key,
+                        alerts.RAISED,
+                        f"{what} unreachable for {down_for:.0f}s: {error}",
+                    )
+            else:
+                self._dependency_down.pop(key, None)
+                if key in self._dependency_alerted:
+                    self._dependency_alerted.discard(key)
+                    self.announce(key, alerts.RESOLVED, f"{what} reachable again")
 
     def announce(self, key: str, status: str, message: str) -> None:
         """Log, record and send one alert or recovery notice, without waiting."""

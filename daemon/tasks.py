@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 
+import peewee as pw
+
 from daemon import campaigns
 from daemon import metrics
 from daemon.config import Config
@@ -93,6 +95,13 @@ class Tasks:
             started = time.monotonic()
             try:
                 return func(*args, **kwargs)
+            except (pw.OperationalError, pw.InterfaceError):
+                # A restarted PostgreSQL leaves this thread's connection dead:
+                # drop it so the next task reconnects instead of failing on
+                # "the connection is closed" forever. The row is unchanged
+                # (or leased), so the sweeper brings this task's work back.
+                _drop_connection()
+                raise
             finally:
                 duration.observe(time.monotonic() - started)
                 self.task_clock.finished()
@@ -420,3 +429,14 @@ def _reason_label(reason: str) -> str:
     if "connect" in lowered:
         return "connection"
     return "other"
+
+
+def _drop_connection() -> None:
+    try:
+        manual_close = getattr(database.obj, "manual_close", None)
+        if manual_close is not None:
+            manual_close()  # a pooled connection: closed, not returned
+        else:
+            database.close()
+    except Exception:  # noqa: BLE001 - it is already broken
+        log.debug("dropping a broken connection failed", exc_info=True)

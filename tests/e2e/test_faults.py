@@ -64,7 +64,8 @@ def tables_for(workdir: Path, fake_url: str, web_port: int, alert_url: str,
         # A provider outage must not use up the attempts of the rows it hits.
         "retry": {"max_attempts": 30},
         "database": {"busy_timeout_s": 1.0},
-        "alerts": {"webhook_url": alert_url},
+        # Short, so that an outage held for OUTAGE_S raises its alert.
+        "alerts": {"webhook_url": alert_url, "down_after_s": 3.0},
         **(extra or {}),
     })
 
@@ -352,6 +353,9 @@ def cluster_run():
             # are retried), so the error shows after a few seconds.
             hold_outage(lambda: (daemon.status() or {}).get("queues_error"),
                         "queues_error on the status socket", started)
+            # The supervisor alerts once the outage lasts alerts.down_after_s.
+            with contextlib.suppress(AssertionError):
+                ch.wait_until(lambda: alerts.received, 30, 0.2, "a queue alert")
             facts["redis_down_later"] = observe(daemon, cfg, web_port, "redis2")
             facts["redis_alerts_sent"] = list(alerts.received)
             redis.start()
@@ -365,14 +369,16 @@ def cluster_run():
             facts["pg_down"] = observe(daemon, cfg, web_port, "pg")
             hold_outage(lambda: (daemon.status() or {}).get("db_error"),
                         "db_error on the status socket", started)
+            seen_before = len(alerts.received)
+            with contextlib.suppress(AssertionError):
+                ch.wait_until(lambda: len(alerts.received) > seen_before, 30, 0.2,
+                              "a database alert")
             facts["pg_down_later"] = observe(daemon, cfg, web_port, "pg2")
             facts["pg_alerts_sent"] = [a for a in alerts.received
                                        if a not in facts["redis_alerts_sent"]]
             pg.start()
             facts["pg_back"] = observe(daemon, cfg, web_port, "pgback")
-            # Known not to settle today (see the xfail below): do not wait
-            # the full minute for it.
-            facts["pg_settled"] = settle(campaign2, fake, SETTLE_S / 2)
+            facts["pg_settled"] = settle(campaign2, fake, SETTLE_S)
             with contextlib.suppress(Exception):
                 facts["pg_audit"] = ch.audit(campaign2, fake, options)
             facts["exit_code"] = daemon.stop()
@@ -403,9 +409,6 @@ def test_redis_down_is_reported_and_webhooks_still_stored(cluster_run):
     assert seen["queues_error"] and "queues: " in seen["status_text"]
 
 
-@pytest.mark.xfail(strict=True, reason="GAP: nothing alerts on a queue outage: the "
-                   "health check is itself a task on that queue, and "
-                   "`campaignd status` exits 0 with queues_error set")
 @pytest.mark.timeout(300)
 def test_redis_down_raises_an_alert(cluster_run):
     seen = cluster_run["redis_down_later"]
@@ -437,9 +440,6 @@ def test_postgres_down_refuses_webhooks_and_stays_up(cluster_run):
     assert cluster_run["pg_back"]["webhook"] == 200
 
 
-@pytest.mark.xfail(strict=True, reason="GAP: a database outage raises no alert "
-                   "(the health check cannot store it, so it only logs) and "
-                   "`campaignd status` neither prints db_error nor exits non-zero")
 @pytest.mark.timeout(300)
 def test_postgres_down_raises_an_alert(cluster_run):
     seen = cluster_run["pg_down_later"]
@@ -447,9 +447,6 @@ def test_postgres_down_raises_an_alert(cluster_run):
     assert cluster_run["pg_alerts_sent"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: worker threads keep their dead "
-                   "PostgreSQL connection after a restart ('the connection is "
-                   "closed' on every task) until the worker process is replaced")
 @pytest.mark.timeout(300)
 def test_postgres_back_completes_the_campaign_without_loss(cluster_run):
     assert cluster_run["pg_settled"]
@@ -524,9 +521,5 @@ def test_a_reply_received_in_time_is_honoured_even_if_processed_late(make_config
     assert _late_reply(make_config, others=1) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the expiry job expires the last "
-                   "open member, maybe_complete() completes the campaign although "
-                   "a reply that arrived in time is stored and not yet processed; "
-                   "the reply then finds no running campaign: no Message 2")
 def test_a_late_processed_reply_of_the_last_open_member_gets_message_2(make_config):
     assert _late_reply(make_config, others=0) == 1
