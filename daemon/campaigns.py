@@ -577,12 +577,17 @@ def release(
             enqueued_at=utcnow(),
             error=reason or Message.error,
         )
-        .where(
-            Message.id == message.id,
-            Message.lease_owner == owner,
-            Message.status == MessageStatus.SENDING,
-        )
+        .where(_held_by(message, owner))
         .execute()
+    )
+
+
+def _held_by(message, owner: str):
+    """The row is still ours: claimed by `owner` and not moved on since."""
+    return (
+        (Message.id == message.id)
+        & (Message.lease_owner == owner)
+        & (Message.status == MessageStatus.SENDING)
     )
 
 
@@ -673,11 +678,7 @@ def record_failure(message, owner: str, reason: str, now=None) -> bool:
             lease_owner=None,
             lease_expires_at=None,
         )
-        .where(
-            Message.id == message.id,
-            Message.lease_owner == owner,
-            Message.status == MessageStatus.SENDING,
-        )
+        .where(_held_by(message, owner))
         .execute()
     )
     if updated:
@@ -740,11 +741,7 @@ def record_retryable(
             lease_expires_at=None,
             enqueued_at=now,
         )
-        .where(
-            Message.id == message.id,
-            Message.lease_owner == owner,
-            Message.status == MessageStatus.SENDING,
-        )
+        .where(_held_by(message, owner))
         .execute()
     )
     return next_at if updated else None
