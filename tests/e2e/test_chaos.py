@@ -63,10 +63,6 @@ def test_every_acknowledged_event_is_stored_and_processed(chaos):
     assert chaos.audit.replies_not_stored == 0, chaos.audit.details
 
 
-@pytest.mark.xfail(strict=False, reason="BUG (intermittent): a worker SIGKILLed "
-                   "between record_sent's commit and the member update leaves the "
-                   "member 'interacted' with its Message 2 sent, so the campaign "
-                   "never completes (daemon/campaigns.py record_sent)")
 def test_the_campaign_completes(chaos):
     assert chaos.audit.stuck_members == 0
     assert chaos.audit.campaign_status == "completed"

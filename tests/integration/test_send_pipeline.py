@@ -319,13 +319,17 @@ def test_retry_worker_sends_after_retry_after_without_the_sweeper(
 def test_row_whose_lease_expired_mid_send_is_resent_with_the_same_reference(
     pipeline_for, fake
 ):
-    clock = ManualClock(T0)
+    # Now, not the module's start time: the rows' enqueued_at is real time,
+    # and the sweeper compares it with the clock (a start time taken minutes
+    # earlier, at collection, makes the row look freshly enqueued).
+    t0 = utcnow().replace(microsecond=0)
+    clock = ManualClock(t0)
     pipeline = pipeline_for({}, clock)
     _, (message_id,) = running_campaign(pipeline)
     lease_s = pipeline.tasks.lease_s
     # A worker on another host claims the row, reaches the provider, and
     # dies before recording the answer.
-    claimed = campaigns.claim(message_id, "deadhost:4242", lease_s, T0)
+    claimed = campaigns.claim(message_id, "deadhost:4242", lease_s, t0)
     first = pipeline.provider.send(
         claimed.phone, claimed.body, claimed.idempotency_key, kind=1, variables={}
     )
@@ -334,7 +338,7 @@ def test_row_whose_lease_expired_mid_send_is_resent_with_the_same_reference(
     assert pipeline.tasks.sweep_once()["messages"] == 0
     assert pipeline.tasks.deliver(message_id) == "not claimable"
 
-    clock.set(T0 + dt.timedelta(seconds=lease_s + 1))
+    clock.set(t0 + dt.timedelta(seconds=lease_s + 1))
     assert pipeline.tasks.sweep_once()["messages"] == 1
     assert pipeline.queues.messages.pending_count() >= 1
     assert pipeline.tasks.deliver(message_id) == "sent"
