@@ -66,27 +66,32 @@ class Tasks:
         # The lease outlives the hard time limit: past it the supervisor has
         # killed the worker, so an expired lease never belongs to a live send.
         self.lease_s = cfg.workers.hard_time_limit_s + 30.0
-        self.send_single_message = self._register("messages", self.deliver)
-        self.send_campaign_messages = self._register("messages", self.fan_out)
-        self.retry_failed_message = self._register("retry", self.deliver, "retry")
-        self.verify_whatsapp = self._register("verification", self.verify)
-        self.bulk_verify = self._register("verification", self.verify_many)
-        self.process_webhook_event = self._register("default", self.process_event)
-        self.process_webhook_events = self._register("default", self.process_events)
-        self.run_job = self._register("default", self.job)
+        # The original system's task names, each on its original queue.
+        self.send_single_message = self._register(
+            "messages", "send_single_message", self.deliver
+        )
+        self.send_campaign_messages = self._register(
+            "messages", "send_campaign_messages", self.fan_out
+        )
+        self.retry_failed_message = self._register(
+            "retry", "retry_failed_message", self.deliver
+        )
+        self.verify_whatsapp = self._register(
+            "verification", "verify_whatsapp", self.verify
+        )
+        self.bulk_verify = self._register(
+            "verification", "bulk_verify", self.verify_many
+        )
+        self.process_webhook_event = self._register(
+            "default", "process_webhook_event", self.process_event
+        )
+        self.process_webhook_events = self._register(
+            "default", "process_webhook_events", self.process_events
+        )
+        self.run_job = self._register("default", "run_job", self.job)
 
-    def _register(self, queue: str, func: Callable, alias: str = ""):
-        names = {
-            self.deliver: "send_single_message",
-            self.fan_out: "send_campaign_messages",
-            self.verify: "verify_whatsapp",
-            self.verify_many: "bulk_verify",
-            self.process_event: "process_webhook_event",
-            self.process_events: "process_webhook_events",
-            self.job: "run_job",
-        }
-        name = "retry_failed_message" if alias == "retry" else names[func]
-
+    def _register(self, queue: str, name: str, func: Callable):
+        """A Huey task `name` on `queue` running `func`, timed and tracked."""
         duration = metrics.TASK_SECONDS.labels(task=name)
 
         @functools.wraps(func)
