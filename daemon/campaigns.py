@@ -757,6 +757,25 @@ def release_leases(owner: str, now=None) -> int:
     )
 
 
+def release_dead_leases(host: str, pid_alive) -> int:
+    """Release the leases of this host's processes that no longer exist."""
+    owners = {
+        m.lease_owner
+        for m in Message.select(Message.lease_owner)
+        .where(
+            Message.status == MessageStatus.SENDING,
+            Message.lease_owner.startswith(f"{host}:"),
+        )
+        .distinct()
+    }
+    released = 0
+    for owner in owners:
+        pid = owner.rpartition(":")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            released += release_leases(owner)
+    return released
+
+
 # ---------------------------------------------------------------- sweeping
 
 

@@ -110,9 +110,18 @@ def main(cfg: config_mod.Config, roles=None) -> int:
 
 
 def _migrate(cfg):
+    import psutil
+
+    from daemon import campaigns
     from daemon.store.db import open_database
 
-    return open_database(cfg, migrate_schema=True)
+    db = open_database(cfg, migrate_schema=True)
+    # Workers of a previous run of this daemon (SIGKILLed with it) left
+    # leases that would otherwise hold their rows until the lease expires.
+    released = campaigns.release_dead_leases(socket.gethostname(), psutil.pid_exists)
+    if released:
+        log.info("released %d message leases of dead processes", released)
+    return db
 
 
 def _close_db(db) -> None:
@@ -235,16 +244,28 @@ class Supervisor:
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain)
         self.selector.register(self._jobs_r, selectors.EVENT_READ, self._drain)
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                    signal.SIGUSR1):
+        for sig in (
+            signal.SIGCHLD,
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGHUP,
+            signal.SIGUSR1,
+        ):
             signal.signal(sig, self._record_signal)
         self.status_server.register(self.selector)
         self.children = [self._new_child(s) for s in self._role_specs()]
-        self._submit(self._db_pool, alerts.active_keys, *self.role_alerts.prefixes(),
-                     on_done=self._adopt_alerts)
+        self._submit(
+            self._db_pool,
+            alerts.active_keys,
+            *self.role_alerts.prefixes(),
+            on_done=self._adopt_alerts,
+        )
         log.info(
             "campaignd %s supervising %d roles (pid %s, status socket %s)",
-            __version__, len(self.children), os.getpid(), self.cfg.status_socket,
+            __version__,
+            len(self.children),
+            os.getpid(),
+            self.cfg.status_socket,
         )
 
     def _record_signal(self, signum, frame) -> None:
@@ -341,8 +362,11 @@ class Supervisor:
         self.spare.retire(time.monotonic(), "config reloaded")
         self.reloading = True
         self._replace = [c.name for c in self.children]
-        log.info("config reloaded from %s: replacing %d roles one by one",
-                 new_cfg.source, len(self._replace))
+        log.info(
+            "config reloaded from %s: replacing %d roles one by one",
+            new_cfg.source,
+            len(self._replace),
+        )
 
     def handle_usr1(self) -> None:
         """Log every role's state (a poor operator's `campaignd status`)."""
@@ -363,8 +387,9 @@ class Supervisor:
         self._replace.clear()
         self._replacing = None
         alive = sum(1 for c in self.children if c.alive)
-        log.info("stopping (%s): SIGTERM to %d children, %gs to finish",
-                 reason, alive, grace)
+        log.info(
+            "stopping (%s): SIGTERM to %d children, %gs to finish", reason, alive, grace
+        )
         self.systemd.notify("STOPPING=1", f"STATUS=stopping: {reason}")
         for child in self.children + self.retired:
             child.stop(now, f"daemon stopping ({reason})", grace, restart=False)
@@ -407,8 +432,12 @@ class Supervisor:
         _mark_metrics_dead(pid, self.metrics_dir)
         if child.name.startswith("worker:"):
             owner = f"{self.host}:{pid}"
-            self._submit(self._db_pool, self._requeuer.release, owner,
-                         on_done=self._leases_released)
+            self._submit(
+                self._db_pool,
+                self._requeuer.release,
+                owner,
+                on_done=self._leases_released,
+            )
         if (
             child.state is ChildState.EXITED
             and child.last_exit_code == EXIT_CONFIG
@@ -416,7 +445,8 @@ class Supervisor:
         ):
             log.critical(
                 "%s exited with the config-error code %d: stopping the daemon",
-                child.name, EXIT_CONFIG,
+                child.name,
+                EXIT_CONFIG,
             )
             self.begin_stop(f"{child.name}: config error", exit_code=EXIT_CONFIG)
 
@@ -481,8 +511,11 @@ class Supervisor:
 
     def restart_role(self, role: str) -> list[str]:
         """Queue a graceful replacement of a role (or all its instances)."""
-        names = [c.name for c in self.children
-                 if c.name == role or c.name.split("#")[0] == role]
+        names = [
+            c.name
+            for c in self.children
+            if c.name == role or c.name.split("#")[0] == role
+        ]
         self._replace += [n for n in names if n not in self._replace]
         return names
 
@@ -513,8 +546,13 @@ class Supervisor:
 
     def _new_child(self, spec: RoleSpec) -> Child:
         safe = spec.name.replace(":", "-").replace("#", "-")
-        child = Child(spec, self.policy, self.run_dir / f"{safe}.heartbeat", self.ops,
-                      spare=self.spare)
+        child = Child(
+            spec,
+            self.policy,
+            self.run_dir / f"{safe}.heartbeat",
+            self.ops,
+            spare=self.spare,
+        )
         child.down_since = time.monotonic()
         return child
 
@@ -531,8 +569,12 @@ class Supervisor:
                 child.policy = self.policy
                 kept.append(child)
             else:
-                child.stop(now, "role removed by reload",
-                           self.cfg.daemon.stop_timeout_s, restart=False)
+                child.stop(
+                    now,
+                    "role removed by reload",
+                    self.cfg.daemon.stop_timeout_s,
+                    restart=False,
+                )
                 self.retired.append(child)
         kept += [self._new_child(s) for s in specs.values()]
         self.children = kept
@@ -630,8 +672,9 @@ class Supervisor:
             self._submit(self._db_pool, alerts.record_resolved, key)
         event = alerts.AlertEvent.now(key, status, message)
         if self.cfg.alerts.webhook_url:
-            self._notify_pool.submit(alerts.post_webhook, self.cfg.alerts.webhook_url,
-                                     event)
+            self._notify_pool.submit(
+                alerts.post_webhook, self.cfg.alerts.webhook_url, event
+            )
         if self.cfg.alerts.command:
             # Spawned from the loop (not a thread) so our waitpid(-1) reaps a
             # pid it knows, and nobody else's wait() loses its status.
@@ -654,8 +697,11 @@ class Supervisor:
     def status_line(self) -> str:
         running = sum(c.state is ChildState.RUNNING for c in self.children)
         line = f"{running}/{len(self.children)} roles running"
-        bad = [f"{c.name} {c.state.name}" for c in self.children
-               if c.state is not ChildState.RUNNING]
+        bad = [
+            f"{c.name} {c.state.name}"
+            for c in self.children
+            if c.state is not ChildState.RUNNING
+        ]
         if bad:
             line += "; " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
         if self.stopping_since is not None:
@@ -701,8 +747,7 @@ class Supervisor:
             now = time.monotonic()
             fresh = now - self._figures_at <= FIGURES_MAX_AGE_S
             # "figures": false asks for the roles only, answered at once.
-            if request.get("figures") is False or (self._figures is not None
-                                                   and fresh):
+            if request.get("figures") is False or (self._figures is not None and fresh):
                 respond(conn, self.status_answer(now))
                 return
             self.refresh_figures()
@@ -777,7 +822,8 @@ class Supervisor:
             "alerts": figures.get("alerts", []),
             "db_error": figures.get("db_error"),
             "data_age_s": round(now - self._figures_at, 1)
-            if self._figures is not None else None,
+            if self._figures is not None
+            else None,
         }
 
     # ----------------------------------------------------------------- jobs
@@ -832,8 +878,9 @@ class Spare:
     no spare, `take` returns None and the child is exec'ed as before.
     """
 
-    def __init__(self, ops: OsProcesses, selector: selectors.BaseSelector,
-                 policy: ChildPolicy):
+    def __init__(
+        self, ops: OsProcesses, selector: selectors.BaseSelector, policy: ChildPolicy
+    ):
         self.ops = ops
         self.policy = policy  # its backoff delays apply to spares too
         self.selector = selector
@@ -854,8 +901,9 @@ class Spare:
     def owns(self, pid: int) -> bool:
         return pid == self.pid or pid in self.retired
 
-    def change_state(self, new: SpareState, reason: str, now: float,
-                     level: int = logging.INFO) -> None:
+    def change_state(
+        self, new: SpareState, reason: str, now: float, level: int = logging.INFO
+    ) -> None:
         old, self.state, self.state_since = self.state, new, now
         log.log(level, "spare: %s -> %s (%s)", old.name, new.name, reason)
 
@@ -895,8 +943,11 @@ class Spare:
             self.close_channel()
         elif self.state is SpareState.STARTING:
             self.failures = 0
-            self.change_state(SpareState.READY, f"pid {self.pid} imported every role",
-                              time.monotonic())
+            self.change_state(
+                SpareState.READY,
+                f"pid {self.pid} imported every role",
+                time.monotonic(),
+            )
 
     def take(self, role: str, heartbeat_path, now: float) -> int | None:
         """Hand `role` to the spare; its pid, or None when there is no spare."""
