@@ -80,7 +80,7 @@ class ChaosSpec:
     @classmethod
     def short(cls, mode: str = "embedded", contacts: int = 200) -> ChaosSpec:
         return cls(mode=mode, contacts=contacts, web_kills=3, reply_window_s=40.0,
-                   deadline_s=120.0, min_chaos_s=30.0)
+                   deadline_s=150.0, min_chaos_s=30.0)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from bench.chaos import ChaosSpec
 from bench.chaos import run_scenario
 from bench.chaos import table
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
