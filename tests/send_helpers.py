@@ -37,6 +37,7 @@ from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.tasks import Tasks
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SENT_OR_LATER = ("sent", "delivered", "read")
@@ -203,19 +204,19 @@ def unfinished(campaign_id: int) -> list[dict]:
 
 def wait_all_sent(campaign_id: int, members: int, timeout: float) -> None:
     """Wait until every member has Message 1 sent, with a readable failure."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def all_sent() -> bool:
         done = member_counts(campaign_id).get(MemberState.MESSAGE_1_SENT, 0)
-        if done == members and sent_count(campaign_id) == members:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"campaign {campaign_id} not sent after {timeout}s: "
-                f"members {member_counts(campaign_id)}, "
-                f"messages {message_counts(campaign_id)}, "
-                f"unfinished {unfinished(campaign_id)}"
-            )
-        time.sleep(0.1)
+        return done == members and sent_count(campaign_id) == members
+
+    try:
+        wait_for(all_sent, timeout, interval=0.1)
+    except AssertionError:
+        raise AssertionError(
+            f"campaign {campaign_id} not sent after {timeout}s: "
+            f"members {member_counts(campaign_id)}, "
+            f"messages {message_counts(campaign_id)}, "
+            f"unfinished {unfinished(campaign_id)}"
+        ) from None
 
 
 def wait_pg_sessions_gone(client_ports: set[int], timeout: float = 15.0) -> None:
@@ -227,11 +228,11 @@ def wait_pg_sessions_gone(client_ports: set[int], timeout: float = 15.0) -> None
     if not client_ports:
         return
     sql = "SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY(%s)"
-    deadline = time.monotonic() + timeout
-    while database.execute_sql(sql, (sorted(client_ports),)).fetchone()[0]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"PG sessions {client_ports} still open")
-        time.sleep(0.02)
+    wait_for(
+        lambda: not database.execute_sql(sql, (sorted(client_ports),)).fetchone()[0],
+        timeout,
+        what=f"PG sessions {client_ports} to close",
+    )
 
 
 # ---------------------------------------------------------------- the fake
@@ -341,17 +342,10 @@ def running_workers(
 
 def wait_with_logs(predicate, workers: list[Worker], timeout: float, what: str):
     """wait_for, with the workers' logs in the failure message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}\n"
-                + worker_logs(workers)
-            )
-        time.sleep(0.1)
+    try:
+        return wait_for(predicate, timeout, interval=0.1, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n" + worker_logs(workers)) from None
 
 
 def worker_logs(workers: list[Worker]) -> str:

@@ -11,7 +11,6 @@ allowed (it dedupes them), deliveries twice are not.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from urllib.parse import urlparse
 
 import pytest
@@ -22,6 +21,7 @@ from daemon.providers.fake import FakeProvider
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import utcnow
+from tests.helpers import wait_for
 from tests.send_helpers import assert_each_reference_once
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import member_counts
@@ -52,16 +52,18 @@ def in_flight(campaign_id: int, owner: str) -> list[int]:
 
 def sweep_until_all_sent(pipeline, campaign_id: int, timeout: float) -> None:
     """Run the sweep as its periodic job would (30 s later) until all are sent."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def sent_or_swept() -> bool:
         if sent_count(campaign_id) == CONTACTS:
-            return
+            return True
         if not pipeline.queues.messages.pending_count():
             late = utcnow() + dt.timedelta(seconds=31)
             pipeline.tasks.sweep_once(now=late)
-        if time.monotonic() > deadline:
-            wait_all_sent(campaign_id, CONTACTS, timeout=0)
-        time.sleep(0.2)
+        return False
+
+    try:
+        wait_for(sent_or_swept, timeout, interval=0.2)
+    except AssertionError:
+        wait_all_sent(campaign_id, CONTACTS, timeout=0)  # the readable failure
 
 
 @pytest.mark.parametrize("mode", ["sqlite", "cluster"])
