@@ -827,7 +827,11 @@ def sweep(
     events = [
         e.id
         for e in InboundEvent.select(InboundEvent.id)
-        .where(InboundEvent.processed_at.is_null(), InboundEvent.received_at < stale)
+        .where(
+            InboundEvent.processed_at.is_null(),
+            InboundEvent.dead_at.is_null(),
+            InboundEvent.received_at < stale,
+        )
         .order_by(InboundEvent.id)
         .limit(limit)
     ]
@@ -863,10 +867,12 @@ def expire_interactions(window_h: float, now=None) -> int:
     """Message 1 older than the reply window with no reply: the contact expires."""
     now = now or utcnow()
     # A reply that arrived in time but is not processed yet still counts:
-    # judge the window at the oldest unprocessed event, not at now.
+    # judge the window at the oldest unprocessed event, not at now. Dead
+    # letters are left out: one event that can never be processed must not
+    # stop every campaign's expiry.
     oldest_unprocessed = (
         InboundEvent.select(pw.fn.MIN(InboundEvent.received_at))
-        .where(InboundEvent.processed_at.is_null())
+        .where(InboundEvent.processed_at.is_null(), InboundEvent.dead_at.is_null())
         .scalar()
     )
     if oldest_unprocessed is not None:

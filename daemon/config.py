@@ -106,6 +106,12 @@ class WebConfig:
     api_token: str = _opt("", secret=True, env="CAMPAIGND_API_TOKEN")
     # Meta batches up to 1,000 updates in one POST (up to 3 MB).
     max_body_bytes: int = _opt(4 * 1_048_576, lo=1024, hi=64 * 1_048_576)
+    # A stored event that fails processing this many times becomes a dead
+    # letter: out of the sweeper's replays, listed for the operator.
+    event_max_attempts: int = _opt(5, lo=1, hi=1000)
+    # Longest the web role spends handing a batch of stored events to the
+    # queue; what is not enqueued by then is left to the sweeper.
+    enqueue_timeout_s: float = _opt(2.0, lo=0.05, hi=60.0)
 
 
 @dataclass(frozen=True)

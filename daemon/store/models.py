@@ -177,8 +177,13 @@ class InboundEvent(BaseModel):
     payload = pw.TextField()
     received_at = pw.DateTimeField(default=utcnow)
     processed_at = pw.DateTimeField(null=True, index=True)
+    # Failed processing attempts; at events.max_attempts the event is moved
+    # to the dead letters (dead_at set) with its last error, out of the
+    # sweeper's replays and the expiry clamp, until an operator replays it.
     attempts = pw.IntegerField(default=0)
     result = pw.TextField(null=True)
+    last_error = pw.TextField(null=True)
+    dead_at = pw.DateTimeField(null=True, index=True)
 
 
 class Interaction(BaseModel):
