@@ -2,8 +2,10 @@
 
 Addresses come from CAMPAIGND_TEST_PG and CAMPAIGND_TEST_REDIS (defaults: the
 local servers). When a service does not answer, its tests are skipped, unless
-CAMPAIGND_TEST_REQUIRE_SERVICES=1 (set by .ci/run), which makes them fail.
-Every database and key this run creates is removed at the end.
+CAMPAIGND_TEST_REQUIRE_SERVICES=1 (set by .ci/run), which makes them fail
+(tests.helpers.require). Every database and key this run creates is removed at
+the end. Tests using these services get the `postgres` / `redis` marker
+automatically, so `-m "not postgres"` leaves them out.
 """
 
 from __future__ import annotations
@@ -19,22 +21,45 @@ import pytest
 
 from daemon import config as config_mod
 from tests.helpers import merge
+from tests.helpers import require
 from tests.helpers import write_config
 
 PG_URL = os.environ.get(
     "CAMPAIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("CAMPAIGND_TEST_REDIS", "redis://127.0.0.1:6379/0")
-REQUIRE = os.environ.get("CAMPAIGND_TEST_REQUIRE_SERVICES") == "1"
 RUN_ID = uuid.uuid4().hex[:8]
 _counter = itertools.count()
 
 
 def _missing(service: str, why: str):
-    message = f"{service} not reachable ({why})"
-    if REQUIRE:
-        pytest.fail(message + " and CAMPAIGND_TEST_REQUIRE_SERVICES=1", pytrace=False)
-    pytest.skip(message)
+    require(False, f"{service} not reachable ({why})")
+
+
+# Fixtures that need a service, and the storage modes (the parameter values of
+# the mode fixtures, which fetch pg_url / redis_prefix with getfixturevalue).
+SERVICE_FIXTURES = {"pg_url": ("postgres",), "redis_prefix": ("redis",)}
+SERVICE_MODES = {
+    "cluster": ("postgres", "redis"),
+    "pgqueue": ("postgres",),
+    "postgres": ("postgres",),
+    "redis": ("redis",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses PostgreSQL or Redis with `postgres` / `redis`."""
+    for item in items:
+        needs: set[str] = set()
+        for name in getattr(item, "fixturenames", ()):
+            needs.update(SERVICE_FIXTURES.get(name, ()))
+        callspec = getattr(item, "callspec", None)
+        for value in callspec.params.values() if callspec else ():
+            if isinstance(value, str):
+                needs.update(SERVICE_MODES.get(value, ()))
+        for marker in sorted(needs):
+            if item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
 
 
 def _pg_admin():

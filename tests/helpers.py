@@ -7,7 +7,27 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from daemon import config as config_mod
+
+# Set by CI (.ci/run): a missing prerequisite is then a broken machine, and the
+# tests that need it fail instead of being skipped (a skip is easy to miss).
+REQUIRE_SERVICES = os.environ.get("CAMPAIGND_TEST_REQUIRE_SERVICES") == "1"
+
+
+def require(condition, why: str) -> None:
+    """Skip the calling test unless `condition` holds; fail it instead in CI.
+
+    Use it for anything CI provides (services, binaries, root, test extras).
+    A skip for something truly impossible on the CI machine stays a plain
+    `pytest.skip`, with a comment saying why.
+    """
+    if condition:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{why} (and CAMPAIGND_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(why)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what=""):

@@ -146,8 +146,13 @@ class FixtureChild:
 class FixtureDaemon:
     """A real supervisor process over fixture children, driven by a test."""
 
-    def __init__(self, tmp_path: Path, make_config, extra: dict | None = None,
-                 roles: str = ALL_ROLES):
+    def __init__(
+        self,
+        tmp_path: Path,
+        make_config,
+        extra: dict | None = None,
+        roles: str = ALL_ROLES,
+    ):
         self.control = tmp_path / "control"
         self.control.mkdir(exist_ok=True)
         # sun_path holds 107 bytes; pytest's tmp_path can be longer.
@@ -172,8 +177,14 @@ class FixtureDaemon:
             if env is None or key not in env:
                 self.env.pop(key, None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.process.fixture_roles", "supervise",
-             "-c", self.cfg.source],
+            [
+                sys.executable,
+                "-m",
+                "tests.process.fixture_roles",
+                "supervise",
+                "-c",
+                self.cfg.source,
+            ],
             env=self.env,
             cwd=REPO_ROOT,
         )
@@ -316,8 +327,11 @@ class AlertReceiver:
     def wait_for(self, key_part: str, status: str, timeout: float = 10.0) -> dict:
         def find():
             return next(
-                (b for b in list(self.received)
-                 if key_part in b["key"] and b["status"] == status),
+                (
+                    b
+                    for b in list(self.received)
+                    if key_part in b["key"] and b["status"] == status
+                ),
                 None,
             )
 

@@ -19,16 +19,21 @@ def test_down_alert_and_recovery_reach_webhook_and_command(tmp_path, make_config
     """Verify the alert POST and command, the alert row, and the recovery notice."""
     out = tmp_path / "alerts.out"
     with AlertReceiver() as receiver:
-        daemon = FixtureDaemon(tmp_path, make_config, {
-            "alerts": {
-                "down_after_s": 1.0,
-                "webhook_url": receiver.url,
-                "command": f'echo "$CAMPAIGND_ALERT_STATUS $CAMPAIGND_ALERT_KEY"'
-                           f' >> {out}',
+        daemon = FixtureDaemon(
+            tmp_path,
+            make_config,
+            {
+                "alerts": {
+                    "down_after_s": 1.0,
+                    "webhook_url": receiver.url,
+                    "command": f'echo "$CAMPAIGND_ALERT_STATUS $CAMPAIGND_ALERT_KEY"'
+                    f" >> {out}",
+                },
+                # Keep it crashing in BACKOFF (no FATAL) while the test watches.
+                "supervisor": {"crash_loop_exits": 1000},
             },
-            # Keep it crashing in BACKOFF (no FATAL) while the test watches.
-            "supervisor": {"crash_loop_exits": 1000},
-        }, roles="web,scheduler")
+            roles="web,scheduler",
+        )
         try:
             daemon.start()
             daemon.set_flag("scheduler", "crash")
@@ -43,8 +48,10 @@ def test_down_alert_and_recovery_reach_webhook_and_command(tmp_path, make_config
             assert resolved["key"] == raised["key"]
             assert "running again" in resolved["message"]
             assert [b["status"] for b in receiver.received] == ["raised", "resolved"]
-            wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2,
-                     what="the alert command ran twice")
+            wait_for(
+                lambda: out.exists() and len(out.read_text().splitlines()) == 2,
+                what="the alert command ran twice",
+            )
             assert out.read_text().split()[::2] == ["raised", "resolved"]
         finally:
             daemon.close()

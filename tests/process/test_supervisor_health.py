@@ -49,8 +49,12 @@ def test_crash_loop_backoff_fatal_alert_then_retry(make_daemon):
 
     wait_for(alerted, timeout=10, what="FATAL alert on the status socket")
     daemon.clear_flag("scheduler", "crash")
-    back = daemon.wait_role("scheduler", lambda r: r["state"] == "RUNNING",
-                            timeout=15, what="retried after the cool-down")
+    back = daemon.wait_role(
+        "scheduler",
+        lambda r: r["state"] == "RUNNING",
+        timeout=15,
+        what="retried after the cool-down",
+    )
     assert back["restarts"] >= 4
     wait_for(lambda: not alerted(), timeout=10, what="alert resolved")
 
@@ -62,8 +66,10 @@ def test_stale_heartbeat_is_stopped_and_replaced(make_daemon):
     old = daemon.role("worker:default")["pid"]
     daemon.set_flag("worker:default", "hang", pid=old)
     back = daemon.wait_role(
-        "worker:default", lambda r: r["state"] == "RUNNING" and r["pid"] != old,
-        timeout=20, what="replacement of the hung child",
+        "worker:default",
+        lambda r: r["state"] == "RUNNING" and r["pid"] != old,
+        timeout=20,
+        what="replacement of the hung child",
     )
     assert ("STOP", "worker:default", old) in daemon.events()  # got SIGTERM
     assert back["restarts"] == 1
@@ -76,8 +82,10 @@ def test_rss_over_the_limit_is_recycled_gracefully(make_daemon):
     old = daemon.role("worker:messages#1")["pid"]
     daemon.set_flag("worker:messages#1", "grow", pid=old)
     back = daemon.wait_role(
-        "worker:messages#1", lambda r: r["state"] == "RUNNING" and r["pid"] != old,
-        timeout=20, what="recycled worker",
+        "worker:messages#1",
+        lambda r: r["state"] == "RUNNING" and r["pid"] != old,
+        timeout=20,
+        what="recycled worker",
     )
     assert back["last_exit"] == "exited 0"
     assert ("STOP", "worker:messages#1", old) in daemon.events()
@@ -87,15 +95,19 @@ def test_rss_over_the_limit_is_recycled_gracefully(make_daemon):
 @pytest.mark.timeout(60)
 def test_task_past_the_hard_limit_gets_the_child_killed(make_daemon):
     """Verify a task older than workers.hard_time_limit_s -> SIGKILL, respawn."""
-    daemon = make_daemon({
-        "workers": {"hard_time_limit_s": 2.0, "soft_time_limit_s": 1.5},
-        "provider": {"timeout_s": 1.0},
-    }).start()
+    daemon = make_daemon(
+        {
+            "workers": {"hard_time_limit_s": 2.0, "soft_time_limit_s": 1.5},
+            "provider": {"timeout_s": 1.0},
+        }
+    ).start()
     old = daemon.role("worker:messages#1")["pid"]
     daemon.set_flag("worker:messages#1", "task", pid=old)
     back = daemon.wait_role(
-        "worker:messages#1", lambda r: r["state"] == "RUNNING" and r["pid"] != old,
-        timeout=20, what="replacement after the hard limit",
+        "worker:messages#1",
+        lambda r: r["state"] == "RUNNING" and r["pid"] != old,
+        timeout=20,
+        what="replacement after the hard limit",
     )
     assert back["last_exit"] == "killed by SIGKILL"
     assert ("STOP", "worker:messages#1", old) not in daemon.events()

@@ -28,7 +28,10 @@ def daemon(tmp_path, make_config):
 def campaignd(*args, cfg) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "daemon", *args, "-c", cfg.source],
-        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
         env=subprocess_env(),
     )
 
@@ -42,11 +45,18 @@ def test_sigkill_of_each_role_is_replaced_at_once(daemon):
         os.kill(old_pid, signal.SIGKILL)
         t0 = time.monotonic()
         # The replacement is spawned in the same loop pass as the reap...
-        daemon.wait_role(name, lambda r, p=old_pid: r["pid"] not in (None, p),
-                         timeout=1.0, what=f"{name} respawned")
+        daemon.wait_role(
+            name,
+            lambda r, p=old_pid: r["pid"] not in (None, p),
+            timeout=1.0,
+            what=f"{name} respawned",
+        )
         # ...and RUNNING once its first heartbeat lands (python start-up).
-        back = daemon.wait_role(name, lambda r, p=old_pid: r["state"] == "RUNNING"
-                                and r["pid"] != p, timeout=10.0)
+        back = daemon.wait_role(
+            name,
+            lambda r, p=old_pid: r["state"] == "RUNNING" and r["pid"] != p,
+            timeout=10.0,
+        )
         assert back["restarts"] == 1, back
         assert back["last_exit"] == "killed by SIGKILL (out of memory?)"
         print(f"{name}: RUNNING again {time.monotonic() - t0:.2f}s after SIGKILL")
@@ -114,9 +124,19 @@ def test_second_daemon_on_the_same_socket_refuses(daemon):
     """Verify a live status socket is never unlinked by a second daemon."""
     daemon.start()
     second = subprocess.run(
-        [sys.executable, "-m", "tests.process.fixture_roles", "supervise",
-         "-c", daemon.cfg.source],
-        env=daemon.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
+        [
+            sys.executable,
+            "-m",
+            "tests.process.fixture_roles",
+            "supervise",
+            "-c",
+            daemon.cfg.source,
+        ],
+        env=daemon.env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert second.returncode == 1
     assert "another campaignd answers" in second.stderr

@@ -16,6 +16,7 @@ import pytest
 
 from daemon import status as status_mod
 from tests.helpers import free_port
+from tests.helpers import require
 from tests.helpers import subprocess_env
 from tests.helpers import wait_for
 
@@ -23,9 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLE_MODULES = ("daemon.web.app", "daemon.worker", "daemon.scheduler")
 MISSING = [m for m in ROLE_MODULES if importlib.util.find_spec(m) is None]
 
-pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason=f"real roles not written yet: {', '.join(MISSING)}"
-)
+
+@pytest.fixture(autouse=True)
+def _real_roles():
+    require(not MISSING, f"real roles not written yet: {', '.join(MISSING)}")
 
 
 def answer(sock: Path) -> dict | None:
@@ -67,15 +69,19 @@ def test_spare_takes_a_killed_role_and_is_replaced(make_config):
     spare appears; SIGKILLed spare -> a new one, roles untouched; SIGTERM of
     the supervisor leaves no process behind, the spare included."""
     sock = Path(tempfile.mkdtemp(prefix="cdspare", dir="/tmp")) / "s.sock"
-    cfg = make_config("sqlite", {
-        "web": {"port": free_port()},
-        "status": {"socket": str(sock)},
-        "daemon": {"stop_timeout_s": 10.0},
-        "supervisor": {"heartbeat_interval_s": 0.2, "check_interval_s": 0.5},
-    })
+    cfg = make_config(
+        "sqlite",
+        {
+            "web": {"port": free_port()},
+            "status": {"socket": str(sock)},
+            "daemon": {"stop_timeout_s": 10.0},
+            "supervisor": {"heartbeat_interval_s": 0.2, "check_interval_s": 0.5},
+        },
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "run", "-c", cfg.source],
-        cwd=REPO_ROOT, env=subprocess_env(),
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
     )
     try:
         a = wait_for(lambda: ready_spare(sock), timeout=60, what="roles + spare")
@@ -89,8 +95,11 @@ def test_spare_takes_a_killed_role_and_is_replaced(make_config):
         # A killed worker is replaced by the spare's very process.
         name = "worker:messages#1"
         os.kill(role(a, name)["pid"], signal.SIGKILL)
-        a = wait_for(lambda: ready_spare(sock, not_pid=spare_pid), timeout=60,
-                     what="role back on the spare, and a new spare")
+        a = wait_for(
+            lambda: ready_spare(sock, not_pid=spare_pid),
+            timeout=60,
+            what="role back on the spare, and a new spare",
+        )
         assert role(a, name)["pid"] == spare_pid
         assert a["spare"]["roles_taken"] == 1
         adopted = psutil.Process(spare_pid)
@@ -102,8 +111,11 @@ def test_spare_takes_a_killed_role_and_is_replaced(make_config):
         # A killed spare is simply replaced; no role moves.
         second = a["spare"]["pid"]
         os.kill(second, signal.SIGKILL)
-        a = wait_for(lambda: ready_spare(sock, not_pid=second), timeout=60,
-                     what="a spare after the spare was killed")
+        a = wait_for(
+            lambda: ready_spare(sock, not_pid=second),
+            timeout=60,
+            what="a spare after the spare was killed",
+        )
         assert {r["name"]: r["pid"] for r in a["roles"]} == roles_before
         assert a["spare"]["roles_taken"] == 1
 
@@ -124,15 +136,19 @@ def test_reload_replaces_the_spare(make_config):
     """Verify that SIGHUP kills the spare holding the old config, and that the
     roles replaced by the reload come up (on spares started after it)."""
     sock = Path(tempfile.mkdtemp(prefix="cdspare", dir="/tmp")) / "s.sock"
-    cfg = make_config("sqlite", {
-        "web": {"port": free_port()},
-        "status": {"socket": str(sock)},
-        "daemon": {"stop_timeout_s": 10.0},
-        "supervisor": {"heartbeat_interval_s": 0.2, "check_interval_s": 0.5},
-    })
+    cfg = make_config(
+        "sqlite",
+        {
+            "web": {"port": free_port()},
+            "status": {"socket": str(sock)},
+            "daemon": {"stop_timeout_s": 10.0},
+            "supervisor": {"heartbeat_interval_s": 0.2, "check_interval_s": 0.5},
+        },
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "run", "-c", cfg.source],
-        cwd=REPO_ROOT, env=subprocess_env(),
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
     )
     try:
         a = wait_for(lambda: ready_spare(sock), timeout=60, what="roles + spare")

@@ -50,8 +50,9 @@ def test_a_child_ignoring_sigterm_is_killed_at_the_stop_timeout(make_daemon):
     daemon.set_flag("worker:retry", "ignore_term")
     daemon.wait_all_running()
     os.kill(daemon.role("worker:retry")["pid"], signal.SIGKILL)
-    daemon.wait_role("worker:retry", lambda r: r["state"] == "RUNNING"
-                     and r["restarts"] == 1)
+    daemon.wait_role(
+        "worker:retry", lambda r: r["state"] == "RUNNING" and r["restarts"] == 1
+    )
     t0 = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=15) == 0

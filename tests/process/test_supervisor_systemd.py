@@ -65,8 +65,9 @@ def fake_systemd():
 
 def test_notifier_speaks_to_abstract_sockets(fake_systemd):
     """Verify sd_notify framing: one datagram, newline-separated lines."""
-    notifier = Notifier({"NOTIFY_SOCKET": fake_systemd.address,
-                         "WATCHDOG_USEC": "2000000"})
+    notifier = Notifier(
+        {"NOTIFY_SOCKET": fake_systemd.address, "WATCHDOG_USEC": "2000000"}
+    )
     assert notifier.watchdog_interval_s == 1.0
     assert notifier.notify("READY=1", "STATUS=ok")
     wait_for(lambda: fake_systemd.has("STATUS=ok"))
@@ -80,13 +81,16 @@ def test_ready_watchdog_reload_and_stopping(tmp_path, make_config, fake_systemd)
     """Verify READY=1, regular WATCHDOG=1 that stop while a child is wedged,
     RELOADING=1 -> READY=1 on SIGHUP, a bad reload kept out, STOPPING=1."""
     daemon = FixtureDaemon(
-        tmp_path, make_config,
+        tmp_path,
+        make_config,
         {"supervisor": {"heartbeat_timeout_s": 4.0}},
         roles="web,worker:default,scheduler",
     )
     try:
-        daemon.start(env={"NOTIFY_SOCKET": fake_systemd.address,
-                          "WATCHDOG_USEC": "300000"}, wait_running=False)
+        daemon.start(
+            env={"NOTIFY_SOCKET": fake_systemd.address, "WATCHDOG_USEC": "300000"},
+            wait_running=False,
+        )
         wait_for(lambda: fake_systemd.times("READY=1"), timeout=30, what="READY=1")
         assert all(r["state"] == "RUNNING" for r in daemon.status()["roles"])
         assert fake_systemd.has("STATUS=3/3 roles running")
@@ -99,22 +103,29 @@ def test_ready_watchdog_reload_and_stopping(tmp_path, make_config, fake_systemd)
         wedged = daemon.role("web")["pid"]
         daemon.set_flag("web", "hang", pid=wedged)
         hung_at = time.monotonic()
-        daemon.wait_role("web", lambda r: r["pid"] != wedged
-                         and r["state"] == "RUNNING", timeout=20)
+        daemon.wait_role(
+            "web", lambda r: r["pid"] != wedged and r["state"] == "RUNNING", timeout=20
+        )
         replaced_at = time.monotonic()
         pings = fake_systemd.times("WATCHDOG=1", hung_at)
         edges = [hung_at] + pings + [replaced_at]
         gaps = [b - a for a, b in zip(edges, edges[1:], strict=False)]
         assert max(gaps) > 1.5, gaps
-        wait_for(lambda: fake_systemd.times("WATCHDOG=1", replaced_at + 0.1),
-                 timeout=5, what="pings again after the replacement")
+        wait_for(
+            lambda: fake_systemd.times("WATCHDOG=1", replaced_at + 0.1),
+            timeout=5,
+            what="pings again after the replacement",
+        )
 
         # Reload: RELOADING=1 with MONOTONIC_USEC, children replaced, READY=1.
         before = {r["name"]: r["pid"] for r in daemon.status()["roles"]}
         t_hup = time.monotonic()
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: fake_systemd.times("READY=1", t_hup), timeout=30,
-                 what="READY=1 after the reload")
+        wait_for(
+            lambda: fake_systemd.times("READY=1", t_hup),
+            timeout=30,
+            what="READY=1 after the reload",
+        )
         assert fake_systemd.times("RELOADING=1", t_hup)
         assert fake_systemd.has("MONOTONIC_USEC=", t_hup)
         after = {r["name"]: r["pid"] for r in daemon.status()["roles"]}
@@ -132,8 +143,10 @@ def test_ready_watchdog_reload_and_stopping(tmp_path, make_config, fake_systemd)
         # The broken file never reaches a respawned child: it gets the copy
         # validated at the last good (re)load.
         os.kill(after["scheduler"], signal.SIGKILL)
-        daemon.wait_role("scheduler", lambda r: r["state"] == "RUNNING"
-                         and r["pid"] != after["scheduler"])
+        daemon.wait_role(
+            "scheduler",
+            lambda r: r["state"] == "RUNNING" and r["pid"] != after["scheduler"],
+        )
         with open(source, "w") as f:
             f.write(good)
 

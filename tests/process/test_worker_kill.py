@@ -52,6 +52,7 @@ def in_flight(campaign_id: int, owner: str) -> list[int]:
 
 def sweep_until_all_sent(pipeline, campaign_id: int, timeout: float) -> None:
     """Run the sweep as its periodic job would (30 s later) until all are sent."""
+
     def sent_or_swept() -> bool:
         if sent_count(campaign_id) == CONTACTS:
             return True
@@ -86,8 +87,10 @@ def test_sigkilled_worker_loses_nothing_and_delivers_nothing_twice(
                 victim = workers[0]
                 campaigns.start_campaign(campaign.id, pipeline.tasks)
                 wait_with_logs(
-                    lambda: sent_count(campaign.id) >= 20
-                    and len(in_flight(campaign.id, victim.lease_owner)) >= 3,
+                    lambda: (
+                        sent_count(campaign.id) >= 20
+                        and len(in_flight(campaign.id, victim.lease_owner)) >= 3
+                    ),
                     workers,
                     timeout=30,
                     what="sends in flight in the first worker",
