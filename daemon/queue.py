@@ -120,18 +120,26 @@ def _make_huey(cfg: Config, queue: str) -> Huey:
     if backend == "redis":
         from redis import ConnectionPool
         from redis.backoff import ExponentialWithJitterBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.retry import Retry
 
         # Huey builds a bare ConnectionPool with no retries; a pool of our
-        # own retries a dropped connection with backoff instead of failing
-        # the worker loop on the first blip.
+        # own retries a dropped or refused connection with backoff (about
+        # 1.5 s in all) instead of failing the worker loop on the first blip.
+        # Timeouts are not retried: a hung Redis costs one socket timeout per
+        # command, not six (the web role's enqueuer, which must give up
+        # within web.enqueue_timeout_s, and /readyz wait that long at most).
         pool = ConnectionPool.from_url(
             cfg.queue_url,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 5),
-            socket_connect_timeout=5,
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=1.0),
+                5,
+                supported_errors=(RedisConnectionError,),
+            ),
+            socket_connect_timeout=2,
             # Must exceed Huey's blocking read_timeout (1 s), or a BZPOPMIN'd
             # item can be lost between Redis and us.
-            socket_timeout=10,
+            socket_timeout=5,
             health_check_interval=30,
         )
         return _PriorityRedisHuey(name, connection_pool=pool, **common)

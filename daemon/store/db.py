@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 # unlikely to collide with another application's advisory locks.
 MIGRATION_LOCK_ID = zlib.crc32(b"campaignd:migrations")
 
+# SQLite commits with synchronous=NORMAL: in WAL mode a crash of the process
+# loses nothing, a power cut may undo the last commits. Writes that we
+# acknowledge to someone outside (webhooks: "2xx means stored") use FULL on
+# their connection instead: one fsync of the WAL per commit.
+DEFAULT_SYNCHRONOUS = "normal"
+DURABLE_SYNCHRONOUS = "full"
+
 
 def open_database(cfg: Config, *, migrate_schema: bool = False) -> pw.Database:
     """Connect the models to the configured database (once per process)."""
@@ -54,7 +61,7 @@ def make_database(url: str, cfg: Config | None = None) -> pw.Database:
             timeout=busy,
             lock_type="IMMEDIATE",
             pragmas={
-                "synchronous": "normal",
+                "synchronous": DEFAULT_SYNCHRONOUS,
                 "busy_timeout": int(busy * 1000),
                 "foreign_keys": 1,
             },
@@ -97,6 +104,24 @@ def _switch_to_wal(path: Path, busy_s: float) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01 + random.random() * 0.05)
+
+
+def set_synchronous(db, level: str = DURABLE_SYNCHRONOUS) -> None:
+    """SQLite: PRAGMA synchronous for this thread's open connection only.
+
+    PostgreSQL: nothing; campaignd never turns synchronous_commit off, so
+    every commit there is flushed (unless the server is configured otherwise).
+    """
+    if not is_postgres(getattr(db, "obj", db)):
+        db.execute_sql(f"PRAGMA synchronous = {_SYNCHRONOUS_LEVELS[level.lower()]}")
+
+
+_SYNCHRONOUS_LEVELS = {
+    "off": "OFF",
+    "normal": "NORMAL",
+    "full": "FULL",
+    "extra": "EXTRA",
+}
 
 
 def is_postgres(db: pw.Database | None = None) -> bool:

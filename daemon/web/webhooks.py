@@ -3,9 +3,14 @@
 A 2xx means "stored": each event of the POST is inserted into inbound_event
 under a unique dedupe key and committed before we answer, so a provider that
 retries a delivery we already have gets a 2xx and changes nothing, and a
-database we cannot write gets a 503 (the provider retries later). Processing
-happens on the 'default' queue; if enqueueing fails after the commit the row is
-still there and the sweeper replays unprocessed events.
+database we cannot write gets a 503 (the provider retries later). On SQLite
+the webhook commits are durable (synchronous=FULL: one fsync per group
+commit), so an acknowledged event also survives a power cut.
+
+Processing happens on the 'default' queue, enqueued AFTER the answer by a
+thread of its own (Enqueuer), within web.enqueue_timeout_s: a hung or refused
+queue backend delays processing, never a webhook. What is not enqueued stays
+unprocessed in inbound_event and the sweeper replays it.
 """
 
 from __future__ import annotations
@@ -19,17 +24,21 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import falcon
+import peewee as pw
 
 from daemon import metrics
 from daemon.config import Config
 from daemon.providers import webhook_parser
 from daemon.providers.base import as_text
 from daemon.providers.base import verify_hmac_sha256
+from daemon.store.db import DURABLE_SYNCHRONOUS
 from daemon.store.db import is_postgres
+from daemon.store.db import set_synchronous
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
 from daemon.store.models import utcnow
@@ -95,6 +104,115 @@ def storable_key(key: str) -> str:
     return f"{key[: _KEY_LIMIT - 65]}:{digest}"
 
 
+class Enqueuer:
+    """Hands stored events to the processing queue, off the request path.
+
+    The EventWriter answers its requests right after the commit, then drops
+    the new event ids here; `submit` never blocks (when the hand-over queue is
+    full the ids are left to the sweeper). One thread enqueues them in tasks of
+    TASK_CHUNK events. Events not enqueued within `timeout_s` of their commit,
+    and those of a chunk the queue backend refuses (with the rest of its
+    round: the backend is down), stay unprocessed in inbound_event, where the
+    sweeper finds them (campaigns.sweep, older than its grace). One Redis
+    command cannot hold this thread longer than the pool's socket timeout
+    (daemon/queue.py), so the time limit is overrun by one command at most.
+    """
+
+    # Events per processing task: a batch is split so that both threads of
+    # worker:default share it.
+    TASK_CHUNK = 8
+    # Batches handed over and not yet enqueued (each one group commit).
+    MAX_WAITING = 1024
+
+    def __init__(self, tasks, timeout_s: float = 2.0):
+        self.tasks = tasks
+        self.timeout_s = timeout_s
+        self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING)
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, event_ids: list[int]) -> None:
+        """Enqueue `event_ids` soon, in the background; never blocks."""
+        if not event_ids:
+            return
+        self._ensure_thread()
+        try:
+            self._waiting.put_nowait((time.monotonic() + self.timeout_s, event_ids))
+        except queue.Full:
+            log.warning(
+                "%d stored events not enqueued (enqueue backlog full); "
+                "the sweeper will replay them",
+                len(event_ids),
+            )
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything submitted has been enqueued or given up."""
+        done = self._waiting.all_tasks_done
+        with done:
+            return done.wait_for(lambda: not self._waiting.unfinished_tasks, timeout)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="event-enqueuer", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batches = [self._waiting.get()]
+            while True:
+                try:
+                    batches.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._enqueue(batches)
+            except Exception:  # noqa: BLE001 - this thread must outlive any bug
+                log.exception("enqueueing stored events failed")
+            finally:
+                for _ in batches:
+                    self._waiting.task_done()
+
+    def _enqueue(self, batches: list[tuple[float, list[int]]]) -> None:
+        """Enqueue one round: every batch waiting, in chunks of TASK_CHUNK."""
+        now = time.monotonic()
+        late = [i for deadline, ids in batches if deadline <= now for i in ids]
+        ids = [i for deadline, ids in batches if deadline > now for i in ids]
+        deadline = min((d for d, _ in batches if d > now), default=now)
+        failed: list[int] = []
+        for start in range(0, len(ids), self.TASK_CHUNK):
+            if time.monotonic() >= deadline:
+                late.extend(ids[start:])
+                break
+            chunk = ids[start : start + self.TASK_CHUNK]
+            try:
+                self.tasks.process_webhook_events(chunk)
+            except Exception as exc:  # noqa: BLE001 - the rows are stored
+                failed = ids[start:]
+                log.warning(
+                    "queue unavailable (%s: %s): %d stored events (ids %d..%d) "
+                    "not enqueued; the sweeper will replay them",
+                    type(exc).__name__,
+                    exc,
+                    len(failed),
+                    min(failed),
+                    max(failed),
+                )
+                break
+        if late:
+            log.warning(
+                "%d stored events (ids %d..%d) not enqueued within %.1f s; "
+                "the sweeper will replay them",
+                len(late),
+                min(late),
+                max(late),
+                self.timeout_s,
+            )
+
+
 class EventWriter:
     """Group commit: one thread stores the events of every waiting request.
 
@@ -102,20 +220,33 @@ class EventWriter:
     other request threads queueing for the lock (or sleeping in SQLite's
     busy handler). Here request threads hand their rows over and wait; the
     writer inserts everything that is waiting in ONE transaction, commits,
-    enqueues the processing, then wakes each request with its own result.
-    The answer still comes only after the commit, so "2xx means stored"
-    holds; a failed transaction fails every request in it (each gets 503).
+    drops the new event ids into the Enqueuer's hand-over queue (never
+    blocking) and wakes each request with its own result: the answer comes
+    right after the commit, so "2xx means stored" holds, and no answer waits
+    on the queue. A failed transaction fails every request in it (each gets
+    503).
+
+    On SQLite the writer's own connection commits with synchronous=FULL
+    (`sqlite_synchronous`): in WAL mode one fsync of the WAL per group commit,
+    so an acknowledged event survives a power cut, not only a crash.
     """
 
-    # Events per processing task: a batch is split so that both threads of
-    # worker:default share it.
-    TASK_CHUNK = 8
     # Requests folded into one transaction at most.
     MAX_BATCH = 256
+    # PRAGMA synchronous of the writer's SQLite connection (the benchmark
+    # sets "normal" to measure what durability costs).
+    sqlite_synchronous = DURABLE_SYNCHRONOUS
 
-    def __init__(self, tasks, timeout_s: float = 30.0):
+    def __init__(
+        self, tasks, timeout_s: float = 30.0, enqueue_timeout_s: float | None = None
+    ):
         self.tasks = tasks
         self.timeout_s = timeout_s
+        if enqueue_timeout_s is None:
+            cfg = getattr(tasks, "cfg", None)
+            web = getattr(cfg, "web", None)
+            enqueue_timeout_s = getattr(web, "enqueue_timeout_s", 2.0)
+        self.enqueuer = Enqueuer(tasks, enqueue_timeout_s)
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -127,7 +258,14 @@ class EventWriter:
         self._ensure_thread()
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._pending.put((rows, done))
-        return done.result(timeout=self.timeout_s)
+        try:
+            return done.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            # The database is stuck (nothing else runs in that thread): a
+            # 503, and the provider delivers again (deduplicated if it landed).
+            raise pw.OperationalError(
+                f"event writer did not commit within {self.timeout_s:g} s"
+            ) from None
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -156,7 +294,10 @@ class EventWriter:
             for _, done in batch:
                 done.set_exception(exc)
             return
-        self._enqueue([event_id for event_id, _, _ in stored.values()])
+        # Handed over (a put that never blocks) before the answers, so that
+        # Enqueuer.wait_idle after an answer covers its events; the enqueue
+        # itself runs in the Enqueuer's thread, after and apart from them.
+        self.enqueuer.submit([event_id for event_id, _, _ in stored.values()])
         for rows, done in batch:
             mine = []
             for row in rows:
@@ -165,14 +306,14 @@ class EventWriter:
                     mine.append((hit[0], hit[1]))
             done.set_result(mine)
 
-    @staticmethod
-    def _connection():
+    def _connection(self):
         """PostgreSQL: a pooled connection per batch. SQLite: keep ours open,
         because closing the last connection checkpoints and deletes the WAL,
         which the next commit pays for again (~12 ms)."""
         if is_postgres():
             return database.connection_context()
-        database.connect(reuse_if_open=True)
+        if database.connect(reuse_if_open=True):
+            set_synchronous(database, self.sqlite_synchronous)
         return contextlib.nullcontext()
 
     def _insert(self, rows: list[dict]) -> dict[str, tuple[int, str, str]]:
@@ -187,18 +328,6 @@ class EventWriter:
                 for event_id, event_type, key in cursor.fetchall():
                     stored[key] = (event_id, event_type, key)
         return stored
-
-    def _enqueue(self, event_ids: list[int]) -> None:
-        for start in range(0, len(event_ids), self.TASK_CHUNK):
-            chunk = event_ids[start : start + self.TASK_CHUNK]
-            try:
-                self.tasks.process_webhook_events(chunk)
-            except Exception:  # noqa: BLE001 - the rows are stored; the sweeper replays them
-                log.warning(
-                    "events %s stored but not enqueued; the sweeper will replay them",
-                    chunk,
-                    exc_info=True,
-                )
 
 
 class WebhookIngest:

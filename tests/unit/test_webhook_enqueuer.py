@@ -1,0 +1,191 @@
+"""Webhook group commit: answer after the commit, enqueue afterwards (issue 12).
+
+The EventWriter on a real SQLite file, with stand-ins for the queue that hang
+or fail: an answer never waits on the queue, what the queue does not take in
+web.enqueue_timeout_s is left to the sweeper, and the writer's commits are
+durable (synchronous=FULL) while the rest of the process keeps NORMAL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import pytest
+
+from daemon import campaigns
+from daemon.store.db import open_database
+from daemon.store.models import InboundEvent
+from daemon.store.models import database
+from daemon.store.models import utcnow
+from daemon.web.webhooks import Enqueuer
+from daemon.web.webhooks import EventWriter
+from daemon.web.webhooks import WebhookIngest
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+SQLITE_FULL, SQLITE_NORMAL = 2, 1
+
+
+def inbound(msg_id: str) -> dict:
+    return {
+        "id": msg_id,
+        "event": "message:in:new",
+        "data": {"id": msg_id, "flow": "inbound", "fromNumber": "+33612345678"},
+    }
+
+
+def meta_statuses(prefix: str, count: int) -> dict:
+    """One Meta POST with `count` delivery statuses (Meta batches them)."""
+    statuses = [
+        {
+            "id": f"wamid.{prefix}{i}",
+            "status": "delivered",
+            "timestamp": "1750857384",
+            "recipient_id": "5516992318222",
+        }
+        for i in range(count)
+    ]
+    value = {"messaging_product": "whatsapp", "statuses": statuses}
+    change = {"field": "messages", "value": value}
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1314702302917944", "changes": [change]}],
+    }
+
+
+class HangingQueue:
+    """process_webhook_events blocks until released (a hung Redis)."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls: list[list[int]] = []
+
+    def process_webhook_events(self, event_ids: list[int]) -> None:
+        self.calls.append(list(event_ids))
+        assert self.release.wait(30)
+
+
+class RefusingQueue:
+    """process_webhook_events fails (Redis refusing connections)."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def process_webhook_events(self, event_ids: list[int]) -> None:
+        self.calls.append(list(event_ids))
+        raise ConnectionError(
+            "Error 111 connecting to 127.0.0.1:1. Connection refused."
+        )
+
+
+@pytest.fixture
+def db(make_config):
+    cfg = make_config("sqlite")
+    open_database(cfg, migrate_schema=True)
+    database.close()
+    yield cfg
+    database.close()
+
+
+def unprocessed_ids() -> list[int]:
+    with database.connection_context():
+        query = InboundEvent.select(InboundEvent.id).where(
+            InboundEvent.processed_at.is_null()
+        )
+        return sorted(e.id for e in query)
+
+
+def swept_ids() -> list[int]:
+    """What the sweeper would replay once its grace has passed."""
+    later = utcnow() + dt.timedelta(minutes=5)
+    with database.connection_context():
+        return sorted(campaigns.sweep(later, grace_s=30).events)
+
+
+def test_answers_do_not_wait_for_a_hung_queue(db):
+    hung = HangingQueue()
+    writer = EventWriter(hung, enqueue_timeout_s=0.3)
+    ingest = WebhookIngest("wassenger", hung, writer=writer)
+    try:
+        assert ingest.ingest(inbound("H0")) == (1, 0)
+        wait_for(lambda: hung.calls, what="the first enqueue to hang")
+        # The queue is stuck in the first enqueue: the next webhooks are
+        # answered at the speed of their commit, not of the queue.
+        started = time.monotonic()
+        for i in range(1, 9):
+            assert ingest.ingest(inbound(f"H{i}")) == (1, 0)
+        assert time.monotonic() - started < 8 * 0.3 / 2
+        # Release the queue only once the waiting batches are past their
+        # enqueue deadline: they are given up, not enqueued late.
+        past = time.monotonic() + 0.3
+        wait_for(lambda: time.monotonic() > past, what="the enqueue deadline")
+        hung.release.set()
+        assert writer.enqueuer.wait_idle(10)
+        assert len(hung.calls) == 1
+        stored = unprocessed_ids()
+        assert len(stored) == 9
+        assert swept_ids() == stored  # all of them, the hung one included
+    finally:
+        hung.release.set()
+
+
+def test_a_refusing_queue_gives_up_the_round_and_leaves_it_to_the_sweeper(db):
+    refused = RefusingQueue()
+    writer = EventWriter(refused, enqueue_timeout_s=5.0)
+    ingest = WebhookIngest("meta", refused, writer=writer)
+    started = time.monotonic()
+    assert ingest.ingest(meta_statuses("R", 40)) == (40, 0)
+    assert time.monotonic() - started < 5.0
+    assert writer.enqueuer.wait_idle(10)
+    # One attempt (the first chunk of 8), not five: the backend is down.
+    assert [len(c) for c in refused.calls] == [Enqueuer.TASK_CHUNK]
+    assert swept_ids() == unprocessed_ids() and len(unprocessed_ids()) == 40
+
+
+def test_a_healthy_queue_gets_every_event_in_chunks(db):
+    class Recording:
+        def __init__(self):
+            self.calls: list[list[int]] = []
+
+        def process_webhook_events(self, event_ids):
+            self.calls.append(list(event_ids))
+
+    tasks = Recording()
+    writer = EventWriter(tasks)
+    ingest = WebhookIngest("meta", tasks, writer=writer)
+    assert ingest.ingest(meta_statuses("OK", 20)) == (20, 0)
+    assert writer.enqueuer.wait_idle(10)
+    assert [len(c) for c in tasks.calls] == [8, 8, 4]
+    assert sorted(i for c in tasks.calls for i in c) == unprocessed_ids()
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"), [("full", SQLITE_FULL), ("normal", SQLITE_NORMAL)]
+)
+def test_the_writer_connection_commits_with_its_own_synchronous_level(
+    db, level, expected
+):
+    seen = []
+
+    class Spy(EventWriter):
+        sqlite_synchronous = level
+
+        def _insert(self, rows):
+            seen.append(database.execute_sql("PRAGMA synchronous").fetchone()[0])
+            return super()._insert(rows)
+
+    class Null:
+        def process_webhook_events(self, event_ids):
+            pass
+
+    writer = Spy(Null())
+    ingest = WebhookIngest("wassenger", Null(), writer=writer)
+    ingest.ingest(inbound("S1"))
+    ingest.ingest(inbound("S2"))
+    assert seen == [expected, expected]
+    # Other connections of the process keep the default.
+    with database.connection_context():
+        assert database.execute_sql("PRAGMA synchronous").fetchone()[0] == SQLITE_NORMAL
