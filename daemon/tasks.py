@@ -129,8 +129,13 @@ class Tasks:
         for message_id in ids:
             self.send_single_message(message_id, priority=priority)
 
-    def enqueue_fanout(self, campaign_id: int) -> None:
-        self.send_campaign_messages(campaign_id)
+    def enqueue_fanout(self, campaign_id: int, after: int = 0) -> None:
+        """The fan-out task for the members past `after` (0: from the start).
+
+        Just below Message 2 and above every Message 1 send, so the next link
+        of a fan-out chain does not wait behind the sends it just enqueued.
+        """
+        self.send_campaign_messages(campaign_id, after, priority=PRIORITY_HIGH - 1)
 
     def enqueue_bulk_verify(self, contact_ids: list[int]) -> None:
         self.bulk_verify(list(contact_ids))
@@ -242,21 +247,31 @@ class Tasks:
             return {}
         return campaigns.template_values(Contact.get_by_id(message.contact_id))
 
-    def fan_out(self, campaign_id: int) -> int:
-        """Create and enqueue every Message 1 of a running campaign, in batches."""
-        total = 0
-        after: int | None = 0
-        while after is not None:
-            ids, after = campaigns.fan_out_batch(
-                campaign_id,
-                self.cfg.campaigns.fanout_batch,
-                after,
-                analyze=after == 0,
-            )
-            self.enqueue_sends(ids)
-            total += len(ids)
-        campaigns.maybe_complete(campaign_id)
-        return total
+    def fan_out(self, campaign_id: int, after: int = 0) -> int:
+        """One batch of a running campaign's Message 1 rows, past member `after`.
+
+        Each task does one batch and enqueues the next one, so no task comes
+        near the hard time limit however big the campaign. A link lost to a
+        dead worker is found by the sweeper (running campaign, pending members
+        without a Message 1), which starts the chain again from 0.
+        """
+        from daemon.queue_bulk import enqueue_many
+
+        ids, next_after = campaigns.fan_out_batch(
+            campaign_id,
+            self.cfg.campaigns.fanout_batch,
+            after,
+            analyze=after == 0,
+        )
+        if next_after is not None:
+            # First, so another worker thread builds the next batch while
+            # this one enqueues the sends.
+            self.enqueue_fanout(campaign_id, next_after)
+        # One round trip for the whole batch (Huey would make one per send).
+        enqueue_many(self.send_single_message, [(i,) for i in ids])
+        if next_after is None:
+            campaigns.maybe_complete(campaign_id)
+        return len(ids)
 
     # ------------------------------------------------------------ verification
 

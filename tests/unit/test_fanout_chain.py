@@ -1,0 +1,140 @@
+"""Fan-out as a chain of tasks: one batch each, the next one enqueued by it.
+
+A campaign of a million contacts must not be one task (it would reach the hard
+time limit and get its worker killed), so each `send_campaign_messages` task
+makes one batch of Message 1 rows and enqueues the next link; the sweeper
+starts a lost chain again. Run in each storage mode: the bulk enqueue and the
+member query differ between SQLite + SqliteHuey and PostgreSQL + Redis.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from daemon import campaigns
+from daemon.store.models import Message
+from tests.send_helpers import build_pipeline
+from tests.send_helpers import close_db
+from tests.send_helpers import member_counts
+from tests.send_helpers import message_counts
+from tests.send_helpers import mode_config
+from tests.send_helpers import new_campaign
+from tests.send_helpers import seed_contacts
+
+BATCH = 5
+FANOUT = "send_campaign_messages"
+SEND = "send_single_message"
+
+
+@pytest.fixture(params=["sqlite", "cluster"])
+def pipeline(request, make_config):
+    cfg = mode_config(
+        request, make_config, request.param, {"campaigns": {"fanout_batch": BATCH}}
+    )
+    built = build_pipeline(cfg)
+    yield built
+    built.close()
+    close_db(built.db)
+
+
+def drain(pipeline, *, drop_fanout_after: int | None = None) -> dict:
+    """Pop the messages queue: run every fan-out link, only count the sends.
+
+    `drop_fanout_after`: lose the fan-out links after that many ran (a worker
+    killed between popping a link and running it).
+    """
+    huey = pipeline.queues.messages
+    ran: list[int] = []  # Message 1 rows made by each link
+    sends: Counter[int] = Counter()
+    dropped = 0
+    while (task := huey.dequeue()) is not None:
+        if task.name == FANOUT:
+            if drop_fanout_after is not None and len(ran) >= drop_fanout_after:
+                dropped += 1
+                continue
+            ran.append(huey.execute(task))
+        else:
+            assert task.name == SEND
+            sends[task.args[0]] += 1
+    return {"links": ran, "sends": sends, "dropped": dropped}
+
+
+def message1_ids(campaign_id: int) -> list[int]:
+    query = Message.select(Message.id).where(
+        Message.campaign == campaign_id, Message.kind == 1
+    )
+    return sorted(m.id for m in query)
+
+
+def test_each_task_makes_one_batch_and_enqueues_the_next(pipeline):
+    campaign = new_campaign(seed_contacts(23))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    assert pipeline.queues.messages.pending_count() == 1
+
+    result = drain(pipeline)
+
+    # 23 members in batches of 5: five links, the short last one ends it.
+    assert result["links"] == [5, 5, 5, 5, 3]
+    assert message_counts(campaign.id) == {"queued": 23}
+    # Every Message 1 was enqueued once, by the link that made it.
+    assert sorted(result["sends"]) == message1_ids(campaign.id)
+    assert set(result["sends"].values()) == {1}
+    assert campaigns.get_campaign(campaign.id).status == "running"
+
+
+def test_a_chain_ending_on_a_full_batch_stops_at_an_empty_link(pipeline):
+    campaign = new_campaign(seed_contacts(2 * BATCH))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    assert drain(pipeline)["links"] == [5, 5, 0]
+    assert message_counts(campaign.id) == {"queued": 10}
+
+
+def test_the_next_link_runs_before_the_sends_already_queued(pipeline):
+    """Links jump the sends: the fan-out does not wait for the backlog."""
+    campaign = new_campaign(seed_contacts(12))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    huey = pipeline.queues.messages
+    order = []
+    while (task := huey.dequeue()) is not None:
+        order.append(task.name)
+        if task.name == FANOUT:
+            huey.execute(task)
+    assert order == [FANOUT] * 3 + [SEND] * 12
+
+
+def test_a_lost_link_is_started_again_by_the_sweep(pipeline):
+    campaign = new_campaign(seed_contacts(23))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    first = drain(pipeline, drop_fanout_after=2)
+    assert first["links"] == [5, 5]
+    assert first["dropped"] == 1
+    assert message_counts(campaign.id) == {"queued": 10}
+    assert member_counts(campaign.id) == {"pending": 23}
+
+    # The sweeper sees pending members without a Message 1 in a running
+    # campaign and enqueues its fan-out (from the start) again.
+    assert pipeline.tasks.sweep_once()["campaigns"] == 1
+    second = drain(pipeline)
+
+    # It walks past the members already done and makes only the missing rows.
+    assert sum(second["links"]) == 13
+    assert message_counts(campaign.id) == {"queued": 23}
+    ids = message1_ids(campaign.id)
+    assert sorted(first["sends"] + second["sends"]) == ids
+    assert pipeline.tasks.sweep_once()["campaigns"] == 0
+
+
+def test_a_paused_campaign_stops_the_chain(pipeline):
+    campaign = new_campaign(seed_contacts(12))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    huey = pipeline.queues.messages
+    assert huey.execute(huey.dequeue()) == 5
+    campaigns.pause_campaign(campaign.id)
+    assert drain(pipeline)["links"] == [0]
+    assert message_counts(campaign.id) == {"queued": 5}
+    # Resuming enqueues the fan-out again; it picks up the rest.
+    campaigns.resume_campaign(campaign.id, pipeline.tasks)
+    assert sum(drain(pipeline)["links"]) == 7
+    assert message_counts(campaign.id) == {"queued": 12}
