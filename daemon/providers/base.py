@@ -7,11 +7,13 @@ webhooks); the rest of campaignd only sees the types defined in this module.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import hashlib
 import hmac
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC
@@ -153,6 +155,38 @@ class WebhookParser(Protocol):
     def split(self, body: Any) -> list[tuple[str, dict]]: ...
 
     def parse(self, item: dict) -> ProviderEvent: ...
+
+
+# Every code point of the surrogate range. json.loads pairs valid escapes into
+# one astral character, so any surrogate left in a str is unpaired.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """`text` as both databases can store it: NULs dropped (PostgreSQL refuses
+    them in text) and unpaired surrogates as U+FFFD (SQLite cannot encode them).
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if text.isascii():
+        return text
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def clean_event(event: ProviderEvent) -> ProviderEvent:
+    """The event with every text field storable (see storable_text).
+
+    Parsers return events through this: a reply holding a NUL or a lone
+    surrogate must be processed like any other, not fail at every attempt.
+    """
+    changes = {}
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        if isinstance(value, str):
+            cleaned = storable_text(value)
+            if cleaned != value:
+                changes[field.name] = cleaned
+    return dataclasses.replace(event, **changes) if changes else event
 
 
 # --- helpers shared by the providers ------------------------------------------

@@ -36,6 +36,7 @@ from daemon.providers.base import as_dict
 from daemon.providers.base import as_e164
 from daemon.providers.base import as_epoch
 from daemon.providers.base import as_text
+from daemon.providers.base import clean_event
 from daemon.providers.base import error_text
 from daemon.providers.base import parse_retry_after
 from daemon.providers.base import unknown_key
@@ -225,11 +226,14 @@ class MetaWebhookParser:
         return items
 
     def parse(self, item: dict) -> ProviderEvent:
-        """The event for one item; odd shapes give IgnoredEvent, never an error."""
+        """The event for one item; odd shapes give IgnoredEvent, never an error.
+
+        Every text field is storable (no NUL, no lone surrogate): clean_event.
+        """
         try:
-            return self._parse(as_dict(item))
+            return clean_event(self._parse(as_dict(item)))
         except Exception as exc:  # noqa: BLE001 - a webhook must never crash us
-            return IgnoredEvent(f"unparsable meta event: {exc!r}")
+            return clean_event(IgnoredEvent(f"unparsable meta event: {exc!r}"))
 
     def _parse(self, item: dict) -> ProviderEvent:
         if isinstance(item.get("message"), dict):
