@@ -90,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = campaign.add_parser(action, parents=[common, json_flag])
         p.add_argument("id", type=int)
 
+    events = sub.add_parser(
+        "events", help="stored webhook events and dead letters"
+    ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    p = events.add_parser(
+        "list", parents=[common, json_flag], help="list webhook events, newest first"
+    )
+    p.add_argument("--dead", action="store_true", help="only the dead letters")
+    p.add_argument("--limit", type=int, default=50)
+    p = events.add_parser(
+        "replay",
+        parents=[common, json_flag],
+        help="process a dead-letter event again",
+    )
+    p.add_argument("id", type=int)
+
     p = sub.add_parser(
         "verify", parents=[common, json_flag], help="check numbers are on WhatsApp"
     )
@@ -162,6 +177,8 @@ def dispatch(args) -> int:
         return commands.campaign(cfg, args)
     if command == "verify":
         return commands.verify(cfg, args)
+    if command == "events":
+        return commands.events(cfg, args)
     raise AssertionError(f"unhandled command {command}")
 
 

@@ -121,6 +121,51 @@ def verify(cfg: Config, args) -> int:
     return EXIT_OK
 
 
+def events(cfg: Config, args) -> int:
+    """`campaignd events list [--dead] [--limit N]` and `events replay ID`."""
+    from daemon import events as events_mod
+
+    with _database(cfg):
+        if args.action == "list":
+            return _events_list(args)
+        if args.action == "replay":
+            with _tasks(cfg) as tasks:
+                event = events_mod.replay(args.id, tasks, cfg)
+            _print(
+                args,
+                events_mod.event_dict(event),
+                f"webhook event {event.id} ({event.provider} {event.event_type}) "
+                "replayed: queued for processing",
+            )
+            return EXIT_OK
+    raise AssertionError(f"unhandled events action {args.action}")
+
+
+def _events_list(args) -> int:
+    from daemon import events as events_mod
+
+    rows = events_mod.list_events(dead=True if args.dead else None, limit=args.limit)
+    if args.json:
+        print(json.dumps({"events": rows}, ensure_ascii=False))
+        return EXIT_OK
+    table = [
+        [
+            e["id"],
+            e["provider"],
+            e["event_type"],
+            e["received_at"],
+            e["state"],
+            e["attempts"],
+            _shorten(e["last_error"] or "", 60),
+        ]
+        for e in rows
+    ]
+    headers = ["ID", "PROVIDER", "TYPE", "RECEIVED", "STATE", "ATTEMPTS", "LAST ERROR"]
+    empty = "no dead letters" if args.dead else "no webhook events yet"
+    print(_table(headers, table) if rows else empty)
+    return EXIT_OK
+
+
 # --- contacts -----------------------------------------------------------------
 
 

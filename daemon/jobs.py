@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from daemon import campaigns
+from daemon import events
 from daemon import monitoring
 from daemon.errors import InputError
 from daemon.store.models import JobRun
@@ -94,8 +95,11 @@ def sweep(tasks, now: dt.datetime) -> str:
 def system_health_check(tasks, now: dt.datetime) -> str:
     report = monitoring.run_health_check(tasks.queues, tasks.provider, now)
     monitoring.record_health_check(report, now, cfg=tasks.cfg)
+    # events:dead_letters, raised or resolved like the health:* alerts.
+    dead = events.sync_alert(tasks.cfg)
     failing = report.failing()
-    return "ok" if not failing else "failing: " + ", ".join(failing)
+    result = "ok" if not failing else "failing: " + ", ".join(failing)
+    return result + (f"; {dead} dead letters" if dead else "")
 
 
 def check_expired_interactions(tasks, now: dt.datetime) -> str:

@@ -295,6 +295,7 @@ def _db_figures() -> dict:
 
     from daemon.alerts import active_alerts
     from daemon.alerts import db_session
+    from daemon.events import dead_count
     from daemon.store.models import Campaign
     from daemon.store.models import HealthCheck
     from daemon.store.models import Message
@@ -310,9 +311,11 @@ def _db_figures() -> dict:
         )
         check = HealthCheck.select().order_by(HealthCheck.checked_at.desc()).first()
         active = active_alerts()
+        dead_letters = dead_count()
     return {
         "campaigns": campaigns,
         "messages": messages,
+        "dead_letters": dead_letters,
         "last_health_check": None if check is None else {
             "checked_at": check.checked_at.isoformat(timespec="seconds") + "Z",
             "ok": check.ok,
@@ -435,6 +438,10 @@ def format_status(answer: dict) -> str:
         lines.append(
             "campaigns: " + ", ".join(f"{k} {v}" for k, v in campaigns.items())
         )
+    dead = answer.get("dead_letters")
+    if dead is not None:
+        hint = " (campaignd events list --dead)" if dead else ""
+        lines.append(f"webhook dead letters: {dead}{hint}")
     check = answer.get("last_health_check")
     if check:
         verdict = "ok" if check.get("ok") else "FAILING"

@@ -306,35 +306,83 @@ class Tasks:
     # ------------------------------------------------------------ webhooks
 
     def process_event(self, event_id: int) -> str:
-        """Apply one stored webhook item; marks it processed in the same transaction."""
+        """Apply one stored webhook item; marks it processed in the same transaction.
+
+        A failure is counted on the row in a transaction of its own (attempts,
+        last_error); at web.event_max_attempts the event becomes a dead letter
+        (daemon/events.py): no longer replayed by the sweeper, no longer
+        holding back expiry. The database being unreachable is not the
+        event's fault: that is raised and counts nothing.
+        """
+        from daemon import events
         from daemon.providers import webhook_parser
 
         message2_ids: list[int] = []
-        with database.atomic():
-            event = InboundEvent.get_or_none(InboundEvent.id == event_id)
-            if event is None or event.processed_at is not None:
-                return "already processed"
+        try:
+            with database.atomic():
+                event = InboundEvent.get_or_none(InboundEvent.id == event_id)
+                if event is None or event.processed_at is not None:
+                    return "already processed"
+                if event.dead_at is not None:
+                    return "dead letter: not processed until replayed"
+                try:
+                    item = json.loads(event.payload)
+                    parsed = webhook_parser(event.provider).parse(item)
+                except (ValueError, KeyError) as exc:
+                    outcome = f"unparseable: {exc}"
+                else:
+                    outcome = self._apply_event(parsed, event, message2_ids)
+                InboundEvent.update(
+                    processed_at=self.clock(),
+                    result=outcome[:200],
+                    attempts=InboundEvent.attempts + 1,
+                ).where(
+                    InboundEvent.id == event_id, InboundEvent.processed_at.is_null()
+                ).execute()
+        except (pw.OperationalError, pw.InterfaceError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - counted on the row, then dead
+            error = events.storable_error(exc)
+            limit = self.cfg.web.event_max_attempts
+            counted = events.record_failure(event_id, error, limit, self.clock())
+            if counted is None:
+                log.warning("webhook event %s failed: %s", event_id, error)
+                return f"failed: {error}"
+            attempts, dead = counted
+            if not dead:
+                log.warning(
+                    "webhook event %s failed (attempt %d of %d): %s",
+                    event_id,
+                    attempts,
+                    limit,
+                    error,
+                    exc_info=exc,
+                )
+                return f"failed (attempt {attempts} of {limit}): {error}"
+            log.error(
+                "webhook event %s is a dead letter after %d failed attempts: %s",
+                event_id,
+                attempts,
+                error,
+                exc_info=exc,
+            )
             try:
-                item = json.loads(event.payload)
-                parsed = webhook_parser(event.provider).parse(item)
-            except (ValueError, KeyError) as exc:
-                outcome = f"unparseable: {exc}"
-            else:
-                outcome = self._apply_event(parsed, event, message2_ids)
-            InboundEvent.update(
-                processed_at=self.clock(),
-                result=outcome[:200],
-                attempts=InboundEvent.attempts + 1,
-            ).where(
-                InboundEvent.id == event_id, InboundEvent.processed_at.is_null()
-            ).execute()
+                events.sync_alert(self.cfg)
+            except Exception:  # noqa: BLE001 - the health check raises it later
+                log.warning("could not raise %s", events.ALERT_KEY, exc_info=True)
+            return f"dead letter after {attempts} attempts: {error}"
         # After the commit: a worker killed here leaves a queued Message 2
         # row, which the sweeper enqueues.
         self.enqueue_sends(message2_ids, priority=PRIORITY_HIGH)
         return outcome
 
     def process_events(self, event_ids: list[int]) -> int:
-        """Several stored webhook items in turn (the web role batches them)."""
+        """Several stored webhook items in turn (the web role batches them).
+
+        process_event counts and logs an event's own failure; what still
+        raises here (the database unreachable) is logged and left to the
+        sweeper, and the other events of the batch are still tried.
+        """
         for event_id in event_ids:
             try:
                 self.process_event(event_id)

@@ -15,6 +15,7 @@ import falcon
 
 from daemon import campaigns
 from daemon import contacts as contacts_mod
+from daemon import events
 from daemon.errors import NotFoundError
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
@@ -408,3 +409,41 @@ class MessageCollection:
             "messages": [campaigns.message_dict(m) for m in rows],
             "next_cursor": rows[-1].id if len(rows) == limit else None,
         }
+
+
+# --- webhook events --------------------------------------------------------------
+
+
+class EventCollection:
+    """GET /api/v1/events: stored webhook events, newest first (?dead=true)."""
+
+    admin_api = True
+    uses_database = True
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        dead = req.get_param_as_bool("dead")
+        limit = req.get_param_as_int(
+            "limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE
+        )
+        rows = events.list_events(dead=dead, limit=limit)
+        resp.media = {"events": rows, "dead_letters": events.dead_count()}
+
+
+class EventReplay:
+    """POST /api/v1/events/{event_id}/replay: process a dead letter again."""
+
+    admin_api = True
+    uses_database = True
+
+    def __init__(self, tasks, cfg=None):
+        self.tasks = tasks
+        self.cfg = cfg
+
+    def on_post(self, req, resp, event_id: str) -> None:
+        if not (event_id.isascii() and event_id.isdigit() and len(event_id) <= 10):
+            raise NotFoundError(f"webhook event {event_id} does not exist")
+        if not 1 <= int(event_id) <= MAX_ID:
+            raise NotFoundError(f"webhook event {event_id} does not exist")
+        Body.read(req, set(), optional=True)
+        event = events.replay(int(event_id), self.tasks, self.cfg)
+        resp.media = events.event_dict(event)

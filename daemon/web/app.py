@@ -228,6 +228,8 @@ def create_app(
     app.add_route(f"{prefix}/contacts/{{ref}}", api.ContactItem())
     app.add_route(f"{prefix}/contacts/{{ref}}/opt-out", api.ContactOptOut())
     app.add_route(f"{prefix}/messages", api.MessageCollection())
+    app.add_route(f"{prefix}/events", api.EventCollection())
+    app.add_route(f"{prefix}/events/{{event_id}}/replay", api.EventReplay(tasks, cfg))
     return app
 
 

@@ -128,12 +128,41 @@ class QueueDepthCollector:
         yield depth
 
 
+def count_dead_letters() -> int:
+    # Runs in a probe thread: its own connection, closed right after.
+    from daemon.events import dead_count
+
+    with database.connection_context():
+        return dead_count()
+
+
+class DeadLetterCollector:
+    """Prometheus collector: webhook events that are dead letters, read at
+    scrape time (a row count, so every web process reports the same value).
+    Absent from a scrape whose database did not answer."""
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+
+    def collect(self):
+        ok, count = self.probe.run("dead_letters", count_dead_letters)
+        if ok:
+            dead = GaugeMetricFamily(
+                "campaignd_webhook_events_dead",
+                "Stored webhook events that failed processing "
+                "web.event_max_attempts times (dead letters), not replayed.",
+            )
+            dead.add_metric([], float(count))
+            yield dead
+
+
 class Metrics:
     """GET /metrics: Prometheus text format."""
 
     def __init__(self, probe: Probe, queues: Queues | None):
         self.collector = QueueDepthCollector(probe, queues)
+        self.dead_letters = DeadLetterCollector(probe)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = metrics.CONTENT_TYPE
-        resp.data = metrics.render([self.collector])
+        resp.data = metrics.render([self.collector, self.dead_letters])

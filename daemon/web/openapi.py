@@ -150,6 +150,20 @@ SCHEMAS = {
         required=["id", "campaign_id", "contact_id", "kind", "status"],
         extra=True,
     ),
+    "WebhookEvent": _obj(
+        {
+            "id": _INT,
+            "provider": _STR,
+            "event_type": _STR,
+            "state": {"type": "string", "enum": ["pending", "processed", "dead"]},
+            "received_at": _TIME,
+            "processed_at": _TIME,
+            "dead_at": _TIME,
+            "attempts": _INT,
+            "last_error": {"type": ["string", "null"]},
+            "result": {"type": ["string", "null"]},
+        }
+    ),
     "ContactsInput": {
         "description": "CSV text (header line first, a 'phone' column) or a list "
         "of {phone, name, ...variables} objects",
@@ -472,6 +486,63 @@ def _paths() -> dict:
                     ),
                 ],
             )
+        },
+        "/api/v1/events": {
+            "get": _op(
+                "stored webhook events, newest first; dead=true: the dead letters",
+                {
+                    "200": _json(
+                        _obj(
+                            {
+                                "events": {
+                                    "type": "array",
+                                    "items": _ref("WebhookEvent"),
+                                },
+                                "dead_letters": _INT,
+                            }
+                        ),
+                        "the events, and how many dead letters exist",
+                    ),
+                    "400": _error("invalid query parameter"),
+                },
+                params=[
+                    _query(
+                        "dead",
+                        {"type": "boolean"},
+                        "true: only dead letters; false: none of them; "
+                        "absent: every event",
+                    ),
+                    _query(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    ),
+                ],
+            )
+        },
+        "/api/v1/events/{event_id}/replay": {
+            "parameters": [
+                {
+                    "name": "event_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                }
+            ],
+            "post": _op(
+                "process a dead-letter event again (attempts reset, enqueued)",
+                {
+                    "200": _json(_ref("WebhookEvent"), "the event, pending again"),
+                    "400": _error("a body was sent (none is expected)"),
+                    "404": _error("no such webhook event"),
+                    "409": _error("the event is already processed or not dead"),
+                },
+                body=_json_body(_obj({}, required=[]), required=False),
+            ),
         },
     }
 
