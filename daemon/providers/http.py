@@ -11,16 +11,23 @@ Resend rules (a send must never reach the provider twice because of us):
   received the whole request, so it is written once more on a new connection.
 - Once the request is written, any failure is a RetryableError. Only GETs are
   repeated once when a reused connection drops without an answer.
+
+One deadline covers the whole call: connecting, writing the request and
+reading every byte of the answer take at most `read_timeout` (or `timeout`)
+together, so an answer trickling in byte by byte cannot outlive the send's
+lease. Each socket operation gets the time that is left, not a fresh timeout.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import select
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,6 +99,7 @@ class HttpClient:
             target += ("&" if "?" in path else "?") + self._query
         all_headers = {**self._headers, **headers} if headers else self._headers
         read_timeout = self._read_timeout if timeout is None else timeout
+        deadline = time.monotonic() + read_timeout
         conn = getattr(self._local, "conn", None)
         reused = False
         if conn is not None and conn.sock is not None:
@@ -104,10 +112,9 @@ class HttpClient:
             conn = self._new_connection()
         while True:
             if conn.sock is None:
-                self._connect(conn)
-            if conn.sock.gettimeout() != read_timeout:
-                conn.sock.settimeout(read_timeout)
+                self._connect(conn, deadline)
             try:
+                conn.sock.settimeout(_remaining(deadline))
                 conn.request(method, target, body, all_headers)
             except TimeoutError as exc:
                 conn.close()
@@ -122,6 +129,7 @@ class HttpClient:
                     continue
                 raise RetryableError(f"sending to {self.origin} failed: {exc}") from exc
             try:
+                conn.response_class = _deadline_response(deadline)
                 resp = conn.getresponse()
                 data = resp.read()
             except TimeoutError as exc:
@@ -170,14 +178,63 @@ class HttpClient:
             self._conns = [*live, (threading.current_thread(), conn)]
         return conn
 
-    def _connect(self, conn: http.client.HTTPConnection) -> None:
-        # The connection timeout covers TCP (and TLS) setup; reads get their own.
-        conn.timeout = self._connect_timeout
+    def _connect(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        # The connection timeout covers TCP (and TLS) setup, within the
+        # call's deadline.
+        conn.timeout = min(self._connect_timeout, max(deadline - time.monotonic(), 0))
         try:
+            if conn.timeout <= 0:
+                raise TimeoutError("the call's deadline passed before connecting")
             conn.connect()
         except OSError as exc:
             conn.close()
             raise RetryableError(f"cannot connect to {self.origin}: {exc}") from exc
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left before `deadline`; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket, each read limited to the time left before the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._sock.settimeout(_remaining(self._deadline))
+        return self._sock.recv_into(buffer)
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse needs of a socket: makefile("rb")."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def makefile(self, mode: str, *args, **kwargs) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+def _deadline_response(deadline: float):
+    """An HTTPConnection.response_class reading the answer before `deadline`."""
+
+    def build(sock, *args, **kwargs) -> http.client.HTTPResponse:
+        return http.client.HTTPResponse(
+            _DeadlineSocket(sock, deadline), *args, **kwargs
+        )
+
+    return build
 
 
 def _peer_closed(sock: socket.socket) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -223,3 +224,79 @@ def test_base_path_and_query_are_kept(serve, make_client):
 def test_rejects_non_http_urls():
     with pytest.raises(ValueError):
         HttpClient("ftp://example.org", connect_timeout=1, read_timeout=1)
+
+
+class TricklingServer:
+    """Answers every request with a body of `size` bytes, one byte per `every`
+    seconds (or its header lines too, when `headers` is true); counts what it
+    managed to send before the client hung up."""
+
+    def __init__(self, size: int, every: float, headers: bool = False) -> None:
+        self.size = size
+        self.every = every
+        self.headers = headers
+        self.sent_body = 0
+        self.done = threading.Event()  # the client hung up, or all was sent
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _trickle(self, conn: socket.socket, data: bytes, body: bool) -> None:
+        for i in range(len(data)):
+            conn.sendall(data[i : i + 1])
+            if body:
+                self.sent_body += 1
+            time.sleep(self.every)
+
+    def _serve(self) -> None:
+        conn, _ = self._sock.accept()
+        try:
+            conn.recv(65536)
+            head = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\n\r\n" % self.size
+            )
+            if self.headers:
+                self._trickle(conn, head, body=False)
+            else:
+                conn.sendall(head)
+            self._trickle(conn, b"x" * self.size, body=True)
+        except OSError:
+            pass  # the client gave up and closed the connection
+        finally:
+            conn.close()
+            self.done.set()
+
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+def test_one_deadline_for_the_whole_call_even_when_bytes_keep_coming(
+    make_client, headers
+):
+    """Each byte arrives well within the timeout (0.2 s < 1 s), but the whole
+    answer would take 40 s: the call gives up at its one deadline with the
+    timeout error the send path retries, without reading the whole body."""
+    server = TricklingServer(size=200, every=0.2, headers=headers)
+    try:
+        client = make_client(server.url, read_timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(RetryableError, match="within 1 s"):
+            client.request("POST", "/x", b"{}")
+        # Generous: a per-read timeout would only fail after the 40 s trickle.
+        assert time.monotonic() - started < 1.0 + 10
+        assert server.done.wait(5), "the client kept the connection open"
+        assert server.sent_body < server.size
+    finally:
+        server.close()
+
+
+def test_connect_and_request_share_the_deadline(serve, make_client):
+    """The per-call timeout bounds the connect too: with no time left the call
+    fails as a timeout-class RetryableError and nothing is sent."""
+    server = serve(lambda conn, n, method: "answer")
+    client = make_client(server.url, connect_timeout=5.0)
+    with pytest.raises(RetryableError):
+        client.request("POST", "/x", b"{}", timeout=0.0)
+    assert server.requests == []
