@@ -37,10 +37,6 @@ from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
-# Meta error codes with a campaign-level meaning (providers.md §C.5).
-META_OPT_OUT_CODES = {131050, "131050"}
-META_PAUSE_CODES = {131048, 132015, "131048", "132015"}
-
 
 class Tasks:
     def __init__(
@@ -166,6 +162,9 @@ class Tasks:
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
+        if message.kind == 2 and self._reply_window_closed(message, now):
+            campaigns.expire_message2(message, owner, now)
+            return "expired: reply window closed"
         if message.kind == 1 and not self.pacer.unlimited:
             decision = self.pacer.decide(now, has_slot=message.paced_until is not None)
             if not decision.go:
@@ -197,7 +196,7 @@ class Tasks:
             return "failed: opted out"
         except PauseCampaignError as exc:
             campaigns.release(message, owner, None, exc.reason)
-            campaigns.pause_campaign(message.campaign_id, f"provider: {exc.reason}")
+            _pause_quietly(message.campaign_id, f"provider: {exc.reason}")
             return "campaign paused"
         except PermanentError as exc:
             campaigns.record_failure(message, owner, exc.reason)
@@ -210,8 +209,16 @@ class Tasks:
         _count_send(message.kind, "sent")
         return "sent"
 
+    def _reply_window_closed(self, message, now) -> bool:
+        # A Message 2 row is created when the reply is taken in, so its
+        # creation time is the reply's time.
+        window = dt.timedelta(hours=self.cfg.campaigns.reply_window_h)
+        return message.created_at is not None and now > message.created_at + window
+
     def _not_claimed(self, message_id: int, now) -> str:
         """Someone else has it, it is done, or it came early: then come back."""
+        if campaigns.cancel_unclaimable_opted_out(message_id, now):
+            return "cancelled: contact opted out"
         row = (
             Message.select(Message.status, Message.next_attempt_at)
             .where(Message.id == message_id)
@@ -224,6 +231,8 @@ class Tasks:
         return "not claimable"
 
     def _after_retryable(self, message, owner, reason, retry_after) -> str:
+        if campaigns.cancel_if_opted_out(message, owner, self.clock()):
+            return "cancelled: contact opted out"
         delay = (
             retry_after
             if retry_after is not None
@@ -402,9 +411,7 @@ class Tasks:
                 window_h=self.cfg.campaigns.reply_window_h,
                 opt_out_keywords=self.cfg.campaigns.opt_out_keywords,
                 event_id=event.id,
-                # The reply window is judged when the reply reached us, not
-                # when a (possibly backlogged) worker gets to it.
-                now=min(event.received_at, self.clock()),
+                now=self._reply_time(parsed, event),
             )
             metrics.INTERACTIONS.labels(outcome=reply.outcome).inc()
             if reply.message2_id:
@@ -413,6 +420,22 @@ class Tasks:
         if isinstance(parsed, StatusUpdate):
             return self._apply_status(parsed)
         return f"ignored: {getattr(parsed, 'reason', '')}"
+
+    def _reply_time(self, parsed, event) -> dt.datetime:
+        """When the contact wrote, as far as the reply window is concerned.
+
+        Not when a (possibly backlogged) worker gets to it, and not when the
+        provider's retry finally reached us: the provider's own timestamp,
+        bounded by our receipt time (a clock ahead of ours gains nothing).
+        """
+        received = min(event.received_at, self.clock())
+        if not parsed.timestamp or parsed.timestamp <= 0:
+            return received
+        try:
+            written = dt.datetime.fromtimestamp(parsed.timestamp, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            return received
+        return min(written.replace(tzinfo=None), received)
 
     def _apply_status(self, update) -> str:
         message = campaigns.find_message(
@@ -425,16 +448,11 @@ class Tasks:
         )
         if moved:
             metrics.STATUS_UPDATES.labels(status=update.status).inc()
-        if update.status == "failed" and update.error_code in META_OPT_OUT_CODES:
+        if update.status == "failed" and update.campaign_action == "opt_out":
             contact = Contact.get_by_id(message.contact_id)
             campaigns.opt_out_contact(contact, f"provider code {update.error_code}")
-        if update.status == "failed" and update.error_code in META_PAUSE_CODES:
-            try:
-                campaigns.pause_campaign(
-                    message.campaign_id, f"provider code {update.error_code}"
-                )
-            except campaigns.StateError:
-                pass
+        if update.status == "failed" and update.campaign_action == "pause":
+            _pause_quietly(message.campaign_id, f"provider code {update.error_code}")
         return f"status {update.status}: {'applied' if moved else 'no change'}"
 
     # ------------------------------------------------------------ periodic jobs
@@ -479,6 +497,15 @@ class Tasks:
             "events": len(found.events),
             "campaigns": len(found.campaigns),
         }
+
+
+def _pause_quietly(campaign_id: int, reason: str) -> None:
+    """Pause for a provider flag; already paused (another send, the operator)
+    or finished is fine: the flag changes nothing then."""
+    try:
+        campaigns.pause_campaign(campaign_id, reason)
+    except campaigns.StateError:
+        log.info("campaign %s not paused (%s): not running", campaign_id, reason)
 
 
 def _count_send(kind: int, outcome: str) -> None:

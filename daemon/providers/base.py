@@ -139,6 +139,10 @@ class StatusUpdate:
     error: str | None
     error_code: int | str | None
     timestamp: float
+    # What the failure means for the campaign beyond this message, decided by
+    # the provider's own code table: "opt_out" (the recipient refuses us) or
+    # "pause" (every send of the campaign would fail), else None.
+    campaign_action: str | None = None
 
 
 @dataclass(frozen=True)

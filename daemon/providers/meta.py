@@ -47,9 +47,19 @@ from daemon.providers.http import Response
 # temporary codes 1, 2, 4, 131000, 131016, 133004).
 _RETRY_CODES = frozenset({1, 2, 4, 80007, 130429, 131000, 131016, 131056, 133004})
 _PERMANENT_CODES = frozenset({131026, 131047})
-_OPTED_OUT_CODES = frozenset({131050})
-# Spam limit, template paused or disabled: every send of the campaign fails.
-_PAUSE_CODES = frozenset({131048, 132015, 132016})
+# Codes that mean more than "this message failed", whether they come back
+# from a send or in a status webhook: the one table for both.
+# 131050: the recipient stopped marketing messages -> opt them out.
+# 131048 spam limit, 132015 template paused, 132016 template disabled: every
+# send of the campaign fails -> pause it.
+CAMPAIGN_ACTIONS = {
+    131050: "opt_out",
+    131048: "pause",
+    132015: "pause",
+    132016: "pause",
+}
+_OPTED_OUT_CODES = frozenset(c for c, a in CAMPAIGN_ACTIONS.items() if a == "opt_out")
+_PAUSE_CODES = frozenset(c for c, a in CAMPAIGN_ACTIONS.items() if a == "pause")
 # Per-user marketing cap: retry no earlier than 24 h later.
 _MARKETING_CAP_CODE = 131049
 _DAY_S = 86400.0
@@ -333,7 +343,17 @@ def _status(status: dict) -> ProviderEvent:
         error=error,
         error_code=code,
         timestamp=_timestamp(status),
+        campaign_action=CAMPAIGN_ACTIONS.get(_int_code(code)),
     )
+
+
+def _int_code(code) -> int | None:
+    """Meta sends codes as numbers; a string of digits means the same."""
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    if isinstance(code, str) and code.strip().isdigit():
+        return int(code)
+    return None
 
 
 def _timestamp(obj: dict) -> float:

@@ -451,7 +451,8 @@ def gaps_s(times) -> list[float]:
 
 
 def test_message_2_is_not_paced(pipeline_for, fake):
-    clock = ManualClock(dt.datetime(2031, 1, 15, 6, 30))
+    # Today, before the send window opens.
+    clock = ManualClock(dt.datetime.combine(utcnow().date(), dt.time(6, 30)))
     pipeline = pipeline_for(
         {"pacing": {"per_minute": 1, "daily_cap": 1, "window_start": "09:00",
                     "window_end": "18:00"}},
@@ -460,11 +461,11 @@ def test_message_2_is_not_paced(pipeline_for, fake):
     campaign, (message_id,) = running_campaign(pipeline)
     first = row(message_id)
     campaigns.record_sent(
-        campaigns.claim(message_id, "me:1", 60, clock()), "me:1", "p1", None
+        campaigns.claim(message_id, "me:1", 60, clock()), "me:1", "p1", None, clock()
     )
     reply = campaigns.handle_reply(
         first.phone, "oui", is_group=False, window_h=24, opt_out_keywords=["STOP"],
-        now=utcnow(),
+        now=clock(),
     )
     assert reply.outcome == "message_2_queued"
     assert pipeline.tasks.deliver(reply.message2_id) == "sent"
