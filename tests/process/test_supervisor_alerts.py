@@ -13,6 +13,9 @@ from tests.helpers import wait_for
 from tests.process.fixture_roles import AlertReceiver
 from tests.process.fixture_roles import FixtureDaemon
 
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.timeout(60)
 def test_down_alert_and_recovery_reach_webhook_and_command(tmp_path, make_config):
@@ -47,12 +50,20 @@ def test_down_alert_and_recovery_reach_webhook_and_command(tmp_path, make_config
             resolved = receiver.wait_for(":scheduler", "resolved")
             assert resolved["key"] == raised["key"]
             assert "running again" in resolved["message"]
-            assert [b["status"] for b in receiver.received] == ["raised", "resolved"]
+            # Per key: on a busy machine a slow first start of another role
+            # may raise (and resolve) its own role_down alert too.
+            key = raised["key"]
+            sent = [b["status"] for b in receiver.received if b["key"] == key]
+            assert sent == ["raised", "resolved"]
+
+            def command_runs():
+                lines = out.read_text().splitlines() if out.exists() else []
+                return [line.split()[0] for line in lines if line.endswith(key)]
+
             wait_for(
-                lambda: out.exists() and len(out.read_text().splitlines()) == 2,
-                what="the alert command ran twice",
+                lambda: len(command_runs()) == 2, what="the alert command ran twice"
             )
-            assert out.read_text().split()[::2] == ["raised", "resolved"]
+            assert command_runs() == ["raised", "resolved"]
         finally:
             daemon.close()
     database = open_database(daemon.cfg)

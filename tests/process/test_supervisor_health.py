@@ -10,6 +10,9 @@ import pytest
 from tests.helpers import wait_for
 from tests.process.fixture_roles import FixtureDaemon
 
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
+
 FEW_ROLES = "web,worker:default,worker:messages#1,scheduler"
 
 

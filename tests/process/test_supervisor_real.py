@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +27,9 @@ from tests.helpers import free_port
 from tests.helpers import require
 from tests.helpers import subprocess_env
 from tests.helpers import wait_for
+
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLE_MODULES = ("daemon.web.app", "daemon.worker", "daemon.scheduler")
@@ -73,7 +76,7 @@ def leased_message(worker_pid: int) -> int:
 
 
 @pytest.mark.timeout(120)
-def test_real_daemon_heals_releases_leases_and_stops(make_config):
+def test_real_daemon_heals_releases_leases_and_stops(make_config, capfd):
     """Verify the real tree: all RUNNING, /healthz, SIGKILL heals, leases of a
     killed worker released at once, SIGTERM stops everything (no orphan)."""
     port = free_port()
@@ -134,10 +137,12 @@ def test_real_daemon_heals_releases_leases_and_stops(make_config):
 
         children = tree(proc.pid)
         assert len(children) >= 7
-        t0 = time.monotonic()
+        capfd.readouterr()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert time.monotonic() - t0 < cfg.daemon.stop_timeout_s + 3
+        assert proc.wait(timeout=60) == 0
+        # Within the stop timeout: no role had to be SIGKILLed at the deadline.
+        err = capfd.readouterr().err
+        assert not re.search(r"(web|worker:\S+|scheduler): SIGKILL pid", err), err
         assert [
             p
             for p in children

@@ -17,6 +17,9 @@ from tests.helpers import wait_for
 from tests.process.fixture_roles import REPO_ROOT
 from tests.process.fixture_roles import FixtureDaemon
 
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def daemon(tmp_path, make_config):

@@ -20,6 +20,9 @@ from tests.helpers import require
 from tests.helpers import subprocess_env
 from tests.helpers import wait_for
 
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLE_MODULES = ("daemon.web.app", "daemon.worker", "daemon.scheduler")
 MISSING = [m for m in ROLE_MODULES if importlib.util.find_spec(m) is None]

@@ -15,6 +15,9 @@ from daemon.systemd import Notifier
 from tests.helpers import wait_for
 from tests.process.fixture_roles import FixtureDaemon
 
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
+
 
 class FakeSystemd:
     """Receives sd_notify datagrams (abstract namespace) with their times."""

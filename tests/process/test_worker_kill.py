@@ -37,6 +37,9 @@ from tests.send_helpers import wait_pg_sessions_gone
 from tests.send_helpers import wait_with_logs
 from tests.send_helpers import worker_logs
 
+# Real processes: each test takes several seconds.
+pytestmark = pytest.mark.slow
+
 CONTACTS = 150
 THREADS = 6
 
