@@ -98,6 +98,8 @@ class CampaignContact(BaseModel):
             (("campaign", "contact"), True),
             (("campaign", "state"), False),
             (("contact", "state"), False),
+            # The fan-out's cursor walk and the per-state counts (m0003).
+            (("campaign", "state", "id"), False),
         )
 
 
@@ -167,6 +169,8 @@ class Message(BaseModel):
             (("status", "next_attempt_at"), False),
             (("campaign", "status"), False),
             (("lease_owner",), False),
+            # `campaign show` counts by kind and status from the index (m0003).
+            (("campaign", "kind", "status"), False),
         )
 
 

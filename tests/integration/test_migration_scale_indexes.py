@@ -1,0 +1,48 @@
+"""m0003: the indexes for big campaigns, added to a database that lacks them."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.store.db import migrate
+from daemon.store.db import open_database
+from daemon.store.migrations.m0003_scale_indexes import INDEXES
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cfg(request, make_config):
+    if request.param == "sqlite":
+        return make_config("sqlite")
+    pg = request.getfixturevalue("pg_url")
+    return make_config("sqlite", {"database": {"url": pg}})
+
+
+def _present(db) -> set[tuple[str, tuple[str, ...]]]:
+    return {
+        (table, tuple(index.columns))
+        for table, _ in INDEXES
+        for index in db.get_indexes(table)
+    }
+
+
+def test_scale_indexes_exist_on_new_and_older_databases(cfg):
+    db = open_database(cfg, migrate_schema=True)
+    try:
+        with db.connection_context():
+            assert set(INDEXES) <= _present(db)
+            # An older database: created before these indexes existed.
+            for table, columns in INDEXES:
+                for index in db.get_indexes(table):
+                    if tuple(index.columns) == columns:
+                        db.execute_sql(f'DROP INDEX "{index.name}"')
+            db.execute_sql(
+                f"DELETE FROM schema_version WHERE name = {db.param}",
+                ("m0003_scale_indexes",),
+            )
+            assert not set(INDEXES) & _present(db)
+        assert migrate(db) == ["m0003_scale_indexes"]
+        with db.connection_context():
+            assert set(INDEXES) <= _present(db)
+        assert migrate(db) == []
+    finally:
+        getattr(db, "close_all", db.close)()
