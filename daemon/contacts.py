@@ -383,6 +383,18 @@ class _Columns:
         return cls(len(names), phone, name, variables)
 
     def row(self, line: int, record: list[str], region: str) -> ContactRow:
+        self._check_width(record)
+        phone = normalize_phone(record[self.phone], region)
+        return self._make(line, record, phone)
+
+    def checked_row(self, line: int, record: list[str], ok: bool, phone: str):
+        """row() with the number normalised already: (ok, E.164 or why not)."""
+        self._check_width(record)
+        if not ok:
+            raise InputError(phone)
+        return self._make(line, record, phone)
+
+    def _check_width(self, record: list[str]) -> None:
         if len(record) < self.width:
             raise InputError(
                 f"expected {self.width} fields, got {len(record)} "
@@ -393,7 +405,8 @@ class _Columns:
                 f"expected {self.width} fields, got {len(record)} "
                 "(quote values that contain the separator)"
             )
-        phone = normalize_phone(record[self.phone], region)
+
+    def _make(self, line: int, record: list[str], phone: str) -> ContactRow:
         name = record[self.name].strip() if self.name is not None else ""
         variables = {
             column: record[i].strip()
@@ -584,3 +597,162 @@ def _by_phone(fields: tuple[str, ...], phones: list[str]) -> list[tuple]:
         f"WHERE {meta.fields['phone'].column_name} IN ({placeholders})"
     )
     return list(database.execute_sql(sql, phones).fetchall())
+
+
+# --- big files: streamed, numbers normalised in several processes ---------------
+
+# Records per unit of work: a worker normalises this many numbers at a time,
+# and the database gets them as one upsert (in the import's one transaction).
+STREAM_CHUNK_ROWS = 10_000
+# Below this size a file is not worth starting processes for.
+PARALLEL_MIN_BYTES = 4_000_000
+
+
+def import_csv_file(
+    path: str | os.PathLike,
+    region: str = "FR",
+    *,
+    processes: int | None = None,
+    chunk_rows: int = STREAM_CHUNK_ROWS,
+) -> tuple[ParsedCsv, ImportResult]:
+    """parse_csv_file + import_rows for files of millions of rows.
+
+    The same rules and the same database result, but the rows are never all
+    in memory: the file is read in chunks of `chunk_rows` records, their
+    numbers normalised by `processes` worker processes (default: one per CPU,
+    up to 4, for files above PARALLEL_MIN_BYTES), and each chunk upserted as
+    soon as it is ready, in one transaction for the whole file. A number seen
+    again later in the file updates the contact made by its first row, as in
+    the merged import. The ParsedCsv has no rows (only the errors and counts)
+    and the ImportResult no contact ids.
+    """
+    region = check_region(region)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    if processes is None:
+        processes = min(os.cpu_count() or 1, 4) if len(data) > PARALLEL_MIN_BYTES else 1
+    text, encoding = decode_csv_bytes(data, str(path))
+    del data
+    try:
+        parsed, result = _import_stream(text, region, max(processes, 1), chunk_rows)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return replace(parsed, encoding=encoding), result
+
+
+def _import_stream(
+    text: str, region: str, processes: int, chunk_rows: int
+) -> tuple[ParsedCsv, ImportResult]:
+    counter = _LineCounter(text)
+    header_line, header = _read_header(counter)
+    columns = _Columns.from_header(header)
+    chunks = _record_chunks(counter, header_line, chunk_rows)
+    state = _StreamState()
+    with database.atomic():
+        if processes == 1:
+            for chunk in chunks:
+                cells = _phone_cells(chunk, columns)
+                state.add(chunk, normalize_many(cells, region), columns)
+        else:
+            _run_parallel(chunks, region, processes, columns, state)
+    parsed = ParsedCsv([], sorted(state.errors), state.duplicates)
+    return parsed, ImportResult(state.created, state.updated, [])
+
+
+def _record_chunks(counter: _LineCounter, header_line: str, chunk_rows: int):
+    """Lists of (line, record), `chunk_rows` non-blank records each."""
+    reader = csv.reader(counter.lines(), delimiter=_sniff_separator(header_line))
+    offset = counter.line_number
+    previous = 0
+    chunk: list[tuple[int, list[str]]] = []
+    try:
+        for record in reader:
+            line = offset + previous + 1
+            previous = reader.line_num
+            if not any(value.strip() for value in record):
+                continue
+            chunk.append((line, record))
+            if len(chunk) >= chunk_rows:
+                yield chunk
+                chunk = []
+    except csv.Error as exc:
+        line = offset + reader.line_num
+        raise InputError(f"line {line}: malformed CSV: {exc}") from None
+    if chunk:
+        yield chunk
+
+
+def normalize_many(raws: list[str | None], region: str) -> list[tuple[bool, str]]:
+    """(True, E.164) or (False, why) per number; what a worker process runs."""
+    out = []
+    for raw in raws:
+        try:
+            out.append((True, normalize_phone(raw or "", region)))
+        except InputError as exc:
+            out.append((False, str(exc)))
+    return out
+
+
+def _phone_cells(chunk, columns: _Columns) -> list[str]:
+    return [r[columns.phone] if len(r) > columns.phone else "" for _, r in chunk]
+
+
+def _run_parallel(chunks, region, processes, columns, state) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    # forkserver: workers do not inherit this process's memory (the file).
+    context = multiprocessing.get_context("forkserver")
+    window = processes * 2
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        pending: list = []
+        for chunk in chunks:
+            cells = _phone_cells(chunk, columns)
+            pending.append((chunk, pool.submit(normalize_many, cells, region)))
+            if len(pending) >= window:
+                done_chunk, future = pending.pop(0)
+                state.add(done_chunk, future.result(), columns)
+        for done_chunk, future in pending:
+            state.add(done_chunk, future.result(), columns)
+
+
+class _StreamState:
+    """Counts across chunks, and each chunk merged and upserted."""
+
+    def __init__(self) -> None:
+        # Numbers seen so far, as integers (a third of the memory of strings).
+        self.seen: set[int] = set()
+        self.errors: list[tuple[int, str]] = []
+        self.duplicates = self.created = self.updated = 0
+
+    def add(self, chunk, phones: list[tuple[bool, str]], columns: _Columns) -> None:
+        rows = _MergedRows()
+        first: list[str] = []
+        for (line, record), (ok, value) in zip(chunk, phones, strict=True):
+            try:
+                row = columns.checked_row(line, record, ok, value)
+            except InputError as exc:
+                self.errors.append((line, str(exc)))
+                continue
+            key = int(row.phone[1:])
+            if key in self.seen:
+                self.duplicates += 1
+            else:
+                self.seen.add(key)
+                first.append(row.phone)
+            rows.add(row)
+        merged = rows.rows()
+        if not merged:
+            return
+        existing = _existing([row.phone for row in merged])
+        known = sum(1 for phone in first if phone in existing)
+        self.updated += known
+        self.created += len(first) - known
+        _upsert(merged, existing)
