@@ -8,11 +8,21 @@ that variable (a role run alone, tests) the plain in-process registry is used.
 
 The metric objects are module-level on purpose: that is how prometheus_client
 registers them, and each process gets its own copy after exec.
+
+A full disk must not kill a process through its metrics. prometheus_client
+grows those files with truncate() (a sparse file) and writes to them through
+mmap, so the first write to an unbacked page on a full file system is a
+SIGBUS, not an error: the web child used to die of it in a loop. Here the
+files get real blocks (posix_fallocate) before any page is written, so a full
+disk is an OSError at the moment a file is created or grown; a value that gets
+one is kept in process memory instead (missing from /metrics, logged once).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client import REGISTRY
@@ -21,9 +31,86 @@ from prometheus_client import Counter
 from prometheus_client import Histogram
 from prometheus_client import generate_latest
 from prometheus_client import multiprocess
+from prometheus_client import values as _values
+from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE
+from prometheus_client.mmap_dict import MmapedDict
+
+log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class AllocatedMmapedDict(MmapedDict):
+    """prometheus_client's MmapedDict whose file never has unbacked pages."""
+
+    def __init__(self, filename, read_mode=False):
+        if not read_mode:
+            _allocate_new(filename)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key):
+        # The same size computation as MmapedDict._init_value, which then
+        # truncates the file to `capacity`: allocate that first.
+        encoded = key.encode("utf-8")
+        padded = len(encoded) + (8 - (len(encoded) + 4) % 8)
+        needed = self._used + struct.calcsize(f"i{padded}sdd")
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        if capacity > self._capacity:
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+def _allocate_new(filename: str) -> None:
+    """Create `filename` with its first blocks allocated (OSError when full)."""
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size == 0:
+            try:
+                os.posix_fallocate(fd, 0, _INITIAL_MMAP_SIZE)
+            except OSError:
+                # An empty file would break every scrape: leave none.
+                if os.fstat(fd).st_size == 0:
+                    os.unlink(filename)
+                raise
+    finally:
+        os.close(fd)
+
+
+_warned_full = False
+
+
+def _safe_value_class(mmaped):
+    """A ValueClass: a file-backed value, or one in memory when the file cannot
+    be created or grown (full disk)."""
+
+    def value(*args, **kwargs):
+        global _warned_full
+        try:
+            return mmaped(*args, **kwargs)
+        except OSError as exc:
+            if not _warned_full:
+                _warned_full = True
+                log.error(
+                    "metrics: cannot write %s (%s): new values are kept "
+                    "in memory, not in /metrics",
+                    os.environ.get(MULTIPROC_ENV),
+                    exc,
+                )
+            return _values.MutexValue(*args, **kwargs)
+
+    value._multiprocess = True
+    return value
+
+
+if getattr(_values.ValueClass, "_multiprocess", False) and not getattr(
+    _values.ValueClass, "_campaignd_safe", False
+):
+    _values.MmapedDict = AllocatedMmapedDict
+    _values.ValueClass = _safe_value_class(_values.ValueClass)
+    _values.ValueClass._campaignd_safe = True
 
 # Webhook event names we count under their own label; anything else (payloads
 # are attacker-controlled when no secret is set) is counted as "other", so the
@@ -82,6 +169,12 @@ STATUS_UPDATES = Counter(
 INTERACTIONS = Counter(
     "campaignd_interactions_total",
     "Replies from contacts, by outcome (message2, opted_out, late, unknown, ...).",
+    ["outcome"],
+)
+UNCONFIRMED = Counter(
+    "campaignd_unconfirmed_sends_total",
+    "Sends whose outcome was unknown, by what became of them: recorded (a new "
+    "unconfirmed attempt), confirmed_status, confirmed_reply, resent, failed.",
     ["outcome"],
 )
 TASK_SECONDS = Histogram(

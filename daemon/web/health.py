@@ -2,7 +2,9 @@
 
 /healthz says the process serves requests (nothing else: a load balancer must
 not restart us because PostgreSQL blinked). /readyz checks the database and
-the queue backend, each under a short deadline, and names what failed.
+the queue backend, each under a short deadline, and names what failed. The
+database check is a write (a one-row write transaction): a database that
+answers reads but refuses writes (a full disk) is not ready.
 /metrics is the Prometheus text of every campaignd process, plus queue depths
 computed at scrape time.
 """
@@ -10,6 +12,7 @@ computed at scrape time.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,7 +24,10 @@ from prometheus_client.core import GaugeMetricFamily
 
 from daemon import metrics
 from daemon.queue import Queues
+from daemon.store.db import is_postgres
+from daemon.store.models import Lease
 from daemon.store.models import database
+from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +65,22 @@ class Probe:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# The row the readiness probe writes: one per host, never expiring (so the
+# lock cleanup leaves it alone), its value the time of the last probe.
+PROBE_LEASE = f"readyz:{socket.gethostname()}"[:120]
+
+
 def check_database() -> bool:
+    """Write one row in a write transaction (BEGIN IMMEDIATE on SQLite)."""
     # Runs in a probe thread: its own connection, closed right after.
-    with database.connection_context():
-        database.execute_sql("SELECT 1").fetchall()
+    with database.connection_context(), database.atomic():
+        if is_postgres():
+            timeout_ms = int(CHECK_TIMEOUT_S * 1000)
+            database.execute_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
+        now = utcnow()
+        Lease.insert(name=PROBE_LEASE, value=now.isoformat()).on_conflict(
+            conflict_target=[Lease.name], update={Lease.value: now.isoformat()}
+        ).execute()
     return True
 
 
