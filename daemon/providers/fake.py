@@ -6,12 +6,20 @@ objects beyond a dict and a bytes), all state behind one lock, and webhooks are
 posted by background threads from a timer heap, away from the API path.
 
 API (what campaignd's Wassenger client uses):
-  POST /v1/messages               send; deduped by ``reference`` (original, 200)
+  POST /v1/messages               send; a repeated ``reference`` is a second
+                                  message, as at Wassenger (``dedupe=True``:
+                                  the original, 200)
   GET  /v1/numbers/exists?phone=  200 {"exists": true, ...} or 404
   POST /v1/numbers/exists         same, body {"phone": ...}
   GET  /v1/devices[/{id}]         session.status "online" (configurable)
 Control (never affected by faults or the token):
-  GET /_fake/stats, GET /_fake/messages, GET|POST /_fake/config, POST /_fake/reset
+  GET /_fake/stats, GET /_fake/messages, GET /_fake/phones[?by=text],
+  GET|POST /_fake/config, POST /_fake/reset
+
+A send is accepted as soon as its whole body is received: the answer then
+waits for its latency and is written only if the client is still there, so a
+client that gave up (timeout, killed) may still have sent a message, as with a
+real provider. ``phone_counts`` says what each phone received, per kind.
 
 Who replies is deterministic: see ``reply_plan``. Numbers in ``invalid_numbers``
 or ending in ``invalid_suffix`` are not on WhatsApp (404 on checks, 400 on sends).
@@ -34,6 +42,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
@@ -51,6 +60,12 @@ class FakeOptions:
     port: int = 0  # 0: any free port (see FakeProvider.url)
     token: str = ""  # required Token header when set
     latency_ms: float = 0.0  # added to every /v1 answer
+    latency_jitter_ms: float = 0.0  # plus uniform 0..jitter on each /v1 answer
+    # Share of sends (POST /v1/messages) answered after slow_latency_ms instead:
+    # slower than the client's timeout (provider.timeout_s, 15 s), the send is
+    # accepted all the same.
+    slow_share: float = 0.0
+    slow_latency_ms: float = 20000.0
     fail_rate: float = 0.0  # share of /v1 calls answered 500 (nothing accepted)
     # Share of sends accepted but answered 500 anyway: the ambiguous case a
     # client must resend with the same reference.
@@ -58,7 +73,9 @@ class FakeOptions:
     rate_limit_rate: float = 0.0  # share of /v1 calls answered 429
     retry_after_s: int = 1  # Retry-After of those 429s
     down: bool = False  # every /v1 call answers 503
-    dedupe: bool = True  # a repeated reference returns the original message
+    # Wassenger and Meta do not dedupe: a repeated reference is a second
+    # message. True: a repeated reference returns the original (200), sends none.
+    dedupe: bool = False
     invalid_numbers: frozenset[str] = frozenset()
     invalid_suffix: str = "0000"  # numbers ending so are not on WhatsApp
     session_status: str = "online"  # device session status reported
@@ -70,6 +87,11 @@ class FakeOptions:
     webhook_backoff_ms: float = 200.0  # first retry delay, doubled each time
     webhook_threads: int = 4
     ack_delays_ms: tuple[float, ...] = (50.0, 150.0, 300.0)  # sent/delivered/read
+    status_delay_ms: float = 0.0  # added to every ack delay (statuses come late)
+    status_loss_share: float = 0.0  # share of messages whose acks never come
+    # A message that gets a reply: its acks are posted only once the reply
+    # webhook was (delivered or given up), each ack delay counted from then.
+    reply_before_status: bool = False
     reply_share: float = 0.0  # share of contacts who reply (see reply_plan)
     reply_delay_ms: float = 500.0
     reply_text: str = "Oui, ça m'intéresse"
@@ -83,6 +105,9 @@ RUNTIME_OPTIONS = frozenset(
     {
         "token",
         "latency_ms",
+        "latency_jitter_ms",
+        "slow_share",
+        "slow_latency_ms",
         "fail_rate",
         "fail_after_accept_rate",
         "rate_limit_rate",
@@ -95,13 +120,26 @@ RUNTIME_OPTIONS = frozenset(
         "webhook_url",
         "webhook_secret",
         "ack_delays_ms",
+        "status_delay_ms",
+        "status_loss_share",
+        "reply_before_status",
         "reply_share",
         "reply_delay_ms",
         "reply_text",
         "opt_out_share",
     }
 )
-_RATES = ("fail_rate", "fail_after_accept_rate", "rate_limit_rate", "reply_share")
+_RATES = (
+    "fail_rate",
+    "fail_after_accept_rate",
+    "rate_limit_rate",
+    "reply_share",
+    "slow_share",
+    "status_loss_share",
+)
+# The kind of a message from its reference: campaignd's idempotency keys end
+# in -m<kind> (cd-<campaign>-<contact>-m1); ":m1" and "_m1" are read too.
+_KIND_RE = re.compile(r"(?:^|[-:_])(m\d+)$")
 _ACKS = ("sent", "delivered", "read")
 _PHONE_RE = re.compile(r"^\+?[1-9]\d{5,14}$")
 _WEBHOOK_TIMEOUT_S = 5.0
@@ -149,7 +187,14 @@ def checked_options(opts: FakeOptions) -> FakeOptions:
             raise ValueError(f"{name}: must be between 0 and 1")
     if opts.fail_rate + opts.rate_limit_rate > 1.0:
         raise ValueError("fail_rate + rate_limit_rate: must not exceed 1")
-    for name in ("latency_ms", "reply_delay_ms", "webhook_backoff_ms"):
+    for name in (
+        "latency_ms",
+        "latency_jitter_ms",
+        "slow_latency_ms",
+        "status_delay_ms",
+        "reply_delay_ms",
+        "webhook_backoff_ms",
+    ):
         if getattr(opts, name) < 0:
             raise ValueError(f"{name}: must not be negative")
     if opts.retry_after_s < 0 or opts.webhook_retries < 0:
@@ -186,6 +231,12 @@ def _coerce(name: str, value: Any) -> Any:
     return frozenset(str(v) for v in value)
 
 
+def _kind_of(reference: str | None) -> str:
+    """The kind ("m1", "m2") of a reference ending in -m<kind>; else "other"."""
+    match = _KIND_RE.search(reference or "")
+    return match.group(1) if match else "other"
+
+
 def _digits(phone: str) -> str:
     return "".join(ch for ch in str(phone) if ch.isdigit())
 
@@ -214,6 +265,9 @@ class _Job(NamedTuple):
     kind: str  # "ack", "reply" or "stop"
     payload: dict
     attempt: int
+    # (delay_s, job) scheduled once this job is done (delivered or given up):
+    # how acks follow a reply with reply_before_status.
+    then: tuple[tuple[float, _Job], ...] = ()
 
 
 class _Poster:
@@ -415,8 +469,11 @@ class _Webhooks:
             self._core.count("webhooks_retried")
             delay = opts.webhook_backoff_ms / 1000.0 * 2**job.attempt
             self.schedule(delay, job._replace(attempt=job.attempt + 1))
+            return
         else:
             self._core.count("webhooks_failed")
+        for delay_s, follower in job.then:
+            self.schedule(delay_s, follower)
 
 
 class _Core:
@@ -440,10 +497,18 @@ class _Core:
         self._by_ref: dict[str, dict] = {}
         self._ref_count: dict[str, int] = {}
         self._replied: set[str] = set()
+        # What each phone was sent: {phone: {kind: n}} by reference kind
+        # ("m1", "m2", "other") and {phone: {text: n}}, kept as sends come.
+        self._by_kind: dict[str, dict[str, int]] = {}
+        self._by_text: dict[str, dict[str, int]] = {}
+        self._dup_phones: set[str] = set()  # got one kind ("m<n>") twice or more
+        self._lost: set[str] = set()  # ids of messages whose acks never come
         self._stats = dict.fromkeys(
             (
                 "requests",
                 "sends_accepted",
+                "slow_answers",
+                "statuses_lost",
                 "duplicate_requests",
                 "per_reference_max",
                 "failures_500",
@@ -499,6 +564,7 @@ class _Core:
             stats = dict(self._stats)
             stats["connections_active"] = len(self._transports)
             stats["messages_stored"] = len(self._messages)
+            stats["duplicates"] = len(self._dup_phones)
         stats["webhooks_pending"] = self._webhooks.pending()
         return stats
 
@@ -515,9 +581,32 @@ class _Core:
                     "message": m["message"],  # same text, as in the send response
                     "createdAt": m["createdAt"],
                     "accepted_count": self._ref_count.get(m["reference"], 1),
+                    "kind": _kind_of(m["reference"]),
+                    "statuses_lost": m["id"] in self._lost,
                 }
                 for m in self._messages
             ]
+
+    def phone_counts(self, by: str = "kind") -> dict[str, dict[str, int]]:
+        """Messages accepted per phone: {phone: {"m1": n, "m2": n}}.
+
+        ``by="kind"`` groups by the reference's ``-m<kind>`` suffix (campaignd's
+        idempotency keys; "other" when there is none), ``by="text"`` by body.
+        Every acceptance counts, dedupe off or on (a deduped repeat is none).
+        """
+        if by not in ("kind", "text"):
+            raise ValueError(f"by: expected kind or text, got {by!r}")
+        source = self._by_kind if by == "kind" else self._by_text
+        with self._lock:
+            return {phone: dict(counts) for phone, counts in source.items()}
+
+    def duplicates(self) -> dict[str, dict[str, int]]:
+        """Phones that got one kind ("m<n>") more than once: their kind counts."""
+        with self._lock:
+            return {
+                phone: {k: n for k, n in self._by_kind[phone].items() if n > 1}
+                for phone in sorted(self._dup_phones)
+            }
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -555,7 +644,7 @@ class _Core:
         """Answer one request (called on the event loop thread)."""
         path, _, query = target.partition("?")
         if path.startswith("/_fake/"):
-            return self._control(method, path, body)
+            return self._control(method, path, query, body)
         info: dict[str, Any] = {}
         with self._lock:
             self._stats["requests"] += 1
@@ -567,12 +656,18 @@ class _Core:
                 self._log.write(json.dumps(record) + "\n")
         return reply
 
-    def _control(self, method: str, path: str, body: bytes) -> _Reply:
+    def _control(self, method: str, path: str, query: str, body: bytes) -> _Reply:
         """The /_fake/ routes: not counted, logged, faulted or authenticated."""
         if path == "/_fake/stats" and method == "GET":
             return _json_reply(200, self.stats())
         if path == "/_fake/messages" and method == "GET":
             return _json_reply(200, self.messages())
+        if path == "/_fake/phones" and method == "GET":
+            by = (parse_qs(query).get("by") or ["kind"])[0]
+            try:
+                return _json_reply(200, self.phone_counts(by))
+            except ValueError as exc:
+                return _error_reply(400, "invalid_query", str(exc))
         if path == "/_fake/reset" and method == "POST":
             self.reset()
             return _json_reply(200, {"ok": True})
@@ -598,7 +693,7 @@ class _Core:
         info: dict,
     ) -> _Reply:
         opts = self.options
-        delay = opts.latency_ms / 1000.0
+        delay = self._latency(method, path)
         if opts.down:
             self._stats["failures_503"] += 1
             return _error_reply(503, "unavailable", "fake provider is down", delay)
@@ -637,6 +732,18 @@ class _Core:
             device = self._device(device_id)
             return _json_reply(200, device if device_id else [device], delay=delay)
         return _error_reply(404, "not_found", f"no route {method} {path}", delay)
+
+    def _latency(self, method: str, path: str) -> float:
+        """Seconds before this answer: latency, jitter, or a slow send."""
+        opts = self.options
+        delay = opts.latency_ms / 1000.0
+        if opts.latency_jitter_ms:
+            delay += self._rng.uniform(0.0, opts.latency_jitter_ms) / 1000.0
+        if opts.slow_share and path == "/v1/messages" and method == "POST":
+            if self._rng.random() < opts.slow_share:
+                self._stats["slow_answers"] += 1
+                delay = opts.slow_latency_ms / 1000.0
+        return delay
 
     def _send(self, body: bytes, info: dict, delay: float) -> _Reply:
         opts = self.options
@@ -689,6 +796,13 @@ class _Core:
         }
         self._messages.append(message)
         self._stats["sends_accepted"] += 1
+        kind = _kind_of(ref)
+        counts = self._by_kind.setdefault(message["phone"], {})
+        counts[kind] = counts.get(kind, 0) + 1
+        if counts[kind] > 1 and kind != "other":
+            self._dup_phones.add(message["phone"])
+        texts = self._by_text.setdefault(message["phone"], {})
+        texts[text] = texts.get(text, 0) + 1
         if ref:
             self._by_ref.setdefault(ref, message)
             count = self._ref_count.get(ref, 0) + 1
@@ -701,26 +815,39 @@ class _Core:
 
     def _schedule_webhooks(self, message: dict, now: float) -> None:
         opts = self.options
-        for ack, delay_ms in zip(_ACKS, opts.ack_delays_ms, strict=False):
-            payload = self._ack_payload(message, ack, now + delay_ms / 1000.0)
-            self._webhooks.schedule(delay_ms / 1000.0, _Job("ack", payload, 0))
+        acks: list[tuple[float, _Job]] = []
+        lost = opts.status_loss_share and self._rng.random() < opts.status_loss_share
+        if lost:
+            self._lost.add(message["id"])
+            self._stats["statuses_lost"] += 1
+        else:
+            for ack, delay_ms in zip(_ACKS, opts.ack_delays_ms, strict=False):
+                # Dated when it happened; posted status_delay_ms later.
+                payload = self._ack_payload(message, ack, now + delay_ms / 1000.0)
+                delay_s = (opts.status_delay_ms + delay_ms) / 1000.0
+                acks.append((delay_s, _Job("ack", payload, 0)))
         phone = message["phone"]
-        if phone in self._replied:
-            return
-        plan = reply_plan(
-            phone,
-            seed=opts.seed,
-            reply_share=opts.reply_share,
-            opt_out_share=opts.opt_out_share,
-        )
+        plan = None
+        if phone not in self._replied:
+            plan = reply_plan(
+                phone,
+                seed=opts.seed,
+                reply_share=opts.reply_share,
+                opt_out_share=opts.opt_out_share,
+            )
         if plan is not None:
             self._replied.add(phone)
             text = "STOP" if plan == "stop" else opts.reply_text
             at = now + opts.reply_delay_ms / 1000.0
             payload = self._inbound_payload(phone, text, at)
+            then = tuple(acks) if opts.reply_before_status else ()
             self._webhooks.schedule(
-                opts.reply_delay_ms / 1000.0, _Job(plan, payload, 0)
+                opts.reply_delay_ms / 1000.0, _Job(plan, payload, 0, then)
             )
+            if then:
+                return
+        for delay_s, job in acks:
+            self._webhooks.schedule(delay_s, job)
 
     def _device_ref(self) -> dict:
         opts = self.options
@@ -850,7 +977,13 @@ def _options_json(opts: FakeOptions) -> dict:
 
 
 class _HttpProtocol(asyncio.Protocol):
-    """HTTP/1.1 with keep-alive and pipelining; answers strictly in order."""
+    """HTTP/1.1 with keep-alive and pipelining; answers strictly in order.
+
+    A request is handled (a send accepted) as soon as it is received whole;
+    its answer waits in ``_answers`` for its turn and its latency, each answer
+    ``delay`` after the previous one was written. A client gone by then
+    misses the answer, not the send.
+    """
 
     def __init__(self, core: _Core, loop: asyncio.AbstractEventLoop) -> None:
         self._core = core
@@ -859,6 +992,8 @@ class _HttpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None  # None once closing
         self._registered: asyncio.BaseTransport | None = None
         self._busy = False  # an answer is waiting for its latency
+        self._done = False  # a last request (Connection: close, bad) was read
+        self._answers: deque[tuple[bytes, bool, float]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -871,13 +1006,16 @@ class _HttpProtocol(asyncio.Protocol):
         self._transport = self._registered = None
 
     def data_received(self, data: bytes) -> None:
+        if self._done:
+            return  # nothing after a last request is read
         self._buf += data
-        if not self._busy:
-            self._drain()
+        self._parse()
+        self._pump()
 
-    def _drain(self) -> None:
+    def _parse(self) -> None:
+        """Handle every request received whole; queue the answers in order."""
         buf = self._buf
-        while self._transport is not None and not self._busy:
+        while not self._done:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > _MAX_HEAD:
@@ -915,10 +1053,18 @@ class _HttpProtocol(asyncio.Protocol):
             else:
                 keep = connection == "keep-alive"
             reply = self._core.handle(method, target, headers, body)
-            data = _render(reply, keep)
-            if reply.delay > 0:
+            self._answers.append((_render(reply, keep), keep, reply.delay))
+            if not keep:
+                self._done = True
+                buf.clear()
+
+    def _pump(self) -> None:
+        """Write the queued answers in order, each after its delay."""
+        while self._answers and not self._busy:
+            data, keep, delay = self._answers.popleft()
+            if delay > 0:
                 self._busy = True
-                self._loop.call_later(reply.delay, self._write_later, data, keep)
+                self._loop.call_later(delay, self._write_later, data, keep)
                 return
             self._write(data, keep)
 
@@ -933,12 +1079,13 @@ class _HttpProtocol(asyncio.Protocol):
     def _write_later(self, data: bytes, keep: bool) -> None:
         self._busy = False
         self._write(data, keep)
-        if self._buf:
-            self._drain()
+        self._pump()
 
     def _fail(self, status: int) -> None:
         reply = _error_reply(status, "bad_request", _REASONS.get(status, "error"))
-        self._write(_render(reply, keep=False), keep=False)
+        self._answers.append((_render(reply, keep=False), False, 0.0))
+        self._done = True
+        self._buf.clear()
 
 
 def _render(reply: _Reply, keep: bool) -> bytes:
@@ -1024,6 +1171,14 @@ class FakeProvider:
     def messages(self) -> list[dict]:
         return self._core.messages()
 
+    def phone_counts(self, by: str = "kind") -> dict[str, dict[str, int]]:
+        """{phone: {"m1": n, "m2": n}}: what each phone received (see _Core)."""
+        return self._core.phone_counts(by)
+
+    def duplicates(self) -> dict[str, dict[str, int]]:
+        """{phone: {kind: n}} of phones that got one kind more than once."""
+        return self._core.duplicates()
+
     def reset(self) -> None:
         self._core.reset()
 
@@ -1065,12 +1220,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, default=8099, help="0 picks a free port")
     add("--token", default=d.token, help="required Token header (default: none)")
     add("--latency-ms", type=float, default=d.latency_ms)
+    add("--latency-jitter-ms", type=float, default=d.latency_jitter_ms)
+    add("--slow-share", type=float, default=d.slow_share, help="share of slow sends")
+    add("--slow-latency-ms", type=float, default=d.slow_latency_ms)
     add("--fail-rate", type=float, default=d.fail_rate, help="share answered 500")
     add("--fail-after-accept-rate", type=float, default=d.fail_after_accept_rate)
     add("--rate-limit-rate", type=float, default=d.rate_limit_rate)
     add("--retry-after-s", type=int, default=d.retry_after_s)
     add("--down", action="store_true", help="answer 503 to every API call")
-    add("--no-dedupe", action="store_true", help="accept repeated references")
+    add(
+        "--dedupe",
+        action="store_true",
+        default=d.dedupe,
+        help="a repeated reference returns the original (default: a new message)",
+    )
+    add("--no-dedupe", dest="dedupe", action="store_false", help="the default")
     add("--invalid-number", action="append", default=[], metavar="PHONE")
     add("--invalid-suffix", default=d.invalid_suffix)
     add("--webhook-url", default=d.webhook_url)
@@ -1081,6 +1245,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(f"{v:g}" for v in d.ack_delays_ms),
         help="sent,delivered,read delays; empty for no acks",
     )
+    add("--status-delay-ms", type=float, default=d.status_delay_ms)
+    add("--status-loss-share", type=float, default=d.status_loss_share)
+    add("--reply-before-status", action="store_true")
     add("--reply-share", type=float, default=d.reply_share)
     add("--reply-delay-ms", type=float, default=d.reply_delay_ms)
     add("--reply-text", default=d.reply_text)
@@ -1098,18 +1265,24 @@ def options_from_args(args: argparse.Namespace) -> FakeOptions:
             port=args.port,
             token=args.token,
             latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            slow_share=args.slow_share,
+            slow_latency_ms=args.slow_latency_ms,
             fail_rate=args.fail_rate,
             fail_after_accept_rate=args.fail_after_accept_rate,
             rate_limit_rate=args.rate_limit_rate,
             retry_after_s=args.retry_after_s,
             down=args.down,
-            dedupe=not args.no_dedupe,
+            dedupe=args.dedupe,
             invalid_numbers=frozenset(args.invalid_number),
             invalid_suffix=args.invalid_suffix,
             webhook_url=args.webhook_url,
             webhook_secret=args.webhook_secret,
             webhook_threads=args.webhook_threads,
             ack_delays_ms=delays,
+            status_delay_ms=args.status_delay_ms,
+            status_loss_share=args.status_loss_share,
+            reply_before_status=args.reply_before_status,
             reply_share=args.reply_share,
             reply_delay_ms=args.reply_delay_ms,
             reply_text=args.reply_text,

@@ -55,6 +55,7 @@ def test_send_ok(fake, provider):
 
 
 def test_send_with_device_and_repeated_reference(fake):
+    fake.configure(dedupe=True)  # a provider that dedupes (the fake's option)
     p = client(fake.url, device="65f0c0ffee0000000000fa4e")
     first = p.send(PHONE, "hi", "c1:m1", kind=2, variables={})
     again = p.send(PHONE, "hi", "c1:m1", kind=2, variables={})
@@ -114,7 +115,7 @@ def test_timeout_is_retryable(fake):
 
 
 def test_accepted_then_500_then_resend_gets_the_original(fake, provider):
-    fake.configure(fail_after_accept_rate=1.0)
+    fake.configure(dedupe=True, fail_after_accept_rate=1.0)
     with pytest.raises(RetryableError):
         provider.send(PHONE, "hi", "c9:m1", kind=1, variables={})
     fake.configure(fail_after_accept_rate=0.0)
