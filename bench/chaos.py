@@ -128,6 +128,10 @@ def fake_options(web_port: int, seed: int) -> FakeOptions:
         opt_out_share=0.1,
         reply_delay_ms=800.0,
         seed=seed,
+        # The audit (tests/e2e/chaos_helpers.py) counts a SIGKILLed send re-sent
+        # under its reference as absorbed, which needs a deduping provider; the
+        # fake's default is no dedupe, as at Wassenger (issue 13).
+        dedupe=True,
     )
 
 

@@ -372,11 +372,12 @@ def drop_database(name: str) -> None:
 class FakeProviderProcess:
     """`campaignd fake-provider` in its own process, on a free port."""
 
-    def __init__(self, log_dir: Path, *, latency_ms: float = 0.0, dedupe=True):
+    def __init__(self, log_dir: Path, *, latency_ms: float = 0.0, dedupe=False):
+        # dedupe off by default, as at Wassenger and Meta (--dedupe turns it on).
         cmd = [str(CAMPAIGND), "fake-provider", "--port", "0", "--token",
                PROVIDER_TOKEN, "--ack-delays-ms", "", "--latency-ms", f"{latency_ms:g}"]
-        if not dedupe:
-            cmd.append("--no-dedupe")
+        if dedupe:
+            cmd.append("--dedupe")
         self.spawned = spawn("fake-provider", cmd, log_dir, stdout=subprocess.PIPE)
         line = self.spawned.proc.stdout.readline().decode()
         if "listening on" not in line:

@@ -75,7 +75,10 @@ def sweep_until_all_sent(pipeline, campaign_id: int, timeout: float) -> None:
 def test_sigkilled_worker_loses_nothing_and_delivers_nothing_twice(
     request, make_config, tmp_path, mode
 ):
-    with FakeProvider(FakeOptions(latency_ms=200, ack_delays_ms=())) as fake:
+    # dedupe=True: the cut-short sends are re-sent under their reference and
+    # this test counts on the provider absorbing them.
+    options = FakeOptions(latency_ms=200, ack_delays_ms=(), dedupe=True)
+    with FakeProvider(options) as fake:
         extra = {
             "provider": {"base_url": fake.url},
             "workers": {"messages_threads": THREADS},
