@@ -438,14 +438,16 @@ def fan_out_batch(
                 # from the statistics of a message table that was empty at the
                 # last ANALYZE: a nested loop over every Message 1 for every
                 # member (seconds per batch at 20k rows, hours at 1M). OFFSET
-                # keeps it a per-member probe of the unique index.
+                # keeps it a per-member probe of an index.
                 fence=" OFFSET 0" if is_postgres() else "",
             ),
             (
                 campaign_id,
                 MemberState.PENDING,
                 after_member_id,
-                campaign_id,
+                # idempotency_key(campaign, contact, 1) is this, the contact
+                # id, then "-m1".
+                f"cd-{campaign_id}-",
                 batch_size,
             ),
         ).fetchall()
@@ -492,8 +494,12 @@ _PENDING_MEMBERS_SQL = (
     "SELECT cc.id, c.id, c.phone, c.name, c.variables, c.opted_out_at, c.wa_status"
     " FROM campaign_contact AS cc JOIN contact AS c ON c.id = cc.contact_id"
     " WHERE cc.campaign_id = {p} AND cc.state = {p} AND cc.id > {p}"
-    " AND NOT EXISTS (SELECT 1 FROM message AS m WHERE m.campaign_id = {p}"
-    " AND m.contact_id = cc.contact_id AND m.kind = 1{fence})"
+    # The probe is by idempotency key, the only index on that column: with
+    # stale statistics, a (campaign, contact, kind) probe was planned on the
+    # (campaign, kind, status) index instead, reading every Message 1 of the
+    # campaign per member.
+    " AND NOT EXISTS (SELECT 1 FROM message AS m"
+    " WHERE m.idempotency_key = {p} || cc.contact_id || '-m1'{fence})"
     " ORDER BY cc.id LIMIT {p}"
 )
 _MESSAGE_COLUMNS = (
