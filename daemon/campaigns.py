@@ -49,6 +49,11 @@ MAX_INTERRUPTED_ATTEMPTS = 20
 _CHUNK = 500
 _BUILTIN_FIELDS = ("name", "phone")
 _SENT_OR_LATER = ("sent", "delivered", "read")
+# A message not settled yet: its campaign cannot complete.
+_OPEN_MESSAGE_STATUSES = ("queued", "sending", "unconfirmed")
+# Message 1 was attempted at least once: a reply from its contact proves it
+# arrived (queued rows count only with attempts > 0: a retry is pending).
+_ATTEMPTED = ("sending", "unconfirmed") + _SENT_OR_LATER
 # A reply can answer a member in these states. EXPIRED is included because
 # the window is judged at the reply's arrival: the expiry job may have run
 # between its arrival and its processing.
@@ -250,7 +255,7 @@ def retry_failed(campaign_id: int, tasks) -> int:
             Message.select(Message.id, Message.kind, Message.contact).where(
                 Message.campaign == campaign_id,
                 Message.status == MessageStatus.FAILED,
-                ~_contact_opted_out(),
+                ~contact_opted_out(),
             )
         )
         if not failed:
@@ -292,7 +297,7 @@ def maybe_complete(campaign_id: int) -> bool:
     )
     open_messages = Message.select(Message.id).where(
         Message.campaign == campaign_id,
-        Message.status.in_((MessageStatus.QUEUED, MessageStatus.SENDING)),
+        Message.status.in_(_OPEN_MESSAGE_STATUSES),
     )
     if open_members.exists() or open_messages.exists():
         return False
@@ -610,8 +615,7 @@ _CLAIM_SQL = """
 UPDATE message SET status = 'sending', lease_owner = {p}, lease_expires_at = {p},
        attempts = attempts + 1
  WHERE id = {p}
-   AND ((status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= {p}))
-        OR (status = 'sending' AND lease_expires_at < {p}))
+   AND status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= {p})
    AND campaign_id IN (SELECT id FROM campaign WHERE status = 'running')
    AND NOT EXISTS (SELECT 1 FROM contact
                     WHERE contact.id = message.contact_id
@@ -642,9 +646,7 @@ def claim(
     """Take the row for sending, or None if someone else has it or it is not due."""
     now = now or utcnow()
     expires = now + dt.timedelta(seconds=lease_s)
-    cursor = database.execute_sql(
-        _sql(_CLAIM_SQL), (owner, expires, message_id, now, now)
-    )
+    cursor = database.execute_sql(_sql(_CLAIM_SQL), (owner, expires, message_id, now))
     row = cursor.fetchone()
     if row is None:
         return None
@@ -656,7 +658,7 @@ def claim(
     )
 
 
-def _contact_opted_out():
+def contact_opted_out():
     """The row's contact has opted out (a subquery usable in any UPDATE)."""
     return pw.fn.EXISTS(
         Contact.select(Contact.id).where(
@@ -682,7 +684,7 @@ def cancel_if_opted_out(message, owner: str, now=None) -> bool:
             paced_until=None,
             next_attempt_at=None,
         )
-        .where(_held_by(message, owner), _contact_opted_out())
+        .where(held_by(message, owner), contact_opted_out())
         .execute()
     )
     if cancelled:
@@ -705,12 +707,8 @@ def cancel_unclaimable_opted_out(message_id: int, now=None) -> bool:
         )
         .where(
             Message.id == message_id,
-            (Message.status == MessageStatus.QUEUED)
-            | (
-                (Message.status == MessageStatus.SENDING)
-                & (Message.lease_expires_at < now)
-            ),
-            _contact_opted_out(),
+            Message.status == MessageStatus.QUEUED,
+            contact_opted_out(),
         )
         .execute()
     )
@@ -740,12 +738,12 @@ def release(
             enqueued_at=utcnow(),
             error=reason or Message.error,
         )
-        .where(_held_by(message, owner))
+        .where(held_by(message, owner))
         .execute()
     )
 
 
-def _held_by(message, owner: str):
+def held_by(message, owner: str):
     """The row is still ours: claimed by `owner` and not moved on since."""
     return (
         (Message.id == message.id)
@@ -842,11 +840,11 @@ def record_failure(message, owner: str, reason: str, now=None) -> bool:
             lease_expires_at=None,
             paced_until=None,
         )
-        .where(_held_by(message, owner))
+        .where(held_by(message, owner))
         .execute()
     )
     if updated:
-        _member_failed(message.campaign_id, message.contact_id, now)
+        member_failed(message.campaign_id, message.contact_id, now, message.kind)
         maybe_complete(message.campaign_id)
     return bool(updated)
 
@@ -864,7 +862,7 @@ def expire_message2(message, owner: str, now=None) -> bool:
                 lease_owner=None,
                 lease_expires_at=None,
             )
-            .where(_held_by(message, owner))
+            .where(held_by(message, owner))
             .execute()
         )
         if updated:
@@ -878,11 +876,20 @@ def expire_message2(message, owner: str, now=None) -> bool:
     return bool(updated)
 
 
-def _member_failed(campaign_id: int, contact_id: int, now) -> None:
+# The member states a failure of each kind of message ends: a Message 1
+# failing after the contact replied (the reply proved it arrived) changes
+# nothing for the member.
+_FAILS_MEMBER = {
+    1: (MemberState.PENDING, MemberState.MESSAGE_1_SENT),
+    2: (MemberState.INTERACTED, MemberState.MESSAGE_2_SENT),
+}
+
+
+def member_failed(campaign_id: int, contact_id: int, now, kind: int) -> None:
     CampaignContact.update(state=MemberState.FAILED, updated_at=now).where(
         CampaignContact.campaign == campaign_id,
         CampaignContact.contact == contact_id,
-        CampaignContact.state.in_((MemberState.PENDING, MemberState.INTERACTED)),
+        CampaignContact.state.in_(_FAILS_MEMBER[kind]),
     ).execute()
 
 
@@ -936,39 +943,40 @@ def record_retryable(
             paced_until=None,
             enqueued_at=now,
         )
-        .where(_held_by(message, owner))
+        .where(held_by(message, owner))
         .execute()
     )
     return next_at if updated else None
 
 
-def release_leases(owner: str, now=None) -> int:
-    """Make a dead worker's rows claimable at once (no waiting for expiry)."""
-    now = now or utcnow()
-    return (
-        Message.update(lease_expires_at=now - dt.timedelta(seconds=1), enqueued_at=None)
-        .where(Message.lease_owner == owner, Message.status == MessageStatus.SENDING)
-        .execute()
+def process_key(host: str, pid: int) -> str:
+    """The start of every lease owner string of one process (host:pid:rand)."""
+    return f"{host}:{pid}:"
+
+
+def held_by_process(key: str):
+    return Message.lease_owner.startswith(key) & (
+        Message.status == MessageStatus.SENDING
     )
 
 
-def release_dead_leases(host: str, pid_alive) -> int:
-    """Release the leases of this host's processes that no longer exist."""
-    owners = {
-        m.lease_owner
-        for m in Message.select(Message.lease_owner)
-        .where(
-            Message.status == MessageStatus.SENDING,
-            Message.lease_owner.startswith(f"{host}:"),
+def release_leases(key: str, now=None) -> int:
+    """A dead process's rows that provably never left: queued again at once.
+
+    `key` is `process_key(host, pid)`. Only for rows the caller knows were
+    not on the wire (see daemon/unconfirmed.py for the others).
+    """
+    return (
+        Message.update(
+            status=MessageStatus.QUEUED,
+            lease_owner=None,
+            lease_expires_at=None,
+            next_attempt_at=None,
+            enqueued_at=None,
         )
-        .distinct()
-    }
-    released = 0
-    for owner in owners:
-        pid = owner.rpartition(":")[2]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            released += release_leases(owner)
-    return released
+        .where(held_by_process(key))
+        .execute()
+    )
 
 
 # ---------------------------------------------------------------- sweeping
@@ -984,10 +992,11 @@ class SweepResult:
 def sweep(
     now=None, grace_s: float = 30.0, limit: int = 5000, include_queued: bool = True
 ) -> SweepResult:
-    """Rows the queue may have lost: due and not enqueued lately, or abandoned.
+    """Rows the queue may have lost: due and not enqueued lately.
 
     Marks them enqueued now; the caller enqueues them. A row that is still in
-    the queue as well is harmless: the claim lets one send through.
+    the queue as well is harmless: the claim lets one send through. Rows
+    abandoned in `sending` (lease expired) become unconfirmed here.
     """
     now = now or utcnow()
     stale = now - dt.timedelta(seconds=grace_s)
@@ -998,27 +1007,23 @@ def sweep(
     due = (Message.status == MessageStatus.QUEUED) & (
         Message.next_attempt_at.is_null() | (Message.next_attempt_at <= now)
     )
+    # A lease that ran out belongs to a worker that died where nobody saw
+    # it (another host, a supervisor killed with it): its request may have
+    # left, so the row waits for evidence instead of being sent again.
     abandoned = (Message.status == MessageStatus.SENDING) & (
         Message.lease_expires_at < now
     )
-    lost = (due | abandoned) if include_queued else abandoned
     with database.atomic():
-        query = (
-            Message.select(Message.id, Message.priority)
-            .where(lost & not_recent, Message.campaign.in_(running))
-            .order_by(Message.id)
-            .limit(limit)
-        )
-        if is_postgres():
-            # Two leaders for a moment (lease handover) must not both take
-            # the same batch.
-            query = query.for_update(skip_locked=True)
-        messages = list(query.tuples())
-        ids = [m[0] for m in messages]
-        for start in range(0, len(ids), _CHUNK):
-            Message.update(enqueued_at=now).where(
-                Message.id.in_(ids[start : start + _CHUNK])
-            ).execute()
+        Message.update(
+            status=MessageStatus.UNCONFIRMED,
+            unconfirmed_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            error="worker lost mid-send (lease expired): unconfirmed",
+        ).where(abandoned).execute()
+    messages = []
+    if include_queued:
+        messages = _take_lost(due & not_recent, running, now, limit)
     events = [
         e.id
         for e in InboundEvent.select(InboundEvent.id)
@@ -1047,6 +1052,28 @@ def sweep(
         )
     ]
     return SweepResult(messages=messages, events=events, campaigns=campaigns)
+
+
+def _take_lost(lost, running, now, limit: int) -> list[tuple[int, int]]:
+    """(id, priority) of lost rows, marked enqueued now."""
+    with database.atomic():
+        query = (
+            Message.select(Message.id, Message.priority)
+            .where(lost, Message.campaign.in_(running))
+            .order_by(Message.id)
+            .limit(limit)
+        )
+        if is_postgres():
+            # Two leaders for a moment (lease handover) must not both take
+            # the same batch.
+            query = query.for_update(skip_locked=True)
+        messages = list(query.tuples())
+        ids = [m[0] for m in messages]
+        for start in range(0, len(ids), _CHUNK):
+            Message.update(enqueued_at=now).where(
+                Message.id.in_(ids[start : start + _CHUNK])
+            ).execute()
+    return messages
 
 
 def running_campaign_ids() -> list[int]:
@@ -1133,6 +1160,10 @@ def handle_reply(
     with database.atomic():
         member = _open_member_for_reply(contact, window_h, now)
         if member is None:
+            answered = _answered_member(contact)
+            if answered is not None:
+                _record_interaction(contact, answered, event_id, body, "already", now)
+                return ReplyOutcome("already_interacted")
             _record_interaction(contact, None, event_id, body, "no_open_campaign", now)
             return ReplyOutcome("no_open_campaign")
         took = (
@@ -1149,6 +1180,7 @@ def handle_reply(
         if not took:
             _record_interaction(contact, campaign, event_id, body, "already", now)
             return ReplyOutcome("already_interacted")
+        _confirm_message1_by_reply(campaign.id, contact.id, now)
         ids = _insert_messages([_message_row(campaign, contact, 2, now)])
         _record_interaction(contact, campaign, event_id, body, "message_2", now)
     return ReplyOutcome("message_2_queued", ids[0] if ids else None)
@@ -1174,9 +1206,11 @@ def _open_member_for_reply(contact: Contact, window_h: float, now):
             CampaignContact.contact == contact.id,
             CampaignContact.state.in_(_REPLYABLE_STATES),
             Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
-            # A reply proves the provider took Message 1, even if our worker
+            # A reply proves the provider took Message 1 whatever we know of
+            # the attempt: unconfirmed, queued for a retry, or a worker that
             # died before recording it (status still 'sending').
-            message1.status.in_(("sending",) + _SENT_OR_LATER),
+            message1.status.in_(_ATTEMPTED)
+            | ((message1.status == MessageStatus.QUEUED) & (message1.attempts > 0)),
             message1.sent_at.is_null() | (message1.sent_at >= cutoff),
             message1.created_at >= cutoff - dt.timedelta(days=30),
         )
@@ -1184,6 +1218,49 @@ def _open_member_for_reply(contact: Contact, window_h: float, now):
         .limit(1)
     )
     return candidates.first()
+
+
+def _answered_member(contact: Contact) -> Campaign | None:
+    """The open campaign in which this contact already replied (a second
+    reply: recorded against it, and no second Message 2)."""
+    member = (
+        CampaignContact.select(CampaignContact, Campaign)
+        .join(Campaign)
+        .where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(
+                (MemberState.INTERACTED, MemberState.MESSAGE_2_SENT)
+            ),
+            Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
+        )
+        .order_by(CampaignContact.id.desc())
+        .first()
+    )
+    return member.campaign if member else None
+
+
+def _confirm_message1_by_reply(campaign_id: int, contact_id: int, now) -> None:
+    """A person answering proves Message 1 reached them: an unconfirmed row,
+    or one queued for a retry, is sent, and the retry is off. A row still in
+    `sending` is left to the worker that holds it (it records the outcome)."""
+    Message.update(
+        status=MessageStatus.SENT,
+        sent_at=pw.fn.COALESCE(Message.sent_at, Message.unconfirmed_at, now),
+        next_attempt_at=None,
+        paced_until=None,
+        error=None,
+    ).where(
+        Message.campaign == campaign_id,
+        Message.contact == contact_id,
+        Message.kind == 1,
+        Message.status.in_((MessageStatus.UNCONFIRMED, MessageStatus.QUEUED)),
+    ).execute()
+    CampaignContact.update(
+        message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now)
+    ).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.contact == contact_id,
+    ).execute()
 
 
 def _record_interaction(contact, campaign, event_id, body, outcome, now) -> None:
@@ -1261,7 +1338,7 @@ def apply_status(
         .where(Message.id == message.id, Message.status.in_(lower))
         .execute()
     )
-    if moved and message.status in ("queued", "sending"):
+    if moved and message.status in _OPEN_MESSAGE_STATUSES:
         _member_after_send(message.campaign_id, message.contact_id, message.kind, now)
     return bool(moved)
 
@@ -1273,11 +1350,11 @@ def _apply_failed_status(message: Message, error: str, now) -> bool:
         Message.update(status=MessageStatus.FAILED, error=error[:2000], failed_at=now)
         .where(
             Message.id == message.id,
-            Message.status.in_(("queued", "sending", "sent")),
+            Message.status.in_(_OPEN_MESSAGE_STATUSES + ("sent",)),
         )
         .execute()
     )
     if moved:
-        _member_failed(message.campaign_id, message.contact_id, now)
+        member_failed(message.campaign_id, message.contact_id, now, message.kind)
         maybe_complete(message.campaign_id)
     return bool(moved)

@@ -80,6 +80,15 @@ class ProviderConfig:
     timeout_s: float = _opt(15.0, lo=0.1, hi=300.0)
     connect_timeout_s: float = _opt(5.0, lo=0.1, hi=60.0)
     check_timeout_s: float = _opt(60.0, lo=0.1, hi=600.0)
+    # A send whose outcome is unknown (timeout after the request was written,
+    # worker killed mid-request) is `unconfirmed`: it waits this long for
+    # evidence (a status webhook, a reply) before `unconfirmed` applies.
+    # Providers report the first status within seconds; 5 min leaves room
+    # for their webhook retries without holding a contact for hours.
+    confirm_window_s: float = _opt(300.0, lo=5.0, hi=86400.0)
+    # After the window with no evidence: "resend" (same reference) or "fail"
+    # (never risk a second message; `campaign retry-failed` re-sends).
+    unconfirmed: str = _opt("resend", choices=("resend", "fail"))
     phone_number_id: str = _opt("")
     api_version: str = _opt("v21.0")
     app_secret: str = _opt("", secret=True, env="CAMPAIGND_PROVIDER_APP_SECRET")

@@ -19,12 +19,14 @@ limit by the first field.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -176,13 +178,104 @@ def parent_alive() -> bool:
 
 
 def lease_owner() -> str:
-    """The owner string of message leases taken by this process."""
+    """The owner string of message leases taken by this process:
+    ``host:pid:random``. The random part keeps two containers with the same
+    hostname and the same pid (PID namespaces) from sharing leases."""
     return _owner_for(os.getpid())
 
 
 @functools.lru_cache(maxsize=4)
 def _owner_for(pid: int) -> str:
-    return f"{socket.gethostname()}:{pid}"
+    return f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
+
+
+def owner_host_pid(owner: str) -> tuple[str, int] | None:
+    """(host, pid) of a lease owner string, or None if it is not one."""
+    parts = owner.split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+INFLIGHT_DIR_NAME = "inflight"
+_INFLIGHT_RECORD = 24  # bytes: a message id, space padded, then a newline
+
+
+def inflight_dir(data_path, env=None) -> str:
+    """Where workers note the sends they have in flight: the runtime
+    directory under systemd (tmpfs, survives our processes, not a reboot),
+    else <data_dir>/run. Supervisor and workers compute it alike."""
+    env = os.environ if env is None else env
+    base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    root = base or os.path.join(str(data_path), "run")
+    return os.path.join(root, INFLIGHT_DIR_NAME)
+
+
+class InFlight:
+    """The message each sending thread of this process may have on the wire.
+
+    `begin(id)` runs before the request is written and `end()` once its
+    outcome is recorded: one pwrite of a fixed-size record each, in a file
+    per thread (``<pid>.<thread id>``). No fsync: a SIGKILL does not lose
+    page-cache writes, and that is the failure this serves. After a worker
+    died, `read_inflight` tells the supervisor which of its leased rows may
+    have reached the provider (unconfirmed) and which provably did not.
+    """
+
+    def __init__(self, directory: str, pid: int | None = None):
+        self.directory = directory
+        self.pid = os.getpid() if pid is None else pid
+        self._local = threading.local()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def _fd(self) -> int:
+        fd = getattr(self._local, "fd", None)
+        if fd is None:
+            name = f"{self.pid}.{threading.get_native_id()}"
+            fd = os.open(
+                os.path.join(self.directory, name), os.O_WRONLY | os.O_CREAT, 0o600
+            )
+            self._local.fd = fd
+        return fd
+
+    def begin(self, message_id: int) -> None:
+        record = str(message_id).ljust(_INFLIGHT_RECORD - 1).encode() + b"\n"
+        os.pwrite(self._fd(), record, 0)
+
+    def end(self) -> None:
+        os.pwrite(self._fd(), b" " * (_INFLIGHT_RECORD - 1) + b"\n", 0)
+
+
+def read_inflight(directory: str, pid: int) -> set[int]:
+    """Message ids the threads of `pid` had begun and not ended."""
+    found: set[int] = set()
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        if not name.startswith(f"{pid}."):
+            continue
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                text = f.read(_INFLIGHT_RECORD).strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            found.add(int(text))
+    return found
+
+
+def clear_inflight(directory: str, pid: int) -> None:
+    """Forget a dead process's records (after its rows were dealt with)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(f"{pid}."):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 class Heartbeat:

@@ -49,6 +49,7 @@ from daemon.errors import EXIT_CONFIG
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import ConfigError
 from daemon.runtime import SUPERVISOR_PID_ENV
+from daemon.runtime import inflight_dir
 from daemon.runtime import setup_logging
 from daemon.states import WAITING_STATES
 from daemon.states import ChildState
@@ -112,15 +113,34 @@ def main(cfg: config_mod.Config, roles=None) -> int:
 def _migrate(cfg):
     import psutil
 
-    from daemon import campaigns
+    from daemon import unconfirmed
+    from daemon.runtime import clear_inflight
+    from daemon.runtime import inflight_dir
+    from daemon.runtime import read_inflight
     from daemon.store.db import open_database
 
     db = open_database(cfg, migrate_schema=True)
     # Workers of a previous run of this daemon (SIGKILLed with it) left
-    # leases that would otherwise hold their rows until the lease expires.
-    released = campaigns.release_dead_leases(socket.gethostname(), psutil.pid_exists)
-    if released:
-        log.info("released %d message leases of dead processes", released)
+    # leases that would otherwise hold their rows until the lease expires;
+    # their in-flight records tell which requests may have left.
+    directory = inflight_dir(cfg.data_path)
+    seen: list[int] = []
+
+    def in_flight_of(pid: int) -> set[int]:
+        seen.append(pid)
+        return read_inflight(directory, pid)
+
+    released = unconfirmed.release_dead_processes(
+        socket.gethostname(), psutil.pid_exists, in_flight_of
+    )
+    for pid in seen:
+        clear_inflight(directory, pid)
+    if released.requeued or released.unconfirmed:
+        log.info(
+            "dead processes' leases: %d rows queued again, %d unconfirmed",
+            len(released.requeued),
+            released.unconfirmed,
+        )
     return db
 
 
@@ -181,7 +201,7 @@ class Supervisor:
         self._dependency_alerted: set[str] = set()
         self._figures_job: concurrent.futures.Future | None = None
         self._gatherer = FigureGatherer(self.cfg)
-        self._requeuer = LeaseReleaser(self.cfg)
+        self._requeuer = LeaseReleaser(self.cfg, inflight_dir(self.cfg.data_path, env))
         self._parked: list[tuple[object, float]] = []
         self.role_alerts = alerts.RoleAlerts(self.host, self.cfg.alerts.down_after_s)
         self._helpers: dict[int, tuple[str, float]] = {}  # alert commands
@@ -431,11 +451,10 @@ class Supervisor:
         child.finish(status, time.monotonic())
         _mark_metrics_dead(pid, self.metrics_dir)
         if child.name.startswith("worker:"):
-            owner = f"{self.host}:{pid}"
             self._submit(
                 self._db_pool,
                 self._requeuer.release,
-                owner,
+                pid,
                 on_done=self._leases_released,
             )
         if (
@@ -451,8 +470,11 @@ class Supervisor:
             self.begin_stop(f"{child.name}: config error", exit_code=EXIT_CONFIG)
 
     def _leases_released(self, result) -> None:
-        if result and result[1]:
-            log.info("released %d message leases of %s", result[1], result[0])
+        if result and (result[1] or result[2]):
+            log.info(
+                "worker %s died: %d rows queued again, %d unconfirmed",
+                *result,
+            )
 
     def check_heartbeats(self, now: float, wall: float) -> None:
         """First beat -> RUNNING; stale beat -> stop; stuck task -> kill."""
@@ -1018,19 +1040,27 @@ class Spare:
 
 
 class LeaseReleaser:
-    """Gives a dead worker's rows back and enqueues them (on the DB thread).
+    """Deals with a dead worker's leased rows (on the DB thread): those it had
+    on the wire (its in-flight records) become unconfirmed, the others never
+    left and are enqueued at once.
 
     Its queues and tasks are built on first use, in that thread, so the
     supervisor opens no queue connection unless a worker dies.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, inflight_directory: str):
         self.cfg = cfg
+        self.inflight_directory = inflight_directory
+        self.host = socket.gethostname()
         self._tasks = None
 
-    def release(self, owner: str) -> tuple[str, int]:
-        from daemon import campaigns
+    def release(self, pid: int) -> tuple[int, int, int]:
+        """(pid, rows queued again, rows unconfirmed)."""
+        from daemon import unconfirmed
+        from daemon.runtime import clear_inflight
+        from daemon.runtime import read_inflight
 
+        in_flight = read_inflight(self.inflight_directory, pid)
         with alerts.db_session():
             try:
                 if self._tasks is None:
@@ -1038,11 +1068,13 @@ class LeaseReleaser:
                     from daemon.tasks import Tasks
 
                     self._tasks = Tasks(self.cfg, make_queues(self.cfg))
-                return owner, self._tasks.release_and_requeue(owner)
+                released = self._tasks.release_dead_worker(self.host, pid, in_flight)
             except Exception:  # noqa: BLE001 - the queue may be down
                 # The rows are still released; the sweeper enqueues them.
-                log.warning("could not enqueue %s's rows; the sweeper will", owner)
-                return owner, campaigns.release_leases(owner)
+                log.warning("could not enqueue worker %s's rows; the sweeper will", pid)
+                released = unconfirmed.release_dead_process(self.host, pid, in_flight)
+        clear_inflight(self.inflight_directory, pid)
+        return pid, len(released.requeued), released.unconfirmed
 
 
 def _mark_metrics_dead(pid: int | None, metrics_dir: Path) -> None:

@@ -22,11 +22,19 @@ import peewee as pw
 
 from daemon import campaigns
 from daemon import metrics
+from daemon import unconfirmed
 from daemon.config import Config
 from daemon.pacing import Pacer
+from daemon.providers.base import PauseCampaignError
+from daemon.providers.base import PermanentError
+from daemon.providers.base import RecipientOptedOutError
+from daemon.providers.base import RetryableError
+from daemon.providers.base import UnconfirmedError
 from daemon.queue import PRIORITY_HIGH
 from daemon.queue import Queues
+from daemon.runtime import InFlight
 from daemon.runtime import TaskClock
+from daemon.runtime import inflight_dir
 from daemon.runtime import lease_owner
 from daemon.store.models import Contact
 from daemon.store.models import InboundEvent
@@ -59,9 +67,11 @@ class Tasks:
         self.backoff = campaigns.Backoff(
             cfg.retry.base_s, cfg.retry.factor, cfg.retry.cap_s, cfg.retry.jitter
         )
-        # The lease outlives the hard time limit: past it the supervisor has
-        # killed the worker, so an expired lease never belongs to a live send.
-        self.lease_s = cfg.workers.hard_time_limit_s + 30.0
+        # The lease outlives every path that can still be sending: the hard
+        # time limit, then a draining worker's stop timeout, plus a margin.
+        # An expired lease never belongs to a live send.
+        self.lease_s = cfg.workers.hard_time_limit_s + cfg.daemon.stop_timeout_s + 30.0
+        self._inflight: InFlight | None = None
         # The original system's task names, each on its original queue.
         self.send_single_message = self._register(
             "messages", "send_single_message", self.deliver
@@ -149,11 +159,6 @@ class Tasks:
 
     def deliver(self, message_id: int) -> str:
         """Claim -> pacing -> provider -> record. Returns what happened."""
-        from daemon.providers.base import PauseCampaignError
-        from daemon.providers.base import PermanentError
-        from daemon.providers.base import RecipientOptedOutError
-        from daemon.providers.base import RetryableError
-
         owner = lease_owner()
         now = self.clock()
         message = campaigns.claim(message_id, owner, self.lease_s, now)
@@ -179,6 +184,21 @@ class Tasks:
                 return f"deferred: {decision.reason}"
             if decision.wait_s > 0:
                 self.sleep(decision.wait_s)
+        inflight = self.inflight
+        inflight.begin(message.id)
+        try:
+            return self._send_claimed(message, owner)
+        finally:
+            inflight.end()
+
+    @property
+    def inflight(self) -> InFlight:
+        """This process's record of the requests on the wire (see runtime)."""
+        if self._inflight is None:
+            self._inflight = InFlight(inflight_dir(self.cfg.data_path))
+        return self._inflight
+
+    def _send_claimed(self, message, owner: str) -> str:
         try:
             result = self.provider.send(
                 message.phone,
@@ -187,6 +207,8 @@ class Tasks:
                 kind=message.kind,
                 variables=self._variables(message),
             )
+        except UnconfirmedError as exc:
+            return self._after_unconfirmed(message, owner, exc.reason)
         except RetryableError as exc:
             return self._after_retryable(message, owner, exc.reason, exc.retry_after)
         except RecipientOptedOutError as exc:
@@ -203,8 +225,10 @@ class Tasks:
             _count_send(message.kind, "failed")
             return "failed"
         except Exception as exc:  # noqa: BLE001 - a bug must not lose the row
+            # It may have struck after the request was written: unconfirmed,
+            # so a bug can neither lose the row nor send it twice.
             log.exception("unexpected error sending message %s", message.id)
-            return self._after_retryable(message, owner, f"internal error: {exc}", None)
+            return self._after_unconfirmed(message, owner, f"internal error: {exc}")
         campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
         _count_send(message.kind, "sent")
         return "sent"
@@ -229,6 +253,15 @@ class Tasks:
                 self._schedule_send(message_id, row.next_attempt_at)
                 return "not due yet: rescheduled"
         return "not claimable"
+
+    def _after_unconfirmed(self, message, owner, reason) -> str:
+        """The request may have reached the provider: wait for evidence."""
+        if campaigns.cancel_if_opted_out(message, owner, self.clock()):
+            return "cancelled: contact opted out"
+        unconfirmed.mark(message, owner, reason, self.clock())
+        _count_send(message.kind, "unconfirmed")
+        metrics.UNCONFIRMED.labels(outcome="recorded").inc()
+        return f"unconfirmed: {reason}"
 
     def _after_retryable(self, message, owner, reason, retry_after) -> str:
         if campaigns.cancel_if_opted_out(message, owner, self.clock()):
@@ -443,15 +476,20 @@ class Tasks:
         )
         if message is None:
             return "status: unknown message"
+        failed = update.status == "failed"
+        if failed and update.campaign_action == "opt_out":
+            # First: the member ends opted out (final for every campaign),
+            # not merely failed in this one.
+            contact = Contact.get_by_id(message.contact_id)
+            campaigns.opt_out_contact(contact, f"provider code {update.error_code}")
         moved = campaigns.apply_status(
             message, update.status, error=update.error, now=self.clock()
         )
         if moved:
             metrics.STATUS_UPDATES.labels(status=update.status).inc()
-        if update.status == "failed" and update.campaign_action == "opt_out":
-            contact = Contact.get_by_id(message.contact_id)
-            campaigns.opt_out_contact(contact, f"provider code {update.error_code}")
-        if update.status == "failed" and update.campaign_action == "pause":
+            if message.status == "unconfirmed" and not failed:
+                metrics.UNCONFIRMED.labels(outcome="confirmed_status").inc()
+        if failed and update.campaign_action == "pause":
             _pause_quietly(message.campaign_id, f"provider code {update.error_code}")
         return f"status {update.status}: {'applied' if moved else 'no change'}"
 
@@ -463,17 +501,17 @@ class Tasks:
 
         return jobs.run(name, self, self.clock())
 
-    def release_and_requeue(self, owner: str) -> int:
-        """A worker died: make its rows claimable and enqueue them at once."""
-        stranded = list(
-            Message.select(Message.id, Message.priority)
-            .where(Message.lease_owner == owner, Message.status == "sending")
-            .tuples()
-        )
-        campaigns.release_leases(owner)
-        for message_id, priority in stranded:
+    def release_dead_worker(
+        self, host: str, pid: int, in_flight: set[int]
+    ) -> unconfirmed.Released:
+        """A worker died: its rows on the wire (`in_flight`) become
+        unconfirmed; the others never left and are enqueued at once."""
+        released = unconfirmed.release_dead_process(host, pid, in_flight)
+        for message_id, priority in released.requeued:
             self.send_single_message(message_id, priority=priority)
-        return len(stranded)
+        if released.unconfirmed:
+            metrics.UNCONFIRMED.labels(outcome="recorded").inc(released.unconfirmed)
+        return released
 
     def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
         """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
@@ -488,6 +526,17 @@ class Tasks:
         )
         for message_id, priority in found.messages:
             self.send_single_message(message_id, priority=priority)
+        settled = unconfirmed.settle(
+            self.cfg.provider.confirm_window_s,
+            self.cfg.provider.unconfirmed,
+            now or self.clock(),
+        )
+        for message_id, priority in settled.resent:
+            self.send_single_message(message_id, priority=priority)
+        if settled.resent:
+            metrics.UNCONFIRMED.labels(outcome="resent").inc(len(settled.resent))
+        if settled.failed:
+            metrics.UNCONFIRMED.labels(outcome="failed").inc(settled.failed)
         for event_id in found.events:
             self.process_webhook_event(event_id)
         for campaign_id in found.campaigns:
@@ -496,6 +545,8 @@ class Tasks:
             "messages": len(found.messages),
             "events": len(found.events),
             "campaigns": len(found.campaigns),
+            "unconfirmed_resent": len(settled.resent),
+            "unconfirmed_failed": settled.failed,
         }
 
 

@@ -86,6 +86,12 @@ class RetryableError(ProviderError):
         self.retry_after = retry_after
 
 
+class UnconfirmedError(RetryableError):
+    """The request was written whole and no answer came (read timeout, reset,
+    EOF): the provider may have taken it. A send must not be repeated on
+    this alone; other calls (number checks) may treat it as retryable."""
+
+
 class PermanentError(ProviderError):
     """Sending this message again cannot succeed (bad number, bad auth...)."""
 

@@ -9,8 +9,12 @@ Resend rules (a send must never reach the provider twice because of us):
   the request is written (the socket polls readable) and replaced silently.
 - If writing the request fails on a reused connection, the server cannot have
   received the whole request, so it is written once more on a new connection.
-- Once the request is written, any failure is a RetryableError. Only GETs are
-  repeated once when a reused connection drops without an answer.
+- A failure before the request is written whole (connect, write) is a
+  RetryableError: the provider cannot have taken it.
+- Once the request is written, any failure is an UnconfirmedError (a
+  RetryableError): the provider may have taken it, so a send is not repeated
+  on this alone. Only GETs are repeated once when a reused connection drops
+  without an answer.
 
 One deadline covers the whole call: connecting, writing the request and
 reading every byte of the answer take at most `read_timeout` (or `timeout`)
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.providers.base import RetryableError
+from daemon.providers.base import UnconfirmedError
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -134,7 +139,7 @@ class HttpClient:
                 data = resp.read()
             except TimeoutError as exc:
                 conn.close()
-                raise RetryableError(
+                raise UnconfirmedError(
                     f"no response from {self.origin} within {read_timeout:g} s"
                 ) from exc
             except (http.client.HTTPException, OSError) as exc:
@@ -142,7 +147,7 @@ class HttpClient:
                 if reused and method in _IDEMPOTENT:
                     reused = False
                     continue
-                raise RetryableError(
+                raise UnconfirmedError(
                     f"connection to {self.origin} lost after the request was sent:"
                     f" {exc!r}"
                 ) from exc

@@ -107,6 +107,9 @@ class MessageStatus:
     PENDING = "pending"
     QUEUED = "queued"
     SENDING = "sending"
+    # The request may have reached the provider (timeout after it was
+    # written, worker killed mid-request): never re-sent blindly.
+    UNCONFIRMED = "unconfirmed"
     SENT = "sent"
     DELIVERED = "delivered"
     READ = "read"
@@ -119,6 +122,7 @@ class MessageStatus:
         "pending": 0,
         "queued": 1,
         "sending": 2,
+        "unconfirmed": 2,
         "sent": 3,
         "delivered": 4,
         "read": 5,
@@ -134,7 +138,7 @@ class Message(BaseModel):
     # edit of the contact does not change what was sent.
     phone = pw.CharField(max_length=20)
     body = pw.TextField()
-    status = pw.CharField(max_length=10, default=MessageStatus.QUEUED)
+    status = pw.CharField(max_length=20, default=MessageStatus.QUEUED)
     priority = pw.SmallIntegerField(default=0)
     # Claims (including ones cut short by a crash) and provider failures;
     # only failures count toward retry.max_attempts.
@@ -149,6 +153,8 @@ class Message(BaseModel):
     enqueued_at = pw.DateTimeField(null=True)
     lease_owner = pw.CharField(max_length=100, null=True)
     lease_expires_at = pw.DateTimeField(null=True)
+    # When the attempt whose outcome is unknown was made (status unconfirmed).
+    unconfirmed_at = pw.DateTimeField(null=True)
     # Sent to the provider as `reference`: a re-send after a crash carries
     # the same key, so the provider (and we) can tell it is the same message.
     idempotency_key = pw.CharField(max_length=80, unique=True)

@@ -162,11 +162,12 @@ def test_second_send_of_a_paused_campaign_is_not_claimed(meta, graph):
 
 
 def interrupt(message_id: int, times: int) -> None:
-    """Claims cut short, as by workers killed mid-send: each leaves the row
-    'sending' with a lease that has already expired."""
+    """Claims cut short, as by workers killed before they wrote the request:
+    the supervisor gives each row back (queued) when it reaps the worker."""
     for n in range(times):
-        claimed = campaigns.claim(message_id, f"dead-host:{n}", -1.0, utcnow())
+        claimed = campaigns.claim(message_id, f"dead-host:{n}:x", 60.0, utcnow())
         assert claimed is not None, n
+        assert campaigns.release_leases(campaigns.process_key("dead-host", n)) == 1
 
 
 def test_too_many_interrupted_attempts_fail_the_row(wassenger, fake):

@@ -12,6 +12,7 @@ import datetime as dt
 import pytest
 
 from daemon import campaigns
+from daemon import unconfirmed
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
@@ -26,7 +27,8 @@ from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
 
 T0 = utcnow().replace(microsecond=0)
-DEAD_OWNER = "gone-host:999999:dead"
+DEAD_HOST, DEAD_PID = "gone-host", 999999
+DEAD_OWNER = f"{DEAD_HOST}:{DEAD_PID}:dead"
 
 
 @pytest.fixture
@@ -178,17 +180,24 @@ def test_stop_while_a_dead_worker_held_the_row(pipeline, fake, recovery):
     stop(contact)
 
     if recovery == "supervisor_release":
-        assert pipeline.tasks.release_and_requeue(DEAD_OWNER) == 1
+        released = pipeline.tasks.release_dead_worker(DEAD_HOST, DEAD_PID, set())
+        assert len(released.requeued) == 1
         # The release stamps the wall clock; this test's clock started earlier.
         pipeline.tasks.clock.set(utcnow() + dt.timedelta(seconds=1))
         outcome = pipeline.tasks.deliver(message_id)
+        assert outcome == "cancelled: contact opted out"
     else:
+        # Nobody saw the worker die: its request may have left, so the row
+        # waits for evidence, and is not re-sent to an opted-out contact.
         later = pipeline.tasks.clock.advance(600)
-        found = campaigns.sweep(later, include_queued=True)
-        assert [m for m, _ in found.messages] == [message_id]
-        outcome = pipeline.tasks.deliver(message_id)
+        assert campaigns.sweep(later, include_queued=True).messages == []
+        assert Message.get_by_id(message_id).status == "unconfirmed"
+        later = pipeline.tasks.clock.advance(pipeline.cfg.provider.confirm_window_s + 1)
+        settled = unconfirmed.settle(
+            pipeline.cfg.provider.confirm_window_s, "resend", later
+        )
+        assert settled.resent == []
 
-    assert outcome == "cancelled: contact opted out"
     assert Message.get_by_id(message_id).status == "cancelled"
     assert requests_to(fake, contact.phone) == 0
     assert campaign_status(campaign) == "completed"

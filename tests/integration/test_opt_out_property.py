@@ -27,7 +27,8 @@ from tests.send_helpers import build_pipeline
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
 
-DEAD_OWNER = "gone-host:999999:dead"
+DEAD_HOST, DEAD_PID = "gone-host", 999999
+DEAD_OWNER = f"{DEAD_HOST}:{DEAD_PID}:dead"
 LIVE_OWNER = "this-host:1:pacer"
 CONTACTS = 2
 _numbers = itertools.count(500_000)
@@ -148,7 +149,7 @@ class Run:
             Message.lease_owner == DEAD_OWNER, Message.status == "sending"
         )
         ids = [m.id for m in stranded]
-        self.tasks.release_and_requeue(DEAD_OWNER)
+        self.tasks.release_dead_worker(DEAD_HOST, DEAD_PID, set())
         # The release stamps the wall clock: catch up with it.
         self.clock.set(max(self.clock(), utcnow() + dt.timedelta(seconds=1)))
         for message_id in ids:

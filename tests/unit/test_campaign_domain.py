@@ -356,29 +356,31 @@ def test_retry_failed_requeues_and_reopens_the_campaign(pipeline, fake):
 # ---------------------------------------------------------------- claims
 
 
-def test_an_expired_lease_moves_the_row_to_a_new_owner(pipeline):
+def test_an_expired_lease_makes_the_row_unconfirmed_not_claimable(pipeline):
+    # Nobody saw its worker die: the request may have left, so the row is not
+    # sent again on the lease's expiry; the sweeper marks it unconfirmed.
     _, (message_id,) = started(pipeline, 1)
     now = utcnow()
-    first = campaigns.claim(message_id, "a:1", 120, now)
+    first = campaigns.claim(message_id, "a:1:x", 120, now)
     assert first is not None and first.attempts == 1
-    early = now + dt.timedelta(seconds=119)
-    assert campaigns.claim(message_id, "b:2", 120, early) is None
-    second = campaigns.claim(message_id, "b:2", 120, now + dt.timedelta(seconds=121))
-    assert second is not None and second.attempts == 2
-    # The first owner comes back late: its answer is not recorded.
-    campaigns.record_sent(first, "a:1", "late", None)
-    assert Message.get_by_id(message_id).status == "sending"
-    campaigns.record_sent(second, "b:2", "p2", None)
-    assert Message.get_by_id(message_id).provider_id == "p2"
+    late = now + dt.timedelta(seconds=121)
+    assert campaigns.claim(message_id, "b:2:y", 120, late) is None
+    assert campaigns.sweep(late, include_queued=True).messages == []
+    row = Message.get_by_id(message_id)
+    assert row.status == "unconfirmed" and row.unconfirmed_at == late
+    assert row.lease_owner is None
+    # The first owner comes back late: the row is no longer its own.
+    campaigns.record_sent(first, "a:1:x", "late", None)
+    assert Message.get_by_id(message_id).status == "unconfirmed"
 
 
 def test_released_leases_are_claimable_at_once(pipeline):
     _, ids = started(pipeline, 3)
     for message_id in ids[:2]:
-        assert campaigns.claim(message_id, "dead:9", 3600)
-    assert campaigns.claim(ids[2], "alive:8", 3600)
-    assert campaigns.claim(ids[0], "new:7", 3600) is None
-    assert campaigns.release_leases("dead:9") == 2
+        assert campaigns.claim(message_id, "dead:9:a1", 3600)
+    assert campaigns.claim(ids[2], "dead:99:b2", 3600)
+    assert campaigns.claim(ids[0], "new:7:c3", 3600) is None
+    assert campaigns.release_leases(campaigns.process_key("dead", 9)) == 2
     assert campaigns.claim(ids[0], "new:7", 3600) is not None
     assert campaigns.claim(ids[2], "new:7", 3600) is None
 

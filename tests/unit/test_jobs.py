@@ -244,16 +244,18 @@ def test_cleanup_expired_locks_removes_only_what_dead_processes_left(env):
 
 
 def test_recover_interrupted_campaigns_after_a_crash(env, fake):
-    """Rows a killed worker left behind are re-enqueued, sent, and the campaign ends."""
+    """Rows a killed worker left behind come back and the campaign ends; a row
+    whose request may have left waits for evidence before it is re-sent."""
     campaign = make_campaign(4)
     c = list(Contact.select().order_by(Contact.id))
     long_ago = NOON - dt.timedelta(minutes=30)
-    # Claimed by a worker that was SIGKILLed mid-send (lease expired).
+    # Claimed by a worker that was SIGKILLed mid-send (lease expired), on a
+    # host whose supervisor did not see it die: its request may have left.
     message(
         campaign,
         c[0],
         status="sending",
-        lease_owner="dead:1",
+        lease_owner="dead:1:x",
         lease_expires_at=NOON - dt.timedelta(minutes=1),
         enqueued_at=long_ago,
     )
@@ -264,14 +266,25 @@ def test_recover_interrupted_campaigns_after_a_crash(env, fake):
 
     result = jobs.run("recover_interrupted_campaigns", env, NOON)
 
-    assert "messages=2" in result and "campaigns=1" in result
-    assert env.queues.messages.pending_count() == 3  # 2 sends + 1 fan-out
+    assert "messages=1" in result and "campaigns=1" in result
+    assert env.queues.messages.pending_count() == 2  # 1 send + 1 fan-out
+    drain(env)
+    statuses = [m.status for m in Message.select().order_by(Message.id)]
+    assert statuses == ["unconfirmed"] + ["sent"] * 3
+    assert fake.stats()["sends_accepted"] == 3
+    # No status webhook and no reply within the confirm window: re-sent once.
+    window = env.cfg.provider.confirm_window_s
+    later = NOON + dt.timedelta(seconds=window + 1)
+    assert "unconfirmed_resent=1" in jobs.run(
+        "recover_interrupted_campaigns", env, later
+    )
     drain(env)
     statuses = [m.status for m in Message.select().order_by(Message.id)]
     assert statuses == ["sent"] * 4, [m.error for m in Message.select()]
     assert fake.stats()["sends_accepted"] == 4
     # Nothing is left to recover: a second run enqueues nothing.
-    assert "messages=0" in jobs.run("recover_interrupted_campaigns", env, NOON)
+    result = jobs.run("recover_interrupted_campaigns", env, later)
+    assert "messages=0" in result and "unconfirmed_resent=0" in result
     assert drain(env) == 0
 
 
