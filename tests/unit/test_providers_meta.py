@@ -12,6 +12,7 @@ import pytest
 
 from daemon.config import ProviderConfig
 from daemon.providers import make_provider
+from daemon.providers import webhook_parser
 from daemon.providers.base import PauseCampaignError
 from daemon.providers.base import PermanentError
 from daemon.providers.base import RecipientOptedOutError
@@ -256,4 +257,51 @@ def test_device_status_and_number_check(stub):
     assert p.check_number("+22890123456").exists is True
     assert len(stub.requests) == before
     assert p.supports_number_check is False
+    p.close()
+
+
+def test_our_reference_goes_out_as_biz_opaque_callback_data_and_comes_back(stub):
+    """The idempotency key sent with a message is what Meta echoes in its status
+    webhooks, and the parser reads it back as the status's reference."""
+    p = meta(stub.url)
+    reference = "cd-42-981-m1"
+    p.send("+22890123456", "x", reference, kind=1, variables={"1": "Marie"})
+    p.send("+22890123456", "Voici le lien", "cd-42-981-m2", kind=2, variables={})
+    sent = [req["json"]["biz_opaque_callback_data"] for req in stub.requests]
+    assert sent == [reference, "cd-42-981-m2"]
+    # No reference: no key (Meta would echo nothing).
+    p.send("+22890123456", "x", "", kind=2, variables={})
+    assert "biz_opaque_callback_data" not in stub.requests[-1]["json"]
+    status = {
+        "id": WAMID,
+        "status": "delivered",
+        "timestamp": "1710000000",
+        "recipient_id": "22890123456",
+        "biz_opaque_callback_data": sent[0],
+    }
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "1",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "statuses": [status],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    parser = webhook_parser("meta")
+    [(_, item)] = parser.split(body)
+    event = parser.parse(item)
+    assert (event.status, event.reference, event.wa_id) == (
+        "delivered",
+        reference,
+        WAMID,
+    )
     p.close()
