@@ -34,6 +34,7 @@ CSV rules (`parse_csv_text`):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
@@ -298,8 +299,8 @@ def _parse(
 class _LineCounter:
     """Hands out the text's lines and remembers how far it has got."""
 
-    def __init__(self, text: str) -> None:
-        self._stream = io.StringIO(text, newline="")
+    def __init__(self, text: str = "", stream: io.TextIOBase | None = None) -> None:
+        self._stream = stream or io.StringIO(text, newline="")
         self._length = max(len(text), 1)
         self._chars = 0
         self.line_number = 0
@@ -628,8 +629,8 @@ def import_csv_file(
     """
     region = check_region(region)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        size = os.stat(path).st_size
+        utf8 = _is_utf8(path)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -637,20 +638,40 @@ def import_csv_file(
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     if processes is None:
-        processes = min(os.cpu_count() or 1, 4) if len(data) > PARALLEL_MIN_BYTES else 1
-    text, encoding = decode_csv_bytes(data, str(path))
-    del data
+        processes = min(os.cpu_count() or 1, 4) if size > PARALLEL_MIN_BYTES else 1
+    processes = max(processes, 1)
     try:
-        parsed, result = _import_stream(text, region, max(processes, 1), chunk_rows)
+        if utf8:
+            # Read as it goes: the text of a million rows is 100 MB in memory.
+            with open(path, encoding="utf-8-sig", newline="") as stream:
+                counter = _LineCounter(stream=stream)
+                parsed, result = _import_stream(counter, region, processes, chunk_rows)
+            return parsed, result
+        with open(path, "rb") as f:
+            text, encoding = decode_csv_bytes(f.read(), str(path))
+        parsed, result = _import_stream(
+            _LineCounter(text), region, processes, chunk_rows
+        )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     return replace(parsed, encoding=encoding), result
 
 
+def _is_utf8(path: str | os.PathLike) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while block := f.read(1 << 20):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
 def _import_stream(
-    text: str, region: str, processes: int, chunk_rows: int
+    counter: _LineCounter, region: str, processes: int, chunk_rows: int
 ) -> tuple[ParsedCsv, ImportResult]:
-    counter = _LineCounter(text)
     header_line, header = _read_header(counter)
     columns = _Columns.from_header(header)
     chunks = _record_chunks(counter, header_line, chunk_rows)

@@ -81,3 +81,10 @@ def test_streamed_import_matches_the_merged_import(make_config, csv_path, how):
     assert expected["duplicates"] == 2
     assert len(expected["errors"]) == 4
     assert run(make_config, how, csv_path) == expected
+
+
+def test_a_windows_1252_file_is_imported_the_same(make_config, csv_path):
+    csv_path.write_bytes(("\r\n".join(LINES) + "\r\n").encode("cp1252"))
+    expected = run(make_config, "classic", csv_path)
+    assert expected["encoding"] == "cp1252"
+    assert run(make_config, {"processes": 1, "chunk_rows": 4}, csv_path) == expected
