@@ -969,4 +969,6 @@ WORKLOADS = {
     "w3": w3_respawn,
     "w4": w4_chaos,
     "w5": w5_footprint,
+    # A campaign of a million contacts (bench/scale.py); not part of "all".
+    "scale": lambda b: __import__("bench.scale").scale.workload(b),
 }
