@@ -340,7 +340,29 @@ def campaign_summary(campaign_id: int) -> dict:
         "contacts": sum(members.values()),
         "members": members,
         "messages": messages,
+        "unconfirmed": _unconfirmed_summary(campaign_id, messages),
     }
+
+
+def _unconfirmed_summary(campaign_id: int, messages: dict) -> dict:
+    """Sends whose outcome was unknown: waiting for evidence now, re-sent for
+    want of it (each may be a second message on a phone), failed by policy."""
+    waiting = sum(m.get(MessageStatus.UNCONFIRMED, 0) for m in messages.values())
+    settled = (
+        Message.select(
+            pw.fn.COALESCE(pw.fn.SUM(Message.resends), 0),
+            pw.fn.COUNT(Message.id).filter(Message.error.startswith("unconfirmed:")),
+        )
+        .where(
+            Message.campaign == campaign_id,
+            (Message.resends > 0)
+            | ((Message.status == MessageStatus.FAILED) & Message.error.is_null(False)),
+        )
+        .tuples()
+        .first()
+    )
+    resent, failed = settled or (0, 0)
+    return {"waiting": waiting, "resent": int(resent or 0), "failed": int(failed or 0)}
 
 
 def _campaign_fields(campaign: Campaign) -> dict:

@@ -397,6 +397,12 @@ def _print_summary(args, summary: dict) -> None:
     for label in ("members", "messages"):
         if summary.get(label):
             lines.append(f"  {label:<11} {_counts(summary[label])}")
+    unsure = summary.get("unconfirmed")
+    if unsure and any(unsure.values()):
+        lines.append(
+            f"  unconfirmed {unsure['waiting']} waiting for evidence, "
+            f"{unsure['resent']} re-sent without it, {unsure['failed']} failed"
+        )
     if "retried" in summary:
         lines.append(f"  retried     {summary['retried']} failed messages")
     if "imported" in summary:

@@ -438,6 +438,13 @@ def format_status(answer: dict) -> str:
         lines.append(
             "campaigns: " + ", ".join(f"{k} {v}" for k, v in campaigns.items())
         )
+    messages = answer.get("messages") or {}
+    if messages.get("unconfirmed"):
+        lines.append(
+            f"unconfirmed sends: {messages['unconfirmed']} (waiting for a status "
+            "webhook or a reply; provider.unconfirmed applies after "
+            "provider.confirm_window_s)"
+        )
     dead = answer.get("dead_letters")
     if dead is not None:
         hint = " (campaignd events list --dead)" if dead else ""

@@ -168,6 +168,7 @@ def settle(window_s: float, policy: str, now=None, limit: int = 5000) -> Settled
                     status=MessageStatus.QUEUED,
                     next_attempt_at=None,
                     enqueued_at=now,
+                    resends=pw.fn.COALESCE(Message.resends, 0) + 1,
                     error=f"re-sent: no evidence within {window_s:g} s "
                     "of an unconfirmed attempt",
                 ).where(still).execute()

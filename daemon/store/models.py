@@ -153,8 +153,12 @@ class Message(BaseModel):
     enqueued_at = pw.DateTimeField(null=True)
     lease_owner = pw.CharField(max_length=100, null=True)
     lease_expires_at = pw.DateTimeField(null=True)
-    # When the attempt whose outcome is unknown was made (status unconfirmed).
+    # When the attempt whose outcome is unknown was made (status unconfirmed),
+    # and how often an unconfirmed attempt was re-sent for want of evidence
+    # (provider.unconfirmed = "resend"): each one may be a second message.
     unconfirmed_at = pw.DateTimeField(null=True)
+    # Nullable: the send path's raw INSERTs leave it out.
+    resends = pw.IntegerField(null=True)
     # Sent to the provider as `reference`: a re-send after a crash carries
     # the same key, so the provider (and we) can tell it is the same message.
     idempotency_key = pw.CharField(max_length=80, unique=True)

@@ -146,32 +146,44 @@ class QueueDepthCollector:
         yield depth
 
 
-def count_dead_letters() -> int:
+def count_unsettled() -> tuple[int, int]:
+    """(dead-letter webhook events, unconfirmed sends), in one probe."""
     # Runs in a probe thread: its own connection, closed right after.
+    from daemon import unconfirmed
     from daemon.events import dead_count
 
     with database.connection_context():
-        return dead_count()
+        return dead_count(), unconfirmed.count()
 
 
-class DeadLetterCollector:
-    """Prometheus collector: webhook events that are dead letters, read at
-    scrape time (a row count, so every web process reports the same value).
-    Absent from a scrape whose database did not answer."""
+class UnsettledCollector:
+    """Prometheus collector of row counts read at scrape time (so every web
+    process reports the same value): webhook events that are dead letters,
+    and sends whose outcome is unknown. Absent from a scrape whose database
+    did not answer."""
 
     def __init__(self, probe: Probe):
         self.probe = probe
 
     def collect(self):
-        ok, count = self.probe.run("dead_letters", count_dead_letters)
-        if ok:
-            dead = GaugeMetricFamily(
-                "campaignd_webhook_events_dead",
-                "Stored webhook events that failed processing "
-                "web.event_max_attempts times (dead letters), not replayed.",
-            )
-            dead.add_metric([], float(count))
-            yield dead
+        ok, counts = self.probe.run("unsettled", count_unsettled)
+        if not ok:
+            return
+        dead = GaugeMetricFamily(
+            "campaignd_webhook_events_dead",
+            "Stored webhook events that failed processing "
+            "web.event_max_attempts times (dead letters), not replayed.",
+        )
+        dead.add_metric([], float(counts[0]))
+        yield dead
+        unsure = GaugeMetricFamily(
+            "campaignd_messages_unconfirmed",
+            "Sends whose request may have reached the provider and that wait "
+            "for evidence (a status webhook or a reply) before "
+            "provider.unconfirmed applies.",
+        )
+        unsure.add_metric([], float(counts[1]))
+        yield unsure
 
 
 class Metrics:
@@ -179,8 +191,8 @@ class Metrics:
 
     def __init__(self, probe: Probe, queues: Queues | None):
         self.collector = QueueDepthCollector(probe, queues)
-        self.dead_letters = DeadLetterCollector(probe)
+        self.unsettled = UnsettledCollector(probe)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = metrics.CONTENT_TYPE
-        resp.data = metrics.render([self.collector, self.dead_letters])
+        resp.data = metrics.render([self.collector, self.unsettled])
