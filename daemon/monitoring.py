@@ -8,8 +8,11 @@ under ``cap:<device>`` and are keyed by day too, so a new day starts from
 zero without anything being reset.
 
 The health check looks at the database, the queue backend, the provider, the
-error rate and the backlog; it stores one ``health_check`` row per run and
-raises or resolves one alert per failing part (``health:database`` ...).
+error rate, the backlog and the status webhooks (sends going out while no
+status webhook came for an hour: a provider whose status webhooks are not
+registered, so unconfirmed sends are never reconciled); it stores one
+``health_check`` row per run and raises or resolves one alert per failing part
+(``health:database`` ... ``health:status_webhooks``).
 
 Readers (status socket, API): `today_counters()`, `counters_for()`,
 `last_health_check()`. Every function takes `now` (naive UTC) for tests.
@@ -31,6 +34,7 @@ from daemon.store.models import CampaignStatus
 from daemon.store.models import Contact
 from daemon.store.models import DailyCounter
 from daemon.store.models import HealthCheck
+from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
 from daemon.store.models import MemberState
 from daemon.store.models import Message
@@ -52,7 +56,14 @@ COUNTER_NAMES = (
     "expired",
 )
 CAP_PREFIX = "cap:"
-HEALTH_PARTS = ("database", "queue", "provider", "error_rate", "backlog")
+HEALTH_PARTS = (
+    "database",
+    "queue",
+    "provider",
+    "error_rate",
+    "backlog",
+    "status_webhooks",
+)
 # Health rows are written every two minutes; a week is plenty to look back.
 HEALTH_KEEP_DAYS = 7
 
@@ -159,6 +170,13 @@ class HealthThresholds:
     # not sent, means the workers are not keeping up (or not running).
     backlog_after_s: float = 600.0
     backlog_max: int = 0
+    # Sends accepted in the last `status_silence_s` while no status webhook
+    # arrived in that time: the provider does not report statuses (webhooks
+    # not registered, or lost). Only sends at least `status_grace_s` old
+    # count, so a campaign starting after a quiet hour does not alert before
+    # its first statuses had time to come (they come within seconds).
+    status_silence_s: float = 3600.0
+    status_grace_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -239,6 +257,43 @@ def check_backlog(now: dt.datetime, th: HealthThresholds) -> dict:
     }
 
 
+def _is_status_event():
+    """inbound_event rows that report on an outbound message (event_type_of):
+    Wassenger's message:out:* (ack, sent, delivered, read, failed), Meta's
+    status:<status>."""
+    return InboundEvent.event_type.startswith(
+        "message:out:"
+    ) | InboundEvent.event_type.startswith("status:")
+
+
+def check_status_webhooks(now: dt.datetime, th: HealthThresholds) -> dict:
+    since = now - dt.timedelta(seconds=th.status_silence_s)
+    until = now - dt.timedelta(seconds=th.status_grace_s)
+    sends = (
+        Message.select(Message.id)
+        .where(Message.sent_at >= since, Message.sent_at <= until)
+        .count()
+    )
+    last = None
+    if sends:
+        # Through the processed_at index: an hour of events at most, plus
+        # the (few) not processed yet.
+        recent = (InboundEvent.processed_at >= since) | (
+            InboundEvent.processed_at.is_null()
+        )
+        last = (
+            InboundEvent.select(pw.fn.MAX(InboundEvent.received_at))
+            .where(recent, InboundEvent.received_at >= since, _is_status_event())
+            .scalar()
+        )
+    return {
+        "ok": not sends or last is not None,
+        "sends": sends,
+        "last_status_at": _iso(last),
+        "silence_s": th.status_silence_s,
+    }
+
+
 def run_health_check(
     queues, provider, now: dt.datetime, th: HealthThresholds = HealthThresholds()
 ) -> HealthReport:
@@ -249,6 +304,7 @@ def run_health_check(
         "provider": _guarded(lambda: check_provider(provider)),
         "error_rate": _guarded(lambda: check_error_rate(now, th)),
         "backlog": _guarded(lambda: check_backlog(now, th)),
+        "status_webhooks": _guarded(lambda: check_status_webhooks(now, th)),
     }
     return HealthReport(all(d.get("ok") for d in details.values()), details)
 
@@ -267,6 +323,13 @@ def alert_message(part: str, result: dict) -> str:
         return (
             f"health check: {result['late']} queued messages due for more than "
             f"{result['after_s']:.0f}s (oldest due {result['oldest_due']})"
+        )
+    if part == "status_webhooks":
+        return (
+            f"health check: {result['sends']} sends accepted in the last "
+            f"{result['silence_s'] / 60:.0f} min and no status webhook: register "
+            "the provider's status webhooks (sent/delivered/read), or unconfirmed "
+            "sends are never reconciled"
         )
     return f"health check: {part} failing"
 
