@@ -7,10 +7,16 @@ committed (SQLite WAL by default, or --database-url), enqueued for processing,
 then answered. The ceiling is a Falcon app that reads the body and answers the
 same JSON without touching anything.
 
+--synchronous normal,full runs the real server once per PRAGMA synchronous of
+the webhook writer's SQLite connection, in the same run: NORMAL (what a 2xx
+meant before: a power cut could undo it) against FULL (the default now: one
+fsync of the WAL per group commit). Ignored with --database-url.
+
 Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
 when it is installed, else a multi-process Python keep-alive client.
 
     .venv/bin/python bench/webhook_ingest.py [--seconds 10] [--connections 32]
+        [--synchronous normal,full]
 """
 
 from __future__ import annotations
@@ -127,6 +133,15 @@ def serve_hello(port: int, threads: int) -> None:
     server = WebServer(app, cfg)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.serve()
+
+
+def serve_campaignd(config_path: str, synchronous: str) -> int:
+    """`campaignd web`, with the webhook writer's PRAGMA synchronous set."""
+    from daemon.cli import run_role
+    from daemon.web import webhooks
+
+    webhooks.EventWriter.sqlite_synchronous = synchronous
+    return run_role(config_mod.load(config_path), "web")
 
 
 # --- load generators ----------------------------------------------------------------
@@ -300,7 +315,9 @@ def load(url: str, args, run_id: str) -> dict:
     return run_python_client(url, args.seconds, args.connections)
 
 
-def bench_campaignd(args, workdir: Path) -> tuple[dict, int]:
+def bench_campaignd(args, workdir: Path, synchronous: str) -> tuple[dict, int]:
+    workdir = workdir / synchronous
+    workdir.mkdir()
     port = free_port()
     data = {
         "daemon": {"data_dir": str(workdir / "data"), "log_level": "warning"},
@@ -312,7 +329,14 @@ def bench_campaignd(args, workdir: Path) -> tuple[dict, int]:
     cfg_path.write_text(config_mod.to_toml(data))
     env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "web", "-c", str(cfg_path)],
+        [
+            sys.executable,
+            __file__,
+            "--serve-campaignd",
+            str(cfg_path),
+            "--synchronous",
+            synchronous,
+        ],
         env=env,
         cwd=ROOT,
     )
@@ -368,11 +392,23 @@ def main() -> int:
     )
     parser.add_argument("--database-url", default="", help="default: SQLite file")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--synchronous",
+        default="full",
+        help="SQLite PRAGMA synchronous of the webhook writer; a comma-separated "
+        "list (normal,full) measures each in this run (default: full)",
+    )
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-campaignd", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_hello:
         serve_hello(args.serve_hello, args.threads)
         return 0
+    if args.serve_campaignd:
+        return serve_campaignd(args.serve_campaignd, args.synchronous)
+    levels = [level.strip().lower() for level in args.synchronous.split(",")]
+    if args.database_url:
+        levels = levels[:1]
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
     body_size = len(sample_body("ACB19255F805BFD6139C144316DE574F").encode())
@@ -384,17 +420,24 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="campaignd-bench-"))
     try:
         hello = bench_hello(args)
-        real, stored = bench_campaignd(args, workdir)
+        reals = {level: bench_campaignd(args, workdir, level) for level in levels}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{'server':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    for name, r in (("hello-world falcon (ceiling)", hello), ("campaignd web", real)):
+    rows = [("hello-world falcon (ceiling)", hello)]
+    for level, (real, _) in reals.items():
+        name = "campaignd web" if args.database_url else f"campaignd web, {level}"
+        rows.append((name, real))
+    print(f"{'server':<32}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for name, r in rows:
         print(
-            f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{name:<32}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
             f"{r['errors']:>8}"
         )
-    print(f"ratio campaignd / ceiling: {real['rps'] / hello['rps']:.2f}")
-    print(f"events stored: {stored} (the warm-up included)")
+    for level, (real, stored) in reals.items():
+        print(
+            f"{level}: ratio campaignd / ceiling {real['rps'] / hello['rps']:.2f}, "
+            f"events stored {stored} (the warm-up included)"
+        )
     return 0
 
 
