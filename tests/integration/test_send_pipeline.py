@@ -316,22 +316,22 @@ def test_retry_worker_sends_after_retry_after_without_the_sweeper(
 # ---------------------------------------------------------------- leases
 
 
-def test_row_whose_lease_expired_mid_send_is_resent_with_the_same_reference(
+def test_row_whose_lease_expired_mid_send_waits_for_evidence_then_is_resent(
     pipeline_for, fake
 ):
     # Now, not the module's start time: the rows' enqueued_at is real time,
     # and the sweeper compares it with the clock (a start time taken minutes
     # earlier, at collection, makes the row look freshly enqueued).
-    fake.configure(dedupe=True)  # the resend is absorbed by the provider
     t0 = utcnow().replace(microsecond=0)
     clock = ManualClock(t0)
     pipeline = pipeline_for({}, clock)
     _, (message_id,) = running_campaign(pipeline)
     lease_s = pipeline.tasks.lease_s
+    window_s = pipeline.cfg.provider.confirm_window_s
     # A worker on another host claims the row, reaches the provider, and
-    # dies before recording the answer.
-    claimed = campaigns.claim(message_id, "deadhost:4242", lease_s, t0)
-    first = pipeline.provider.send(
+    # dies before recording the answer: nobody here saw it die.
+    claimed = campaigns.claim(message_id, "deadhost:4242:x", lease_s, t0)
+    pipeline.provider.send(
         claimed.phone, claimed.body, claimed.idempotency_key, kind=1, variables={}
     )
 
@@ -339,18 +339,22 @@ def test_row_whose_lease_expired_mid_send_is_resent_with_the_same_reference(
     assert pipeline.tasks.sweep_once()["messages"] == 0
     assert pipeline.tasks.deliver(message_id) == "not claimable"
 
+    # The lease ran out: the request may have left, so the row is not sent
+    # again; it waits for a status webhook or a reply.
     clock.set(t0 + dt.timedelta(seconds=lease_s + 1))
-    assert pipeline.tasks.sweep_once()["messages"] == 1
-    assert pipeline.queues.messages.pending_count() >= 1
-    assert pipeline.tasks.deliver(message_id) == "sent"
+    assert pipeline.tasks.sweep_once()["messages"] == 0
+    assert row(message_id).status == "unconfirmed"
+    assert pipeline.tasks.deliver(message_id) == "not claimable"
 
+    # No evidence within the window: re-sent once, with the same reference.
+    clock.advance(window_s + 1)
+    assert pipeline.tasks.sweep_once()["unconfirmed_resent"] == 1
+    assert pipeline.tasks.deliver(message_id) == "sent"
     message = row(message_id)
-    assert message.status == "sent"
+    assert message.status == "sent" and message.resends == 1
     assert message.attempts == 2
-    assert message.provider_id == first.provider_id
-    stats = fake.stats()
-    assert stats["duplicate_requests"] == 1
-    assert_each_reference_once(stats, fake.messages(), 1)
+    references = [m["reference"] for m in fake.messages()]
+    assert references == [claimed.idempotency_key] * 2
 
 
 # ---------------------------------------------------------------- pacing
