@@ -492,25 +492,18 @@ def fan_out_batch(
                 contact = _Recipient(phone, name, parse(variables))
                 rows.append(
                     (
-                        campaign.id,
                         contact_id,
                         phone,
-                        1,
                         render(campaign.message1, contact),
-                        MessageStatus.QUEUED,
-                        0,
-                        0,
-                        0,
                         idempotency_key(campaign.id, contact_id, 1),
-                        now,
-                        now,
                     )
                 )
         _set_member_states(opted_out, MemberState.OPTED_OUT, now)
         _set_member_states(skipped, MemberState.SKIPPED, now)
+        constants = _message1_constants(campaign.id, now)
         ids = []
         for start in range(0, len(rows), _CHUNK):
-            ids += _insert_message_tuples(rows[start : start + _CHUNK])
+            ids += _insert_message_tuples(rows[start : start + _CHUNK], constants)
     last = members[-1][0]
     return ids, (last if len(members) >= batch_size else None)
 
@@ -529,16 +522,9 @@ _PENDING_MEMBERS_SQL = (
     " WHERE m.idempotency_key = {p} || cc.contact_id || '-m1'{fence})"
     " ORDER BY cc.id LIMIT {p}"
 )
-_MESSAGE_COLUMNS = (
-    "campaign_id, contact_id, phone, kind, body, status, priority, attempts,"
-    " failures, idempotency_key, created_at, enqueued_at"
-)
-_UNNEST_SQL = (
-    f"INSERT INTO message ({_MESSAGE_COLUMNS}) SELECT * FROM unnest("
-    "%s::int[], %s::int[], %s::text[], %s::smallint[], %s::text[], %s::text[],"
-    " %s::smallint[], %s::int[], %s::int[], %s::text[], %s::timestamp[],"
-    " %s::timestamp[]) ON CONFLICT DO NOTHING RETURNING id"
-)
+# The columns that differ from row to row; every other column is the same for
+# the whole batch (_message1_constants).
+_MESSAGE_COLUMNS = "contact_id, phone, body, idempotency_key"
 
 
 @dataclass(frozen=True)
@@ -550,21 +536,58 @@ class _Recipient:
     variables: dict | None
 
 
-def _insert_message_tuples(rows: list[tuple]) -> list[int]:
+def _message1_constants(campaign_id: int, now) -> dict[str, object]:
+    """Column -> value for the columns a batch's Message 1 rows share.
+
+    The model's defaults (so a column added later with a default needs no
+    change here), then what the fan-out sets.
+    """
+    values: dict[str, object] = {}
+    for field in Message._meta.sorted_fields:
+        if field.primary_key or field.default is None:
+            continue
+        default = field.default() if callable(field.default) else field.default
+        values[field.column_name] = field.db_value(default)
+    values.update(
+        campaign_id=campaign_id,
+        kind=1,
+        status=MessageStatus.QUEUED,
+        priority=0,
+        created_at=now,
+        enqueued_at=now,
+    )
+    for column in _MESSAGE_COLUMNS.split(", "):
+        values.pop(column, None)
+    return values
+
+
+def _insert_message_tuples(
+    rows: list[tuple], constants: dict[str, object]
+) -> list[int]:
     if not rows:
         return []
+    columns = f"{_MESSAGE_COLUMNS}, {', '.join(constants)}"
+    p = database.param
     if is_postgres():
-        # One array per column: a plan of 12 parameters instead of 6000
-        # (half the time of a multi-row VALUES).
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        return [row[0] for row in database.execute_sql(_UNNEST_SQL, columns)]
-    one = "(" + ", ".join([database.param] * len(rows[0])) + ")"
+        # One array per varying column, the constants once: a plan of a
+        # dozen parameters instead of 6000 (half the time of a VALUES list).
+        arrays = [list(column) for column in zip(*rows, strict=True)]
+        sql = (
+            f"INSERT INTO message ({columns}) SELECT u.c, u.p, u.b, u.k, "
+            + ", ".join([p] * len(constants))
+            + f" FROM unnest({p}::int[], {p}::text[], {p}::text[], {p}::text[])"
+            " AS u(c, p, b, k) ON CONFLICT DO NOTHING RETURNING id"
+        )
+        params = [*constants.values(), *arrays]
+        return [row[0] for row in database.execute_sql(sql, params)]
+    shared = tuple(constants.values())
+    one = "(" + ", ".join([p] * (len(rows[0]) + len(shared))) + ")"
     sql = (
-        f"INSERT INTO message ({_MESSAGE_COLUMNS}) VALUES "
+        f"INSERT INTO message ({columns}) VALUES "
         + ", ".join([one] * len(rows))
         + " ON CONFLICT DO NOTHING RETURNING id"
     )
-    params = [value for row in rows for value in row]
+    params = [value for row in rows for value in (*row, *shared)]
     return [row[0] for row in database.execute_sql(sql, params).fetchall()]
 
 

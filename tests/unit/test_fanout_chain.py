@@ -138,3 +138,20 @@ def test_a_paused_campaign_stops_the_chain(pipeline):
     campaigns.resume_campaign(campaign.id, pipeline.tasks)
     assert sum(drain(pipeline)["links"]) == 7
     assert message_counts(campaign.id) == {"queued": 12}
+
+
+def test_rows_made_by_the_fan_out_carry_the_model_defaults(pipeline):
+    """fan_out_batch inserts with raw SQL: every defaulted column is filled."""
+    campaign = new_campaign(seed_contacts(2))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    drain(pipeline)
+    row = Message.get_by_id(message1_ids(campaign.id)[0])
+    for name, field in Message._meta.fields.items():
+        if field.default is None or callable(field.default) or name == "status":
+            continue
+        assert getattr(row, name) == field.default, name
+    assert (row.kind, row.status, row.priority) == (1, "queued", 0)
+    assert row.body == "Bonjour Contact 0 de Lyon"
+    key = campaigns.idempotency_key(campaign.id, row.contact_id, 1)
+    assert row.idempotency_key == key
+    assert row.created_at == row.enqueued_at is not None
