@@ -365,8 +365,15 @@ class Child:
         self.spawned_at = now
         self.change_state(ChildState.STARTING, f"{reason}; {how}", now)
 
-    def stop(self, now: float, reason: str, grace_s: float, *, restart: bool = True,
-             failure: bool = False) -> None:
+    def stop(
+        self,
+        now: float,
+        reason: str,
+        grace_s: float,
+        *,
+        restart: bool = True,
+        failure: bool = False,
+    ) -> None:
         """Ask the process to stop (SIGTERM); SIGKILL follows after `grace_s`."""
         if self.state in DEAD_STATES:
             if not restart and self.state is not ChildState.STOPPED:
@@ -384,8 +391,9 @@ class Child:
         self.ops.signal(self.pid, signal.SIGTERM)
         self.change_state(ChildState.STOPPING, f"{reason}; SIGTERM sent", now)
 
-    def kill(self, now: float, reason: str, *, restart: bool = True,
-             failure: bool = False) -> None:
+    def kill(
+        self, now: float, reason: str, *, restart: bool = True, failure: bool = False
+    ) -> None:
         """SIGKILL the child's process group now (no grace)."""
         if self.state in DEAD_STATES:
             return
@@ -434,7 +442,10 @@ class Child:
     # ----------------------------------------------------------------- health
 
     def check_heartbeat(self, now: float, wall: float) -> None:
-        """Promote on the first beat; stop a stale child; kill a stuck task."""
+        """Promote on the first beat; stop a stale child; drain a stuck task."""
+        if self.state is ChildState.STOPPING and not self.killed:
+            self._check_stopping_task(wall)
+            return
         if self.state not in (ChildState.STARTING, ChildState.RUNNING):
             return
         beat = self.beat = read_beat(self.heartbeat_path, wall)
@@ -461,13 +472,33 @@ class Child:
             return
         task_age = wall - beat.oldest_task_started
         if beat.oldest_task_started and task_age > policy.hard_time_limit_s:
-            # Thread workers cannot be interrupted: the process goes, and the
-            # message leases bring its work back.
-            self.kill(
+            # Thread workers cannot be interrupted, and a SIGKILL now would
+            # cut off the other threads' healthy sends too. So the worker
+            # drains: SIGTERM, it claims nothing more, the other threads
+            # finish and record, and it exits; SIGKILL only at the stop
+            # timeout. The stuck send's in-flight record makes its row
+            # unconfirmed when the process is reaped (LeaseReleaser).
+            self.stop(
                 now,
                 f"task running for {task_age:.1f}s, past the hard limit of "
-                f"{policy.hard_time_limit_s:g}s",
+                f"{policy.hard_time_limit_s:g}s: draining",
+                policy.stop_timeout_s,
                 failure=True,
+            )
+
+    def _check_stopping_task(self, wall: float) -> None:
+        """A draining child still obeys the hard limit: no task may outlive
+        the hard limit plus one stop timeout (what a message lease covers),
+        whatever grace the stop was given."""
+        beat = read_beat(self.heartbeat_path, wall)
+        if beat is None or not beat.oldest_task_started:
+            return
+        task_age = wall - beat.oldest_task_started
+        limit = self.policy.hard_time_limit_s + self.policy.stop_timeout_s
+        if task_age > limit:
+            self._sigkill(
+                f"task running for {task_age:.1f}s while stopping, past the hard "
+                f"limit plus the stop timeout ({limit:g}s)"
             )
 
     def inspect(self, now: float) -> str | None:

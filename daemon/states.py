@@ -5,10 +5,10 @@ pulling in the supervisor.
 
     STOPPED ──spawn──> STARTING ──first heartbeat──> RUNNING
        ^                  │  │                          │
-       │                  │  └──────stop──────┐         │ stop (recycle,
-       │   requested exit │                   v         │  stale, restart)
+       │                  │  └──────stop──────┐         │ stop (recycle, stale,
+       │   requested exit │                   v         │  restart, hard limit)
        └──────────────────┼──────────────── STOPPING <──┘
-                          │ unexpected exit    │ exit after a health kill
+                          │ unexpected exit    │ exit after a health stop
                           v                    v
                         EXITED ──> STARTING (first restart at once)
                           ├──────> BACKOFF ──delay──> STARTING
@@ -25,15 +25,15 @@ class ChildState(enum.Enum):
     STARTING = "STARTING"  # spawned, no heartbeat seen yet
     RUNNING = "RUNNING"  # heartbeat seen: the role is up
     BACKOFF = "BACKOFF"  # exited, waiting for its restart delay
-    STOPPING = "STOPPING"  # asked to stop (SIGTERM sent), SIGKILL at a deadline
+    # Asked to stop (SIGTERM sent: a worker drains), SIGKILL at a deadline, or
+    # sooner if a task outlives the hard limit plus the stop timeout.
+    STOPPING = "STOPPING"
     EXITED = "EXITED"  # exited on its own; the respawn policy decides next
     FATAL = "FATAL"  # crash loop: left alone until the cool-down passes
 
 
 # A live process exists (not reaped yet): it can be signalled.
-ALIVE_STATES = frozenset(
-    {ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING}
-)
+ALIVE_STATES = frozenset({ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING})
 # No process: nothing to signal, nothing to reap.
 DEAD_STATES = frozenset(set(ChildState) - ALIVE_STATES)
 # Down for alerting purposes: anything but RUNNING.

@@ -72,6 +72,9 @@ class Tasks:
         # An expired lease never belongs to a live send.
         self.lease_s = cfg.workers.hard_time_limit_s + cfg.daemon.stop_timeout_s + 30.0
         self._inflight: InFlight | None = None
+        # Set when this worker stops (hard limit, recycling, shutdown): deliver
+        # claims nothing more (daemon/worker.py sets it).
+        self.draining = threading.Event()
         # The original system's task names, each on its original queue.
         self.send_single_message = self._register(
             "messages", "send_single_message", self.deliver
@@ -159,6 +162,8 @@ class Tasks:
 
     def deliver(self, message_id: int) -> str:
         """Claim -> pacing -> provider -> record. Returns what happened."""
+        if self.draining.is_set():
+            return self._leave_queued(message_id)
         owner = lease_owner()
         now = self.clock()
         message = campaigns.claim(message_id, owner, self.lease_s, now)
@@ -190,6 +195,17 @@ class Tasks:
             return self._send_claimed(message, owner)
         finally:
             inflight.end()
+
+    def _leave_queued(self, message_id: int) -> str:
+        """A draining worker takes no new send: the row stays as it is, and
+        its queue entry, which dies with this process, is enqueued again for
+        another worker (if that fails, the sweeper finds the row)."""
+        row = Message.select(Message.priority).where(Message.id == message_id).first()
+        try:
+            self.send_single_message(message_id, priority=row.priority if row else 0)
+        except Exception:  # noqa: BLE001 - the queue may be down: the sweeper
+            log.warning("draining: could not enqueue message %s again", message_id)
+        return "draining: left for another worker"
 
     @property
     def inflight(self) -> InFlight:

@@ -5,12 +5,20 @@ runs it as ``campaignd child worker:NAME``. SIGTERM is the graceful signal
 (in-flight tasks finish within the stop timeout); SIGHUP is ignored, because
 Huey's default re-execs ``sys.argv``, which is not what a supervised child
 should do on its own.
+
+SIGTERM drains the worker, whoever sends it (shutdown, restart, RSS
+recycling, a task past the hard limit): `Tasks.draining` is set before Huey's
+stop flag, so a send task dequeued from then on claims nothing and puts its
+id back on the queue; the running tasks get `daemon.stop_timeout_s` - 2 s to
+finish and record, then the process exits, leaving behind only a task that
+is stuck (its in-flight record tells the supervisor what to do with its row).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 
 from huey.consumer import Consumer
@@ -31,10 +39,19 @@ log = logging.getLogger(__name__)
 class HeartbeatConsumer(Consumer):
     """A Huey consumer whose main loop also beats the supervisor's heartbeat."""
 
-    def __init__(self, huey, heartbeat, task_clock: TaskClock, interval: float, **kw):
+    def __init__(
+        self,
+        huey,
+        heartbeat,
+        task_clock: TaskClock,
+        interval: float,
+        draining: threading.Event | None = None,
+        **kw,
+    ):
         super().__init__(huey, **kw)
         self._heartbeat = heartbeat
         self._task_clock = task_clock
+        self.draining = draining if draining is not None else threading.Event()
         self._beat_every = interval
         self._next_beat = 0.0
         # Huey maps SIGHUP to "re-exec sys.argv": never in a supervised child.
@@ -52,6 +69,18 @@ class HeartbeatConsumer(Consumer):
                 self._heartbeat.beat(oldest, running)
         return super().loop(health_check_ts)
 
+    def stop(self, graceful=False):
+        """Drain first: no task claims a send once this returns or waits."""
+        if not self.draining.is_set():
+            self.draining.set()
+            _, running = self._task_clock.oldest()
+            log.info(
+                "stopping (%s): claiming nothing more, %d tasks running",
+                "graceful" if graceful else "now",
+                running,
+            )
+        super().stop(graceful=graceful)
+
 
 def threads_for(cfg: Config, queue: str) -> int:
     return {
@@ -68,6 +97,7 @@ def build_consumer(cfg: Config, queue: str, tasks: Tasks, heartbeat=None):
         heartbeat,
         tasks.task_clock,
         cfg.supervisor.heartbeat_interval_s,
+        tasks.draining,
         workers=threads_for(cfg, queue),
         worker_type="thread",
         # Periodic jobs come from our scheduler role, not Huey's.

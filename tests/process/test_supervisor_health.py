@@ -96,8 +96,9 @@ def test_rss_over_the_limit_is_recycled_gracefully(make_daemon):
 
 
 @pytest.mark.timeout(60)
-def test_task_past_the_hard_limit_gets_the_child_killed(make_daemon):
-    """Verify a task older than workers.hard_time_limit_s -> SIGKILL, respawn."""
+def test_task_past_the_hard_limit_drains_the_child(make_daemon):
+    """Verify a task older than workers.hard_time_limit_s -> SIGTERM (the
+    worker drains and exits by itself), respawn."""
     daemon = make_daemon(
         {
             "workers": {"hard_time_limit_s": 2.0, "soft_time_limit_s": 1.5},
@@ -112,5 +113,39 @@ def test_task_past_the_hard_limit_gets_the_child_killed(make_daemon):
         timeout=20,
         what="replacement after the hard limit",
     )
+    assert back["last_exit"] == "exited 0"
+    assert ("STOP", "worker:messages#1", old) in daemon.events()  # got SIGTERM
+
+
+@pytest.mark.timeout(60)
+def test_stuck_child_past_the_hard_limit_is_killed_after_the_stop_timeout(
+    make_daemon,
+):
+    """Verify a worker that does not drain (ignores SIGTERM) still dies: SIGKILL
+    at daemon.stop_timeout_s after the hard limit's SIGTERM."""
+    daemon = make_daemon(
+        {
+            "daemon": {"stop_timeout_s": 2.0},
+            "workers": {"hard_time_limit_s": 2.0, "soft_time_limit_s": 1.5},
+            "provider": {"timeout_s": 1.0},
+        }
+    )
+    daemon.set_flag("worker:messages#1", "ignore_term")
+    daemon.start()
+    old = daemon.role("worker:messages#1")["pid"]
+    daemon.set_flag("worker:messages#1", "task", pid=old)
+    daemon.wait_role(
+        "worker:messages#1",
+        lambda r: r["state"] == "STOPPING",
+        timeout=10,
+        what="hard limit: STOPPING",
+    )
+    back = daemon.wait_role(
+        "worker:messages#1",
+        lambda r: r["state"] == "RUNNING" and r["pid"] != old,
+        timeout=20,
+        what="replacement after the stop timeout",
+    )
     assert back["last_exit"] == "killed by SIGKILL"
     assert ("STOP", "worker:messages#1", old) not in daemon.events()
+    daemon.clear_flag("worker:messages#1", "ignore_term")

@@ -308,21 +308,63 @@ def test_stale_heartbeat_is_a_failure(make_child, ops):
     assert len(child.exits) == 1
 
 
-def test_task_past_the_hard_limit_kills_at_once(make_child, ops):
-    """Verify that the oldest running task's age triggers an immediate SIGKILL."""
-    child = running_child(make_child, hard_time_limit_s=90.0)
+def test_task_past_the_hard_limit_drains_the_worker(make_child, ops):
+    """Verify a task past the hard limit -> SIGTERM (the worker drains: its
+    other threads finish their sends), SIGKILL only at the stop timeout."""
+    child = running_child(make_child, hard_time_limit_s=90.0, stop_timeout_s=20.0)
     beat(child, oldest=WALL - 89.0, running=2)
     child.check_heartbeat(10.0, WALL)
     assert child.state is S.RUNNING
     beat(child, oldest=WALL - 91.0, running=2)
     child.check_heartbeat(11.0, WALL)
     assert child.state is S.STOPPING
-    assert (1001, signal.SIGKILL, True) in ops.signals
+    assert ops.signals[-1] == (1001, signal.SIGTERM, False)
+    assert not child.killed
     assert "hard limit" in child.stop_reason
-    child.finish(killed(signal.SIGKILL), 11.1)
-    assert child.state is S.EXITED
-    child.transition(11.1)
+    assert child.kill_at == 31.0  # stop_timeout_s
+    child.check_heartbeat(12.0, WALL + 1.0)  # still draining: no SIGKILL yet
+    assert not child.killed
+    # The other threads finished, the worker exited by itself.
+    child.finish(exited(0), 20.0)
+    assert child.state is S.EXITED  # a health stop counts as a failure
+    assert len(child.exits) == 1
+    child.transition(20.0)
     assert child.state is S.STARTING
+
+
+def test_stuck_worker_past_the_hard_limit_is_killed_at_the_stop_timeout(
+    make_child, ops
+):
+    """Verify a draining worker that does not exit is SIGKILLed at the deadline."""
+    child = running_child(make_child, hard_time_limit_s=90.0, stop_timeout_s=20.0)
+    beat(child, oldest=WALL - 91.0, running=1)
+    child.check_heartbeat(11.0, WALL)
+    child.transition(30.9)
+    assert not child.killed
+    child.transition(31.0)
+    assert child.killed
+    assert ops.signals[-1] == (1001, signal.SIGKILL, False)
+    assert (1001, signal.SIGKILL, True) in ops.signals
+    assert child.finish(killed(signal.SIGKILL), 31.1) == "killed by SIGKILL"
+    assert child.state is S.EXITED
+
+
+def test_hard_limit_holds_while_stopping_with_a_long_grace(make_child, ops):
+    """Verify a STOPPING child whose task outlives the hard limit plus one stop
+    timeout (what a lease covers) is SIGKILLed, whatever its stop grace."""
+    child = running_child(make_child, hard_time_limit_s=90.0, stop_timeout_s=20.0)
+    beat(child, oldest=WALL - 60.0, running=1)
+    child.stop(0.0, "daemon stopping", grace_s=600.0, restart=False)
+    assert child.state is S.STOPPING and not child.killed
+    beat(child, oldest=WALL - 109.0, running=1)
+    child.check_heartbeat(5.0, WALL)
+    assert not child.killed
+    beat(child, oldest=WALL - 111.0, running=1)
+    child.check_heartbeat(6.0, WALL)
+    assert child.killed
+    assert ops.signals[-1][1] == signal.SIGKILL
+    child.finish(killed(signal.SIGKILL), 6.1)
+    assert child.state is S.STOPPED  # the stop was asked for: no respawn
 
 
 def test_illegal_move_is_refused(make_child):
