@@ -22,6 +22,7 @@ from daemon.store.models import utcnow
 from daemon.web.webhooks import Enqueuer
 from daemon.web.webhooks import EventWriter
 from daemon.web.webhooks import WebhookIngest
+from daemon.web.webhooks import wait_enqueued
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -157,7 +158,7 @@ def test_a_healthy_queue_gets_every_event_in_chunks(db):
     writer = EventWriter(tasks)
     ingest = WebhookIngest("meta", tasks, writer=writer)
     assert ingest.ingest(meta_statuses("OK", 20)) == (20, 0)
-    assert writer.enqueuer.wait_idle(10)
+    assert wait_enqueued()  # every Enqueuer of the process, this one included
     assert [len(c) for c in tasks.calls] == [8, 8, 4]
     assert sorted(i for c in tasks.calls for i in c) == unprocessed_ids()
 
