@@ -204,6 +204,7 @@ def unfinished(campaign_id: int) -> list[dict]:
 
 def wait_all_sent(campaign_id: int, members: int, timeout: float) -> None:
     """Wait until every member has Message 1 sent, with a readable failure."""
+
     def all_sent() -> bool:
         done = member_counts(campaign_id).get(MemberState.MESSAGE_1_SENT, 0)
         return done == members and sent_count(campaign_id) == members
@@ -270,8 +271,14 @@ class Worker:
 
     @property
     def lease_owner(self) -> str:
-        # What daemon.runtime.lease_owner() returns inside the worker.
-        return f"{socket.gethostname()}:{self.proc.pid}"
+        """The start of every lease owner string of this worker: "host:pid:"
+        (daemon.runtime.lease_owner() adds a random part); match with
+        startswith, as `owns` does."""
+        return campaigns.process_key(socket.gethostname(), self.proc.pid)
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether a message's lease_owner is this worker's."""
+        return bool(owner) and owner.startswith(self.lease_owner)
 
     def log(self) -> str:
         try:
