@@ -53,6 +53,7 @@ from phonenumbers import ValidationResult
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
 from daemon.errors import InputError
+from daemon.store.db import is_postgres
 from daemon.store.models import Contact
 from daemon.store.models import WaStatus
 from daemon.store.models import database
@@ -565,19 +566,29 @@ def _upsert(chunk: list[ContactRow], existing: dict[str, tuple[str, dict]]) -> N
     # is done above, so the conflict clause only copies the new values in; it
     # also covers a contact inserted by someone else meanwhile. SQLite >= 3.24
     # and PostgreSQL share this syntax.
+    if is_postgres() and len({row[0] for row in params}) == len(params):
+        # One statement over arrays: executemany makes a round trip of work
+        # per row (a million-row import took 72 s, over its 60 s target).
+        columns = [list(column) for column in zip(*params, strict=True)]
+        database.execute_sql(_upsert_sql(unnest=True), columns)
+        return
     database.cursor().executemany(_upsert_sql(), params)
 
 
-def _upsert_sql() -> str:
+def _upsert_sql(unnest: bool = False) -> str:
     meta = Contact._meta
     columns = [
         meta.fields[name].column_name
         for name in ("phone", "name", "variables", "wa_status", "created_at")
     ]
     placeholders = ", ".join([database.param] * len(columns))
+    source = f"VALUES ({placeholders}) "
+    if unnest:
+        arrays = "%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamp[]"
+        source = f"SELECT * FROM unnest({arrays}) "
     return (
         f'INSERT INTO "{meta.table_name}" ({", ".join(columns)}) '
-        f"VALUES ({placeholders}) "
+        f"{source}"
         f"ON CONFLICT ({columns[0]}) DO UPDATE SET "
         f"{columns[1]} = EXCLUDED.{columns[1]}, {columns[2]} = EXCLUDED.{columns[2]}"
     )

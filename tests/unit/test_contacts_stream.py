@@ -44,9 +44,24 @@ def csv_path(tmp_path):
     return path
 
 
-def run(make_config, how, csv_path):
-    data_dir = csv_path.parent / ("classic" if how == "classic" else "streamed")
-    db = open_db(make_config("sqlite", {"daemon": {"data_dir": str(data_dir)}}))
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_db(request, make_config, tmp_path):
+    """A function opening an empty database (SQLite: a new file each time)."""
+    pg = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+
+    def opened(name: str):
+        if pg:
+            db = open_db(make_config("sqlite", {"database": {"url": pg}}))
+            Contact.delete().execute()
+            return db
+        data_dir = str(tmp_path / name)
+        return open_db(make_config("sqlite", {"daemon": {"data_dir": data_dir}}))
+
+    return opened
+
+
+def run(make_db, how, csv_path):
+    db = make_db("classic" if how == "classic" else "streamed")
     try:
         # Known already: one of the file's numbers is an update.
         Contact.create(phone="+33612345681", name="Old", variables={"vip": "yes"})
@@ -76,15 +91,15 @@ def run(make_config, how, csv_path):
     ],
     ids=["serial-chunks", "two-processes", "serial-one-chunk"],
 )
-def test_streamed_import_matches_the_merged_import(make_config, csv_path, how):
-    expected = run(make_config, "classic", csv_path)
+def test_streamed_import_matches_the_merged_import(make_db, csv_path, how):
+    expected = run(make_db, "classic", csv_path)
     assert expected["duplicates"] == 2
     assert len(expected["errors"]) == 4
-    assert run(make_config, how, csv_path) == expected
+    assert run(make_db, how, csv_path) == expected
 
 
-def test_a_windows_1252_file_is_imported_the_same(make_config, csv_path):
+def test_a_windows_1252_file_is_imported_the_same(make_db, csv_path):
     csv_path.write_bytes(("\r\n".join(LINES) + "\r\n").encode("cp1252"))
-    expected = run(make_config, "classic", csv_path)
+    expected = run(make_db, "classic", csv_path)
     assert expected["encoding"] == "cp1252"
-    assert run(make_config, {"processes": 1, "chunk_rows": 4}, csv_path) == expected
+    assert run(make_db, {"processes": 1, "chunk_rows": 4}, csv_path) == expected
