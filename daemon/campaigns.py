@@ -318,22 +318,21 @@ _COUNT_ALL = pw.fn.COUNT(pw.SQL("*"))
 
 def campaign_summary(campaign_id: int) -> dict:
     campaign = get_campaign(campaign_id)
-    # COUNT(*) over (campaign, state[, id]) and (campaign, kind, status): both
-    # counts come from an index alone (m0003), ~100 ms at a million members.
-    members = dict(
-        CampaignContact.select(CampaignContact.state, _COUNT_ALL)
-        .where(CampaignContact.campaign == campaign_id)
-        .group_by(CampaignContact.state)
-        .tuples()
+    # One COUNT(*) per state (and per kind and status), each a range of the
+    # (campaign, state, id) or (campaign, kind, status) index (m0003): half
+    # the time of a GROUP BY over the same entries, which decodes every one
+    # (~0.1 s instead of ~0.35 s at a million members on SQLite).
+    members = _counts(
+        "campaign_contact",
+        ("state",),
+        [(s,) for s in _values(MemberState)],
+        campaign_id,
     )
+    keys = [(k, s) for k in (1, 2) for s in _values(MessageStatus)]
     messages: dict[str, dict[str, int]] = {"message1": {}, "message2": {}}
-    rows = (
-        Message.select(Message.kind, Message.status, _COUNT_ALL)
-        .where(Message.campaign == campaign_id)
-        .group_by(Message.kind, Message.status)
-        .tuples()
-    )
-    for kind, status, count in rows:
+    for (kind, status), count in _counts(
+        "message", ("kind", "status"), keys, campaign_id
+    ).items():
         messages[f"message{kind}"][status] = count
     return {
         **_campaign_fields(campaign),
@@ -348,21 +347,52 @@ def _unconfirmed_summary(campaign_id: int, messages: dict) -> dict:
     """Sends whose outcome was unknown: waiting for evidence now, re-sent for
     want of it (each may be a second message on a phone), failed by policy."""
     waiting = sum(m.get(MessageStatus.UNCONFIRMED, 0) for m in messages.values())
-    settled = (
+    # Two index ranges instead of one OR, which read every row of the
+    # campaign (1.1 s at a million): re-sent rows through the partial index
+    # on resends > 0 (m0005), failed rows through (campaign, status).
+    ours = Message.campaign == campaign_id
+    by_policy = Message.error.startswith("unconfirmed:")
+    failed_row = (Message.status == MessageStatus.FAILED) & Message.error.is_null(False)
+    resent, resent_by_policy = (
         Message.select(
             pw.fn.COALESCE(pw.fn.SUM(Message.resends), 0),
-            pw.fn.COUNT(Message.id).filter(Message.error.startswith("unconfirmed:")),
+            pw.fn.COUNT(Message.id).filter(by_policy & ~failed_row),
         )
-        .where(
-            Message.campaign == campaign_id,
-            (Message.resends > 0)
-            | ((Message.status == MessageStatus.FAILED) & Message.error.is_null(False)),
-        )
+        .where(ours, Message.resends > 0)
         .tuples()
         .first()
+    ) or (0, 0)
+    failed = (
+        Message.select(Message.id)
+        .where(ours, Message.status == MessageStatus.FAILED, by_policy)
+        .count()
     )
-    resent, failed = settled or (0, 0)
-    return {"waiting": waiting, "resent": int(resent or 0), "failed": int(failed or 0)}
+    return {
+        "waiting": waiting,
+        "resent": int(resent or 0),
+        "failed": int(failed) + int(resent_by_policy or 0),
+    }
+
+
+def _values(states: type) -> list[str]:
+    """The state names a MemberState / MessageStatus-like class defines."""
+    return sorted(
+        value
+        for name, value in vars(states).items()
+        if name.isupper() and isinstance(value, str)
+    )
+
+
+def _counts(table: str, columns: tuple[str, ...], keys: list[tuple], campaign_id):
+    """{key: count} of a campaign's rows per value of `columns`, zeros left out."""
+    p = database.param
+    where = " AND ".join(f"{column} = {p}" for column in columns)
+    one = f"SELECT COUNT(*) FROM {table} WHERE campaign_id = {p} AND {where}"
+    sql = " UNION ALL ".join(f"SELECT {i}, ({one})" for i in range(len(keys)))
+    params = [value for key in keys for value in (campaign_id, *key)]
+    rows = database.execute_sql(sql, params).fetchall()
+    single = len(columns) == 1
+    return {keys[i][0] if single else keys[i]: count for i, count in rows if count}
 
 
 def _campaign_fields(campaign: Campaign) -> dict:

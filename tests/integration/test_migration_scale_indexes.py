@@ -46,3 +46,23 @@ def test_scale_indexes_exist_on_new_and_older_databases(cfg):
         assert migrate(db) == []
     finally:
         getattr(db, "close_all", db.close)()
+
+
+def test_the_partial_resent_index_is_added_when_missing(cfg):
+    from daemon.store.migrations.m0005_resent_index import INDEX
+
+    db = open_database(cfg, migrate_schema=True)
+    try:
+        with db.connection_context():
+            names = {index.name for index in db.get_indexes("message")}
+            assert INDEX in names
+            db.execute_sql(f'DROP INDEX "{INDEX}"')
+            db.execute_sql(
+                f"DELETE FROM schema_version WHERE name = {db.param}",
+                ("m0005_resent_index",),
+            )
+        assert migrate(db) == ["m0005_resent_index"]
+        with db.connection_context():
+            assert INDEX in {index.name for index in db.get_indexes("message")}
+    finally:
+        getattr(db, "close_all", db.close)()
