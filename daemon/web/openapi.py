@@ -16,6 +16,7 @@ MESSAGE_STATUSES = (
     MessageStatus.PENDING,
     MessageStatus.QUEUED,
     MessageStatus.SENDING,
+    MessageStatus.UNCONFIRMED,
     MessageStatus.SENT,
     MessageStatus.DELIVERED,
     MessageStatus.READ,
@@ -91,6 +92,9 @@ SCHEMAS = {
             "messages": _obj({"message1": _COUNTS, "message2": _COUNTS}),
             "retried": _INT,
             "import": _ref("ImportReport"),
+            # Sends whose outcome was unknown: waiting for evidence, re-sent
+            # without it (provider.unconfirmed = resend), failed by policy.
+            "unconfirmed": _obj({"waiting": _INT, "resent": _INT, "failed": _INT}),
         },
         required=[*_CAMPAIGN_FIELDS, "members", "messages"],
     ),

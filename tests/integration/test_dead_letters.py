@@ -33,6 +33,7 @@ from daemon.store.models import Interaction
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import utcnow
+from daemon.web.webhooks import wait_enqueued
 from tests.helpers import subprocess_env
 from tests.integration.test_api import TOKEN
 from tests.integration.test_api import Api
@@ -95,6 +96,8 @@ class Env:
             headers={"Content-Type": "application/json"},
         )
         assert resp.status_code == 200, resp.text
+        # The enqueue follows the answer, in another thread.
+        assert wait_enqueued()
         return resp.json()
 
     def run_default_queue(self) -> int:

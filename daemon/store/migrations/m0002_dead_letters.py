@@ -21,8 +21,6 @@ def up(db):
         operations.append(
             migrator.add_column("inbound_event", "dead_at", pw.DateTimeField(null=True))
         )
-        operations.append(
-            migrator.add_index("inbound_event", ("dead_at",), False)
-        )
+        operations.append(migrator.add_index("inbound_event", ("dead_at",), False))
     if operations:
         migrate(*operations)
