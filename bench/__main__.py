@@ -29,19 +29,32 @@ from bench import workloads
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["all", *workloads.WORKLOADS],
-                        help="workload(s) to run")
-    parser.add_argument("--runs", type=int, default=None,
-                        help="runs per system (default 3; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller workloads, one run: under 2 minutes")
-    parser.add_argument("--modes", default="embedded,cluster",
-                        help="campaignd modes (embedded, cluster)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "which", choices=["all", *workloads.WORKLOADS], help="workload(s) to run"
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="runs per system (default 3; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller workloads, one run: under 2 minutes",
+    )
+    parser.add_argument(
+        "--modes",
+        default="embedded,cluster",
+        help="campaignd modes (embedded, cluster)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the work dir (configs, logs)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work dir (configs, logs)"
+    )
     return parser
 
 
@@ -56,8 +69,11 @@ def main(argv=None) -> int:
         print(f"python -m bench: unknown mode {bad[0]!r}", file=sys.stderr)
         return 2
     if why := harness.pg_available():
-        print(f"python -m bench: PostgreSQL not reachable ({why}); the peer and "
-              "cluster mode need it (set CAMPAIGND_BENCH_PG)", file=sys.stderr)
+        print(
+            f"python -m bench: PostgreSQL not reachable ({why}); the peer and "
+            "cluster mode need it (set CAMPAIGND_BENCH_PG)",
+            file=sys.stderr,
+        )
         return 2
     runs = args.runs or (1 if args.quick else 3)
     harness.ensure_peer_venv(_log)
@@ -66,15 +82,18 @@ def main(argv=None) -> int:
     redis = harness.PrivateRedis(base / "logs")
     systems = ["ceiling", workloads.PEER] + [f"cd-{m}" for m in modes]
     report = harness.Report(systems)
-    bench = workloads.Bench(base, uuid.uuid4().hex[:6], redis, args.quick, runs,
-                            modes, _log, report)
+    bench = workloads.Bench(
+        base, uuid.uuid4().hex[:6], redis, args.quick, runs, modes, _log, report
+    )
     which = list(workloads.WORKLOADS) if args.which == "all" else [args.which]
     started = time.monotonic()
     header = _header(args, runs)
     _log(header)
     if os.getloadavg()[0] > (os.cpu_count() or 1):
-        _log("WARNING: the machine is busy (load average above the CPU count); "
-             "absolute figures will be low and noisy, ratios less so")
+        _log(
+            "WARNING: the machine is busy (load average above the CPU count); "
+            "absolute figures will be low and noisy, ratios less so"
+        )
     try:
         for name in which:
             workloads.WORKLOADS[name](bench)
@@ -91,8 +110,11 @@ def main(argv=None) -> int:
     if args.keep:
         print(f"work dir kept: {base}")
     if args.json:
-        data = report.to_json() | {"header": header, "seconds": took,
-                                   "failures": bench.failures}
+        data = report.to_json() | {
+            "header": header,
+            "seconds": took,
+            "failures": bench.failures,
+        }
         Path(args.json).write_text(json.dumps(data, indent=2, default=str))
     missed = any("MISSED" in r.verdict for r in report.rows)
     return 1 if missed or bench.failures else 0

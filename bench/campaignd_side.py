@@ -32,10 +32,9 @@ from bench.harness import http_ok
 from bench.harness import pg_backends
 from bench.harness import spawn
 from bench.harness import wait_until
-from daemon import campaigns
 from daemon import config as config_mod
-from daemon import status as status_mod
-from daemon.queue import make_queues
+from daemon.app.tasks import Tasks
+from daemon.domain import campaigns
 from daemon.store.db import open_database
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignStatus
@@ -44,7 +43,8 @@ from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.models import utcnow
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
+from daemon.supervision import status as status_mod
 
 MESSAGE_1 = "Bonjour {name}, une offre pour vous."
 MESSAGE_2 = "Merci {name} !"
@@ -113,8 +113,12 @@ class CdRun:
         """`count` new contacts in a new draft campaign; the campaign id."""
         now = utcnow()
         rows = [
-            {"phone": phone_for(start + i), "name": f"Contact {start + i}",
-             "variables": {}, "created_at": now}
+            {
+                "phone": phone_for(start + i),
+                "name": f"Contact {start + i}",
+                "variables": {},
+                "created_at": now,
+            }
             for i in range(count)
         ]
         with database.atomic():
@@ -150,8 +154,10 @@ class CdRun:
     def sent_count(self, campaign_id: int) -> int:
         return (
             Message.select()
-            .where(Message.campaign == campaign_id,
-                   Message.status.in_(("sent", "delivered", "read")))
+            .where(
+                Message.campaign == campaign_id,
+                Message.status.in_(("sent", "delivered", "read")),
+            )
             .count()
         )
 
@@ -194,8 +200,12 @@ class CdRun:
         cmd = [str(CAMPAIGND), "web", "-c", str(self.config_path)]
         web = spawn("web", cmd, self.log_dir)
         try:
-            wait_until(lambda: http_ok(self.web_url + "/healthz") or not web.alive(),
-                       30, "campaignd web to answer /healthz", interval=0.05)
+            wait_until(
+                lambda: http_ok(self.web_url + "/healthz") or not web.alive(),
+                30,
+                "campaignd web to answer /healthz",
+                interval=0.05,
+            )
         finally:
             if not web.alive():
                 raise BenchError(f"campaignd web exited:\n{web.log_tail()}")
@@ -231,15 +241,24 @@ class CdRun:
         return None
 
 
-def new_run(mode: str, base: Path, fake_url: str, redis: PrivateRedis | None,
-            session: str, extra: dict | None = None) -> CdRun:
+def new_run(
+    mode: str,
+    base: Path,
+    fake_url: str,
+    redis: PrivateRedis | None,
+    session: str,
+    extra: dict | None = None,
+) -> CdRun:
     """Write a config for a fresh store of `mode`; nothing is started."""
     n = next(_runs)
     workdir = base / f"cd-{mode}-{n}"
     workdir.mkdir(parents=True)
     data: dict = {
-        "daemon": {"data_dir": str(workdir / "data"), "log_level": "info",
-                   "stop_timeout_s": 5.0},
+        "daemon": {
+            "data_dir": str(workdir / "data"),
+            "log_level": "info",
+            "stop_timeout_s": 5.0,
+        },
         "web": {"port": free_port()},
         "provider": {"base_url": fake_url, "token": PROVIDER_TOKEN},
         # No pacing: the workloads measure the machinery, not the send rate a
@@ -252,8 +271,11 @@ def new_run(mode: str, base: Path, fake_url: str, redis: PrivateRedis | None,
             raise BenchError("cluster mode needs Redis")
         pg_name = f"cdbench_{session}_{n}"
         data["database"] = {"url": create_database(pg_name)}
-        data["queue"] = {"backend": "redis", "url": redis.url_db(0),
-                         "name_prefix": f"cdb{session}{n}"}
+        data["queue"] = {
+            "backend": "redis",
+            "url": redis.url_db(0),
+            "name_prefix": f"cdb{session}{n}",
+        }
     for table, values in (extra or {}).items():
         data.setdefault(table, {}).update(values)
     path = workdir / "campaignd.toml"
@@ -268,8 +290,14 @@ class RestartLoop:
     for a shell `while true` loop.
     """
 
-    def __init__(self, name: str, cmd: list[str], log_dir: Path, restart_s: float,
-                 env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        log_dir: Path,
+        restart_s: float,
+        env: dict | None = None,
+    ):
         self.name = name
         self.cmd = cmd
         self.log_dir = log_dir
@@ -315,8 +343,9 @@ def post_probe_event(run: CdRun, tag: str) -> int:
     from bench.loadgen import webhook_body
 
     body = webhook_body(tag, 1)
-    req = urllib.request.Request(run.web_url + "/webhooks/wassenger", data=body,
-                                 method="POST")
+    req = urllib.request.Request(
+        run.web_url + "/webhooks/wassenger", data=body, method="POST"
+    )
     req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=5) as resp:
         answer = json.loads(resp.read())

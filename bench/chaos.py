@@ -79,8 +79,14 @@ class ChaosSpec:
 
     @classmethod
     def short(cls, mode: str = "embedded", contacts: int = 200) -> ChaosSpec:
-        return cls(mode=mode, contacts=contacts, web_kills=3, reply_window_s=40.0,
-                   deadline_s=150.0, min_chaos_s=30.0)
+        return cls(
+            mode=mode,
+            contacts=contacts,
+            web_kills=3,
+            reply_window_s=40.0,
+            deadline_s=150.0,
+            min_chaos_s=30.0,
+        )
 
 
 @dataclass
@@ -108,8 +114,12 @@ class ChaosResult:
 
     @property
     def clean(self) -> bool:
-        return (self.audit.clean and not self.timed_out and self.final_exit_code == 0
-                and self.audit.campaign_status == "completed")
+        return (
+            self.audit.clean
+            and not self.timed_out
+            and self.final_exit_code == 0
+            and self.audit.campaign_status == "completed"
+        )
 
 
 def fake_options(web_port: int, seed: int) -> FakeOptions:
@@ -135,8 +145,9 @@ def fake_options(web_port: int, seed: int) -> FakeOptions:
     )
 
 
-def daemon_tables(spec: ChaosSpec, workdir: Path, fake_url: str, web_port: int,
-                  pg=None, redis=None) -> dict:
+def daemon_tables(
+    spec: ChaosSpec, workdir: Path, fake_url: str, web_port: int, pg=None, redis=None
+) -> dict:
     tables = ch.fast_tables(workdir, fake_url, web_port)
     extra = {
         "daemon": {"log_level": spec.log_level},
@@ -144,21 +155,31 @@ def daemon_tables(spec: ChaosSpec, workdir: Path, fake_url: str, web_port: int,
         # SIGKILLs every 0.5 s are a crash loop by any measure: the policy
         # that would park a role as FATAL for 5 minutes is not what is
         # under test here, data safety is. Respawns stay quick.
-        "supervisor": {"crash_loop_exits": 1000, "backoff_max_s": 0.5,
-                       "healthy_after_s": 5.0, "check_interval_s": 1.0},
+        "supervisor": {
+            "crash_loop_exits": 1000,
+            "backoff_max_s": 0.5,
+            "healthy_after_s": 5.0,
+            "check_interval_s": 1.0,
+        },
     }
     if spec.mode == "cluster":
         extra["database"] = {"url": pg.url}
-        extra["queue"] = {"backend": "redis", "url": redis.url,
-                          "name_prefix": "chaos"}
+        extra["queue"] = {"backend": "redis", "url": redis.url, "name_prefix": "chaos"}
     return ch.merge_tables(tables, extra)
 
 
 class Monkey:
     """Fires the faults from the main loop, by elapsed time and by progress."""
 
-    def __init__(self, spec: ChaosSpec, daemon: ch.DaemonUnderTest, result,
-                 pg=None, redis=None, log=print):
+    def __init__(
+        self,
+        spec: ChaosSpec,
+        daemon: ch.DaemonUnderTest,
+        result,
+        pg=None,
+        redis=None,
+        log=print,
+    ):
         self.spec = spec
         self.daemon = daemon
         self.result = result
@@ -178,8 +199,9 @@ class Monkey:
         # an answer can take up to a second while figures are gathered.
         self.roles: dict[int, str] = {}
         self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll_roles, daemon=True,
-                                        name="role-poller")
+        self._poller = threading.Thread(
+            target=self._poll_roles, daemon=True, name="role-poller"
+        )
         self._poller.start()
 
     def _poll_roles(self) -> None:
@@ -202,17 +224,24 @@ class Monkey:
 
     @property
     def one_offs_done(self) -> bool:
-        return not (self.web_kill_at or self.supervisor_kill_pending
-                    or self.redis_pending or self.postgres_pending
-                    or self.orphan_check)
+        return not (
+            self.web_kill_at
+            or self.supervisor_kill_pending
+            or self.redis_pending
+            or self.postgres_pending
+            or self.orphan_check
+        )
 
     def step(self, progress: float, now: float) -> None:
         if now >= self.next_worker_kill:
             self.next_worker_kill = now + self.spec.worker_kill_every_s
             if self._kill("worker:"):
                 self.result.worker_kills += 1
-        if (self.web_kill_at and progress >= self.web_kill_at[0]
-                and now >= self.next_web_kill):
+        if (
+            self.web_kill_at
+            and progress >= self.web_kill_at[0]
+            and now >= self.next_web_kill
+        ):
             if self._kill("web"):
                 self.next_web_kill = now + WEB_KILL_SPACING_S
                 self.web_kill_at.pop(0)
@@ -224,9 +253,11 @@ class Monkey:
                 self.supervisor_kill_pending = False
                 self.result.supervisor_kills += 1
                 self.orphan_check = (now + ORPHAN_CHECK_AFTER_S, kids)
-                self.log(f"  {progress:4.0%} SIGKILL supervisor "
-                         f"({len(kids)} children); restart in "
-                         f"{self.spec.restart_delay_s:g}s")
+                self.log(
+                    f"  {progress:4.0%} SIGKILL supervisor "
+                    f"({len(kids)} children); restart in "
+                    f"{self.spec.restart_delay_s:g}s"
+                )
         if self.orphan_check and now >= self.orphan_check[0]:
             left = ch.alive(self.orphan_check[1])
             self.result.orphans_after_supervisor_kill = len(left)
@@ -314,13 +345,18 @@ def _run_monkey(monkey, spec, fake, valid, started, log) -> None:
             progress = min(1.0, _message1_accepted(fake) / max(valid, 1))
         if now >= next_report:
             next_report = now + 30.0
-            log(f"  {now - started:5.0f}s: Message 1 {progress:4.0%}, "
+            log(
+                f"  {now - started:5.0f}s: Message 1 {progress:4.0%}, "
                 f"{monkey.result.worker_kills} worker kills, "
-                f"{len(monkey.roles)} roles RUNNING")
+                f"{len(monkey.roles)} roles RUNNING"
+            )
         monkey.step(progress, now)
-        if (monkey.one_offs_done and progress >= 1.0
-                and now - started >= spec.min_chaos_s
-                and fake.stats()["webhooks_pending"] == 0):
+        if (
+            monkey.one_offs_done
+            and progress >= 1.0
+            and now - started >= spec.min_chaos_s
+            and fake.stats()["webhooks_pending"] == 0
+        ):
             return
         if now > deadline:
             log(f"  chaos phase deadline reached at {progress:.0%}")
@@ -356,24 +392,32 @@ ROWS = (
     ("worker SIGKILLs", lambda r: r.worker_kills),
     ("web SIGKILLs", lambda r: r.web_kills),
     ("supervisor SIGKILLs (restarted after 5 s)", lambda r: r.supervisor_kills),
-    ("Redis / PostgreSQL restarts",
-     lambda r: f"{r.redis_restarts} / {r.postgres_restarts}"),
-    ("children left 12 s after the supervisor kill",
-     lambda r: r.orphans_after_supervisor_kill),
+    (
+        "Redis / PostgreSQL restarts",
+        lambda r: f"{r.redis_restarts} / {r.postgres_restarts}",
+    ),
+    (
+        "children left 12 s after the supervisor kill",
+        lambda r: r.orphans_after_supervisor_kill,
+    ),
     ("LOST messages", lambda r: r.audit.lost),
     ("recorded sent, unknown to the provider", lambda r: r.audit.sent_but_unknown),
     ("DUPLICATE deliveries", lambda r: r.audit.duplicate_deliveries),
     ("max acceptances of one reference", lambda r: r.audit.per_reference_max),
-    ("duplicate requests (same reference, deduped)",
-     lambda r: r.audit.duplicate_requests),
+    (
+        "duplicate requests (same reference, deduped)",
+        lambda r: r.audit.duplicate_requests,
+    ),
     ("repliers without Message 2", lambda r: r.audit.message2_missing),
     ("extra Message 2 (>1, or to a non-replier)", lambda r: r.audit.message2_extra),
     ("acknowledged events never processed", lambda r: r.audit.unprocessed_events),
     ("acknowledged replies not stored", lambda r: r.audit.replies_not_stored),
     ("webhooks the provider gave up on", lambda r: r.audit.webhooks_given_up),
     ("campaign status", lambda r: r.audit.campaign_status),
-    ("members stuck 'interacted' after Message 2 sent",
-     lambda r: r.audit.stuck_members),
+    (
+        "members stuck 'interacted' after Message 2 sent",
+        lambda r: r.audit.stuck_members,
+    ),
     ("chaos phase (s)", lambda r: f"{r.chaos_s:.1f}"),
     ("start -> quiescent (s)", lambda r: f"{r.quiescence_s:.1f}"),
     ("end of chaos -> quiescent (s)", lambda r: f"{r.recovery_s:.1f}"),
@@ -399,22 +443,30 @@ def table(results: list[ChaosResult]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.chaos",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("embedded", "cluster", "both"),
-                        default="embedded")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chaos", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--mode", choices=("embedded", "cluster", "both"), default="embedded"
+    )
     parser.add_argument("--contacts", type=int, default=None)
-    parser.add_argument("--short", action="store_true",
-                        help="200 contacts, 3 web kills, 40 s reply window")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="200 contacts, 3 web kills, 40 s reply window",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the work dirs")
     parser.add_argument("--log-level", default="warning", help="the daemon's")
     args = parser.parse_args(argv)
     modes = ("embedded", "cluster") if args.mode == "both" else (args.mode,)
-    if "cluster" in modes and not (ch.OwnPostgres.available()
-                                   and ch.OwnRedis.available()):
-        print("chaos: cluster mode needs redis-server and PostgreSQL binaries",
-              file=sys.stderr)
+    if "cluster" in modes and not (
+        ch.OwnPostgres.available() and ch.OwnRedis.available()
+    ):
+        print(
+            "chaos: cluster mode needs redis-server and PostgreSQL binaries",
+            file=sys.stderr,
+        )
         return 2
     results = []
     for mode in modes:
@@ -422,8 +474,9 @@ def main(argv=None) -> int:
             spec = ChaosSpec.short(mode, args.contacts or 200)
         else:
             spec = ChaosSpec(mode=mode, contacts=args.contacts or 2000)
-        spec = dataclasses.replace(spec, seed=args.seed, keep=args.keep,
-                                   log_level=args.log_level)
+        spec = dataclasses.replace(
+            spec, seed=args.seed, keep=args.keep, log_level=args.log_level
+        )
         results.append(run_scenario(spec))
         if results[-1].spec.keep:
             print(f"  work dir kept: {results[-1].workdir}")

@@ -47,18 +47,20 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon import campaigns  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
-from daemon.queue import make_queues  # noqa: E402
+from daemon.app.tasks import Tasks  # noqa: E402
+from daemon.domain import campaigns  # noqa: E402
 from daemon.runtime import HEARTBEAT_ENV  # noqa: E402
 from daemon.store.db import open_database  # noqa: E402
 from daemon.store.models import Contact  # noqa: E402
 from daemon.store.models import Message  # noqa: E402
 from daemon.store.models import database  # noqa: E402
 from daemon.store.models import utcnow  # noqa: E402
-from daemon.tasks import Tasks  # noqa: E402
+from daemon.store.queue import make_queues  # noqa: E402
 
-PG_URL = os.environ.get("CAMPAIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get(
+    "CAMPAIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("CAMPAIGND_TEST_REDIS", "redis://127.0.0.1:6379/0")
 SENT = ("sent", "delivered", "read")
 
@@ -293,8 +295,9 @@ def one_run(mode: str, args, work: Path) -> RunResult:
         workers, cpu_before = start_workers(cfg_path, args.processes, work)
         try:
             wait_until(
-                lambda: fake_get(url, "/_fake/stats")["sends_accepted"]
-                >= args.messages,
+                lambda: (
+                    fake_get(url, "/_fake/stats")["sends_accepted"] >= args.messages
+                ),
                 110,
                 "every send to reach the provider",
                 interval=0.2,

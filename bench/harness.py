@@ -93,8 +93,12 @@ def http_ok(url: str) -> bool:
 def bench_env(**extra: str) -> dict:
     env = dict(os.environ)
     # A stray supervisor/config variable would change what a child does.
-    for name in ("CAMPAIGND_CONFIG", "CAMPAIGND_SUPERVISOR_PID",
-                 "CAMPAIGND_HEARTBEAT_FILE", "NOTIFY_SOCKET"):
+    for name in (
+        "CAMPAIGND_CONFIG",
+        "CAMPAIGND_SUPERVISOR_PID",
+        "CAMPAIGND_HEARTBEAT_FILE",
+        "NOTIFY_SOCKET",
+    ):
         env.pop(name, None)
     # Deployed code has its bytecode compiled; this machine sets
     # PYTHONDONTWRITEBYTECODE, which would make every start recompile.
@@ -235,8 +239,12 @@ class TreeMeter:
     them scans every process, too costly to repeat while measuring.
     """
 
-    def __init__(self, roots: Callable[[], Iterable[int]], interval: float = 0.25,
-                 extra: Callable[[], Iterable[psutil.Process]] | None = None):
+    def __init__(
+        self,
+        roots: Callable[[], Iterable[int]],
+        interval: float = 0.25,
+        extra: Callable[[], Iterable[psutil.Process]] | None = None,
+    ):
         self._roots = roots
         self._extra_fn = extra
         self._extra: list[psutil.Process] = []
@@ -308,8 +316,21 @@ class PrivateRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise BenchError("redis-server not found (apt-get install redis-server)")
-        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--daemonize", "no", "--databases", "16"]
+        cmd = [
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--databases",
+            "16",
+        ]
         self.spawned = spawn("redis", cmd, log_dir)
         wait_until(self.ping, 10, "the private redis-server")
 
@@ -374,8 +395,18 @@ class FakeProviderProcess:
 
     def __init__(self, log_dir: Path, *, latency_ms: float = 0.0, dedupe=False):
         # dedupe off by default, as at Wassenger and Meta (--dedupe turns it on).
-        cmd = [str(CAMPAIGND), "fake-provider", "--port", "0", "--token",
-               PROVIDER_TOKEN, "--ack-delays-ms", "", "--latency-ms", f"{latency_ms:g}"]
+        cmd = [
+            str(CAMPAIGND),
+            "fake-provider",
+            "--port",
+            "0",
+            "--token",
+            PROVIDER_TOKEN,
+            "--ack-delays-ms",
+            "",
+            "--latency-ms",
+            f"{latency_ms:g}",
+        ]
         if dedupe:
             cmd.append("--dedupe")
         self.spawned = spawn("fake-provider", cmd, log_dir, stdout=subprocess.PIPE)
@@ -430,8 +461,9 @@ def peer_versions() -> dict[str, str]:
         "'fastapi': fastapi.__version__, 'uvicorn': uvicorn.__version__,"
         "'psycopg': psycopg.__version__}))"
     )
-    out = subprocess.run([str(PEER_PYTHON), "-c", code], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [str(PEER_PYTHON), "-c", code], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -455,12 +487,16 @@ def compile_bytecode() -> None:
     """Compile our sources once, as an installed package would have them."""
     subprocess.run(
         [str(MAIN_PYTHON), "-m", "compileall", "-q", "daemon", "bench"],
-        cwd=ROOT, check=False, env=bench_env(),
+        cwd=ROOT,
+        check=False,
+        env=bench_env(),
     )
     if PEER_PYTHON.exists():
         subprocess.run(
             [str(PEER_PYTHON), "-m", "compileall", "-q", "bench/peers"],
-            cwd=ROOT, check=False, env=bench_env(),
+            cwd=ROOT,
+            check=False,
+            env=bench_env(),
         )
 
 
@@ -520,8 +556,9 @@ class Report:
         out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
         out.append("  ".join("-" * w for w in widths))
         for cells in lines:
-            out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths,
-                                                                  strict=True)))
+            out.append(
+                "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+            )
         for row in self.rows:
             if row.note:
                 out.append(f"  [{row.workload} {row.metric}] {row.note}")

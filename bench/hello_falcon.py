@@ -16,7 +16,7 @@ import sys
 import falcon
 
 from daemon.config import from_dict
-from daemon.web.app import WebServer
+from daemon.roles.web.app import WebServer
 
 
 class Hello:

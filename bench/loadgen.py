@@ -145,8 +145,16 @@ async def _run(url: str, connections: int, seconds: float, warmup: float, tag: s
     out: list = []
     await asyncio.gather(
         *(
-            _connection(parts.hostname, parts.port, parts.path or "/", tag, i,
-                        stop_at, record_from, out)
+            _connection(
+                parts.hostname,
+                parts.port,
+                parts.path or "/",
+                tag,
+                i,
+                stop_at,
+                record_from,
+                out,
+            )
             for i in range(connections)
         )
     )
@@ -162,8 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="B", help="hex-ish prefix of event ids")
     args = parser.parse_args(argv)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    out = asyncio.run(_run(args.url, args.connections, args.seconds, args.warmup,
-                           args.tag))
+    out = asyncio.run(
+        _run(args.url, args.connections, args.seconds, args.warmup, args.tag)
+    )
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     lat = sorted(x for thread_lat, _ in out for x in thread_lat)
     count = len(lat)

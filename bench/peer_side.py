@@ -45,8 +45,18 @@ def phone_for(index: int) -> str:
 def celery_worker_cmd() -> list[str]:
     # As start.sh, with the concurrency celery_app.py configures (4); the
     # deployed start.sh passed --concurrency=1 (audit section 4).
-    return [str(PEER_PYTHON), "-m", "celery", "-A", "bench.peers.celery_app:celery_app",
-            "worker", "--loglevel=warning", "--concurrency=4", "-Q", QUEUES]
+    return [
+        str(PEER_PYTHON),
+        "-m",
+        "celery",
+        "-A",
+        "bench.peers.celery_app:celery_app",
+        "worker",
+        "--loglevel=warning",
+        "--concurrency=4",
+        "-Q",
+        QUEUES,
+    ]
 
 
 @dataclass
@@ -90,9 +100,10 @@ class PeerRun:
                 "VALUES ('bench', %s, 'Merci {name} !') RETURNING id",
                 (MESSAGE_1,),
             ).fetchone()[0]
-            with conn.cursor() as cur, cur.copy(
-                "COPY contacts (phone, name) FROM STDIN"
-            ) as copy:
+            with (
+                conn.cursor() as cur,
+                cur.copy("COPY contacts (phone, name) FROM STDIN") as copy,
+            ):
                 for i in range(start, start + count):
                     copy.write_row((phone_for(i), f"Contact {i}"))
             conn.execute(
@@ -129,7 +140,8 @@ class PeerRun:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT status, count(*) FROM messages WHERE campaign_id = %s "
-                "GROUP BY status", (campaign_id,),
+                "GROUP BY status",
+                (campaign_id,),
             ).fetchall()
         return dict(rows)
 
@@ -151,19 +163,41 @@ class PeerRun:
 
     def start_beat(self) -> Spawned:
         schedule = self.workdir / "celerybeat-schedule"
-        cmd = [str(PEER_PYTHON), "-m", "celery", "-A",
-               "bench.peers.celery_app:celery_app", "beat", "--loglevel=warning",
-               "--schedule", str(schedule)]
+        cmd = [
+            str(PEER_PYTHON),
+            "-m",
+            "celery",
+            "-A",
+            "bench.peers.celery_app:celery_app",
+            "beat",
+            "--loglevel=warning",
+            "--schedule",
+            str(schedule),
+        ]
         return spawn("celery-beat", cmd, self.log_dir, self.env)
 
     def start_web(self, wait: bool = True) -> Spawned:
-        cmd = [str(PEER_PYTHON), "-m", "uvicorn", "bench.peers.web:app", "--host",
-               "127.0.0.1", "--port", str(self.web_port), "--log-level", "warning",
-               "--no-access-log"]
+        cmd = [
+            str(PEER_PYTHON),
+            "-m",
+            "uvicorn",
+            "bench.peers.web:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.web_port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         web = spawn("uvicorn", cmd, self.log_dir, self.env)
         if wait:
-            wait_until(lambda: http_ok(self.web_url + "/health") or not web.alive(),
-                       30, "uvicorn to answer /health", interval=0.05)
+            wait_until(
+                lambda: http_ok(self.web_url + "/health") or not web.alive(),
+                30,
+                "uvicorn to answer /health",
+                interval=0.05,
+            )
             if not web.alive():
                 raise BenchError(f"uvicorn exited:\n{web.log_tail()}")
         return web
@@ -207,8 +241,13 @@ class PeerControl:
 
     def probe(self, key: str, old: list[int], timeout: float, every_ms: float = 50.0):
         return self.call(
-            {"cmd": "probe", "key": key, "old": old, "timeout": timeout,
-             "every_ms": every_ms},
+            {
+                "cmd": "probe",
+                "key": key,
+                "old": old,
+                "timeout": timeout,
+                "every_ms": every_ms,
+            },
             timeout=timeout + 30,
         )
 
@@ -242,5 +281,8 @@ def pool_children(worker: Spawned) -> list[int]:
 
 
 def wait_pool(worker: Spawned, size: int = 4, timeout: float = 30.0) -> list[int]:
-    return wait_until(lambda: len(pool_children(worker)) >= size and
-                      pool_children(worker), timeout, "the Celery pool")
+    return wait_until(
+        lambda: len(pool_children(worker)) >= size and pool_children(worker),
+        timeout,
+        "the Celery pool",
+    )

@@ -35,7 +35,7 @@ import psutil
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from daemon import status as status_mod  # noqa: E402
+from daemon.supervision import status as status_mod  # noqa: E402
 
 
 def free_port() -> int:
@@ -56,7 +56,7 @@ def start(tmp: Path, fixture: bool):
     cfg = tmp / "campaignd.toml"
     cfg.write_text(
         f'[daemon]\ndata_dir = "{tmp / "data"}"\nlog_level = "warning"\n'
-        f'[web]\nport = {free_port()}\n'
+        f"[web]\nport = {free_port()}\n"
         f'[status]\nsocket = "{sock}"\n'
         "[supervisor]\nheartbeat_interval_s = 0.5\nhealthy_after_s = 0.1\n"
     )

@@ -120,7 +120,7 @@ def sample_body(msg_id: str = ID_MARK) -> str:
 def serve_hello(port: int, threads: int) -> None:
     import falcon
 
-    from daemon.web.app import WebServer
+    from daemon.roles.web.app import WebServer
 
     class Hello:
         def on_post(self, req, resp):
@@ -138,7 +138,7 @@ def serve_hello(port: int, threads: int) -> None:
 def serve_campaignd(config_path: str, synchronous: str) -> int:
     """`campaignd web`, with the webhook writer's PRAGMA synchronous set."""
     from daemon.cli import run_role
-    from daemon.web import webhooks
+    from daemon.roles.web import webhooks
 
     webhooks.EventWriter.sqlite_synchronous = synchronous
     return run_role(config_mod.load(config_path), "web")

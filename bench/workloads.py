@@ -114,10 +114,13 @@ def _brief(res: dict) -> str:
 
 def column(results: dict, key: str) -> dict[str, list]:
     """{system: values}; a system that did not run reads as no values."""
-    return collections.defaultdict(list, {
-        s: [r[key] for r in runs if r.get(key) is not None]
-        for s, runs in results.items()
-    })
+    return collections.defaultdict(
+        list,
+        {
+            s: [r[key] for r in runs if r.get(key) is not None]
+            for s, runs in results.items()
+        },
+    )
 
 
 def _med(values: list):
@@ -143,6 +146,7 @@ def w1_dispatch(b: Bench) -> None:
     fake = FakeProviderProcess(b.log_dir)
     systems = [PEER, *b.cd_systems()]
     try:
+
         def send_path(system: str) -> dict:
             fake.reset()
             if system == PEER:
@@ -179,8 +183,10 @@ def _w1_cd(b: Bench, fake, mode: str, n: int) -> dict:
         workers = run.start_workers(run.cfg.workers.messages_processes)
         try:
             return _w1_measure(
-                fake, lambda: [w.pid for w in workers],
-                lambda: run.service_processes(b.redis), n,
+                fake,
+                lambda: [w.pid for w in workers],
+                lambda: run.service_processes(b.redis),
+                n,
                 lambda: run.sent_count(campaign_id),
             )
         finally:
@@ -196,8 +202,13 @@ def _w1_peer(b: Bench, fake, n: int) -> dict:
         ctl = run.control()
         ctl.send(ids)
         worker = run.start_worker()
-        return _w1_measure(fake, lambda: [worker.pid], run.service_processes, n,
-                           lambda: run.sent_count(campaign_id))
+        return _w1_measure(
+            fake,
+            lambda: [worker.pid],
+            run.service_processes,
+            n,
+            lambda: run.sent_count(campaign_id),
+        )
     finally:
         reap_quietly([ctl, worker])
         run.close()
@@ -247,8 +258,9 @@ def _w1_cd_campaign(b: Bench, fake, mode: str, n: int) -> dict:
             wait_until(lambda: run.sent_count(warm) == 10, 120, "warm-up sends")
             started = time.monotonic()
             run.start_campaign(campaign_id)
-            return _w1_campaign_done(fake, started, n, 10,
-                                     lambda: run.sent_count(campaign_id))
+            return _w1_campaign_done(
+                fake, started, n, 10, lambda: run.sent_count(campaign_id)
+            )
         finally:
             reap_quietly(workers)
 
@@ -265,16 +277,18 @@ def _w1_peer_campaign(b: Bench, fake, n: int) -> dict:
         wait_until(lambda: run.sent_count(warm) == 10, 120, "warm-up sends")
         started = time.monotonic()
         ctl.fanout(campaign_id)
-        return _w1_campaign_done(fake, started, n, 10,
-                                 lambda: run.sent_count(campaign_id))
+        return _w1_campaign_done(
+            fake, started, n, 10, lambda: run.sent_count(campaign_id)
+        )
     finally:
         reap_quietly([ctl, worker])
         run.close()
 
 
 def _w1_campaign_done(fake, started: float, n: int, warm: int, sent_rows) -> dict:
-    wait_until(lambda: fake.accepted() >= warm + n, 60 + n / 20, "the campaign",
-               interval=0.05)
+    wait_until(
+        lambda: fake.accepted() >= warm + n, 60 + n / 20, "the campaign", interval=0.05
+    )
     wait_until(lambda: sent_rows() >= n, 60, "rows marked sent", interval=0.05)
     return {"campaign_msgs_s": n / (time.monotonic() - started)}
 
@@ -283,24 +297,48 @@ def _w1_rows(b: Bench, results: dict, fanout: dict) -> None:
     rate = column(results, "msgs_s")
     cpu = column(results, "cpu_ms_msg")
     peer_rate, peer_cpu = _med(rate[PEER]), _med(cpu[PEER])
-    b.report.add(Row("W1", "msgs/s", rate, "{:.0f}", target=">= 2x peer",
-                     verdict=" ".join(_cmp(_med(rate[s]), peer_rate,
-                                           lambda a, p: a >= 2 * p)
-                                      for s in b.cd_systems()),
-                     note="every send queued first; provider's first to last "
-                          "acceptance"))
-    b.report.add(Row("W1", "CPU ms/msg (workers)", cpu, "{:.2f}", target="< peer",
-                     verdict=" ".join(_cmp(_med(cpu[s]), peer_cpu,
-                                           lambda a, p: a < p)
-                                      for s in b.cd_systems())))
-    b.report.add(Row("W1", "CPU ms/msg (Redis+PG)", column(results, "svc_cpu_ms_msg"),
-                     "{:.2f}"))
-    b.report.add(Row("W1", "peak RSS MB (workers)", column(results, "peak_rss_mb"),
-                     "{:.0f}"))
-    b.report.add(Row("W1", "msgs/s, start -> all sent", column(
-        fanout, "campaign_msgs_s"), "{:.0f}",
-        note="one run: the campaign is started with the workers up, so its "
-             "fan-out (rows + queue entries) is inside the span"))
+    b.report.add(
+        Row(
+            "W1",
+            "msgs/s",
+            rate,
+            "{:.0f}",
+            target=">= 2x peer",
+            verdict=" ".join(
+                _cmp(_med(rate[s]), peer_rate, lambda a, p: a >= 2 * p)
+                for s in b.cd_systems()
+            ),
+            note="every send queued first; provider's first to last acceptance",
+        )
+    )
+    b.report.add(
+        Row(
+            "W1",
+            "CPU ms/msg (workers)",
+            cpu,
+            "{:.2f}",
+            target="< peer",
+            verdict=" ".join(
+                _cmp(_med(cpu[s]), peer_cpu, lambda a, p: a < p) for s in b.cd_systems()
+            ),
+        )
+    )
+    b.report.add(
+        Row("W1", "CPU ms/msg (Redis+PG)", column(results, "svc_cpu_ms_msg"), "{:.2f}")
+    )
+    b.report.add(
+        Row("W1", "peak RSS MB (workers)", column(results, "peak_rss_mb"), "{:.0f}")
+    )
+    b.report.add(
+        Row(
+            "W1",
+            "msgs/s, start -> all sent",
+            column(fanout, "campaign_msgs_s"),
+            "{:.0f}",
+            note="one run: the campaign is started with the workers up, so its "
+            "fan-out (rows + queue entries) is inside the span",
+        )
+    )
 
 
 # =============================================================== W2 ingest
@@ -308,8 +346,10 @@ def _w1_rows(b: Bench, results: dict, fanout: dict) -> None:
 
 def w2_ingest(b: Bench) -> None:
     seconds = 2.0 if b.quick else 4.0
-    b.log(f"W2 webhook ingest: 1.5 KB message:in:new POSTs, 32 connections, "
-          f"{seconds:g}s per run")
+    b.log(
+        f"W2 webhook ingest: 1.5 KB message:in:new POSTs, 32 connections, "
+        f"{seconds:g}s per run"
+    )
 
     def measure(system: str) -> dict:
         if system == "ceiling":
@@ -333,10 +373,24 @@ def run_load(url: str, seconds: float, tag: str) -> dict:
         run_wrk(url, 1, 32, f"{tag}warm{time.monotonic_ns()}")
         res = run_wrk(url, max(1, round(seconds)), 32, f"{tag}{time.monotonic_ns()}")
         return res | {"client": "wrk"}
-    cmd = [str(MAIN_PYTHON), "-m", "bench.loadgen", "--url", url, "--connections",
-           "32", "--seconds", f"{seconds:g}", "--warmup", "0.5", "--tag", tag]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
-                         cwd=ROOT)
+    cmd = [
+        str(MAIN_PYTHON),
+        "-m",
+        "bench.loadgen",
+        "--url",
+        url,
+        "--connections",
+        "32",
+        "--seconds",
+        f"{seconds:g}",
+        "--warmup",
+        "0.5",
+        "--tag",
+        tag,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 60, cwd=ROOT
+    )
     if out.returncode != 0:
         raise BenchError(f"load generator failed: {out.stderr.strip()[-500:]}")
     return json.loads(out.stdout) | {"client": "bench.loadgen"}
@@ -363,8 +417,11 @@ def _loaded(server: Spawned, url: str, seconds: float, tag: str) -> dict:
 
 def _w2_ceiling(b: Bench, seconds: float) -> dict:
     port = free_port()
-    server = spawn("hello-falcon", [str(MAIN_PYTHON), "-m", "bench.hello_falcon",
-                                    "--port", str(port)], b.log_dir)
+    server = spawn(
+        "hello-falcon",
+        [str(MAIN_PYTHON), "-m", "bench.hello_falcon", "--port", str(port)],
+        b.log_dir,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(base + "/healthz"), 30, "hello falcon")
@@ -416,26 +473,52 @@ def _w2_peer(b: Bench, seconds: float) -> dict:
 def _w2_rows(b: Bench, results: dict) -> None:
     rps = column(results, "rps")
     ceiling = _med(rps["ceiling"])
-    share = collections.defaultdict(list, {
-        s: [r / ceiling * 100 for r in rps[s]] if ceiling else [] for s in rps
-    })
+    share = collections.defaultdict(
+        list, {s: [r / ceiling * 100 for r in rps[s]] if ceiling else [] for s in rps}
+    )
     p99 = column(results, "p99_ms")
     b.report.add(Row("W2", "req/s", rps, "{:.0f}"))
-    b.report.add(Row("W2", "% of ceiling", share, "{:.0f}%", ratio=False,
-                     target=">= 70 %", verdict=" ".join(
-                         _cmp(_med(share[s]), 70, lambda a, t: a >= t)
-                         for s in b.cd_systems())))
+    b.report.add(
+        Row(
+            "W2",
+            "% of ceiling",
+            share,
+            "{:.0f}%",
+            ratio=False,
+            target=">= 70 %",
+            verdict=" ".join(
+                _cmp(_med(share[s]), 70, lambda a, t: a >= t) for s in b.cd_systems()
+            ),
+        )
+    )
     b.report.add(Row("W2", "p50 ms", column(results, "p50_ms"), "{:.1f}"))
-    b.report.add(Row("W2", "p99 ms", p99, "{:.1f}", target="< 50 ms",
-                     verdict=" ".join(_cmp(_med(p99[s]), 50, lambda a, t: a < t)
-                                      for s in b.cd_systems())))
-    b.report.add(Row("W2", "server CPU us/req", column(results, "cpu_us_req"),
-                     "{:.0f}"))
-    b.report.add(Row("W2", "stored before 200", column(results, "durable"), "{}",
-                     ratio=False,
-                     note="peer: FastAPI BackgroundTasks run after the 200 in the "
-                          "web process: an event in flight is lost if it dies; "
-                          "ceiling: hello world, stores nothing"))
+    b.report.add(
+        Row(
+            "W2",
+            "p99 ms",
+            p99,
+            "{:.1f}",
+            target="< 50 ms",
+            verdict=" ".join(
+                _cmp(_med(p99[s]), 50, lambda a, t: a < t) for s in b.cd_systems()
+            ),
+        )
+    )
+    b.report.add(
+        Row("W2", "server CPU us/req", column(results, "cpu_us_req"), "{:.0f}")
+    )
+    b.report.add(
+        Row(
+            "W2",
+            "stored before 200",
+            column(results, "durable"),
+            "{}",
+            ratio=False,
+            note="peer: FastAPI BackgroundTasks run after the 200 in the "
+            "web process: an event in flight is lost if it dies; "
+            "ceiling: hello world, stores nothing",
+        )
+    )
 
 
 # =============================================================== W3 respawn
@@ -444,19 +527,23 @@ def _w2_rows(b: Bench, results: dict) -> None:
 def w3_respawn(b: Bench) -> None:
     kills = 3 if b.quick else 5
     top_kills = 1 if b.quick else 3
-    b.log(f"W3 respawn: {kills} worker kills, {top_kills} top-process kills per "
-          f"restart mechanism")
+    b.log(
+        f"W3 respawn: {kills} worker kills, {top_kills} top-process kills per "
+        f"restart mechanism"
+    )
     fake = FakeProviderProcess(b.log_dir)
     results: dict[str, dict] = {}
     try:
-        results[PEER] = b.attempt("W3 peer", _w3_peer, b, fake.url, kills,
-                                  top_kills) or {}
+        results[PEER] = (
+            b.attempt("W3 peer", _w3_peer, b, fake.url, kills, top_kills) or {}
+        )
         for mode in b.modes:
             if b.quick and mode != "embedded":
                 continue
-            results[f"cd-{mode}"] = b.attempt(
-                f"W3 cd-{mode}", _w3_cd, b, fake.url, mode, kills, top_kills
-            ) or {}
+            results[f"cd-{mode}"] = (
+                b.attempt(f"W3 cd-{mode}", _w3_cd, b, fake.url, mode, kills, top_kills)
+                or {}
+            )
     finally:
         fake.close()
     _w3_rows(b, results)
@@ -467,8 +554,11 @@ def _w3_cd(b: Bench, fake_url: str, mode: str, kills: int, top_kills: int) -> di
     # then measures a first restart, not the backoff of a crash loop.
     extra = {"supervisor": {"healthy_after_s": 1.0}}
     run = cd.new_run(mode, b.base, fake_url, b.redis, b.session, extra)
-    out: dict[str, list] = {"child_probe_ms": [], "child_running_ms": [],
-                            "top_ready_ms": []}
+    out: dict[str, list] = {
+        "child_probe_ms": [],
+        "child_running_ms": [],
+        "top_ready_ms": [],
+    }
     with cd.opened(run):
         loop = cd.RestartLoop("campaignd-run", run.run_command(), run.log_dir, 0.1)
         loop.start()
@@ -478,13 +568,17 @@ def _w3_cd(b: Bench, fake_url: str, mode: str, kills: int, top_kills: int) -> di
                 probe_ms, running_ms = _w3_cd_child_kill(run, k)
                 out["child_probe_ms"].append(probe_ms)
                 out["child_running_ms"].append(running_ms)
-                b.log(f"  W3 cd-{mode} kill worker:default #{k + 1}: RUNNING after "
-                      f"{running_ms:.0f} ms, probe done after {probe_ms:.0f} ms")
+                b.log(
+                    f"  W3 cd-{mode} kill worker:default #{k + 1}: RUNNING after "
+                    f"{running_ms:.0f} ms, probe done after {probe_ms:.0f} ms"
+                )
             for k in range(top_kills):
                 ready_ms = _w3_cd_top_kill(run, loop)
                 out["top_ready_ms"].append(ready_ms)
-                b.log(f"  W3 cd-{mode} SIGKILL supervisor #{k + 1}: READY after "
-                      f"{ready_ms:.0f} ms")
+                b.log(
+                    f"  W3 cd-{mode} SIGKILL supervisor #{k + 1}: READY after "
+                    f"{ready_ms:.0f} ms"
+                )
         finally:
             loop.stop()
     return out
@@ -507,8 +601,9 @@ def _w3_cd_child_kill(run: cd.CdRun, k: int) -> tuple[float, float]:
                 running_at.append(time.monotonic())
         return bool(running_at) and run.event_processed_at(event_id) is not None
 
-    wait_until(done, 60, "the probe event processed by the new worker:default",
-               interval=0.01)
+    wait_until(
+        done, 60, "the probe event processed by the new worker:default", interval=0.01
+    )
     processed = cd.utc_epoch(run.event_processed_at(event_id))
     return (processed - killed_wall) * 1000, (running_at[0] - killed) * 1000
 
@@ -531,9 +626,13 @@ def _w3_cd_top_kill(run: cd.CdRun, loop: cd.RestartLoop) -> float:
 def _w3_peer(b: Bench, fake_url: str, kills: int, top_kills: int) -> dict:
     run = peer.new_run(b.base, b.redis, fake_url, b.session)
     ctl = run.control()
-    out: dict[str, list] = {"child_probe_ms": [], "child_running_ms": [],
-                            "top_ready_ms": [], "top_ready_ms_audit_loop": [],
-                            "top_ready_ms_none": []}
+    out: dict[str, list] = {
+        "child_probe_ms": [],
+        "child_running_ms": [],
+        "top_ready_ms": [],
+        "top_ready_ms_audit_loop": [],
+        "top_ready_ms_none": [],
+    }
     try:
         worker = run.start_worker()
         try:
@@ -543,24 +642,30 @@ def _w3_peer(b: Bench, fake_url: str, kills: int, top_kills: int) -> dict:
                 ms, forked_ms = _w3_peer_child_kill(ctl, worker, k)
                 out["child_probe_ms"].append(ms)
                 out["child_running_ms"].append(forked_ms)
-                b.log(f"  W3 peer kill pool child #{k + 1}: replacement forked after "
-                      f"{forked_ms:.0f} ms, probe done by it after {ms:.0f} ms")
+                b.log(
+                    f"  W3 peer kill pool child #{k + 1}: replacement forked after "
+                    f"{forked_ms:.0f} ms, probe done by it after {ms:.0f} ms"
+                )
         finally:
             worker.stop()
         mechanisms = [("top_ready_ms", 0.1)]
         if not b.quick:  # --quick skips what only confirms the audit's reading
             none_wait = 8.0
             out["top_ready_ms_none"].append(_w3_peer_no_restart(run, ctl, none_wait))
-            b.log(f"  W3 peer SIGKILL celery main, start.sh as deployed: not back "
-                  f"after {none_wait:g}s")
+            b.log(
+                f"  W3 peer SIGKILL celery main, start.sh as deployed: not back "
+                f"after {none_wait:g}s"
+            )
             mechanisms.append(("top_ready_ms_audit_loop", 5.0))
         for label, restart_s in mechanisms:
             # The 5 s loop only confirms its sleep: two kills are enough.
             for k in range(top_kills if restart_s < 1 else min(top_kills, 2)):
                 ms = _w3_peer_top_kill(run, ctl, restart_s, k)
                 out[label].append(ms)
-                b.log(f"  W3 peer SIGKILL celery main, restart after {restart_s:g}s "
-                      f"#{k + 1}: probe done after {ms:.0f} ms")
+                b.log(
+                    f"  W3 peer SIGKILL celery main, restart after {restart_s:g}s "
+                    f"#{k + 1}: probe done after {ms:.0f} ms"
+                )
     finally:
         ctl.close()
         run.close()
@@ -574,8 +679,12 @@ def _w3_peer_child_kill(ctl, worker: Spawned, k: int) -> tuple[float, float]:
     killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     # No probe can run in the replacement before it exists: first see it forked.
-    wait_until(lambda: set(peer.pool_children(worker)) - set(children), 30,
-               "a replacement pool process", interval=0.005)
+    wait_until(
+        lambda: set(peer.pool_children(worker)) - set(children),
+        30,
+        "a replacement pool process",
+        interval=0.005,
+    )
     forked = time.monotonic()
     answer = ctl.probe(f"probe:child:{k}:{killed}", [worker.pid, *children], 30)
     if answer.get("timeout"):
@@ -597,8 +706,9 @@ def _w3_peer_no_restart(run, ctl, wait_s: float) -> float | None:
 
 
 def _w3_peer_top_kill(run, ctl, restart_s: float, k: int) -> float:
-    loop = cd.RestartLoop("celery-loop", peer.celery_worker_cmd(), run.log_dir,
-                          restart_s, env=run.env).start()
+    loop = cd.RestartLoop(
+        "celery-loop", peer.celery_worker_cmd(), run.log_dir, restart_s, env=run.env
+    ).start()
     try:
         ctl.probe(f"probe:loop:up:{k}", [], 60)
         time.sleep(0.5)
@@ -621,39 +731,78 @@ def _w3_rows(b: Bench, results: dict) -> None:
 
     systems = list(results)
     child = col("child_probe_ms")
-    b.report.add(Row("W3", "kill worker -> probe done ms", child, "{:.0f}",
-                     target="p50 < 250 ms",
-                     verdict=" ".join(_cmp(_med(child.get(s, [])), 250,
-                                           lambda a, t: a < t)
-                                      for s in systems if s != PEER),
-                     note="campaignd: SIGKILL worker:default (the only consumer of "
-                          "its queue), then a webhook whose processing only the "
-                          "respawned process can do; peer: SIGKILL one prefork "
-                          "pool child, probes until one runs in the new child"))
-    b.report.add(Row("W3", "kill worker -> replacement up ms",
-                     col("child_running_ms"), "{:.0f}",
-                     note="campaignd: the supervisor has seen the new child's first "
-                          "heartbeat (RUNNING); peer: the new pool process exists"))
+    b.report.add(
+        Row(
+            "W3",
+            "kill worker -> probe done ms",
+            child,
+            "{:.0f}",
+            target="p50 < 250 ms",
+            verdict=" ".join(
+                _cmp(_med(child.get(s, [])), 250, lambda a, t: a < t)
+                for s in systems
+                if s != PEER
+            ),
+            note="campaignd: SIGKILL worker:default (the only consumer of "
+            "its queue), then a webhook whose processing only the "
+            "respawned process can do; peer: SIGKILL one prefork "
+            "pool child, probes until one runs in the new child",
+        )
+    )
+    b.report.add(
+        Row(
+            "W3",
+            "kill worker -> replacement up ms",
+            col("child_running_ms"),
+            "{:.0f}",
+            note="campaignd: the supervisor has seen the new child's first "
+            "heartbeat (RUNNING); peer: the new pool process exists",
+        )
+    )
     top = col("top_ready_ms")
-    b.report.add(Row("W3", "kill top -> back ms (0.1 s restart)", top, "{:.0f}",
-                     target="READY < 1.5 s",
-                     verdict=" ".join(_cmp(_med(top.get(s, [])), 1500,
-                                           lambda a, t: a < t)
-                                      for s in systems if s != PEER),
-                     note="restart loop standing in for systemd Restart=always "
-                          "(RestartSec=100ms); campaignd: until the status socket "
-                          "says every role RUNNING; peer: until a probe task runs"))
-    b.report.add(Row("W3", "kill top -> back ms (audit loop)",
-                     col("top_ready_ms_audit_loop"), "{:.0f}", ratio=False,
-                     note="the loop the audit recommends for start.sh: "
-                          "`while true; do celery worker ...; sleep 5; done`"))
+    b.report.add(
+        Row(
+            "W3",
+            "kill top -> back ms (0.1 s restart)",
+            top,
+            "{:.0f}",
+            target="READY < 1.5 s",
+            verdict=" ".join(
+                _cmp(_med(top.get(s, [])), 1500, lambda a, t: a < t)
+                for s in systems
+                if s != PEER
+            ),
+            note="restart loop standing in for systemd Restart=always "
+            "(RestartSec=100ms); campaignd: until the status socket "
+            "says every role RUNNING; peer: until a probe task runs",
+        )
+    )
+    b.report.add(
+        Row(
+            "W3",
+            "kill top -> back ms (audit loop)",
+            col("top_ready_ms_audit_loop"),
+            "{:.0f}",
+            ratio=False,
+            note="the loop the audit recommends for start.sh: "
+            "`while true; do celery worker ...; sleep 5; done`",
+        )
+    )
     none = results.get(PEER, {}).get("top_ready_ms_none", [])
-    never = {PEER: ["never" if any(v is None for v in none) else "came back"]
-             if none else []}
-    b.report.add(Row("W3", "kill top -> back (start.sh as deployed)", never, "{}",
-                     ratio=False,
-                     note="start.sh starts celery with `&` and nothing restarts it "
-                          "(audit 2.5); campaignd has no such configuration"))
+    never = {
+        PEER: ["never" if any(v is None for v in none) else "came back"] if none else []
+    }
+    b.report.add(
+        Row(
+            "W3",
+            "kill top -> back (start.sh as deployed)",
+            never,
+            "{}",
+            ratio=False,
+            note="start.sh starts celery with `&` and nothing restarts it "
+            "(audit 2.5); campaignd has no such configuration",
+        )
+    )
 
 
 # =============================================================== W4 chaos
@@ -662,8 +811,10 @@ def _w3_rows(b: Bench, results: dict) -> None:
 def w4_chaos(b: Bench) -> None:
     n = 300 if b.quick else 1000
     chaos_s = 5.0 if b.quick else 12.0
-    b.log(f"W4 chaos: {n} sends, fake provider at 20 ms (no dedupe), SIGKILL a "
-          f"random sending process every 0.5 s for up to {chaos_s:g}s")
+    b.log(
+        f"W4 chaos: {n} sends, fake provider at 20 ms (no dedupe), SIGKILL a "
+        f"random sending process every 0.5 s for up to {chaos_s:g}s"
+    )
     fake = FakeProviderProcess(b.log_dir, latency_ms=20.0, dedupe=False)
     systems = [PEER, *b.cd_systems()]
     if b.quick:
@@ -677,15 +828,20 @@ def w4_chaos(b: Bench) -> None:
 
     try:
         # One long run per system by default: each is a ~30 s chaos session.
-        results = collect(b, systems, 1 if b.quick else max(1, b.runs - 2), "W4",
-                          measure)
+        results = collect(
+            b, systems, 1 if b.quick else max(1, b.runs - 2), "W4", measure
+        )
     finally:
         fake.close()
     _w4_rows(b, results)
 
 
-def _chaos(pids: Callable[[], list[int]], done: Callable[[], bool], chaos_s: float,
-           every_s: float = 0.5) -> int:
+def _chaos(
+    pids: Callable[[], list[int]],
+    done: Callable[[], bool],
+    chaos_s: float,
+    every_s: float = 0.5,
+) -> int:
     """SIGKILL a random pid of `pids()` every `every_s` until done or chaos_s."""
     kills = 0
     end = time.monotonic() + chaos_s
@@ -718,9 +874,13 @@ def _w4_cd(b: Bench, fake, mode: str, n: int, chaos_s: float) -> dict:
 
             def senders() -> list[int]:
                 answer = run.status() or {}
-                return [r["pid"] for r in answer.get("roles", [])
-                        if r["name"].startswith("worker:messages")
-                        and r.get("pid") and r.get("state") == "RUNNING"]
+                return [
+                    r["pid"]
+                    for r in answer.get("roles", [])
+                    if r["name"].startswith("worker:messages")
+                    and r.get("pid")
+                    and r.get("state") == "RUNNING"
+                ]
 
             def finished() -> bool:
                 counts = run.status_counts(campaign_id)
@@ -728,11 +888,13 @@ def _w4_cd(b: Bench, fake, mode: str, n: int, chaos_s: float) -> dict:
 
             kills = _chaos(senders, lambda: fake.accepted() >= n, chaos_s)
             with contextlib.suppress(BenchError):
-                wait_until(finished, 30 if b.quick else 60, "every row final",
-                           interval=0.2)
+                wait_until(
+                    finished, 30 if b.quick else 60, "every row final", interval=0.2
+                )
             elapsed = time.monotonic() - started
-            return _w4_tally(fake, run.references(campaign_id), FINAL_CD, kills,
-                             elapsed, n)
+            return _w4_tally(
+                fake, run.references(campaign_id), FINAL_CD, kills, elapsed, n
+            )
         finally:
             daemon.stop(timeout=15)
 
@@ -749,20 +911,30 @@ def _w4_peer(b: Bench, fake, n: int, chaos_s: float) -> dict:
         ctl.probe("probe:w4:up", [], 60)
         started = time.monotonic()
         ctl.send(ids)
-        kills = _chaos(lambda: peer.pool_children(worker),
-                       lambda: fake.accepted() >= n, chaos_s)
-        _settle(lambda: (fake.accepted(), sum(run.status_counts(campaign_id).get(
-            s, 0) for s in FINAL_PEER)), 5 if b.quick else 10, 60, n)
+        kills = _chaos(
+            lambda: peer.pool_children(worker), lambda: fake.accepted() >= n, chaos_s
+        )
+        _settle(
+            lambda: (
+                fake.accepted(),
+                sum(run.status_counts(campaign_id).get(s, 0) for s in FINAL_PEER),
+            ),
+            5 if b.quick else 10,
+            60,
+            n,
+        )
         elapsed = time.monotonic() - started
-        return _w4_tally(fake, run.references(campaign_id), FINAL_PEER, kills,
-                         elapsed, n)
+        return _w4_tally(
+            fake, run.references(campaign_id), FINAL_PEER, kills, elapsed, n
+        )
     finally:
         reap_quietly([ctl, worker])
         run.close()
 
 
-def _settle(progress: Callable[[], tuple], quiet_s: float, limit_s: float,
-            n: int) -> None:
+def _settle(
+    progress: Callable[[], tuple], quiet_s: float, limit_s: float, n: int
+) -> None:
     """Wait until all n rows are final, or nothing moved for quiet_s."""
     end = time.monotonic() + limit_s
     last, last_change = None, time.monotonic()
@@ -777,46 +949,89 @@ def _settle(progress: Callable[[], tuple], quiet_s: float, limit_s: float,
         time.sleep(0.2)
 
 
-def _w4_tally(fake, refs: dict[str, str], final: tuple, kills: int, elapsed: float,
-              n: int) -> dict:
+def _w4_tally(
+    fake, refs: dict[str, str], final: tuple, kills: int, elapsed: float, n: int
+) -> dict:
     accepted: dict[str, int] = {}
     for m in fake.messages():
         ref = m.get("reference")
         if ref in refs:
             accepted[ref] = accepted.get(ref, 0) + 1
-    lost = sum(1 for ref, status in refs.items()
-               if ref not in accepted and status != "failed")
+    lost = sum(
+        1 for ref, status in refs.items() if ref not in accepted and status != "failed"
+    )
     twice = sum(1 for c in accepted.values() if c > 1)
     extra = sum(c - 1 for c in accepted.values() if c > 1)
-    wrong = sum(1 for ref, status in refs.items()
-                if ref in accepted and status not in final)
+    wrong = sum(
+        1 for ref, status in refs.items() if ref in accepted and status not in final
+    )
     unfinished = sum(1 for status in refs.values() if status not in final)
-    return {"lost": lost, "delivered_twice": twice, "extra_deliveries": extra,
-            "accepted_not_recorded": wrong, "not_final": unfinished,
-            "kills": kills, "seconds": elapsed, "rows": len(refs), "n": n}
+    return {
+        "lost": lost,
+        "delivered_twice": twice,
+        "extra_deliveries": extra,
+        "accepted_not_recorded": wrong,
+        "not_final": unfinished,
+        "kills": kills,
+        "seconds": elapsed,
+        "rows": len(refs),
+        "n": n,
+    }
 
 
 def _w4_rows(b: Bench, results: dict) -> None:
     lost = column(results, "lost")
     twice = column(results, "delivered_twice")
-    b.report.add(Row("W4", "lost", lost, "{:.0f}", ratio=False, target="0",
-                     verdict=" ".join(_cmp(_med(lost[s]), 0, lambda a, t: a == t)
-                                      for s in results if s != PEER),
-                     note="never accepted by the provider and not marked failed, "
-                          "at the end of the run"))
-    b.report.add(Row("W4", "delivered twice", twice, "{:.0f}", ratio=False,
-                     target="0",
-                     verdict=" ".join(_cmp(_med(twice[s]), 0, lambda a, t: a == t)
-                                      for s in results if s != PEER),
-                     note="references the fake provider accepted more than once "
-                          "(it runs with --no-dedupe: Wassenger is not known to "
-                          "dedupe by reference)"))
-    b.report.add(Row("W4", "accepted, row not sent", column(
-        results, "accepted_not_recorded"), "{:.0f}", ratio=False))
-    b.report.add(Row("W4", "SIGKILLs", column(results, "kills"), "{:.0f}",
-                     ratio=False))
-    b.report.add(Row("W4", "seconds to settle", column(results, "seconds"),
-                     "{:.1f}", ratio=False))
+    b.report.add(
+        Row(
+            "W4",
+            "lost",
+            lost,
+            "{:.0f}",
+            ratio=False,
+            target="0",
+            verdict=" ".join(
+                _cmp(_med(lost[s]), 0, lambda a, t: a == t)
+                for s in results
+                if s != PEER
+            ),
+            note="never accepted by the provider and not marked failed, "
+            "at the end of the run",
+        )
+    )
+    b.report.add(
+        Row(
+            "W4",
+            "delivered twice",
+            twice,
+            "{:.0f}",
+            ratio=False,
+            target="0",
+            verdict=" ".join(
+                _cmp(_med(twice[s]), 0, lambda a, t: a == t)
+                for s in results
+                if s != PEER
+            ),
+            note="references the fake provider accepted more than once "
+            "(it runs with --no-dedupe: Wassenger is not known to "
+            "dedupe by reference)",
+        )
+    )
+    b.report.add(
+        Row(
+            "W4",
+            "accepted, row not sent",
+            column(results, "accepted_not_recorded"),
+            "{:.0f}",
+            ratio=False,
+        )
+    )
+    b.report.add(Row("W4", "SIGKILLs", column(results, "kills"), "{:.0f}", ratio=False))
+    b.report.add(
+        Row(
+            "W4", "seconds to settle", column(results, "seconds"), "{:.1f}", ratio=False
+        )
+    )
 
 
 # =============================================================== W5 footprint
@@ -850,9 +1065,14 @@ def _idle_figures(roots: list[int], settle_s: float, services) -> dict:
     rss, pss = memory_of(tree(roots))
     _, svc_pss = memory_of(services())
     idle = sum(v - before.get(pid, 0.0) for pid, v in after.items())
-    return {"rss_mb": rss / MB, "pss_mb": pss / MB,
-            "idle_cpu_pct": idle / settle_s * 100, "svc_pss_mb": svc_pss / MB,
-            "processes": len(tree(roots)), "per_process": _per_process(roots)}
+    return {
+        "rss_mb": rss / MB,
+        "pss_mb": pss / MB,
+        "idle_cpu_pct": idle / settle_s * 100,
+        "svc_pss_mb": svc_pss / MB,
+        "processes": len(tree(roots)),
+        "per_process": _per_process(roots),
+    }
 
 
 def _per_process(roots: list[int]) -> list[str]:
@@ -887,8 +1107,9 @@ def _w5_cd(b: Bench, fake, mode: str, settle_s: float) -> dict:
                 return len(marks) == 3
 
             wait_until(up, 90, "campaignd READY and the first send", interval=0.02)
-            res = _idle_figures([daemon.pid], settle_s,
-                                lambda: run.service_processes(b.redis))
+            res = _idle_figures(
+                [daemon.pid], settle_s, lambda: run.service_processes(b.redis)
+            )
             res["first_task_ms"] = (marks["first"] - started) * 1000
             res["ready_ms"] = (marks["ready"] - started) * 1000
             res["start_cpu_s"] = marks["start_cpu_s"]
@@ -935,32 +1156,64 @@ def _w5_rows(b: Bench, results: dict) -> None:
     pss = column(results, "pss_mb")
     ready = column(results, "ready_ms")
     peer_pss = _med(pss[PEER])
-    b.report.add(Row("W5", "idle PSS MB (tree)", pss, "{:.0f}",
-                     target="<= 1/2 peer",
-                     verdict=" ".join(_cmp(_med(pss[s]), peer_pss,
-                                           lambda a, p: a <= p / 2)
-                                      for s in b.cd_systems())))
+    b.report.add(
+        Row(
+            "W5",
+            "idle PSS MB (tree)",
+            pss,
+            "{:.0f}",
+            target="<= 1/2 peer",
+            verdict=" ".join(
+                _cmp(_med(pss[s]), peer_pss, lambda a, p: a <= p / 2)
+                for s in b.cd_systems()
+            ),
+        )
+    )
     b.report.add(Row("W5", "idle RSS MB (tree)", column(results, "rss_mb"), "{:.0f}"))
-    b.report.add(Row("W5", "processes", column(results, "processes"), "{:.0f}",
-                     ratio=False))
-    b.report.add(Row("W5", "idle CPU % of a core", column(results, "idle_cpu_pct"),
-                     "{:.1f}"))
-    b.report.add(Row("W5", "start -> first task ms", column(results, "first_task_ms"),
-                     "{:.0f}"))
-    b.report.add(Row("W5", "start -> READY ms", ready, "{:.0f}", target="< 1.5 s",
-                     verdict=" ".join(_cmp(_med(ready[s]), 1500, lambda a, t: a < t)
-                                      for s in b.cd_systems()),
-                     note="campaignd: status socket says every role RUNNING; peer: "
-                          "uvicorn answers and the first task is done"))
-    b.report.add(Row("W5", "CPU s until READY (tree)", column(results, "start_cpu_s"),
-                     "{:.2f}",
-                     note="the CPU the whole tree spent starting: on 2 cores READY "
-                          "cannot come sooner than about half of it"))
-    b.report.add(Row("W5", "services PSS MB (Redis+PG)", column(results,
-                                                                "svc_pss_mb"),
-                     "{:.0f}", ratio=False,
-                     note="embedded mode needs no service; cluster and peer "
-                          "share one private redis-server and PostgreSQL"))
+    b.report.add(
+        Row("W5", "processes", column(results, "processes"), "{:.0f}", ratio=False)
+    )
+    b.report.add(
+        Row("W5", "idle CPU % of a core", column(results, "idle_cpu_pct"), "{:.1f}")
+    )
+    b.report.add(
+        Row("W5", "start -> first task ms", column(results, "first_task_ms"), "{:.0f}")
+    )
+    b.report.add(
+        Row(
+            "W5",
+            "start -> READY ms",
+            ready,
+            "{:.0f}",
+            target="< 1.5 s",
+            verdict=" ".join(
+                _cmp(_med(ready[s]), 1500, lambda a, t: a < t) for s in b.cd_systems()
+            ),
+            note="campaignd: status socket says every role RUNNING; peer: "
+            "uvicorn answers and the first task is done",
+        )
+    )
+    b.report.add(
+        Row(
+            "W5",
+            "CPU s until READY (tree)",
+            column(results, "start_cpu_s"),
+            "{:.2f}",
+            note="the CPU the whole tree spent starting: on 2 cores READY "
+            "cannot come sooner than about half of it",
+        )
+    )
+    b.report.add(
+        Row(
+            "W5",
+            "services PSS MB (Redis+PG)",
+            column(results, "svc_pss_mb"),
+            "{:.0f}",
+            ratio=False,
+            note="embedded mode needs no service; cluster and peer "
+            "share one private redis-server and PostgreSQL",
+        )
+    )
 
 
 WORKLOADS = {

@@ -157,7 +157,7 @@ def dispatch(args) -> int:
         print(config_mod.to_toml(config_mod.masked(cfg)), end="")
         return 0
     if command == "run":
-        return importlib.import_module("daemon.supervisor").main(cfg)
+        return importlib.import_module("daemon.supervision.supervisor").main(cfg)
     if command == "child" and args.standby:
         return importlib.import_module("daemon.runtime").standby(cfg)
     if command == "child":
@@ -169,7 +169,9 @@ def dispatch(args) -> int:
     if command == "scheduler":
         return run_role(cfg, "scheduler")
     if command in ("status", "restart"):
-        return importlib.import_module("daemon.status").client_main(cfg, args)
+        return importlib.import_module("daemon.supervision.status").client_main(
+            cfg, args
+        )
     commands = importlib.import_module("daemon.commands")
     if command == "contacts":
         return commands.contacts(cfg, args)
@@ -190,9 +192,9 @@ def run_role(cfg, role: str) -> int:
 
     skip_unused_drivers(cfg)
     if name == "web":
-        return importlib.import_module("daemon.web.app").main(cfg)
+        return importlib.import_module("daemon.roles.web.app").main(cfg)
     if name == "worker" and queue in ("default", "messages", "retry", "verification"):
-        return importlib.import_module("daemon.worker").main(cfg, queue)
+        return importlib.import_module("daemon.roles.worker").main(cfg, queue)
     if name == "scheduler":
-        return importlib.import_module("daemon.scheduler").main(cfg)
+        return importlib.import_module("daemon.roles.scheduler").main(cfg)
     raise ConfigError(f"unknown role {role!r} (roles: {ROLES_HELP})")

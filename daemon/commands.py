@@ -24,13 +24,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from daemon import campaigns
 from daemon.config import Config
-from daemon.contacts import ImportResult
-from daemon.contacts import ParsedCsv
-from daemon.contacts import import_rows
-from daemon.contacts import normalize_phone
-from daemon.contacts import parse_csv_file
+from daemon.domain import campaigns
+from daemon.domain.contacts import ImportResult
+from daemon.domain.contacts import ParsedCsv
+from daemon.domain.contacts import import_rows
+from daemon.domain.contacts import normalize_phone
+from daemon.domain.contacts import parse_csv_file
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
@@ -123,7 +123,7 @@ def verify(cfg: Config, args) -> int:
 
 def events(cfg: Config, args) -> int:
     """`campaignd events list [--dead] [--limit N]` and `events replay ID`."""
-    from daemon import events as events_mod
+    from daemon.domain import events as events_mod
 
     with _database(cfg):
         if args.action == "list":
@@ -142,7 +142,7 @@ def events(cfg: Config, args) -> int:
 
 
 def _events_list(args) -> int:
-    from daemon import events as events_mod
+    from daemon.domain import events as events_mod
 
     rows = events_mod.list_events(dead=True if args.dead else None, limit=args.limit)
     if args.json:
@@ -473,8 +473,8 @@ def _database(cfg: Config) -> Iterator:
 
 @contextlib.contextmanager
 def _tasks(cfg: Config) -> Iterator:
-    from daemon.queue import make_queues
-    from daemon.tasks import Tasks
+    from daemon.app.tasks import Tasks
+    from daemon.store.queue import make_queues
 
     queues = make_queues(cfg)
     try:

@@ -156,11 +156,11 @@ def _wait_ready(cfg, supervisor: subprocess.Popen) -> None:
 
 
 def _create_campaign(cfg, count: int) -> int:
-    from daemon import campaigns
-    from daemon.queue import make_queues
+    from daemon.app.tasks import Tasks
+    from daemon.domain import campaigns
     from daemon.store.db import open_database
     from daemon.store.models import Contact
-    from daemon.tasks import Tasks
+    from daemon.store.queue import make_queues
 
     open_database(cfg)
     rows = [
@@ -189,7 +189,7 @@ def _create_campaign(cfg, count: int) -> int:
 
 
 def _watch(cfg, campaign_id: int, supervisor: subprocess.Popen) -> dict:
-    from daemon import campaigns
+    from daemon.domain import campaigns
 
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + DEADLINE_S

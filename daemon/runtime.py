@@ -40,11 +40,11 @@ _PR_SET_NAME = 15
 # What a spare imports while it waits: every role's module and the ones the
 # roles import lazily on their first task or request.
 STANDBY_IMPORTS = (
-    "daemon.worker",
-    "daemon.web.app",
-    "daemon.scheduler",
+    "daemon.roles.worker",
+    "daemon.roles.web.app",
+    "daemon.roles.scheduler",
     "daemon.providers",
-    "daemon.jobs",
+    "daemon.app.jobs",
 )
 STANDBY_READY = b"ready\n"
 _STANDBY_FD = 0

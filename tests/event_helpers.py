@@ -18,16 +18,16 @@ from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers import webhook_parser
+from daemon.roles.web.webhooks import WebhookIngest
+from daemon.roles.web.webhooks import storable_key
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
 from daemon.store.models import Message
 from daemon.store.models import utcnow
-from daemon.web.webhooks import WebhookIngest
-from daemon.web.webhooks import storable_key
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "providers"
 _ids = itertools.count(1)

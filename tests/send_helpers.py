@@ -24,11 +24,10 @@ from pathlib import Path
 import peewee as pw
 import psutil
 
-from daemon import campaigns
+from daemon.app.tasks import Tasks
 from daemon.config import Config
+from daemon.domain import campaigns
 from daemon.providers import make_provider
-from daemon.queue import Queues
-from daemon.queue import make_queues
 from daemon.store.db import open_database
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
@@ -36,7 +35,8 @@ from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.models import utcnow
-from daemon.tasks import Tasks
+from daemon.store.queue import Queues
+from daemon.store.queue import make_queues
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

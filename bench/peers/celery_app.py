@@ -341,9 +341,11 @@ def cleanup_expired_locks():
 @celery_app.task(name="app.tasks.celery_app.recover_interrupted_campaigns")
 def recover_interrupted_campaigns():
     RES.ensure()
-    rows = RES.db.get().execute(
-        "SELECT id FROM campaigns WHERE status = 'sending'"
-    ).fetchall()
+    rows = (
+        RES.db.get()
+        .execute("SELECT id FROM campaigns WHERE status = 'sending'")
+        .fetchall()
+    )
     return [r[0] for r in rows]
 
 

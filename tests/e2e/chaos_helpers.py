@@ -91,10 +91,24 @@ class OwnRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-             "--protected-mode", "no"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         wait_until(self.ping, 10, 0.05, f"redis on port {self.port}")
@@ -169,12 +183,23 @@ class OwnPostgres:
     def _tool(self, name: str, *args: str, timeout: float = 60) -> None:
         subprocess.run(
             [*_as_service_user(), str(self.bindir / name), *args],
-            check=True, capture_output=True, timeout=timeout,
+            check=True,
+            capture_output=True,
+            timeout=timeout,
         )
 
     def _initdb(self) -> None:
-        self._tool("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres",
-                   "-E", "UTF8", "--no-sync")
+        self._tool(
+            "initdb",
+            "-D",
+            str(self.data),
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
 
     def start(self) -> OwnPostgres:
         options = (
@@ -182,8 +207,19 @@ class OwnPostgres:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=300"
         )
-        self._tool("pg_ctl", "-D", str(self.data), "-l", str(self.root / "pg.log"),
-                   "-o", options, "-w", "-t", "60", "start")
+        self._tool(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "pg.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "immediate") -> None:
@@ -226,19 +262,29 @@ def merge_tables(base: dict, extra: dict) -> dict:
 def fast_tables(workdir: Path, provider_url: str, web_port: int) -> dict:
     """Settings that make a whole campaign (and its recovery) take seconds."""
     return {
-        "daemon": {"data_dir": str(Path(workdir) / "data"), "log_level": "warning",
-                   "stop_timeout_s": 10.0},
-        "provider": {"base_url": provider_url, "timeout_s": 5.0,
-                     "connect_timeout_s": 2.0},
+        "daemon": {
+            "data_dir": str(Path(workdir) / "data"),
+            "log_level": "warning",
+            "stop_timeout_s": 10.0,
+        },
+        "provider": {
+            "base_url": provider_url,
+            "timeout_s": 5.0,
+            "connect_timeout_s": 2.0,
+        },
         "web": {"port": web_port, "webhook_secret": WEBHOOK_SECRET},
         "pacing": {"per_minute": 0.0, "daily_cap": 0},
         "retry": {"base_s": 0.5, "cap_s": 5.0, "max_attempts": 8, "jitter": 0.1},
         # Leases outlive the hard limit by 30 s: a short limit makes the rows
         # of a worker killed together with its supervisor come back sooner.
         "workers": {"soft_time_limit_s": 10.0, "hard_time_limit_s": 20.0},
-        "scheduler": {"sweep_s": 1.0, "check_expired_interactions_s": 1.0,
-                      "recover_interrupted_campaigns_s": 10.0,
-                      "system_health_check_s": 2.0, "leader_lease_s": 3.0},
+        "scheduler": {
+            "sweep_s": 1.0,
+            "check_expired_interactions_s": 1.0,
+            "recover_interrupted_campaigns_s": 10.0,
+            "system_health_check_s": 2.0,
+            "leader_lease_s": 3.0,
+        },
     }
 
 
@@ -252,8 +298,9 @@ class DaemonUnderTest:
     did not ask for (systemd's RestartSec), and records each exit.
     """
 
-    def __init__(self, cfg: config_mod.Config, workdir: Path,
-                 restart_delay_s: float = 5.0):
+    def __init__(
+        self, cfg: config_mod.Config, workdir: Path, restart_delay_s: float = 5.0
+    ):
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.restart_delay_s = restart_delay_s
@@ -269,18 +316,25 @@ class DaemonUnderTest:
 
     def start(self) -> DaemonUnderTest:
         self._spawn()
-        self._loop = threading.Thread(target=self._restart_loop, daemon=True,
-                                      name="restart-loop")
+        self._loop = threading.Thread(
+            target=self._restart_loop, daemon=True, name="restart-loop"
+        )
         self._loop.start()
         return self
 
     def _spawn(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("CAMPAIGND_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("CAMPAIGND_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC")
+        }
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "run", "-c", self.cfg.source],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
             start_new_session=True,
         )
         log.close()
@@ -347,11 +401,12 @@ class DaemonUnderTest:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def status(self, timeout: float = 3.0) -> dict | None:
-        from daemon import status as status_mod
+        from daemon.supervision import status as status_mod
 
         try:
-            return status_mod.request(self.cfg.status_socket, {"cmd": "status"},
-                                      timeout=timeout)
+            return status_mod.request(
+                self.cfg.status_socket, {"cmd": "status"}, timeout=timeout
+            )
         except (OSError, ValueError):
             return None
 
@@ -386,7 +441,8 @@ class DaemonUnderTest:
         answer = self.status(timeout=2.0) or {}
         kids = set(self.children())
         return {
-            r["pid"]: r["name"] for r in answer.get("roles") or []
+            r["pid"]: r["name"]
+            for r in answer.get("roles") or []
             if r.get("state") == "RUNNING" and r.get("pid") in kids
         }
 
@@ -474,12 +530,12 @@ def seed_campaign(cfg: config_mod.Config, phones: list[str]) -> int:
 
     Runs in this process against the daemon's database, like the CLI does.
     """
-    from daemon import campaigns
-    from daemon.queue import make_queues
+    from daemon.app.tasks import Tasks
+    from daemon.domain import campaigns
     from daemon.store.db import open_database
     from daemon.store.models import Contact
     from daemon.store.models import database
-    from daemon.tasks import Tasks
+    from daemon.store.queue import make_queues
 
     open_database(cfg)
     with database.connection_context():
@@ -488,7 +544,9 @@ def seed_campaign(cfg: config_mod.Config, phones: list[str]) -> int:
             for i, phone in enumerate(phones, 1)
         ]
         for start in range(0, len(rows), 500):
-            Contact.insert_many(rows[start:start + 500]).on_conflict_ignore().execute()
+            Contact.insert_many(
+                rows[start : start + 500]
+            ).on_conflict_ignore().execute()
         wanted = Contact.select(Contact.id).where(Contact.phone.in_(phones))
         ids = [c.id for c in wanted]
         campaign = campaigns.create_campaign("Chaos", MESSAGE1, MESSAGE2, ids)
@@ -521,26 +579,41 @@ def campaign_state(campaign_id: int) -> dict | None:
     try:
         with database.connection_context():
             campaign = Campaign.get_by_id(campaign_id)
-            open_messages = Message.select().where(
-                Message.campaign == campaign_id,
-                Message.status.in_(("queued", "sending")),
-            ).count()
-            unprocessed = InboundEvent.select().where(
-                InboundEvent.processed_at.is_null()
-            ).count()
+            open_messages = (
+                Message.select()
+                .where(
+                    Message.campaign == campaign_id,
+                    Message.status.in_(("queued", "sending")),
+                )
+                .count()
+            )
+            unprocessed = (
+                InboundEvent.select().where(InboundEvent.processed_at.is_null()).count()
+            )
             members = CampaignContact.select().where(
-                CampaignContact.campaign == campaign_id)
+                CampaignContact.campaign == campaign_id
+            )
             message2_sent = Message.select(Message.contact).where(
-                Message.campaign == campaign_id, Message.kind == 2,
-                Message.status.in_(SENT_OR_LATER))
+                Message.campaign == campaign_id,
+                Message.kind == 2,
+                Message.status.in_(SENT_OR_LATER),
+            )
             interacted = members.where(CampaignContact.state == "interacted")
             stuck = interacted.where(CampaignContact.contact.in_(message2_sent))
-            waiting = members.where(
-                CampaignContact.state.in_(("pending", "message_1_sent"))
-            ).count() + interacted.count() - stuck.count()
-            return {"status": campaign.status, "open_messages": open_messages,
-                    "unprocessed_events": unprocessed,
-                    "waiting_members": waiting, "stuck_members": stuck.count()}
+            waiting = (
+                members.where(
+                    CampaignContact.state.in_(("pending", "message_1_sent"))
+                ).count()
+                + interacted.count()
+                - stuck.count()
+            )
+            return {
+                "status": campaign.status,
+                "open_messages": open_messages,
+                "unprocessed_events": unprocessed,
+                "waiting_members": waiting,
+                "stuck_members": stuck.count(),
+            }
     except Exception:  # noqa: BLE001 - a database being restarted is expected here
         with contextlib.suppress(Exception):
             database.close()
@@ -608,10 +681,16 @@ class Audit:
 
     @property
     def clean(self) -> bool:
-        return not (self.lost or self.sent_but_unknown or self.duplicate_deliveries
-                    or self.per_reference_max > 1 or self.message2_missing
-                    or self.message2_extra or self.unprocessed_events
-                    or self.replies_not_stored)
+        return not (
+            self.lost
+            or self.sent_but_unknown
+            or self.duplicate_deliveries
+            or self.per_reference_max > 1
+            or self.message2_missing
+            or self.message2_extra
+            or self.unprocessed_events
+            or self.replies_not_stored
+        )
 
 
 def _kind_of(text: str) -> int:
@@ -643,9 +722,9 @@ def audit(campaign_id: int, fake, fake_options) -> Audit:
         ):
             with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError):
                 inbound_phones.add(json.loads(event.payload)["data"]["fromNumber"])
-        unprocessed = InboundEvent.select().where(
-            InboundEvent.processed_at.is_null()
-        ).count()
+        unprocessed = (
+            InboundEvent.select().where(InboundEvent.processed_at.is_null()).count()
+        )
         status = Campaign.get_by_id(campaign_id).status
 
     # Only this campaign's contacts: a test may run several campaigns.
@@ -668,13 +747,18 @@ def audit(campaign_id: int, fake, fake_options) -> Audit:
     result.message2_accepted = sum(n for (_, k), n in per_phone_kind.items() if k == 2)
 
     result.members = len(members)
-    sent2 = {cid for (cid, kind), row in rows.items()
-             if kind == 2 and row.status in SENT_OR_LATER}
-    result.stuck_members = sum(1 for m in members
-                               if m.state == "interacted" and m.contact_id in sent2)
+    sent2 = {
+        cid
+        for (cid, kind), row in rows.items()
+        if kind == 2 and row.status in SENT_OR_LATER
+    }
+    result.stuck_members = sum(
+        1 for m in members if m.state == "interacted" and m.contact_id in sent2
+    )
     lost, unknown = _count_losses(result, members, rows, by_ref)
-    missing, extra, replied = _count_replies(result, phones_with_m1, per_phone_kind,
-                                             fake_options)
+    missing, extra, replied = _count_replies(
+        result, phones_with_m1, per_phone_kind, fake_options
+    )
     not_stored = sorted(replied - inbound_phones)
     # A reply the fake gave up delivering was never acknowledged by us.
     result.replies_not_stored = max(0, len(not_stored) - result.webhooks_given_up)
@@ -722,9 +806,12 @@ def _count_replies(result: Audit, phones_with_m1, per_phone_kind, fake_options):
 
     missing, extra, replied = [], [], set()
     for phone in phones_with_m1:
-        plan = reply_plan(phone, seed=fake_options.seed,
-                          reply_share=fake_options.reply_share,
-                          opt_out_share=fake_options.opt_out_share)
+        plan = reply_plan(
+            phone,
+            seed=fake_options.seed,
+            reply_share=fake_options.reply_share,
+            opt_out_share=fake_options.opt_out_share,
+        )
         if plan is not None:
             replied.add(phone)
         got = per_phone_kind.get((phone, 2), 0)

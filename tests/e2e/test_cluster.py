@@ -28,10 +28,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.leader import read_state
-from daemon.leader import state_path
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
+from daemon.roles.leader import read_state
+from daemon.roles.leader import state_path
 from daemon.store.models import Interaction
 from daemon.store.models import JobRun
 from daemon.store.models import database

@@ -60,36 +60,55 @@ def fake_options(web_port: int) -> FakeOptions:
     )
 
 
-def tables_for(workdir: Path, fake_url: str, web_port: int, alert_url: str,
-               extra: dict | None = None) -> dict:
+def tables_for(
+    workdir: Path,
+    fake_url: str,
+    web_port: int,
+    alert_url: str,
+    extra: dict | None = None,
+) -> dict:
     tables = ch.fast_tables(workdir, fake_url, web_port)
-    return ch.merge_tables(tables, {
-        "campaigns": {"reply_window_h": REPLY_WINDOW_S / 3600.0},
-        # A provider outage must not use up the attempts of the rows it hits.
-        "retry": {"max_attempts": 30},
-        "database": {"busy_timeout_s": 1.0},
-        # Short, so that an outage held for OUTAGE_S raises its alert.
-        "alerts": {"webhook_url": alert_url, "down_after_s": 3.0},
-        **(extra or {}),
-    })
+    return ch.merge_tables(
+        tables,
+        {
+            "campaigns": {"reply_window_h": REPLY_WINDOW_S / 3600.0},
+            # A provider outage must not use up the attempts of the rows it hits.
+            "retry": {"max_attempts": 30},
+            "database": {"busy_timeout_s": 1.0},
+            # Short, so that an outage held for OUTAGE_S raises its alert.
+            "alerts": {"webhook_url": alert_url, "down_after_s": 3.0},
+            **(extra or {}),
+        },
+    )
 
 
 def campaignd_status(cfg) -> tuple[int, str]:
     done = subprocess.run(
         [sys.executable, "-m", "daemon", "status", "-c", cfg.source],
-        capture_output=True, text=True, timeout=30, cwd=ch.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ch.ROOT,
         env={k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"},
     )
     return done.returncode, done.stdout + done.stderr
 
 
 def post_reply(web_port: int, msg_id: str, phone: str = "+33619999999"):
-    raw = json.dumps({"event": "message:in:new", "id": msg_id,
-                      "data": {"id": msg_id, "fromNumber": phone, "body": "oui"}})
+    raw = json.dumps(
+        {
+            "event": "message:in:new",
+            "id": msg_id,
+            "data": {"id": msg_id, "fromNumber": phone, "body": "oui"},
+        }
+    )
     try:
         return requests.post(
-            f"http://127.0.0.1:{web_port}/webhooks/wassenger", data=raw, timeout=20,
-            headers={"X-Webhook-Secret": ch.WEBHOOK_SECRET}).status_code
+            f"http://127.0.0.1:{web_port}/webhooks/wassenger",
+            data=raw,
+            timeout=20,
+            headers={"X-Webhook-Secret": ch.WEBHOOK_SECRET},
+        ).status_code
     except requests.RequestException:
         return 0
 
@@ -117,8 +136,12 @@ def observe(daemon, cfg, web_port: int, tag: str) -> dict:
 
 def hold_outage(condition, what: str, started: float) -> None:
     """Keep the fault on until `condition` holds and OUTAGE_S has passed."""
-    ch.wait_until(lambda: condition() and time.monotonic() - started >= OUTAGE_S,
-                  OUTAGE_S * 4, 0.2, what)
+    ch.wait_until(
+        lambda: condition() and time.monotonic() - started >= OUTAGE_S,
+        OUTAGE_S * 4,
+        0.2,
+        what,
+    )
 
 
 def role_state(daemon, name: str) -> str | None:
@@ -133,9 +156,10 @@ def role_restarts(daemon, name: str) -> int:
 
 def settle(campaign_id: int, fake, timeout: float) -> bool:
     """True once the campaign is completed and nothing is left in flight."""
+
     def done():
         state = ch.campaign_state(campaign_id)
-        return (ch.settled(state, fake) and state["status"] == "completed")
+        return ch.settled(state, fake) and state["status"] == "completed"
 
     try:
         ch.wait_until(done, timeout, 0.25, "campaign settled")
@@ -150,8 +174,10 @@ def settle(campaign_id: int, fake, timeout: float) -> bool:
 def _mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                           str(path)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+    )
     return done.returncode == 0
 
 
@@ -196,7 +222,10 @@ def test_metrics_files_on_a_full_disk_are_no_sigbus(tmp_path):
     try:
         done = subprocess.run(
             [sys.executable, "-c", METRICS_ON_A_FULL_DISK, str(where)],
-            capture_output=True, text=True, timeout=120, cwd=ch.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ch.ROOT,
             env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(where)},
         )
         assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
@@ -204,9 +233,15 @@ def test_metrics_files_on_a_full_disk_are_no_sigbus(tmp_path):
         assert "new values are kept in memory" in done.stderr
         # What is in the directory still adds up: a scrape works.
         scrape = subprocess.run(
-            [sys.executable, "-c", "from daemon import metrics; "
-             "print(metrics.render().decode())"],
-            capture_output=True, text=True, timeout=60, cwd=ch.ROOT,
+            [
+                sys.executable,
+                "-c",
+                "from daemon import metrics; print(metrics.render().decode())",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ch.ROOT,
             env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(where)},
         )
         assert scrape.returncode == 0, scrape.stderr[-2000:]
@@ -236,29 +271,37 @@ def embedded_run():
         web_port = ch.free_port()
         options = fake_options(web_port)
         with AlertReceiver() as alerts, FakeProvider(options) as fake:
-            cfg = ch.write_config(work, tables_for(work, fake.url, web_port,
-                                                   alerts.url))
+            cfg = ch.write_config(
+                work, tables_for(work, fake.url, web_port, alerts.url)
+            )
             daemon = ch.DaemonUnderTest(cfg, work).start()
             daemon.wait_ready(90)
 
             # 1. The provider answers 503 to everything for a while.
             fake.configure(down=True)
             campaign_id = ch.seed_campaign(cfg, ch.contact_phones(CONTACTS, 0))
-            ch.wait_until(lambda: fake.stats()["failures_503"] >= CONTACTS, 30, 0.1,
-                          "sends refused by the provider")
+            ch.wait_until(
+                lambda: fake.stats()["failures_503"] >= CONTACTS,
+                30,
+                0.1,
+                "sends refused by the provider",
+            )
             with contextlib.suppress(AssertionError):
                 alerts.wait_for("health:provider", "raised", timeout=OUTAGE_S * 2)
             facts["provider_down"] = observe(daemon, cfg, web_port, "provider")
-            facts["provider_alert_sent"] = [a for a in alerts.received
-                                            if "provider" in a["key"]]
+            facts["provider_alert_sent"] = [
+                a for a in alerts.received if "provider" in a["key"]
+            ]
             fake.configure(down=False)
             facts["provider_settled"] = settle(campaign_id, fake, SETTLE_S)
             facts["provider_audit"] = ch.audit(campaign_id, fake, options)
             with contextlib.suppress(AssertionError):
                 alerts.wait_for("health:provider", "resolved", timeout=15)
             facts["provider_resolved_sent"] = [
-                a for a in alerts.received
-                if "provider" in a["key"] and a["status"] == "resolved"]
+                a
+                for a in alerts.received
+                if "provider" in a["key"] and a["status"] == "resolved"
+            ]
 
             # 2. The disk holding the data dir is full.
             if tmpfs:
@@ -266,8 +309,12 @@ def embedded_run():
                 campaign2 = ch.seed_campaign(cfg, second)
                 # Full once the Message 1s are out: their acks and the
                 # replies (posted 2 s later) hit the full disk.
-                ch.wait_until(lambda: fake.stats()["sends_accepted"] >= 2 * CONTACTS,
-                              30, 0.05, "second campaign sent")
+                ch.wait_until(
+                    lambda: fake.stats()["sends_accepted"] >= 2 * CONTACTS,
+                    30,
+                    0.05,
+                    "second campaign sent",
+                )
                 web_restarts = role_restarts(daemon, "web")
                 refused = fake.stats()["webhooks_retried"]
                 started = time.monotonic()
@@ -276,14 +323,22 @@ def embedded_run():
                 _truncate_wals(data)
                 filler = _fill(data)
                 facts["disk_full"] = observe(daemon, cfg, web_port, "disk")
-                hold_outage(lambda: fake.stats()["webhooks_retried"] >= refused + 3,
-                            "webhooks refused while the disk is full", started)
+                hold_outage(
+                    lambda: fake.stats()["webhooks_retried"] >= refused + 3,
+                    "webhooks refused while the disk is full",
+                    started,
+                )
                 facts["disk_full_later"] = observe(daemon, cfg, web_port, "disk2")
                 facts["web_restarts_disk_full"] = (
-                    role_restarts(daemon, "web") - web_restarts)
+                    role_restarts(daemon, "web") - web_restarts
+                )
                 filler.unlink()
-                ch.wait_until(lambda: role_state(daemon, "web") == "RUNNING", 60, 0.1,
-                              "web running again")
+                ch.wait_until(
+                    lambda: role_state(daemon, "web") == "RUNNING",
+                    60,
+                    0.1,
+                    "web running again",
+                )
                 facts["disk_back"] = observe(daemon, cfg, web_port, "diskback")
                 facts["disk_settled"] = settle(campaign2, fake, SETTLE_S)
                 facts["disk_audit"] = ch.audit(campaign2, fake, options)
@@ -394,10 +449,13 @@ def cluster_run():
         web_port = ch.free_port()
         options = fake_options(web_port)
         with AlertReceiver() as alerts, FakeProvider(options) as fake:
-            extra = {"database": {"url": pg.url},
-                     "queue": {"backend": "redis", "url": redis.url}}
-            cfg = ch.write_config(work, tables_for(work, fake.url, web_port,
-                                                   alerts.url, extra))
+            extra = {
+                "database": {"url": pg.url},
+                "queue": {"backend": "redis", "url": redis.url},
+            }
+            cfg = ch.write_config(
+                work, tables_for(work, fake.url, web_port, alerts.url, extra)
+            )
             daemon = ch.DaemonUnderTest(cfg, work).start()
             daemon.wait_ready(90)
             phones = ch.contact_phones(CONTACTS * 2, 0)
@@ -409,8 +467,11 @@ def cluster_run():
             facts["redis_down"] = observe(daemon, cfg, web_port, "redis")
             # The status figures are refreshed off-loop (and Redis connects
             # are retried), so the error shows after a few seconds.
-            hold_outage(lambda: (daemon.status() or {}).get("queues_error"),
-                        "queues_error on the status socket", started)
+            hold_outage(
+                lambda: (daemon.status() or {}).get("queues_error"),
+                "queues_error on the status socket",
+                started,
+            )
             # The supervisor alerts once the outage lasts alerts.down_after_s.
             with contextlib.suppress(AssertionError):
                 ch.wait_until(lambda: alerts.received, 30, 0.2, "a queue alert")
@@ -425,15 +486,23 @@ def cluster_run():
             started = time.monotonic()
             pg.stop(mode="fast")
             facts["pg_down"] = observe(daemon, cfg, web_port, "pg")
-            hold_outage(lambda: (daemon.status() or {}).get("db_error"),
-                        "db_error on the status socket", started)
+            hold_outage(
+                lambda: (daemon.status() or {}).get("db_error"),
+                "db_error on the status socket",
+                started,
+            )
             seen_before = len(alerts.received)
             with contextlib.suppress(AssertionError):
-                ch.wait_until(lambda: len(alerts.received) > seen_before, 30, 0.2,
-                              "a database alert")
+                ch.wait_until(
+                    lambda: len(alerts.received) > seen_before,
+                    30,
+                    0.2,
+                    "a database alert",
+                )
             facts["pg_down_later"] = observe(daemon, cfg, web_port, "pg2")
-            facts["pg_alerts_sent"] = [a for a in alerts.received
-                                       if a not in facts["redis_alerts_sent"]]
+            facts["pg_alerts_sent"] = [
+                a for a in alerts.received if a not in facts["redis_alerts_sent"]
+            ]
             pg.start()
             facts["pg_back"] = observe(daemon, cfg, web_port, "pgback")
             facts["pg_settled"] = settle(campaign2, fake, SETTLE_S)
@@ -544,15 +613,15 @@ def _late_reply(make_config, *, others: int) -> int:
     `others`: contacts of the same campaign still waiting for Message 1, which
     keep the campaign running. Returns the number of Message 2 rows created.
     """
-    from daemon import campaigns
-    from daemon.queue import make_queues
+    from daemon.app.tasks import Tasks
+    from daemon.domain import campaigns
     from daemon.store.db import open_database
     from daemon.store.models import Contact
     from daemon.store.models import InboundEvent
     from daemon.store.models import Message
     from daemon.store.models import database
     from daemon.store.models import utcnow
-    from daemon.tasks import Tasks
+    from daemon.store.queue import make_queues
 
     window_h = 1.0
     cfg = make_config("sqlite", {"campaigns": {"reply_window_h": window_h}})
@@ -560,27 +629,38 @@ def _late_reply(make_config, *, others: int) -> int:
     queues = make_queues(cfg)
     try:
         sent_at = utcnow()
-        contacts = [Contact.create(phone=f"+3361234{i:04d}", name="A")
-                    for i in range(1 + others)]
-        campaign = campaigns.create_campaign("late", "Bonjour", "Merci",
-                                             [c.id for c in contacts])
+        contacts = [
+            Contact.create(phone=f"+3361234{i:04d}", name="A")
+            for i in range(1 + others)
+        ]
+        campaign = campaigns.create_campaign(
+            "late", "Bonjour", "Merci", [c.id for c in contacts]
+        )
         tasks = Tasks(cfg, queues)
         campaigns.start_campaign(campaign.id, tasks)
         first = Message.get_by_id(sorted(campaigns.fan_out(campaign.id))[0])
         claimed = campaigns.claim(first.id, "test:1", 60, now=sent_at)
         campaigns.record_sent(claimed, "test:1", "p1", "w1", now=sent_at)
         window = dt.timedelta(hours=window_h)
-        reply = {"event": "message:in:new", "id": "late-1",
-                 "data": {"id": "late-1", "fromNumber": first.phone, "body": "oui"}}
+        reply = {
+            "event": "message:in:new",
+            "id": "late-1",
+            "data": {"id": "late-1", "fromNumber": first.phone, "body": "oui"},
+        }
         event = InboundEvent.create(
-            provider="wassenger", dedupe_key="late-1", event_type="message:in:new",
+            provider="wassenger",
+            dedupe_key="late-1",
+            event_type="message:in:new",
             payload=json.dumps(reply),
-            received_at=sent_at + window - dt.timedelta(seconds=30))
+            received_at=sent_at + window - dt.timedelta(seconds=30),
+        )
         if others:  # still waiting for their Message 1: the campaign runs on
             Message.update(next_attempt_at=sent_at + 2 * window).where(
-                Message.id != first.id).execute()
-        campaigns.expire_interactions(window_h, now=sent_at + window
-                                      + dt.timedelta(seconds=5))
+                Message.id != first.id
+            ).execute()
+        campaigns.expire_interactions(
+            window_h, now=sent_at + window + dt.timedelta(seconds=5)
+        )
         tasks.clock = lambda: sent_at + window + dt.timedelta(seconds=60)
         tasks.process_event(event.id)
         return Message.select().where(Message.kind == 2).count()

@@ -6,15 +6,15 @@ import jsonschema_rs
 import pytest
 import requests
 
-from daemon import campaigns
-from daemon.queue import make_queues
+from daemon.app.tasks import Tasks
+from daemon.domain import campaigns
+from daemon.roles.web.app import WebServer
+from daemon.roles.web.app import create_app
 from daemon.store.db import open_database
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
-from daemon.tasks import Tasks
-from daemon.web.app import WebServer
-from daemon.web.app import create_app
+from daemon.store.queue import make_queues
 
 pytestmark = pytest.mark.timeout(90)
 

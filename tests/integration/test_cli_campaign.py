@@ -10,7 +10,7 @@ import pytest
 
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
-from daemon.queue import make_queues
+from daemon.store.queue import make_queues
 from tests.helpers import subprocess_env
 
 M1 = "Bonjour {name}, une question sur {city} ?"

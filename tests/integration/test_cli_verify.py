@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
+from daemon.app.tasks import Tasks
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
-from daemon.queue import make_queues
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
 from tests.helpers import free_port
 from tests.helpers import subprocess_env
 

@@ -19,21 +19,21 @@ import time
 
 import pytest
 
-from daemon import campaigns
-from daemon import events
-from daemon import jobs
-from daemon import status
-from daemon.alerts import active_alerts
+from daemon.app import jobs
+from daemon.domain import campaigns
+from daemon.domain import events
+from daemon.domain.alerts import active_alerts
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
+from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import utcnow
-from daemon.web.webhooks import wait_enqueued
+from daemon.supervision import status
 from tests.helpers import subprocess_env
 from tests.integration.test_api import TOKEN
 from tests.integration.test_api import Api

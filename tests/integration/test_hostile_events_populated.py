@@ -19,15 +19,15 @@ import json
 import pytest
 import requests
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.base import sign_hmac_sha256
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
+from daemon.roles.web.app import WebServer
+from daemon.roles.web.app import create_app
 from daemon.store.models import InboundEvent
 from daemon.store.models import MemberState
 from daemon.store.models import Message
-from daemon.web.app import WebServer
-from daemon.web.app import create_app
 from tests.event_helpers import contact
 from tests.event_helpers import interactions
 from tests.event_helpers import member_id

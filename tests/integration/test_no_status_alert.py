@@ -14,14 +14,15 @@ import itertools
 
 import pytest
 
-from daemon import campaigns
-from daemon import jobs
-from daemon import monitoring
-from daemon.alerts import active_alerts
+from daemon.app import jobs
+from daemon.app.tasks import Tasks
+from daemon.domain import campaigns
+from daemon.domain import monitoring
+from daemon.domain.alerts import active_alerts
 from daemon.providers import make_provider
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
-from daemon.queue import make_queues
+from daemon.roles.web.webhooks import event_type_of
 from daemon.store.db import open_database
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignStatus
@@ -29,8 +30,7 @@ from daemon.store.models import Contact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
-from daemon.tasks import Tasks
-from daemon.web.webhooks import event_type_of
+from daemon.store.queue import make_queues
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,8 +11,8 @@ import datetime as dt
 
 import pytest
 
-from daemon import campaigns
-from daemon import unconfirmed
+from daemon.domain import campaigns
+from daemon.domain import unconfirmed
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact

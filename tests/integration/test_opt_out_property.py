@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import Contact

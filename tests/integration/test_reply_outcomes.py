@@ -13,7 +13,7 @@ import datetime as dt
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact

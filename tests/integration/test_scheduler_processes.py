@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.leader import current_holder
-from daemon.leader import read_state
-from daemon.leader import state_path
-from daemon.queue import make_queues
+from daemon.app.tasks import Tasks
+from daemon.roles.leader import current_holder
+from daemon.roles.leader import read_state
+from daemon.roles.leader import state_path
 from daemon.store.db import open_database
 from daemon.store.models import database
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
 from tests.helpers import subprocess_env
 from tests.helpers import wait_for
 

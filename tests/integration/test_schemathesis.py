@@ -18,13 +18,13 @@ from schemathesis.checks import response_schema_conformance
 from schemathesis.checks import status_code_conformance
 
 from daemon import config as config_mod
-from daemon.queue import make_queues
+from daemon.app.tasks import Tasks
+from daemon.roles.web.app import WebServer
+from daemon.roles.web.app import create_app
+from daemon.roles.web.openapi import build_spec
 from daemon.store.db import open_database
 from daemon.store.models import database
-from daemon.tasks import Tasks
-from daemon.web.app import WebServer
-from daemon.web.app import create_app
-from daemon.web.openapi import build_spec
+from daemon.store.queue import make_queues
 
 TOKEN = "fuzz-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

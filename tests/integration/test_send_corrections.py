@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers import meta
 from daemon.providers import webhook_parser
 from daemon.providers.fake import FakeOptions

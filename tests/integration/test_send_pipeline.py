@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
@@ -84,12 +84,10 @@ def row(message_id: int) -> Message:
 
 
 def member_state(message: Message) -> str:
-    return (
-        CampaignContact.get(
-            CampaignContact.campaign == message.campaign_id,
-            CampaignContact.contact == message.contact_id,
-        ).state
-    )
+    return CampaignContact.get(
+        CampaignContact.campaign == message.campaign_id,
+        CampaignContact.contact == message.contact_id,
+    ).state
 
 
 def scheduled_etas(huey) -> list[dt.datetime]:
@@ -146,8 +144,10 @@ def test_task_enqueued_three_times_is_sent_once_by_a_worker(
         with running_workers(cfg, ["messages"], tmp_path / "logs") as workers:
             # The fan-out task and 3 x 30 sends; the queue drains when all ran.
             wait_with_logs(
-                lambda: pipeline.queues.messages.pending_count() == 0
-                and sent_count(row(ids[0]).campaign_id) == len(ids),
+                lambda: (
+                    pipeline.queues.messages.pending_count() == 0
+                    and sent_count(row(ids[0]).campaign_id) == len(ids)
+                ),
                 workers,
                 timeout=30,
                 what="every message sent and the queue drained",
@@ -165,8 +165,15 @@ def test_task_enqueued_three_times_is_sent_once_by_a_worker(
 def test_server_errors_retry_on_the_backoff_then_fail(pipeline_for, fake):
     clock = ManualClock(T0)
     pipeline = pipeline_for(
-        {"retry": {"base_s": 60, "factor": 2, "cap_s": 3600, "jitter": 0,
-                   "max_attempts": 4}},
+        {
+            "retry": {
+                "base_s": 60,
+                "factor": 2,
+                "cap_s": 3600,
+                "jitter": 0,
+                "max_attempts": 4,
+            }
+        },
         clock,
     )
     fake.configure(fail_rate=1.0)
@@ -205,8 +212,9 @@ def test_server_errors_retry_on_the_backoff_then_fail(pipeline_for, fake):
 
 def test_client_error_fails_at_once_with_the_providers_reason(pipeline_for, fake):
     pipeline = pipeline_for()
-    contact = Contact.create(phone=invalid_phone_for(1), name="Nobody",
-                             variables={"city": "Lyon"})
+    contact = Contact.create(
+        phone=invalid_phone_for(1), name="Nobody", variables={"city": "Lyon"}
+    )
     campaign, (message_id,) = running_campaign(pipeline, contact_ids=[contact.id])
 
     assert pipeline.tasks.deliver(message_id) == "failed"
@@ -459,8 +467,14 @@ def test_message_2_is_not_paced(pipeline_for, fake):
     # Today, before the send window opens.
     clock = ManualClock(dt.datetime.combine(utcnow().date(), dt.time(6, 30)))
     pipeline = pipeline_for(
-        {"pacing": {"per_minute": 1, "daily_cap": 1, "window_start": "09:00",
-                    "window_end": "18:00"}},
+        {
+            "pacing": {
+                "per_minute": 1,
+                "daily_cap": 1,
+                "window_start": "09:00",
+                "window_end": "18:00",
+            }
+        },
         clock,
     )
     campaign, (message_id,) = running_campaign(pipeline)
@@ -469,7 +483,11 @@ def test_message_2_is_not_paced(pipeline_for, fake):
         campaigns.claim(message_id, "me:1", 60, clock()), "me:1", "p1", None, clock()
     )
     reply = campaigns.handle_reply(
-        first.phone, "oui", is_group=False, window_h=24, opt_out_keywords=["STOP"],
+        first.phone,
+        "oui",
+        is_group=False,
+        window_h=24,
+        opt_out_keywords=["STOP"],
         now=clock(),
     )
     assert reply.outcome == "message_2_queued"

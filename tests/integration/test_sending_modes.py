@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
-from daemon.queue import QUEUE_NAMES
 from daemon.store.models import MemberState
 from daemon.store.models import Message
+from daemon.store.queue import QUEUE_NAMES
 from tests.send_helpers import assert_each_reference_once
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import member_counts

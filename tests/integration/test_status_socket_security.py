@@ -21,7 +21,7 @@ import time
 import psutil
 import pytest
 
-from daemon import status as status_mod
+from daemon.supervision import status as status_mod
 from tests.helpers import require
 from tests.helpers import wait_for
 from tests.process.fixture_roles import FixtureDaemon

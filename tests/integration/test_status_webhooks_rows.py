@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import MemberState

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.runtime import InFlight

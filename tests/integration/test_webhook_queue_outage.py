@@ -21,13 +21,13 @@ import pytest
 import redis
 import requests
 
-from daemon.queue import make_queues
+from daemon.app.tasks import Tasks
+from daemon.roles.web.app import WebServer
+from daemon.roles.web.app import create_app
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
-from daemon.tasks import Tasks
-from daemon.web.app import WebServer
-from daemon.web.app import create_app
+from daemon.store.queue import make_queues
 from tests.conftest import _missing
 from tests.helpers import free_port
 from tests.helpers import wait_for

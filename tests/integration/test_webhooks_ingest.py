@@ -16,14 +16,14 @@ import psycopg
 import pytest
 import requests
 
-from daemon.queue import make_queues
+from daemon.app.tasks import Tasks
+from daemon.roles.web.app import WebServer
+from daemon.roles.web.app import create_app
+from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
-from daemon.tasks import Tasks
-from daemon.web.app import WebServer
-from daemon.web.app import create_app
-from daemon.web.webhooks import wait_enqueued
+from daemon.store.queue import make_queues
 from tests.conftest import PG_URL
 
 pytestmark = pytest.mark.timeout(90)

@@ -35,8 +35,8 @@ import psutil
 
 from daemon import config as config_mod
 from daemon import runtime
-from daemon import status as status_mod
-from daemon.child import RoleSpec
+from daemon.supervision import status as status_mod
+from daemon.supervision.child import RoleSpec
 from tests.helpers import merge
 from tests.helpers import wait_for
 
@@ -351,7 +351,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = config_mod.load(args.config)
     if args.mode == "supervise":
-        from daemon import supervisor
+        from daemon.supervision import supervisor
 
         return supervisor.main(cfg, roles=fixture_roles)
     return FixtureChild(args.role, cfg).run()

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import status as status_mod
+from daemon.supervision import status as status_mod
 from tests.helpers import free_port
 from tests.helpers import require
 from tests.helpers import subprocess_env
@@ -24,7 +24,7 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROLE_MODULES = ("daemon.web.app", "daemon.worker", "daemon.scheduler")
+ROLE_MODULES = ("daemon.roles.web.app", "daemon.roles.worker", "daemon.roles.scheduler")
 MISSING = [m for m in ROLE_MODULES if importlib.util.find_spec(m) is None]
 
 

@@ -16,7 +16,8 @@ from tests.process.fixture_roles import FixtureDaemon
 # Real processes: each test takes several seconds.
 pytestmark = pytest.mark.slow
 
-# The supervisor's log line for a SIGKILL it sends to a role (daemon/child.py).
+# The supervisor's log line for a SIGKILL it sends to a role
+# (daemon/supervision/child.py).
 SIGKILL_LINE = re.compile(r"(\S+): SIGKILL pid (\d+) \(([^)]*)\)")
 
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from daemon.systemd import Notifier
+from daemon.supervision.systemd import Notifier
 from tests.helpers import wait_for
 from tests.process.fixture_roles import FixtureDaemon
 

@@ -29,19 +29,19 @@ from urllib.parse import urlparse
 
 import pytest
 
-from daemon import campaigns
+from daemon.app.tasks import Tasks
+from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
-from daemon.queue import make_queues
+from daemon.roles.web.app import WebServer
+from daemon.roles.web.app import create_app
 from daemon.runtime import inflight_dir
 from daemon.runtime import read_inflight
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import database
-from daemon.tasks import Tasks
-from daemon.web.app import WebServer
-from daemon.web.app import create_app
+from daemon.store.queue import make_queues
 from tests.helpers import wait_for
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import member_counts

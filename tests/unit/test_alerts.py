@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-from daemon import alerts
-from daemon.states import ChildState
+from daemon.domain import alerts
 from daemon.store.db import open_database
 from daemon.store.models import Alert
+from daemon.supervision.states import ChildState
 from tests.helpers import wait_for
 from tests.process.fixture_roles import AlertReceiver
 

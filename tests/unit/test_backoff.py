@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from daemon.campaigns import Backoff
 from daemon.config import RetryConfig
+from daemon.domain.campaigns import Backoff
 
 
 def test_delays_double_from_the_base():

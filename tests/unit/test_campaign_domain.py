@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.errors import StateError

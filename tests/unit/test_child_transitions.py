@@ -11,13 +11,13 @@ import signal
 
 import pytest
 
-from daemon.child import Child
-from daemon.child import ChildPolicy
-from daemon.child import RoleSpec
-from daemon.child import describe_exit
-from daemon.child import read_beat
 from daemon.runtime import HEARTBEAT_ENV
-from daemon.states import ChildState
+from daemon.supervision.child import Child
+from daemon.supervision.child import ChildPolicy
+from daemon.supervision.child import RoleSpec
+from daemon.supervision.child import describe_exit
+from daemon.supervision.child import read_beat
+from daemon.supervision.states import ChildState
 
 S = ChildState
 WALL = 1_700_000_000.0
@@ -475,8 +475,10 @@ def test_respawn_adopts_the_warm_spare_instead_of_exec(make_child, ops):
     child.check_heartbeat(5.05, WALL)
     assert child.state is S.RUNNING
     child.kill(6.0, "test")
-    assert ops.signals[-2:] == [(4242, signal.SIGKILL, True),
-                                (4242, signal.SIGKILL, False)]
+    assert ops.signals[-2:] == [
+        (4242, signal.SIGKILL, True),
+        (4242, signal.SIGKILL, False),
+    ]
 
 
 def test_without_a_spare_the_respawn_is_exec_ed(make_child, ops):

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon.contacts import ContactRow
-from daemon.contacts import import_rows
-from daemon.contacts import normalize_phone
-from daemon.contacts import parse_csv_file
-from daemon.contacts import parse_csv_text
-from daemon.contacts import parse_records
+from daemon.domain.contacts import ContactRow
+from daemon.domain.contacts import import_rows
+from daemon.domain.contacts import normalize_phone
+from daemon.domain.contacts import parse_csv_file
+from daemon.domain.contacts import parse_csv_text
+from daemon.domain.contacts import parse_records
 from daemon.errors import InputError
 from daemon.store.db import open_database
 from daemon.store.models import Contact

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.contacts import import_csv_file
-from daemon.contacts import import_rows
-from daemon.contacts import parse_csv_file
+from daemon.domain.contacts import import_csv_file
+from daemon.domain.contacts import import_rows
+from daemon.domain.contacts import parse_csv_file
 from daemon.store.models import Contact
 from tests.send_helpers import close_db
 from tests.send_helpers import open_db

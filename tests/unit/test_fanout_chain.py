@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.store.models import Message
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import close_db

@@ -23,17 +23,24 @@ from hypothesis import strategies as st
 from daemon import config as config_mod
 from daemon.errors import ConfigError
 
-TABLES = {f.name: f.type for f in dataclasses.fields(config_mod.Config)
-          if f.name != "source"}
+TABLES = {
+    f.name: f.type for f in dataclasses.fields(config_mod.Config) if f.name != "source"
+}
 FIELDS = {
     name: [f.name for f in dataclasses.fields(getattr(config_mod, cls))]
     for name, cls in (
-        ("daemon", "DaemonConfig"), ("database", "DatabaseConfig"),
-        ("queue", "QueueConfig"), ("provider", "ProviderConfig"),
-        ("web", "WebConfig"), ("status", "StatusConfig"),
-        ("workers", "WorkersConfig"), ("retry", "RetryConfig"),
-        ("pacing", "PacingConfig"), ("campaigns", "CampaignsConfig"),
-        ("alerts", "AlertsConfig"), ("supervisor", "SupervisorConfig"),
+        ("daemon", "DaemonConfig"),
+        ("database", "DatabaseConfig"),
+        ("queue", "QueueConfig"),
+        ("provider", "ProviderConfig"),
+        ("web", "WebConfig"),
+        ("status", "StatusConfig"),
+        ("workers", "WorkersConfig"),
+        ("retry", "RetryConfig"),
+        ("pacing", "PacingConfig"),
+        ("campaigns", "CampaignsConfig"),
+        ("alerts", "AlertsConfig"),
+        ("supervisor", "SupervisorConfig"),
         ("scheduler", "SchedulerConfig"),
     )
 }
@@ -57,9 +64,25 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(),
     text,
-    st.sampled_from(["", "0", "00:00", "24:00", "25:61", "UTC", "Europe/Paris",
-                     "redis://x", "sqlite:///x.db", "postgresql://u@h/db",
-                     "wassenger", "meta", "debug", "redis", "postgres"]),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "00:00",
+            "24:00",
+            "25:61",
+            "UTC",
+            "Europe/Paris",
+            "redis://x",
+            "sqlite:///x.db",
+            "postgresql://u@h/db",
+            "wassenger",
+            "meta",
+            "debug",
+            "redis",
+            "postgres",
+        ]
+    ),
     st.datetimes(),
     st.dates(),
     st.times(),
@@ -77,16 +100,20 @@ values = st.recursive(
 @st.composite
 def table_body(draw, table: str):
     known = FIELDS.get(table, []) + SECRET_FILE_KEYS.get(table, [])
-    keys = draw(st.lists(
-        st.one_of(st.sampled_from(known) if known else names, names),
-        max_size=6, unique=True,
-    ))
+    keys = draw(
+        st.lists(
+            st.one_of(st.sampled_from(known) if known else names, names),
+            max_size=6,
+            unique=True,
+        )
+    )
     body = {}
     for key in keys:
         if key.endswith("_file"):
             # A relative name that does not exist: never /dev/zero or a FIFO.
-            body[key] = draw(st.one_of(
-                st.just(""), st.integers(), st.just("no-such-secret-file")))
+            body[key] = draw(
+                st.one_of(st.just(""), st.integers(), st.just("no-such-secret-file"))
+            )
         else:
             body[key] = draw(values)
     return body
@@ -94,8 +121,11 @@ def table_body(draw, table: str):
 
 @st.composite
 def documents(draw):
-    tables = draw(st.lists(st.one_of(st.sampled_from(sorted(TABLES)), names),
-                           max_size=5, unique=True))
+    tables = draw(
+        st.lists(
+            st.one_of(st.sampled_from(sorted(TABLES)), names), max_size=5, unique=True
+        )
+    )
     doc = {}
     for name in tables:
         if draw(st.integers(0, 9)) == 0:

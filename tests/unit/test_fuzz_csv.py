@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from daemon.contacts import ParsedCsv
-from daemon.contacts import decode_csv_bytes
-from daemon.contacts import parse_csv_text
+from daemon.domain.contacts import ParsedCsv
+from daemon.domain.contacts import decode_csv_bytes
+from daemon.domain.contacts import parse_csv_text
 from daemon.errors import InputError
 
 FUZZ = settings(
@@ -37,14 +37,39 @@ csv_text = st.one_of(
 )
 cells = st.one_of(
     st.text(alphabet=CSV_CHARS, max_size=20),
-    st.sampled_from(["+33612345678", "06 12 34 56 78", "0612345678",
-                     "+1 202-555-0143", "0033612345678", "+33 6 12 34 56 78 ext 9",
-                     "", "phone", "nan", "1e9", "+" + "9" * 30]),
+    st.sampled_from(
+        [
+            "+33612345678",
+            "06 12 34 56 78",
+            "0612345678",
+            "+1 202-555-0143",
+            "0033612345678",
+            "+33 6 12 34 56 78 ext 9",
+            "",
+            "phone",
+            "nan",
+            "1e9",
+            "+" + "9" * 30,
+        ]
+    ),
     st.text(max_size=10),
 )
 header_names = st.one_of(
-    st.sampled_from(["phone", "Phone", "telephone", "téléphone", "mobile",
-                     "name", "Nom", "city", "", " ", "phone"]),
+    st.sampled_from(
+        [
+            "phone",
+            "Phone",
+            "telephone",
+            "téléphone",
+            "mobile",
+            "name",
+            "Nom",
+            "city",
+            "",
+            " ",
+            "phone",
+        ]
+    ),
     st.text(alphabet=CSV_CHARS, max_size=8),
 )
 

@@ -10,16 +10,16 @@ import datetime as dt
 
 import pytest
 
-from daemon import campaigns
-from daemon import jobs
-from daemon import monitoring
-from daemon.alerts import active_alerts
+from daemon.app import jobs
+from daemon.app.tasks import Tasks
+from daemon.domain import campaigns
+from daemon.domain import monitoring
+from daemon.domain.alerts import active_alerts
+from daemon.domain.pacing import Pacer
 from daemon.errors import InputError
-from daemon.pacing import Pacer
 from daemon.providers import make_provider
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
-from daemon.queue import make_queues
 from daemon.store.db import open_database
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
@@ -34,7 +34,7 @@ from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import utcnow
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
 
 pytestmark = pytest.mark.timeout(60)
 

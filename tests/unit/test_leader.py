@@ -15,21 +15,21 @@ import time
 
 import pytest
 
-from daemon.leader import DatabaseLeaseStore
-from daemon.leader import LeaderLease
-from daemon.leader import RedisLeaseStore
-from daemon.leader import current_holder
-from daemon.leader import make_lease_store
-from daemon.leader import read_state
-from daemon.leader import write_state
-from daemon.queue import make_queues
-from daemon.scheduler import PeriodicJobs
-from daemon.scheduler import job_specs
+from daemon.app.tasks import Tasks
+from daemon.roles.leader import DatabaseLeaseStore
+from daemon.roles.leader import LeaderLease
+from daemon.roles.leader import RedisLeaseStore
+from daemon.roles.leader import current_holder
+from daemon.roles.leader import make_lease_store
+from daemon.roles.leader import read_state
+from daemon.roles.leader import write_state
+from daemon.roles.scheduler import PeriodicJobs
+from daemon.roles.scheduler import job_specs
 from daemon.store.db import open_database
 from daemon.store.models import JobRun
 from daemon.store.models import Lease
 from daemon.store.models import database
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
 from tests.conftest import REDIS_URL
 from tests.helpers import free_port
 from tests.helpers import wait_for

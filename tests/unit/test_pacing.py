@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from daemon.config import PacingConfig
-from daemon.pacing import Pacer
+from daemon.domain.pacing import Pacer
 from daemon.store.models import DailyCounter
 from daemon.store.models import Lease
 from daemon.store.models import database

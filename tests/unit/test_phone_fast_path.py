@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
-from daemon import contacts
+from daemon.domain import contacts
 from daemon.errors import InputError
 
 COUNTRY_CODES = sorted(str(code) for code in COUNTRY_CODE_TO_REGION_CODE)

@@ -1,11 +1,11 @@
 """The child state enum and its groups."""
 
-from daemon.states import ALIVE_STATES
-from daemon.states import DEAD_STATES
-from daemon.states import DOWN_STATES
-from daemon.states import LEGAL_SOURCES
-from daemon.states import WAITING_STATES
-from daemon.states import ChildState
+from daemon.supervision.states import ALIVE_STATES
+from daemon.supervision.states import DEAD_STATES
+from daemon.supervision.states import DOWN_STATES
+from daemon.supervision.states import LEGAL_SOURCES
+from daemon.supervision.states import WAITING_STATES
+from daemon.supervision.states import ChildState
 
 
 def test_alive_and_dead_partition_every_state():

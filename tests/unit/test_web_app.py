@@ -9,15 +9,15 @@ import falcon
 import pytest
 from falcon import testing
 
+from daemon.app.tasks import Tasks
 from daemon.providers.base import sign_hmac_sha256
-from daemon.queue import make_queues
+from daemon.roles.web.app import create_app
+from daemon.roles.web.openapi import build_spec
+from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
-from daemon.tasks import Tasks
-from daemon.web.app import create_app
-from daemon.web.openapi import build_spec
-from daemon.web.webhooks import wait_enqueued
+from daemon.store.queue import make_queues
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,15 +14,15 @@ import time
 
 import pytest
 
-from daemon import campaigns
+from daemon.domain import campaigns
+from daemon.roles.web.webhooks import Enqueuer
+from daemon.roles.web.webhooks import EventWriter
+from daemon.roles.web.webhooks import WebhookIngest
+from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
 from daemon.store.models import utcnow
-from daemon.web.webhooks import Enqueuer
-from daemon.web.webhooks import EventWriter
-from daemon.web.webhooks import WebhookIngest
-from daemon.web.webhooks import wait_enqueued
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(60)

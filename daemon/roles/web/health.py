@@ -23,11 +23,11 @@ import falcon
 from prometheus_client.core import GaugeMetricFamily
 
 from daemon import metrics
-from daemon.queue import Queues
 from daemon.store.db import is_postgres
 from daemon.store.models import Lease
 from daemon.store.models import database
 from daemon.store.models import utcnow
+from daemon.store.queue import Queues
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class QueueDepthCollector:
 def count_unsettled() -> tuple[int, int]:
     """(dead-letter webhook events, unconfirmed sends), in one probe."""
     # Runs in a probe thread: its own connection, closed right after.
-    from daemon import unconfirmed
-    from daemon.events import dead_count
+    from daemon.domain import unconfirmed
+    from daemon.domain.events import dead_count
 
     with database.connection_context():
         return dead_count(), unconfirmed.count()

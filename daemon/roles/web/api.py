@@ -13,20 +13,20 @@ from typing import Any
 
 import falcon
 
-from daemon import campaigns
-from daemon import contacts as contacts_mod
-from daemon import events
+from daemon.domain import campaigns
+from daemon.domain import contacts as contacts_mod
+from daemon.domain import events
 from daemon.errors import NotFoundError
+from daemon.roles.web import bad_request
+from daemon.roles.web import json_kind
+from daemon.roles.web import parse_json_object
+from daemon.roles.web import read_body
+from daemon.roles.web.openapi import MAX_ID
+from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import database
-from daemon.web import bad_request
-from daemon.web import json_kind
-from daemon.web import parse_json_object
-from daemon.web import read_body
-from daemon.web.openapi import MAX_ID
-from daemon.web.openapi import MESSAGE_STATUSES
 
 PREFIX = "/api/v1"
 DEFAULT_PAGE = 100

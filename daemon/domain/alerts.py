@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 from daemon.config import AlertsConfig
 from daemon.config import Config
-from daemon.states import ChildState
 from daemon.store.models import Alert
 from daemon.store.models import database
 from daemon.store.models import utcnow
+from daemon.supervision.states import ChildState
 
 RAISED = "raised"
 RESOLVED = "resolved"
@@ -268,17 +268,27 @@ class RoleAlerts:
                 continue
             if child.state is ChildState.FATAL and fatal_key not in self.raised:
                 self.raised.add(fatal_key)
-                out.append((fatal_key, RAISED,
-                            f"{child.name} is FATAL after {len(child.exits)} exits "
-                            f"(last: {child.last_exit}); next try in "
-                            f"{max(0.0, child.retry_at - now):.0f}s"))
+                out.append(
+                    (
+                        fatal_key,
+                        RAISED,
+                        f"{child.name} is FATAL after {len(child.exits)} exits "
+                        f"(last: {child.last_exit}); next try in "
+                        f"{max(0.0, child.retry_at - now):.0f}s",
+                    )
+                )
             down_for = now - (child.down_since if child.down_since is not None else now)
             if down_for >= self.down_after_s and down_key not in self.raised:
                 self.raised.add(down_key)
-                out.append((down_key, RAISED,
-                            f"{child.name} not running for {down_for:.0f}s "
-                            f"({child.state.name}, last exit: "
-                            f"{child.last_exit or 'none'})"))
+                out.append(
+                    (
+                        down_key,
+                        RAISED,
+                        f"{child.name} not running for {down_for:.0f}s "
+                        f"({child.state.name}, last exit: "
+                        f"{child.last_exit or 'none'})",
+                    )
+                )
         return out
 
     def next_deadline(self, children) -> float | None:

@@ -38,28 +38,28 @@ import tomllib
 from pathlib import Path
 
 from daemon import __version__
-from daemon import alerts
 from daemon import config as config_mod
-from daemon.child import Child
-from daemon.child import ChildPolicy
-from daemon.child import OsProcesses
-from daemon.child import RoleSpec
-from daemon.child import describe_exit
+from daemon.domain import alerts
 from daemon.errors import EXIT_CONFIG
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import ConfigError
 from daemon.runtime import SUPERVISOR_PID_ENV
 from daemon.runtime import inflight_dir
 from daemon.runtime import setup_logging
-from daemon.states import WAITING_STATES
-from daemon.states import ChildState
-from daemon.status import AlreadyRunning
-from daemon.status import FigureGatherer
-from daemon.status import StatusServer
-from daemon.systemd import SYSTEMD_ENV
-from daemon.systemd import Notifier
+from daemon.supervision.child import Child
+from daemon.supervision.child import ChildPolicy
+from daemon.supervision.child import OsProcesses
+from daemon.supervision.child import RoleSpec
+from daemon.supervision.child import describe_exit
+from daemon.supervision.states import WAITING_STATES
+from daemon.supervision.states import ChildState
+from daemon.supervision.status import AlreadyRunning
+from daemon.supervision.status import FigureGatherer
+from daemon.supervision.status import StatusServer
+from daemon.supervision.systemd import SYSTEMD_ENV
+from daemon.supervision.systemd import Notifier
 
-log = logging.getLogger("daemon.supervisor")
+log = logging.getLogger("daemon.supervision.supervisor")
 
 # While a child is STARTING its first heartbeat is polled this often, so a
 # respawn is seen RUNNING within a few tens of ms, not a heartbeat interval.
@@ -113,7 +113,7 @@ def main(cfg: config_mod.Config, roles=None) -> int:
 def _migrate(cfg):
     import psutil
 
-    from daemon import unconfirmed
+    from daemon.domain import unconfirmed
     from daemon.runtime import clear_inflight
     from daemon.runtime import inflight_dir
     from daemon.runtime import read_inflight
@@ -1056,7 +1056,7 @@ class LeaseReleaser:
 
     def release(self, pid: int) -> tuple[int, int, int]:
         """(pid, rows queued again, rows unconfirmed)."""
-        from daemon import unconfirmed
+        from daemon.domain import unconfirmed
         from daemon.runtime import clear_inflight
         from daemon.runtime import read_inflight
 
@@ -1064,8 +1064,8 @@ class LeaseReleaser:
         with alerts.db_session():
             try:
                 if self._tasks is None:
-                    from daemon.queue import make_queues
-                    from daemon.tasks import Tasks
+                    from daemon.app.tasks import Tasks
+                    from daemon.store.queue import make_queues
 
                     self._tasks = Tasks(self.cfg, make_queues(self.cfg))
                 released = self._tasks.release_dead_worker(self.host, pid, in_flight)

@@ -23,15 +23,15 @@ import time
 
 from huey.consumer import Consumer
 
+from daemon.app.tasks import Tasks
 from daemon.config import Config
-from daemon.queue import make_queues
 from daemon.runtime import Heartbeat
 from daemon.runtime import TaskClock
 from daemon.runtime import die_with_parent
 from daemon.runtime import parent_alive
 from daemon.runtime import setup_logging
 from daemon.store.db import open_database
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from daemon import campaigns
+from daemon.domain import campaigns
 from daemon.runtime import owner_host_pid
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus

@@ -170,7 +170,7 @@ def replay(event_id: int, tasks, cfg=None) -> InboundEvent:
 
 def sync_alert(cfg=None) -> int:
     """Raise ``events:dead_letters`` while dead letters exist, else resolve it."""
-    from daemon import alerts
+    from daemon.domain import alerts
 
     count = dead_count()
     if count:

@@ -12,9 +12,9 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from daemon import campaigns
-from daemon import events
-from daemon import monitoring
+from daemon.domain import campaigns
+from daemon.domain import events
+from daemon.domain import monitoring
 from daemon.errors import InputError
 from daemon.store.models import JobRun
 from daemon.store.models import Lease
@@ -41,7 +41,7 @@ def reset_daily_monitoring(tasks, now: dt.datetime) -> str:
     """Close yesterday's counters and start today's at 0.
 
     Daily caps need no reset: the pacer counts them in the row for
-    (today, ``cap:<device>``), so a new day is a new row (daemon/pacing.py).
+    (today, ``cap:<device>``), so a new day is a new row (daemon/domain/pacing.py).
     """
     monitoring.persist_counters(now.date() - dt.timedelta(days=1), now)
     device = tasks.pacer.device

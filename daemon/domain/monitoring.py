@@ -336,7 +336,7 @@ def alert_message(part: str, result: dict) -> str:
 
 def record_health_check(report: HealthReport, now: dt.datetime, cfg=None) -> None:
     """Store the report, then raise or resolve one alert per part."""
-    from daemon import alerts
+    from daemon.domain import alerts
 
     try:
         HealthCheck.create(checked_at=now, ok=report.ok, details=report.details)

@@ -28,15 +28,15 @@ from daemon.errors import EXIT_OK
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.errors import StateError
-from daemon.queue import Queues
+from daemon.roles.web import api
+from daemon.roles.web import health
+from daemon.roles.web import webhooks
+from daemon.roles.web.openapi import MAX_ID
+from daemon.roles.web.openapi import build_spec
 from daemon.store.db import is_postgres
 from daemon.store.models import database
 from daemon.store.models import utcnow
-from daemon.web import api
-from daemon.web import health
-from daemon.web import webhooks
-from daemon.web.openapi import MAX_ID
-from daemon.web.openapi import build_spec
+from daemon.store.queue import Queues
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +368,9 @@ def main(cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     runtime.die_with_parent()
-    from daemon.queue import make_queues
+    from daemon.app.tasks import Tasks
     from daemon.store.db import open_database
-    from daemon.tasks import Tasks
+    from daemon.store.queue import make_queues
 
     # The supervisor has migrated already; standalone `campaignd web` has not.
     # Migrating is idempotent and locked, so doing it here is harmless.

@@ -37,15 +37,15 @@ from daemon.config import Config
 from daemon.providers import webhook_parser
 from daemon.providers.base import as_text
 from daemon.providers.base import verify_hmac_sha256
+from daemon.roles.web import clean_text
+from daemon.roles.web import parse_json_object
+from daemon.roles.web import read_body
 from daemon.store.db import DURABLE_SYNCHRONOUS
 from daemon.store.db import is_postgres
 from daemon.store.db import set_synchronous
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
 from daemon.store.models import utcnow
-from daemon.web import clean_text
-from daemon.web import parse_json_object
-from daemon.web import read_body
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Enqueuer:
     round: the backend is down), stay unprocessed in inbound_event, where the
     sweeper finds them (campaigns.sweep, older than its grace). One Redis
     command cannot hold this thread longer than the pool's socket timeout
-    (daemon/queue.py), so the time limit is overrun by one command at most.
+    (daemon/store/queue.py), so the time limit is overrun by one command at most.
     """
 
     # Events per processing task: a batch is split so that both threads of

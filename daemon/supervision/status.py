@@ -260,7 +260,7 @@ class FigureGatherer:
         figures: dict = {}
         try:
             if self._queues is None:
-                from daemon.queue import make_queues
+                from daemon.store.queue import make_queues
 
                 self._queues = make_queues(self.cfg)
             figures["queues"] = self._queues.depths()
@@ -276,7 +276,7 @@ class FigureGatherer:
 
 def _leader_figures(cfg) -> dict:
     """The cluster's scheduler leader (Redis key or lease row) and our role."""
-    from daemon import leader
+    from daemon.roles import leader
 
     figures: dict = {}
     try:
@@ -293,9 +293,9 @@ def _leader_figures(cfg) -> dict:
 def _db_figures() -> dict:
     import peewee as pw
 
-    from daemon.alerts import active_alerts
-    from daemon.alerts import db_session
-    from daemon.events import dead_count
+    from daemon.domain.alerts import active_alerts
+    from daemon.domain.alerts import db_session
+    from daemon.domain.events import dead_count
     from daemon.store.models import Campaign
     from daemon.store.models import HealthCheck
     from daemon.store.models import Message
@@ -303,11 +303,13 @@ def _db_figures() -> dict:
     with db_session():
         campaigns = dict(
             Campaign.select(Campaign.status, pw.fn.COUNT(Campaign.id))
-            .group_by(Campaign.status).tuples()
+            .group_by(Campaign.status)
+            .tuples()
         )
         messages = dict(
             Message.select(Message.status, pw.fn.COUNT(Message.id))
-            .group_by(Message.status).tuples()
+            .group_by(Message.status)
+            .tuples()
         )
         check = HealthCheck.select().order_by(HealthCheck.checked_at.desc()).first()
         active = active_alerts()
@@ -316,7 +318,9 @@ def _db_figures() -> dict:
         "campaigns": campaigns,
         "messages": messages,
         "dead_letters": dead_letters,
-        "last_health_check": None if check is None else {
+        "last_health_check": None
+        if check is None
+        else {
             "checked_at": check.checked_at.isoformat(timespec="seconds") + "Z",
             "ok": check.ok,
             "details": check.details,

@@ -20,18 +20,16 @@ from collections.abc import Iterable
 
 import peewee as pw
 
-from daemon import campaigns
 from daemon import metrics
-from daemon import unconfirmed
 from daemon.config import Config
-from daemon.pacing import Pacer
+from daemon.domain import campaigns
+from daemon.domain import unconfirmed
+from daemon.domain.pacing import Pacer
 from daemon.providers.base import PauseCampaignError
 from daemon.providers.base import PermanentError
 from daemon.providers.base import RecipientOptedOutError
 from daemon.providers.base import RetryableError
 from daemon.providers.base import UnconfirmedError
-from daemon.queue import PRIORITY_HIGH
-from daemon.queue import Queues
 from daemon.runtime import InFlight
 from daemon.runtime import TaskClock
 from daemon.runtime import inflight_dir
@@ -42,6 +40,8 @@ from daemon.store.models import Message
 from daemon.store.models import WaStatus
 from daemon.store.models import database
 from daemon.store.models import utcnow
+from daemon.store.queue import PRIORITY_HIGH
+from daemon.store.queue import Queues
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Tasks:
         self.lease_s = cfg.workers.hard_time_limit_s + cfg.daemon.stop_timeout_s + 30.0
         self._inflight: InFlight | None = None
         # Set when this worker stops (hard limit, recycling, shutdown): deliver
-        # claims nothing more (daemon/worker.py sets it).
+        # claims nothing more (daemon/roles/worker.py sets it).
         self.draining = threading.Event()
         # The original system's task names, each on its original queue.
         self.send_single_message = self._register(
@@ -313,7 +313,7 @@ class Tasks:
         dead worker is found by the sweeper (running campaign, pending members
         without a Message 1), which starts the chain again from 0.
         """
-        from daemon.queue_bulk import enqueue_many
+        from daemon.store.queue_bulk import enqueue_many
 
         ids, next_after = campaigns.fan_out_batch(
             campaign_id,
@@ -368,11 +368,11 @@ class Tasks:
 
         A failure is counted on the row in a transaction of its own (attempts,
         last_error); at web.event_max_attempts the event becomes a dead letter
-        (daemon/events.py): no longer replayed by the sweeper, no longer
+        (daemon/domain/events.py): no longer replayed by the sweeper, no longer
         holding back expiry. The database being unreachable is not the
         event's fault: that is raised and counts nothing.
         """
-        from daemon import events
+        from daemon.domain import events
         from daemon.providers import webhook_parser
 
         message2_ids: list[int] = []
@@ -513,7 +513,7 @@ class Tasks:
 
     def job(self, name: str) -> str:
         """Run one periodic job by name (the scheduler only enqueues these)."""
-        from daemon import jobs
+        from daemon.app import jobs
 
         return jobs.run(name, self, self.clock())
 

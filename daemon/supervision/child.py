@@ -30,11 +30,11 @@ import psutil
 
 from daemon.config import Config
 from daemon.runtime import HEARTBEAT_ENV
-from daemon.states import ALIVE_STATES
-from daemon.states import DEAD_STATES
-from daemon.states import LEGAL_SOURCES
-from daemon.states import WAITING_STATES
-from daemon.states import ChildState
+from daemon.supervision.states import ALIVE_STATES
+from daemon.supervision.states import DEAD_STATES
+from daemon.supervision.states import LEGAL_SOURCES
+from daemon.supervision.states import WAITING_STATES
+from daemon.supervision.states import ChildState
 
 log = logging.getLogger(__name__)
 

@@ -1039,7 +1039,7 @@ def release_leases(key: str, now=None) -> int:
     """A dead process's rows that provably never left: queued again at once.
 
     `key` is `process_key(host, pid)`. Only for rows the caller knows were
-    not on the wire (see daemon/unconfirmed.py for the others).
+    not on the wire (see daemon/domain/unconfirmed.py for the others).
     """
     return (
         Message.update(

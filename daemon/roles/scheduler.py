@@ -6,10 +6,10 @@ here, inside the child, because a scheduler started before a fork is silently
 dead in the child. Its jobs:
 
 - ``leader``, every lease / 3: take or renew the leader lease
-  (daemon/leader.py) and write <data_dir>/run/scheduler.json;
+  (daemon/roles/leader.py) and write <data_dir>/run/scheduler.json;
 - ``heartbeat``, every supervisor.heartbeat_interval_s: beat the supervisor's
   heartbeat file, which proves this loop is alive;
-- one per periodic job (daemon/jobs.py): on the leader only, enqueue
+- one per periodic job (daemon/app/jobs.py): on the leader only, enqueue
   ``run_job(name)`` on the ``default`` queue; a worker:default runs it.
 
 Each firing is also a compare-and-set on ``job_run.last_run_at``: a job
@@ -40,13 +40,13 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from daemon.app.tasks import Tasks
 from daemon.config import Config
-from daemon.leader import LeaderLease
-from daemon.leader import db_session
-from daemon.leader import make_lease_store
-from daemon.leader import state_path
-from daemon.leader import write_state
-from daemon.queue import make_queues
+from daemon.roles.leader import LeaderLease
+from daemon.roles.leader import db_session
+from daemon.roles.leader import make_lease_store
+from daemon.roles.leader import state_path
+from daemon.roles.leader import write_state
 from daemon.runtime import Heartbeat
 from daemon.runtime import die_with_parent
 from daemon.runtime import parent_alive
@@ -54,7 +54,7 @@ from daemon.runtime import setup_logging
 from daemon.store.db import open_database
 from daemon.store.models import JobRun
 from daemon.store.models import utcnow
-from daemon.tasks import Tasks
+from daemon.store.queue import make_queues
 
 log = logging.getLogger(__name__)
 
