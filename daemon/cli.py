@@ -20,6 +20,15 @@ from daemon.errors import DaemonError
 ROLES_HELP = "web | worker:default | worker:messages | worker:retry | "
 ROLES_HELP += "worker:verification | scheduler"
 
+# What the warm spare imports before it is told which role to become.
+STANDBY_IMPORTS = (
+    "daemon.roles.worker",
+    "daemon.roles.web.app",
+    "daemon.roles.scheduler",
+    "daemon.providers",
+    "daemon.app.jobs",
+)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -157,9 +166,13 @@ def dispatch(args) -> int:
         print(config_mod.to_toml(config_mod.masked(cfg)), end="")
         return 0
     if command == "run":
-        return importlib.import_module("daemon.supervision.supervisor").main(cfg)
+        from daemon.supervision import supervisor
+
+        return supervisor.main(cfg, hooks=supervisor_hooks())
     if command == "child" and args.standby:
-        return importlib.import_module("daemon.runtime").standby(cfg)
+        from daemon.supervision.spare import standby
+
+        return standby(cfg, run_role, STANDBY_IMPORTS)
     if command == "child":
         return run_role(cfg, args.role)
     if command == "web":
@@ -182,6 +195,17 @@ def dispatch(args) -> int:
     if command == "events":
         return commands.events(cfg, args)
     raise AssertionError(f"unhandled command {command}")
+
+
+def supervisor_hooks():
+    """What the supervisor does to the application's rows, wired here so the
+    supervisor imports no application code (like gunicorn's server hooks)."""
+    from daemon.app import recovery
+    from daemon.supervision.hooks import SupervisorHooks
+
+    return SupervisorHooks(
+        on_start=recovery.release_at_start, lease_releaser=recovery.LeaseReleaser
+    )
 
 
 def run_role(cfg, role: str) -> int:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib
-import json
 import logging
 import os
 import secrets
@@ -39,15 +37,6 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 # What a spare imports while it waits: every role's module and the ones the
 # roles import lazily on their first task or request.
-STANDBY_IMPORTS = (
-    "daemon.roles.worker",
-    "daemon.roles.web.app",
-    "daemon.roles.scheduler",
-    "daemon.providers",
-    "daemon.app.jobs",
-)
-STANDBY_READY = b"ready\n"
-_STANDBY_FD = 0
 
 log = logging.getLogger(__name__)
 
@@ -123,53 +112,6 @@ def role_tag(role: str) -> str:
     """A short process name for a role: cd-web, cd-w-msg#2, cd-scheduler."""
     short = role.replace("worker:", "w-").replace("messages", "msg")
     return f"cd-{short}"[:15]
-
-
-def standby(cfg) -> int:
-    """The warm spare: import every role, then become the role we are sent.
-
-    The supervisor writes one JSON line ``{"role": ..., "heartbeat": ...}`` to
-    our stdin; EOF means we are not needed. Nothing is opened before that
-    line (no database, queue or socket), so the role starts exactly as a
-    freshly exec'ed child would, minus the imports.
-    """
-    die_with_parent()
-    setup_logging(cfg.daemon.log_level, "spare")
-    set_process_name("cd-spare")
-    skip_unused_drivers(cfg)
-    for module in STANDBY_IMPORTS:
-        importlib.import_module(module)
-    if cfg.database_url.startswith(("postgresql:", "postgres:")):
-        importlib.import_module("playhouse.postgres_ext")
-    try:
-        os.write(_STANDBY_FD, STANDBY_READY)
-    except OSError:  # the supervisor closed its end: a role may be waiting
-        pass
-    order = _read_line(_STANDBY_FD)
-    # The role must not keep the supervisor's socket as its stdin.
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, _STANDBY_FD)
-    os.close(null)
-    if not order:
-        return 0
-    message = json.loads(order)
-    role = message["role"]
-    os.environ[HEARTBEAT_ENV] = message["heartbeat"]
-    set_process_name(role_tag(role))
-    show_role_in_cmdline(role)
-    from daemon.cli import run_role
-
-    return run_role(cfg, role)
-
-
-def _read_line(fd: int) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return b""
-        data += chunk
-    return data
 
 
 def parent_alive() -> bool:

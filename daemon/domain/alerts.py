@@ -16,7 +16,6 @@ which is what Slack/Mattermost incoming webhooks display.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -31,10 +30,10 @@ from dataclasses import dataclass
 
 from daemon.config import AlertsConfig
 from daemon.config import Config
+from daemon.store.db import db_session as _db_session
 from daemon.store.models import Alert
 from daemon.store.models import database
 from daemon.store.models import utcnow
-from daemon.supervision.states import ChildState
 
 RAISED = "raised"
 RESOLVED = "resolved"
@@ -80,24 +79,9 @@ class AlertEvent:
 # ------------------------------------------------------------------ database
 
 
-@contextlib.contextmanager
 def db_session():
-    """Use the caller's connection if open; otherwise open one and close it.
-
-    A connection opened here is really closed afterwards (pooled PostgreSQL
-    connections included), so the supervisor holds none between jobs.
-    """
-    opened = database.is_closed()
-    if opened:
-        database.connect()
-    try:
-        yield
-    finally:
-        if opened:
-            database.close()
-            close_idle = getattr(database.obj, "close_idle", None)
-            if close_idle:
-                close_idle()
+    """The supervisor's session: idle pooled connections closed afterwards."""
+    return _db_session(close_idle=True)
 
 
 def record_raised(key: str, message: str, severity: str = "critical") -> bool:
@@ -230,74 +214,3 @@ def resolve_alert(key: str, cfg: Config | None = None, message: str = "") -> boo
 
 
 # -------------------------------------------------------------- role alerts
-
-
-class RoleAlerts:
-    """The supervisor's alert policy for its roles (pure: no I/O, time given).
-
-    A role not RUNNING for `down_after_s` raises ``role_down:HOST:ROLE``; a
-    FATAL role raises ``role_fatal:HOST:ROLE`` at once; both are resolved when
-    the role is RUNNING again.
-    """
-
-    def __init__(self, host: str, down_after_s: float):
-        self.host = host
-        self.down_after_s = down_after_s
-        self.raised: set[str] = set()
-
-    def down_key(self, name: str) -> str:
-        return f"role_down:{self.host}:{name}"
-
-    def fatal_key(self, name: str) -> str:
-        return f"role_fatal:{self.host}:{name}"
-
-    def prefixes(self) -> tuple[str, str]:
-        return f"role_down:{self.host}:", f"role_fatal:{self.host}:"
-
-    def check(self, children, now: float) -> list[tuple[str, str, str]]:
-        """(key, RAISED|RESOLVED, message) for every change since last time."""
-        out = []
-        for child in children:
-            down_key, fatal_key = self.down_key(child.name), self.fatal_key(child.name)
-            if child.state is ChildState.RUNNING:
-                for key in (down_key, fatal_key):
-                    if key in self.raised:
-                        self.raised.discard(key)
-                        message = f"{child.name} is running again (pid {child.pid})"
-                        out.append((key, RESOLVED, message))
-                continue
-            if child.state is ChildState.FATAL and fatal_key not in self.raised:
-                self.raised.add(fatal_key)
-                out.append(
-                    (
-                        fatal_key,
-                        RAISED,
-                        f"{child.name} is FATAL after {len(child.exits)} exits "
-                        f"(last: {child.last_exit}); next try in "
-                        f"{max(0.0, child.retry_at - now):.0f}s",
-                    )
-                )
-            down_for = now - (child.down_since if child.down_since is not None else now)
-            if down_for >= self.down_after_s and down_key not in self.raised:
-                self.raised.add(down_key)
-                out.append(
-                    (
-                        down_key,
-                        RAISED,
-                        f"{child.name} not running for {down_for:.0f}s "
-                        f"({child.state.name}, last exit: "
-                        f"{child.last_exit or 'none'})",
-                    )
-                )
-        return out
-
-    def next_deadline(self, children) -> float | None:
-        """When a down role will cross the threshold (monotonic), if any."""
-        return min(
-            (
-                c.down_since + self.down_after_s
-                for c in children
-                if c.down_since is not None and self.down_key(c.name) not in self.raised
-            ),
-            default=None,
-        )

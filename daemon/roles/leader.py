@@ -38,7 +38,6 @@ at least that much left.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -51,8 +50,8 @@ from pathlib import Path
 from typing import Protocol
 
 from daemon.config import Config
+from daemon.store.db import db_session
 from daemon.store.models import Lease
-from daemon.store.models import database
 from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -75,24 +74,6 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-@contextlib.contextmanager
-def db_session():
-    """Use this thread's open connection, or open one for the block and close it.
-
-    Closing what we opened returns it to the PostgreSQL pool, which drops
-    broken connections: a database restart costs one failed renewal, not a
-    thread stuck on a dead connection forever.
-    """
-    opened = database.is_closed()
-    if opened:
-        database.connect()
-    try:
-        yield
-    finally:
-        if opened:
-            database.close()
 
 
 def make_owner_id() -> str:

@@ -43,7 +43,6 @@ from apscheduler.triggers.interval import IntervalTrigger
 from daemon.app.tasks import Tasks
 from daemon.config import Config
 from daemon.roles.leader import LeaderLease
-from daemon.roles.leader import db_session
 from daemon.roles.leader import make_lease_store
 from daemon.roles.leader import state_path
 from daemon.roles.leader import write_state
@@ -51,6 +50,7 @@ from daemon.runtime import Heartbeat
 from daemon.runtime import die_with_parent
 from daemon.runtime import parent_alive
 from daemon.runtime import setup_logging
+from daemon.store.db import db_session
 from daemon.store.db import open_database
 from daemon.store.models import JobRun
 from daemon.store.models import utcnow

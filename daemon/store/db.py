@@ -183,3 +183,26 @@ def migration_names() -> list[str]:
 def schema_versions(db: pw.Database) -> list[str]:
     with db.connection_context():
         return [r[0] for r in db.execute_sql("SELECT name FROM schema_version")]
+
+
+@contextlib.contextmanager
+def db_session(close_idle: bool = False):
+    """Use this thread's open connection, or open one for the block and close it.
+
+    Closing what we opened returns it to the PostgreSQL pool, which drops
+    broken connections: a database restart costs one failed call, not a
+    thread stuck on a dead connection forever. `close_idle` also closes the
+    pool's idle connections, so a process that uses the database now and
+    then (the supervisor) holds none between uses.
+    """
+    opened = database.is_closed()
+    if opened:
+        database.connect()
+    try:
+        yield
+    finally:
+        if opened:
+            database.close()
+            idle = getattr(database.obj, "close_idle", None) if close_idle else None
+            if idle:
+                idle()

@@ -25,8 +25,6 @@ started behind it.
 from __future__ import annotations
 
 import concurrent.futures
-import enum
-import json
 import logging
 import os
 import selectors
@@ -51,6 +49,10 @@ from daemon.supervision.child import ChildPolicy
 from daemon.supervision.child import OsProcesses
 from daemon.supervision.child import RoleSpec
 from daemon.supervision.child import describe_exit
+from daemon.supervision.hooks import SupervisorHooks
+from daemon.supervision.role_alerts import DependencyAlerts
+from daemon.supervision.role_alerts import RoleAlerts
+from daemon.supervision.spare import Spare
 from daemon.supervision.states import WAITING_STATES
 from daemon.supervision.states import ChildState
 from daemon.supervision.status import AlreadyRunning
@@ -91,11 +93,18 @@ def default_spare(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
     return tuple([sys.executable, "-m", "daemon", "child", "--standby"] + tail)
 
 
-def main(cfg: config_mod.Config, roles=None) -> int:
-    """`campaignd run`: migrate once, then supervise until told to stop."""
+def main(
+    cfg: config_mod.Config, roles=None, hooks: SupervisorHooks | None = None
+) -> int:
+    """`campaignd run`: migrate once, then supervise until told to stop.
+
+    `hooks` carries what the supervisor does to the application's rows (the
+    leases of dead workers) without importing it; the CLI wires them.
+    """
+    hooks = hooks or SupervisorHooks()
     setup_logging(cfg.daemon.log_level, "supervisor")
     try:
-        db = _migrate(cfg)
+        db = _migrate(cfg, hooks)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any DB failure: let systemd retry
@@ -103,44 +112,21 @@ def main(cfg: config_mod.Config, roles=None) -> int:
         return EXIT_FAILURE
     _close_db(db)
     try:
-        supervisor = Supervisor(cfg, roles)
+        supervisor = Supervisor(cfg, roles, hooks=hooks)
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
     return supervisor.run()
 
 
-def _migrate(cfg):
-    import psutil
-
-    from daemon.domain import unconfirmed
-    from daemon.runtime import clear_inflight
-    from daemon.runtime import inflight_dir
-    from daemon.runtime import read_inflight
+def _migrate(cfg, hooks: SupervisorHooks):
     from daemon.store.db import open_database
 
     db = open_database(cfg, migrate_schema=True)
     # Workers of a previous run of this daemon (SIGKILLed with it) left
-    # leases that would otherwise hold their rows until the lease expires;
-    # their in-flight records tell which requests may have left.
-    directory = inflight_dir(cfg.data_path)
-    seen: list[int] = []
-
-    def in_flight_of(pid: int) -> set[int]:
-        seen.append(pid)
-        return read_inflight(directory, pid)
-
-    released = unconfirmed.release_dead_processes(
-        socket.gethostname(), psutil.pid_exists, in_flight_of
-    )
-    for pid in seen:
-        clear_inflight(directory, pid)
-    if released.requeued or released.unconfirmed:
-        log.info(
-            "dead processes' leases: %d rows queued again, %d unconfirmed",
-            len(released.requeued),
-            released.unconfirmed,
-        )
+    # leases that would otherwise hold their rows until the lease expires.
+    if hooks.on_start is not None:
+        hooks.on_start(cfg)
     return db
 
 
@@ -157,7 +143,14 @@ def _close_db(db) -> None:
 class Supervisor:
     """Owns the children, the respawn policy, the status socket and sd_notify."""
 
-    def __init__(self, cfg: config_mod.Config, roles=None, env=None, spare=None):
+    def __init__(
+        self,
+        cfg: config_mod.Config,
+        roles=None,
+        env=None,
+        spare=None,
+        hooks: SupervisorHooks | None = None,
+    ):
         env = dict(os.environ if env is None else env)
         self.role_factory = roles or default_roles
         # The spare runs the real roles: none for other role factories
@@ -197,13 +190,17 @@ class Supervisor:
         self._figures: dict | None = None
         self._figures_at = 0.0
         # Unreachable dependencies: since when (monotonic), and alerted ones.
-        self._dependency_down: dict[str, float] = {}
-        self._dependency_alerted: set[str] = set()
         self._figures_job: concurrent.futures.Future | None = None
         self._gatherer = FigureGatherer(self.cfg)
-        self._requeuer = LeaseReleaser(self.cfg, inflight_dir(self.cfg.data_path, env))
+        hooks = hooks or SupervisorHooks()
+        self._requeuer = (
+            hooks.lease_releaser(self.cfg, inflight_dir(self.cfg.data_path, env))
+            if hooks.lease_releaser is not None
+            else None
+        )
         self._parked: list[tuple[object, float]] = []
-        self.role_alerts = alerts.RoleAlerts(self.host, self.cfg.alerts.down_after_s)
+        self.role_alerts = RoleAlerts(self.host, self.cfg.alerts.down_after_s)
+        self.dependency_alerts = DependencyAlerts(self.cfg.alerts.down_after_s)
         self._helpers: dict[int, tuple[str, float]] = {}  # alert commands
         self._replace: list[str] = []  # names to replace one by one
         self._replacing: tuple[Child, float] | None = None
@@ -450,7 +447,7 @@ class Supervisor:
         pid = child.pid
         child.finish(status, time.monotonic())
         _mark_metrics_dead(pid, self.metrics_dir)
-        if child.name.startswith("worker:"):
+        if child.name.startswith("worker:") and self._requeuer is not None:
             self._submit(
                 self._db_pool,
                 self._requeuer.release,
@@ -662,27 +659,8 @@ class Supervisor:
             self.refresh_figures()
         if self._figures is None:
             return
-        for key, what, error in (
-            ("dependency:database", "database", self._figures.get("db_error")),
-            ("dependency:queue", "queue backend", self._figures.get("queues_error")),
-        ):
-            if error:
-                since = self._dependency_down.setdefault(key, now)
-                down_for = now - since
-                if key not in self._dependency_alerted and (
-                    down_for >= self.cfg.alerts.down_after_s
-                ):
-                    self._dependency_alerted.add(key)
-                    self.announce(
-                        key,
-                        alerts.RAISED,
-                        f"{what} unreachable for {down_for:.0f}s: {error}",
-                    )
-            else:
-                self._dependency_down.pop(key, None)
-                if key in self._dependency_alerted:
-                    self._dependency_alerted.discard(key)
-                    self.announce(key, alerts.RESOLVED, f"{what} reachable again")
+        for key, status, message in self.dependency_alerts.check(self._figures, now):
+            self.announce(key, status, message)
 
     def announce(self, key: str, status: str, message: str) -> None:
         """Log, record and send one alert or recovery notice, without waiting."""
@@ -880,201 +858,6 @@ class Supervisor:
         self.selector.close()
         for fd in (self._sig_r, self._sig_w, self._jobs_r, self._jobs_w):
             os.close(fd)
-
-
-class SpareState(enum.Enum):
-    NONE = "none"  # no spare process (not started yet, taken, or dead)
-    STARTING = "starting"  # spawned, still importing
-    READY = "ready"  # imported everything, waiting for a role
-
-
-class Spare:
-    """The warm spare: one idle process with every role's code imported.
-
-    It is exec'ed like a child (``child --standby``, own process group) with
-    one end of a socketpair as its stdin; it writes ``ready`` there once its
-    imports are done and then waits for one JSON line naming its role. A
-    STARTING spare can be given a role too: the line waits in the socket and
-    the spare, already part-way through its imports, still beats an exec.
-    A spare that dies is replaced after the children's backoff delays; with
-    no spare, `take` returns None and the child is exec'ed as before.
-    """
-
-    def __init__(
-        self, ops: OsProcesses, selector: selectors.BaseSelector, policy: ChildPolicy
-    ):
-        self.ops = ops
-        self.policy = policy  # its backoff delays apply to spares too
-        self.selector = selector
-        self.state = SpareState.NONE
-        self.state_since = 0.0
-        self.pid: int | None = None
-        self.channel: socket.socket | None = None
-        self.retired: set[int] = set()  # killed, not reaped yet
-        self.failures = 0  # deaths in a row before reaching READY
-        self.retry_at = 0.0
-        self.taken = 0  # roles handed over
-        self.last_exit = ""
-
-    @property
-    def alive(self) -> bool:
-        return self.pid is not None or bool(self.retired)
-
-    def owns(self, pid: int) -> bool:
-        return pid == self.pid or pid in self.retired
-
-    def change_state(
-        self, new: SpareState, reason: str, now: float, level: int = logging.INFO
-    ) -> None:
-        old, self.state, self.state_since = self.state, new, now
-        log.log(level, "spare: %s -> %s (%s)", old.name, new.name, reason)
-
-    def due(self, now: float) -> bool:
-        return self.state is SpareState.NONE and now >= self.retry_at
-
-    def next_deadline(self, now: float) -> float | None:
-        if self.state is SpareState.NONE and self.retry_at > now:
-            return self.retry_at
-        return None
-
-    def start(self, now: float, argv: tuple[str, ...]) -> None:
-        """Exec a new spare; NONE -> STARTING."""
-        ours, theirs = socket.socketpair()
-        try:
-            pid = self.ops.spawn(argv, {}, stdin=theirs.fileno())
-        except OSError as exc:
-            ours.close()
-            self._failed(now, f"spawn failed: {exc}")
-            return
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        self.channel = ours
-        self.selector.register(ours, selectors.EVENT_READ, self._on_channel)
-        self.pid = pid
-        self.change_state(SpareState.STARTING, f"pid {pid}", now)
-
-    def _on_channel(self, _mask: int) -> None:
-        try:
-            data = self.channel.recv(64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:  # the spare died: the reaper records it
-            self.close_channel()
-        elif self.state is SpareState.STARTING:
-            self.failures = 0
-            self.change_state(
-                SpareState.READY,
-                f"pid {self.pid} imported every role",
-                time.monotonic(),
-            )
-
-    def take(self, role: str, heartbeat_path, now: float) -> int | None:
-        """Hand `role` to the spare; its pid, or None when there is no spare."""
-        if self.pid is None or self.channel is None:
-            return None
-        line = json.dumps({"role": role, "heartbeat": str(heartbeat_path)}) + "\n"
-        try:
-            self.channel.send(line.encode())
-        except OSError as exc:  # died an instant ago, not reaped yet
-            self.retire(now, f"cannot hand over {role}: {exc}")
-            return None
-        pid, self.pid = self.pid, None
-        self.close_channel()
-        self.taken += 1
-        self.change_state(SpareState.NONE, f"pid {pid} became {role}", now)
-        return pid
-
-    def retire(self, now: float, reason: str) -> None:
-        """Kill the spare (it holds nothing; there is nothing to drain)."""
-        self.close_channel()
-        if self.pid is None:
-            return
-        pid, self.pid = self.pid, None
-        self.retired.add(pid)
-        self.ops.signal(pid, signal.SIGKILL, group=True)
-        self.change_state(SpareState.NONE, f"{reason}: SIGKILL pid {pid}", now)
-
-    def finish(self, pid: int, status: int, now: float) -> None:
-        """Record a reaped spare; one that died on its own is replaced later."""
-        if pid in self.retired:
-            self.retired.discard(pid)
-            log.info("spare: pid %s %s", pid, describe_exit(status, True)[0])
-            return
-        self.pid = None
-        self.close_channel()
-        self._failed(now, f"pid {pid} {describe_exit(status)[0]}")
-
-    def _failed(self, now: float, words: str) -> None:
-        self.failures += 1
-        self.last_exit = words
-        self.retry_at = now + self.policy.backoff_delay(self.failures)
-        self.change_state(
-            SpareState.NONE,
-            f"{words}; next spare in {self.retry_at - now:.2f}s",
-            now,
-            logging.WARNING,
-        )
-
-    def close_channel(self) -> None:
-        if self.channel is None:
-            return
-        try:
-            self.selector.unregister(self.channel)
-        except (KeyError, ValueError):
-            pass
-        self.channel.close()
-        self.channel = None
-
-    def status(self, now: float) -> dict:
-        """The spare as the status socket shows it (not a role)."""
-        return {
-            "state": self.state.value,
-            "pid": self.pid,
-            "state_for_s": round(now - self.state_since, 2),
-            "roles_taken": self.taken,
-            "last_exit": self.last_exit or None,
-        }
-
-
-class LeaseReleaser:
-    """Deals with a dead worker's leased rows (on the DB thread): those it had
-    on the wire (its in-flight records) become unconfirmed, the others never
-    left and are enqueued at once.
-
-    Its queues and tasks are built on first use, in that thread, so the
-    supervisor opens no queue connection unless a worker dies.
-    """
-
-    def __init__(self, cfg, inflight_directory: str):
-        self.cfg = cfg
-        self.inflight_directory = inflight_directory
-        self.host = socket.gethostname()
-        self._tasks = None
-
-    def release(self, pid: int) -> tuple[int, int, int]:
-        """(pid, rows queued again, rows unconfirmed)."""
-        from daemon.domain import unconfirmed
-        from daemon.runtime import clear_inflight
-        from daemon.runtime import read_inflight
-
-        in_flight = read_inflight(self.inflight_directory, pid)
-        with alerts.db_session():
-            try:
-                if self._tasks is None:
-                    from daemon.app.tasks import Tasks
-                    from daemon.store.queue import make_queues
-
-                    self._tasks = Tasks(self.cfg, make_queues(self.cfg))
-                released = self._tasks.release_dead_worker(self.host, pid, in_flight)
-            except Exception:  # noqa: BLE001 - the queue may be down
-                # The rows are still released; the sweeper enqueues them.
-                log.warning("could not enqueue worker %s's rows; the sweeper will", pid)
-                released = unconfirmed.release_dead_process(self.host, pid, in_flight)
-        clear_inflight(self.inflight_directory, pid)
-        return pid, len(released.requeued), released.unconfirmed
 
 
 def _mark_metrics_dead(pid: int | None, metrics_dir: Path) -> None:

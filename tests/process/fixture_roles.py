@@ -351,9 +351,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = config_mod.load(args.config)
     if args.mode == "supervise":
+        from daemon.cli import supervisor_hooks
         from daemon.supervision import supervisor
 
-        return supervisor.main(cfg, roles=fixture_roles)
+        return supervisor.main(cfg, roles=fixture_roles, hooks=supervisor_hooks())
     return FixtureChild(args.role, cfg).run()
 
 

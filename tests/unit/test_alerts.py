@@ -10,6 +10,7 @@ import pytest
 from daemon.domain import alerts
 from daemon.store.db import open_database
 from daemon.store.models import Alert
+from daemon.supervision.role_alerts import RoleAlerts
 from daemon.supervision.states import ChildState
 from tests.helpers import wait_for
 from tests.process.fixture_roles import AlertReceiver
@@ -124,7 +125,7 @@ def role(name, state, down_since=None, retry_at=None, exits=()):
 
 def test_role_down_longer_than_threshold_raises_then_resolves():
     """Verify role_down after down_after_s, once, and its recovery."""
-    policy = alerts.RoleAlerts("h", down_after_s=300.0)
+    policy = RoleAlerts("h", down_after_s=300.0)
     web = role("web", ChildState.BACKOFF, down_since=100.0)
     assert policy.next_deadline([web]) == 400.0
     assert policy.check([web], 399.0) == []
@@ -141,7 +142,7 @@ def test_role_down_longer_than_threshold_raises_then_resolves():
 
 def test_fatal_raises_at_once():
     """Verify that FATAL does not wait for the down threshold."""
-    policy = alerts.RoleAlerts("h", down_after_s=300.0)
+    policy = RoleAlerts("h", down_after_s=300.0)
     web = role(
         "web", ChildState.FATAL, down_since=10.0, retry_at=310.0, exits=[1, 2, 3]
     )
@@ -153,5 +154,5 @@ def test_fatal_raises_at_once():
 
 def test_running_roles_raise_nothing():
     """Verify that healthy roles produce no alert."""
-    policy = alerts.RoleAlerts("h", down_after_s=0.1)
+    policy = RoleAlerts("h", down_after_s=0.1)
     assert policy.check([role("web", ChildState.RUNNING)], 1000.0) == []

@@ -1,0 +1,84 @@
+"""Leases of dead processes: what the supervisor calls, wired by the CLI.
+
+A worker killed mid-send leaves rows leased to it. Those it had on the wire
+(its in-flight records) become unconfirmed; the others never left and are
+queued again at once. The supervisor runs these through
+`daemon.supervision.hooks.SupervisorHooks` and imports none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from daemon.domain import unconfirmed
+from daemon.runtime import clear_inflight
+from daemon.runtime import inflight_dir
+from daemon.runtime import read_inflight
+from daemon.store.db import db_session
+
+# Logged from the supervisor process, under its name.
+log = logging.getLogger("daemon.supervision.supervisor")
+
+
+def release_at_start(cfg) -> None:
+    """Release the leases this host's dead processes (a previous run) left.
+
+    Workers SIGKILLed with the daemon left leases that would otherwise hold
+    their rows until the lease expires; their in-flight records tell which
+    requests may have left.
+    """
+    import psutil
+
+    directory = inflight_dir(cfg.data_path)
+    seen: list[int] = []
+
+    def in_flight_of(pid: int) -> set[int]:
+        seen.append(pid)
+        return read_inflight(directory, pid)
+
+    released = unconfirmed.release_dead_processes(
+        socket.gethostname(), psutil.pid_exists, in_flight_of
+    )
+    for pid in seen:
+        clear_inflight(directory, pid)
+    if released.requeued or released.unconfirmed:
+        log.info(
+            "dead processes' leases: %d rows queued again, %d unconfirmed",
+            len(released.requeued),
+            released.unconfirmed,
+        )
+
+
+class LeaseReleaser:
+    """Deals with a dead worker's leased rows (on the supervisor's DB thread).
+
+    Its queues and tasks are built on first use, in that thread, so the
+    supervisor opens no queue connection unless a worker dies.
+    """
+
+    def __init__(self, cfg, inflight_directory: str):
+        self.cfg = cfg
+        self.inflight_directory = inflight_directory
+        self.host = socket.gethostname()
+        self._tasks = None
+
+    def release(self, pid: int) -> tuple[int, int, int]:
+        """(pid, rows queued again, rows unconfirmed)."""
+        in_flight = read_inflight(self.inflight_directory, pid)
+        with db_session(close_idle=True):
+            try:
+                if self._tasks is None:
+                    # Imported here: the supervisor loads no task code
+                    # unless a worker dies.
+                    from daemon.app.tasks import Tasks
+                    from daemon.store.queue import make_queues
+
+                    self._tasks = Tasks(self.cfg, make_queues(self.cfg))
+                released = self._tasks.release_dead_worker(self.host, pid, in_flight)
+            except Exception:  # noqa: BLE001 - the queue may be down
+                # The rows are still released; the sweeper enqueues them.
+                log.warning("could not enqueue worker %s's rows; the sweeper will", pid)
+                released = unconfirmed.release_dead_process(self.host, pid, in_flight)
+        clear_inflight(self.inflight_directory, pid)
+        return pid, len(released.requeued), released.unconfirmed
