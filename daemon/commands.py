@@ -11,8 +11,11 @@ cli.py prints them as one line with exit code 1.
 lists every rejected row with its line number and reason; any rejected row
 makes the exit code 1 (the valid rows stay imported). A fatal error (an
 unreadable file, no phone column, malformed CSV) imports nothing.
-``campaign create --contacts`` is stricter: one rejected row, or a template
-variable some contact lacks, creates nothing and imports nothing.
+``campaign create --contacts`` follows the same rule (daemon/app/service.py,
+shared with the admin API): the valid rows make the campaign, the rejected
+ones are listed and the exit code is 1. ``--strict`` on either command
+refuses the whole file when any row is rejected; a template variable some
+contact lacks creates nothing and imports nothing.
 """
 
 from __future__ import annotations
@@ -24,11 +27,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from daemon.app import service
 from daemon.config import Config
 from daemon.domain import campaigns
-from daemon.domain.contacts import ImportResult
 from daemon.domain.contacts import ParsedCsv
-from daemon.domain.contacts import import_rows
 from daemon.domain.contacts import normalize_phone
 from daemon.domain.contacts import parse_csv_file
 from daemon.errors import EXIT_FAILURE
@@ -69,10 +71,9 @@ def campaign(cfg: Config, args) -> int:
             _print_summary(args, campaigns.campaign_summary(args.id))
             return EXIT_OK
         if args.action in ("pause", "cancel"):
-            if args.action == "pause":
-                campaigns.pause_campaign(args.id, reason="paused by the operator")
-            else:
-                campaigns.cancel_campaign(args.id)
+            service.campaign_action(
+                args.id, args.action, None, reason="paused by the operator"
+            )
             _print_summary(args, campaigns.campaign_summary(args.id))
             return EXIT_OK
         if args.action in ("start", "resume", "retry-failed"):
@@ -172,9 +173,20 @@ def _events_list(args) -> int:
 def _contacts_import(args) -> int:
     parsed = _parse_with_progress(args.file, args.region)
     big = len(parsed.rows) >= PROGRESS_MIN_ROWS
-    result = import_rows(
-        parsed.rows, progress=_progress_bar("importing") if big else None
-    )
+    try:
+        result = service.import_contacts(
+            parsed,
+            strict=args.strict,
+            progress=_progress_bar("importing") if big else None,
+        )
+    except service.RejectedRows as exc:
+        if exc.strict:
+            _print_rejected(args, args.file, parsed)
+            raise InputError(
+                f"{args.file}: {_plural(len(parsed.errors), 'row')} rejected "
+                "(listed above); nothing was imported (--strict)"
+            ) from None
+        result = service.ImportReport(errors=list(parsed.errors))  # no valid row
     report = _import_report(args.file, parsed, result)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
@@ -190,7 +202,7 @@ def _contacts_import(args) -> int:
     return EXIT_OK
 
 
-def _import_report(path: str, parsed: ParsedCsv, result: ImportResult) -> dict:
+def _import_report(path: str, parsed: ParsedCsv, result: service.ImportReport) -> dict:
     return {
         "file": str(path),
         "encoding": parsed.encoding,
@@ -292,45 +304,60 @@ def _campaign_create(cfg: Config, args, db) -> int:
     if bool(args.contacts) == bool(args.all_contacts):
         raise InputError("give either --contacts FILE.csv or --all-contacts")
     skip_invalid = cfg.campaigns.skip_invalid_numbers
-    imported = None
+    report = None
     if args.contacts:
         parsed = _parse_with_progress(args.contacts, args.region)
-        if parsed.errors:
-            _print_rejected(args, args.contacts, parsed)
-            rejected = _plural(len(parsed.errors), "row")
-            raise InputError(
-                f"{args.contacts}: {rejected} rejected (listed above); fix them "
-                "and run again (nothing was imported or created)"
-            )
-        if not parsed.rows:
+        if not parsed.rows and not parsed.errors:
             raise InputError(f"{args.contacts}: no contacts in the file")
-        # One transaction: a template error also undoes the contact import.
-        with db.atomic():
-            imported = import_rows(parsed.rows)
-            created = campaigns.create_campaign(
+        try:
+            created, report = service.create_campaign(
                 args.name,
                 args.message1,
                 args.message2,
-                imported.contact_ids,
+                parsed=parsed,
                 skip_invalid=skip_invalid,
+                strict=args.strict,
             )
+        except service.RejectedRows as exc:
+            _print_rejected(args, args.contacts, parsed)
+            rejected = _plural(len(exc.errors), "row")
+            raise InputError(
+                f"{args.contacts}: {rejected} rejected (listed above); fix them "
+                "and run again (nothing was imported or created)"
+            ) from None
     else:
         ids = [c.id for c in Contact.select(Contact.id).order_by(Contact.id)]
         if not ids:
             raise InputError("no contacts yet: import some first")
-        created = campaigns.create_campaign(
-            args.name, args.message1, args.message2, ids, skip_invalid=skip_invalid
+        created, _ = service.create_campaign(
+            args.name,
+            args.message1,
+            args.message2,
+            contact_ids=ids,
+            skip_invalid=skip_invalid,
         )
     summary = campaigns.campaign_summary(created.id)
-    if imported is not None:
+    if report is not None:
         summary["imported"] = {
-            "created": imported.created,
-            "updated": imported.updated,
-            "duplicates_merged": parsed.duplicates_merged,
+            "created": report.created,
+            "updated": report.updated,
+            "duplicates_merged": report.duplicates_merged,
         }
+        if report.errors:
+            summary["rejected"] = report.errors_json()
     _print_summary(args, summary)
+    if report is not None and report.errors and not args.json:
+        for row in report.errors_json():
+            print(f"line {row['line']}: {row['reason']}")
     if not args.json:
         print(f"start it with: campaignd campaign start {created.id}")
+    if report is not None and report.errors:
+        print(
+            f"campaignd: error: {_plural(len(report.errors), 'row')} rejected "
+            f"(listed above); the campaign has the {report.imported} valid rows",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -366,18 +393,9 @@ def _campaign_list(args) -> int:
 
 
 def _campaign_enqueueing_action(cfg: Config, args) -> int:
-    retried = None
     with _tasks(cfg) as tasks:
-        if args.action == "start":
-            campaigns.start_campaign(args.id, tasks)
-        elif args.action == "resume":
-            campaigns.resume_campaign(args.id, tasks)
-        else:
-            retried = campaigns.retry_failed(args.id, tasks)
-    summary = campaigns.campaign_summary(args.id)
-    if retried is not None:
-        summary["retried"] = retried
-    _print_summary(args, summary)
+        extra = service.campaign_action(args.id, args.action, tasks)
+    _print_summary(args, {**campaigns.campaign_summary(args.id), **extra})
     return EXIT_OK
 
 

@@ -9,10 +9,10 @@ types are a 400 that names the field, so a typo never passes silently.
 from __future__ import annotations
 
 import hmac
-from typing import Any
 
 import falcon
 
+from daemon.app import service
 from daemon.domain import campaigns
 from daemon.domain import contacts as contacts_mod
 from daemon.domain import events
@@ -26,7 +26,6 @@ from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import Message
-from daemon.store.models import database
 
 PREFIX = "/api/v1"
 DEFAULT_PAGE = 100
@@ -62,11 +61,8 @@ class ApiAuth:
 class InvalidContacts(falcon.HTTPBadRequest):
     """400 listing every rejected contact row."""
 
-    def __init__(self, errors: list[tuple[int, str]]):
-        super().__init__(
-            title="Invalid contacts",
-            description=f"no valid contact ({len(errors)} rejected)",
-        )
+    def __init__(self, errors: list[tuple[int, str]], description: str):
+        super().__init__(title="Invalid contacts", description=description)
         self.errors = errors
 
     def to_dict(self, obj_type=dict):
@@ -151,20 +147,24 @@ def _errors_json(errors: list[tuple[int, str]]) -> list[dict]:
     return [{"line": line, "reason": reason} for line, reason in errors]
 
 
-def _import(parsed: contacts_mod.ParsedCsv | None) -> tuple[list[int], dict]:
-    """Upsert parsed contacts; (contact ids, report). 400 when none is valid."""
-    if parsed is None:
-        return [], {"created": 0, "updated": 0, "duplicates_merged": 0, "errors": []}
-    if not parsed.rows and parsed.errors:
-        raise InvalidContacts(parsed.errors)
-    result = contacts_mod.import_rows(parsed.rows)
-    report = {
-        "created": result.created,
-        "updated": result.updated,
-        "duplicates_merged": parsed.duplicates_merged,
-        "errors": _errors_json(parsed.errors),
+def _import(
+    parsed: contacts_mod.ParsedCsv | None, strict: bool
+) -> tuple[list[int], dict]:
+    """Upsert parsed contacts by the service's rule; (contact ids, report)."""
+    try:
+        report = service.import_contacts(parsed, strict=strict)
+    except service.RejectedRows as exc:
+        raise InvalidContacts(exc.errors, str(exc)) from None
+    return report.contact_ids, _report_json(report)
+
+
+def _report_json(report: service.ImportReport) -> dict:
+    return {
+        "created": report.created,
+        "updated": report.updated,
+        "duplicates_merged": report.duplicates_merged,
+        "errors": report.errors_json(),
     }
-    return result.contact_ids, report
 
 
 # --- campaigns -----------------------------------------------------------------
@@ -178,6 +178,7 @@ _CREATE_FIELDS = {
     "region",
     "skip_invalid",
     "start",
+    "strict",
 }
 
 
@@ -201,25 +202,33 @@ class CampaignCollection:
         region = body.text("region", default=DEFAULT_REGION, max_len=8)
         skip_invalid = body.flag("skip_invalid", True)
         start = body.flag("start", False)
+        strict = body.flag("strict", False)
         extra_ids = body.ids("contact_ids")
         parsed = body.contacts(region)
-        # One transaction: a campaign refused (say, a contact lacks {city})
-        # leaves no half-imported contacts behind.
-        with database.atomic():
-            imported_ids, report = _import(parsed)
-            contact_ids = list(dict.fromkeys(imported_ids + extra_ids))
-            if not contact_ids:
-                raise bad_request(
-                    "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
-                )
-            campaign = campaigns.create_campaign(
-                name, message1, message2, contact_ids, skip_invalid=skip_invalid
+        if parsed is None and not extra_ids:
+            raise bad_request(
+                "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
             )
+        try:
+            campaign, report = service.create_campaign(
+                name,
+                message1,
+                message2,
+                parsed=parsed,
+                contact_ids=extra_ids,
+                skip_invalid=skip_invalid,
+                strict=strict,
+            )
+        except service.RejectedRows as exc:
+            raise InvalidContacts(exc.errors, str(exc)) from None
         if start:
-            campaigns.start_campaign(campaign.id, self.tasks)
+            service.campaign_action(campaign.id, "start", self.tasks)
         resp.status = falcon.HTTP_201
         resp.location = f"{PREFIX}/campaigns/{campaign.id}"
-        resp.media = {**campaigns.campaign_summary(campaign.id), "import": report}
+        resp.media = {
+            **campaigns.campaign_summary(campaign.id),
+            "import": _report_json(report),
+        }
 
 
 class CampaignItem:
@@ -247,18 +256,10 @@ class CampaignAction:
     def on_post(self, req, resp, campaign_id: int) -> None:
         allowed = {"reason"} if self.action == "pause" else set()
         body = Body.read(req, allowed, optional=True)
-        extra: dict[str, Any] = {}
-        if self.action == "start":
-            campaigns.start_campaign(campaign_id, self.tasks)
-        elif self.action == "pause":
+        reason = ""
+        if self.action == "pause":
             reason = body.text("reason", max_len=500) or "paused from the admin API"
-            campaigns.pause_campaign(campaign_id, reason)
-        elif self.action == "resume":
-            campaigns.resume_campaign(campaign_id, self.tasks)
-        elif self.action == "cancel":
-            campaigns.cancel_campaign(campaign_id)
-        else:
-            extra["retried"] = campaigns.retry_failed(campaign_id, self.tasks)
+        extra = service.campaign_action(campaign_id, self.action, self.tasks, reason)
         resp.media = {**campaigns.campaign_summary(campaign_id), **extra}
 
 
@@ -331,13 +332,15 @@ class ContactImport:
             region = req.get_param("region") or DEFAULT_REGION
             text, _ = contacts_mod.decode_csv_bytes(read_body(req), "CSV body")
             parsed = contacts_mod.parse_csv_text(text, region)
+            strict = req.get_param_as_bool("strict") or False
         else:
-            body = Body.read(req, {"contacts", "region"})
+            body = Body.read(req, {"contacts", "region", "strict"})
             region = body.text("region", default=DEFAULT_REGION, max_len=8)
+            strict = body.flag("strict", False)
             parsed = body.contacts(region)
             if parsed is None:
                 raise bad_request("Invalid body", "field 'contacts' is required")
-        contact_ids, report = _import(parsed)
+        contact_ids, report = _import(parsed, strict)
         resp.media = {**report, "contact_ids": contact_ids}
 
 
