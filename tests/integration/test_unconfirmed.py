@@ -268,6 +268,8 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
         from daemon.runtime import InFlight
         log = InFlight({directory!r})
         log.begin(41); log.end()              # sent and recorded
+        log.begin(40); log.keep()             # sent, recording failed
+        log.begin(39); log.end()              # the next send of that thread
         log.begin(42)                         # on the wire at the kill
         def other():
             log.begin(43)
@@ -286,7 +288,7 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert read_inflight(directory, proc.pid) == {42, 43}
+    assert read_inflight(directory, proc.pid) == {40, 42, 43}
     assert read_inflight(directory, proc.pid + 1) == set()
     local = InFlight(directory)
     local.begin(7)
