@@ -16,8 +16,10 @@ import sys
 import textwrap
 
 import pytest
+from falcon import testing
 
 from daemon import campaigns
+from daemon import status
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.runtime import InFlight
@@ -25,6 +27,7 @@ from daemon.runtime import read_inflight
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import utcnow
+from daemon.web.app import create_app
 from tests.event_helpers import Events
 from tests.event_helpers import wassenger_reply
 from tests.event_helpers import wassenger_status
@@ -117,6 +120,14 @@ def test_an_answer_slower_than_the_timeout_leaves_the_row_unconfirmed(
     assert campaigns.get_campaign(campaign.id).status == "running"
     summary = campaigns.campaign_summary(campaign.id)
     assert summary["unconfirmed"] == {"waiting": 1, "resent": 0, "failed": 0}
+    # What an operator sees: `campaignd status` and /metrics.
+    answer = status.FigureGatherer(pipeline.cfg).gather()
+    assert "unconfirmed sends: 1 " in status.format_status(answer)
+    client = testing.TestClient(
+        create_app(pipeline.cfg, pipeline.tasks, queues=pipeline.queues)
+    )
+    text = client.simulate_get("/metrics").text
+    assert "campaignd_messages_unconfirmed 1.0" in text.splitlines()
 
 
 def test_a_status_webhook_confirms_an_unconfirmed_send(pipeline_for, fake):
