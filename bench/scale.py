@@ -51,8 +51,13 @@ from bench.harness import spawn
 
 MB = 2**20
 REDIS_URL = os.environ.get("CAMPAIGND_BENCH_REDIS", "redis://127.0.0.1:6379/0")
-TARGETS = {"import_s": 60.0, "fanout_s": 60.0, "longest_task_s": 10.0,
-           "peak_rss_mb": 300.0, "show_ms": 200.0}
+TARGETS = {
+    "import_s": 60.0,
+    "fanout_s": 60.0,
+    "longest_task_s": 10.0,
+    "peak_rss_mb": 300.0,
+    "show_ms": 200.0,
+}
 CITIES = ("Paris", "Lyon", "Marseille", "Lille", "Nantes", "Saint-Étienne")
 
 
@@ -107,8 +112,13 @@ def _child(code: str, config: Path, meter: PeakRss | None = None) -> tuple[float
         "open_database(cfg, migrate_schema=True)\n"
     )
     started = time.perf_counter()
-    proc = subprocess.Popen([str(MAIN_PYTHON), "-c", prelude + code], cwd=ROOT,
-                            env=bench_env(), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(MAIN_PYTHON), "-c", prelude + code],
+        cwd=ROOT,
+        env=bench_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if meter is not None:
         meter.pids = lambda: [proc.pid]
     while proc.poll() is None:
@@ -155,20 +165,26 @@ print(max(gaps, default=0.0), len(stamps))
 """
 
 
-def run_mode(mode: str, rows: int, csv_path: Path, base: Path, log) -> dict:
+def run_mode(
+    mode: str, rows: int, csv_path: Path, base: Path, log, keep: bool = False
+) -> dict:
     tag = uuid.uuid4().hex[:8]
     workdir = base / f"{mode}-{tag}"
     workdir.mkdir()
     fake = FakeProviderProcess(workdir / "logs")
-    lines = [f'[daemon]\ndata_dir = "{workdir / "data"}"\nlog_level = "info"',
-             f'[provider]\nbase_url = "{fake.url}"\ntoken = "bench-token"',
-             "[pacing]\nper_minute = 0.0\ndaily_cap = 0"]
+    lines = [
+        f'[daemon]\ndata_dir = "{workdir / "data"}"\nlog_level = "info"',
+        f'[provider]\nbase_url = "{fake.url}"\ntoken = "bench-token"',
+        "[pacing]\nper_minute = 0.0\ndaily_cap = 0",
+    ]
     pg_name = None
     if mode == "cluster":
         pg_name = f"cdscale_{tag}"
         lines.append(f'[database]\nurl = "{create_database(pg_name)}"')
-        lines.append(f'[queue]\nbackend = "redis"\nurl = "{REDIS_URL}"\n'
-                     f'name_prefix = "cdscale{tag}"')
+        lines.append(
+            f'[queue]\nbackend = "redis"\nurl = "{REDIS_URL}"\n'
+            f'name_prefix = "cdscale{tag}"'
+        )
     config = workdir / "campaignd.toml"
     config.write_text("\n\n".join(lines) + "\n")
     res: dict = {"mode": mode, "rows": rows}
@@ -177,38 +193,58 @@ def run_mode(mode: str, rows: int, csv_path: Path, base: Path, log) -> dict:
         meter = PeakRss(lambda: [])
         took, out = _child(IMPORT.format(csv=str(csv_path)), config, meter)
         res.update(import_s=took, import_rss_mb=meter.peak / MB, **json.loads(out))
-        log(f"  {mode} import: {took:.1f}s, {res['created']} created, "
-            f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB")
+        log(
+            f"  {mode} import: {took:.1f}s, {res['created']} created, "
+            f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB"
+        )
         took, out = _child(CAMPAIGN, config)
         cid = int(out.strip())
         res["campaign_s"] = took
-        workers = [spawn("worker", [str(CAMPAIGND), "worker", "--queue", "messages",
-                                    "-c", str(config)], workdir / "logs")
-                   for _ in range(2)]
+        workers = [
+            spawn(
+                "worker",
+                [str(CAMPAIGND), "worker", "--queue", "messages", "-c", str(config)],
+                workdir / "logs",
+            )
+            for _ in range(2)
+        ]
         wmeter = PeakRss(lambda: [w.proc.pid for w in workers])
         time.sleep(3)  # the workers' start-up is not the fan-out
         started = time.perf_counter()
-        _child(f"from daemon import campaigns\nfrom daemon.queue import make_queues\n"
-               f"from daemon.tasks import Tasks\n"
-               f"campaigns.start_campaign({cid}, Tasks(cfg, make_queues(cfg)))\n",
-               config)
+        _child(
+            f"from daemon import campaigns\nfrom daemon.queue import make_queues\n"
+            f"from daemon.tasks import Tasks\n"
+            f"campaigns.start_campaign({cid}, Tasks(cfg, make_queues(cfg)))\n",
+            config,
+        )
         count_code = (
             "from daemon.store.models import Message, CampaignContact\n"
             "import peewee as pw\n"
             f"goal = CampaignContact.select().where(CampaignContact.campaign == {cid})"
             ".count()\n"
-            "while True:\n"
+            "deadline = time.monotonic() + 1800\n"
+            "while time.monotonic() < deadline:\n"
             f"    n = Message.select().where(Message.campaign == {cid}, "
             "Message.kind == 1).count()\n"
             "    print(n, goal, flush=True)\n"
             "    if n >= goal: break\n"
             "    time.sleep(1)\n"
         )
-        poller = subprocess.Popen([str(MAIN_PYTHON), "-c", (
-            "import sys, json, time\nfrom daemon import config as C\n"
-            "from daemon.store.db import open_database\n"
-            f"cfg = C.load({str(config)!r})\nopen_database(cfg)\n" + count_code)],
-            cwd=ROOT, env=bench_env(), stdout=subprocess.PIPE, text=True)
+        poller = subprocess.Popen(
+            [
+                str(MAIN_PYTHON),
+                "-c",
+                (
+                    "import sys, json, time\nfrom daemon import config as C\n"
+                    "from daemon.store.db import open_database\n"
+                    f"cfg = C.load({str(config)!r})\nopen_database(cfg)\n" + count_code
+                ),
+            ],
+            cwd=ROOT,
+            env=bench_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         while poller.poll() is None:
             wmeter.sample()
             time.sleep(0.2)
@@ -218,28 +254,33 @@ def run_mode(mode: str, rows: int, csv_path: Path, base: Path, log) -> dict:
             w.proc.send_signal(signal.SIGTERM)
         for w in workers:
             w.proc.wait(30)
-        log(f"  {mode} fan-out: {res['fanout_s']:.1f}s, workers' peak "
-            f"{res['fanout_rss_mb']:.0f} MB")
+        log(
+            f"  {mode} fan-out: {res['fanout_s']:.1f}s, workers' peak "
+            f"{res['fanout_rss_mb']:.0f} MB"
+        )
         started = time.perf_counter()
         show = [str(CAMPAIGND), "campaign", "show", str(cid), "-c", str(config)]
-        subprocess.run(show, cwd=ROOT, env=bench_env(), capture_output=True,
-                       check=True)
+        subprocess.run(show, cwd=ROOT, env=bench_env(), capture_output=True, check=True)
         res["show_cli_ms"] = (time.perf_counter() - started) * 1000
         _, out = _child(SUMMARY.format(cid=cid), config)
         show_ms, gap = out.strip().splitlines()
         res["show_ms"] = float(show_ms)
         res["longest_task_s"], res["tasks_logged"] = (float(x) for x in gap.split())
         res["peak_rss_mb"] = max(res["import_rss_mb"], res["fanout_rss_mb"])
-        log(f"  {mode} campaign show: CLI {res['show_cli_ms']:.0f} ms, "
+        log(
+            f"  {mode} campaign show: CLI {res['show_cli_ms']:.0f} ms, "
             f"summary {res['show_ms']:.0f} ms; longest fan-out link "
-            f"{res['longest_task_s']:.2f}s of {res['tasks_logged']:.0f}")
+            f"{res['longest_task_s']:.2f}s of {res['tasks_logged']:.0f}"
+        )
         return res
     finally:
         for w in workers:
             if w.proc.poll() is None:
                 w.proc.kill()
         fake.close()
-        if pg_name:
+        if keep:
+            log(f"  kept {workdir} {pg_name or ''} (Redis prefix cdscale{tag})")
+        elif pg_name:
             drop_database(pg_name)
             import redis
 
@@ -250,22 +291,29 @@ def run_mode(mode: str, rows: int, csv_path: Path, base: Path, log) -> dict:
 
 
 def render(results: list[dict]) -> str:
-    cols = [("import_s", "import s", "{:.1f}"),
-            ("import_rss_mb", "import MB", "{:.0f}"),
-            ("campaign_s", "campaign s", "{:.1f}"), ("fanout_s", "fan-out s", "{:.1f}"),
-            ("longest_task_s", "longest task s", "{:.2f}"),
-            ("fanout_rss_mb", "workers MB", "{:.0f}"),
-            ("show_ms", "show ms", "{:.0f}"), ("show_cli_ms", "show CLI ms", "{:.0f}")]
+    cols = [
+        ("import_s", "import s", "{:.1f}"),
+        ("import_rss_mb", "import MB", "{:.0f}"),
+        ("campaign_s", "campaign s", "{:.1f}"),
+        ("fanout_s", "fan-out s", "{:.1f}"),
+        ("longest_task_s", "longest task s", "{:.2f}"),
+        ("fanout_rss_mb", "workers MB", "{:.0f}"),
+        ("show_ms", "show ms", "{:.0f}"),
+        ("show_cli_ms", "show CLI ms", "{:.0f}"),
+    ]
     head = "| mode | rows | " + " | ".join(c[1] for c in cols) + " | verdict |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]
     for r in results:
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "n/a"
-                 for k, _, fmt in cols]
-        missed = [k for k, limit in TARGETS.items()
-                  if r.get(k) is None or r[k] >= limit]
+        cells = [
+            fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in cols
+        ]
+        missed = [
+            k for k, limit in TARGETS.items() if r.get(k) is None or r[k] >= limit
+        ]
         verdict = "ok" if not missed else "MISSED " + ", ".join(missed)
-        lines.append(f"| {r['mode']} | {r['rows']} | " + " | ".join(cells)
-                     + f" | {verdict} |")
+        lines.append(
+            f"| {r['mode']} | {r['rows']} | " + " | ".join(cells) + f" | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -273,6 +321,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--modes", default="embedded,cluster")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the data dirs and the PostgreSQL database",
+    )
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="cdscale-"))
 
@@ -283,10 +336,14 @@ def main(argv=None) -> int:
         csv_path = base / "contacts.csv"
         bad = write_csv(csv_path, args.rows)
         log(f"{args.rows} rows ({csv_path.stat().st_size / 1e6:.0f} MB), {bad} bad")
-        results = [run_mode(m.strip(), args.rows, csv_path, base, log)
-                   for m in args.modes.split(",") if m.strip()]
+        results = [
+            run_mode(m.strip(), args.rows, csv_path, base, log, args.keep)
+            for m in args.modes.split(",")
+            if m.strip()
+        ]
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
     print(f"python -m bench.scale --rows {args.rows} --modes {args.modes}")
     print(render(results))
     return 0 if "MISSED" not in render(results) else 1
