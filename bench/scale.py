@@ -352,7 +352,7 @@ def main(argv=None) -> int:
 def workload(b) -> None:
     """`python -m bench scale`: the same run, its table in the log.
 
-    Not part of `python -m bench all` (minutes, and 2 GB of disk at a
+    Not part of `python -m bench all` (minutes, and ~1 GB of disk at a
     million): `all` runs every entry of WORKLOADS, so this one returns unless
     it was asked for by name.
     """
