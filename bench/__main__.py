@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         default="embedded,cluster",
         help="campaignd modes (embedded, cluster)",
     )
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="campaignd only (no Celery replica, no ratios)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
     parser.add_argument(
         "--keep", action="store_true", help="keep the work dir (configs, logs)"
@@ -76,14 +81,24 @@ def main(argv=None) -> int:
         )
         return 2
     runs = args.runs or (1 if args.quick else 3)
-    harness.ensure_peer_venv(_log)
+    if not args.no_peer:
+        harness.ensure_peer_venv(_log)
     harness.compile_bytecode()
     base = Path(tempfile.mkdtemp(prefix="cdbench-"))
     redis = harness.PrivateRedis(base / "logs")
-    systems = ["ceiling", workloads.PEER] + [f"cd-{m}" for m in modes]
+    peers = [] if args.no_peer else ["ceiling", workloads.PEER]
+    systems = peers + [f"cd-{m}" for m in modes]
     report = harness.Report(systems)
     bench = workloads.Bench(
-        base, uuid.uuid4().hex[:6], redis, args.quick, runs, modes, _log, report
+        base,
+        uuid.uuid4().hex[:6],
+        redis,
+        args.quick,
+        runs,
+        modes,
+        _log,
+        report,
+        peer=not args.no_peer,
     )
     which = list(workloads.WORKLOADS) if args.which == "all" else [args.which]
     started = time.monotonic()
@@ -125,14 +140,14 @@ def _load() -> str:
 
 
 def _header(args, runs: int) -> str:
-    peer = harness.peer_versions()
+    peer = {} if args.no_peer else harness.peer_versions()
     ours = harness.main_versions()
     return (
-        f"python -m bench {args.which}{' --quick' if args.quick else ''} "
-        f"(runs={runs}, modes={args.modes})\n"
+        f"python -m bench {args.which}{' --quick' if args.quick else ''}"
+        f"{' --no-peer' if args.no_peer else ''} (runs={runs}, modes={args.modes})\n"
         f"machine: {harness.machine_summary()}\n"
         "campaignd: " + ", ".join(f"{k} {v}" for k, v in ours.items()) + "\n"
-        "peer: " + ", ".join(f"{k} {v}" for k, v in peer.items())
+        "peer: " + (", ".join(f"{k} {v}" for k, v in peer.items()) or "not run")
     )
 
 

@@ -425,6 +425,10 @@ class FakeProviderProcess:
     def messages(self) -> list[dict]:
         return http_json(self.url + "/_fake/messages", timeout=60)
 
+    def phone_counts(self) -> dict[str, dict[str, int]]:
+        """What each phone received: {phone: {"m1": n, "m2": n, "other": n}}."""
+        return http_json(self.url + "/_fake/phones", timeout=60)
+
     def reset(self, **config) -> None:
         http_json(self.url + "/_fake/reset", {})
         if config:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import secrets
@@ -168,12 +169,13 @@ class InFlight:
         self.directory = directory
         self.pid = os.getpid() if pid is None else pid
         self._local = threading.local()
+        self._files = itertools.count()
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def _fd(self) -> int:
         fd = getattr(self._local, "fd", None)
         if fd is None:
-            name = f"{self.pid}.{threading.get_native_id()}"
+            name = f"{self.pid}.{threading.get_native_id()}.{next(self._files)}"
             fd = os.open(
                 os.path.join(self.directory, name), os.O_WRONLY | os.O_CREAT, 0o600
             )
@@ -186,6 +188,15 @@ class InFlight:
 
     def end(self) -> None:
         os.pwrite(self._fd(), b" " * (_INFLIGHT_RECORD - 1) + b"\n", 0)
+
+    def keep(self) -> None:
+        """The outcome could not be recorded (the database failed): leave the
+        record for the supervisor to read if this process dies, and give this
+        thread a fresh file for its next send."""
+        fd = getattr(self._local, "fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._local.fd = None
 
 
 def read_inflight(directory: str, pid: int) -> set[int]:

@@ -192,9 +192,15 @@ class Tasks:
         inflight = self.inflight
         inflight.begin(message.id)
         try:
-            return self._send_claimed(message, owner)
-        finally:
-            inflight.end()
+            outcome = self._send_claimed(message, owner)
+        except BaseException:
+            # Not recorded (database down?): the request may have left, and
+            # the row is still ours. Keep the record, so that if this worker
+            # dies the supervisor makes the row unconfirmed, not queued.
+            inflight.keep()
+            raise
+        inflight.end()
+        return outcome
 
     def _leave_queued(self, message_id: int) -> str:
         """A draining worker takes no new send: the row stays as it is, and

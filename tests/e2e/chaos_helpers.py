@@ -583,7 +583,7 @@ def campaign_state(campaign_id: int) -> dict | None:
                 Message.select()
                 .where(
                     Message.campaign == campaign_id,
-                    Message.status.in_(("queued", "sending")),
+                    Message.status.in_(("queued", "sending", "unconfirmed")),
                 )
                 .count()
             )
@@ -648,8 +648,16 @@ class Audit:
       the fake's dedupe on, a resend under the same reference is not a
       delivery; `per_reference_max` > 1 would mean one reference accepted
       twice (it can only happen with dedupe off).
-    - duplicate_requests: resends of a reference the provider had accepted
-      already (absorbed by its dedupe: the price of at-least-once).
+    - phone_duplicates: the same, from the fake's own per-phone counts
+      (`phone_counts()`, kind read from the reference's -m<kind> suffix): the
+      figure the issue-13 promise is judged by.
+    - duplicate_requests: sends of a reference the provider had accepted
+      already (with dedupe on, absorbed; with it off, as at Wassenger and
+      Meta, each one is a second message and shows in the two above).
+    - unconfirmed / resent_no_evidence / still_unconfirmed: rows that were
+      ever `unconfirmed` (a send whose outcome was unknown), those re-sent
+      for want of evidence within provider.confirm_window_s (each one may be
+      a second message), and those still waiting at the end.
     - message2_missing / message2_extra: against the fake's reply plan, the
       contacts that replied (not STOP) and so must get exactly one Message 2.
     - unprocessed_events: webhook events we acknowledged (stored) and never
@@ -668,6 +676,7 @@ class Audit:
     lost: int = 0
     sent_but_unknown: int = 0
     duplicate_deliveries: int = 0
+    phone_duplicates: int = 0
     per_reference_max: int = 0
     duplicate_requests: int = 0
     message2_missing: int = 0
@@ -677,6 +686,9 @@ class Audit:
     webhooks_given_up: int = 0
     campaign_status: str = ""
     stuck_members: int = 0
+    unconfirmed: int = 0
+    resent_no_evidence: int = 0
+    still_unconfirmed: int = 0
     details: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -685,6 +697,8 @@ class Audit:
             self.lost
             or self.sent_but_unknown
             or self.duplicate_deliveries
+            or self.phone_duplicates
+            or self.still_unconfirmed
             or self.per_reference_max > 1
             or self.message2_missing
             or self.message2_extra
@@ -743,6 +757,21 @@ def audit(campaign_id: int, fake, fake_options) -> Audit:
         campaign_status=status,
     )
     result.duplicate_deliveries = sum(n - 1 for n in per_phone_kind.values() if n > 1)
+    counts = fake.phone_counts()
+    twice = {
+        phone: kinds
+        for phone in member_phones
+        for kinds in [counts.get(phone, {})]
+        if any(n > 1 for n in kinds.values())
+    }
+    result.phone_duplicates = sum(
+        n - 1 for kinds in twice.values() for n in kinds.values() if n > 1
+    )
+    result.unconfirmed = sum(1 for r in rows.values() if r.unconfirmed_at is not None)
+    result.resent_no_evidence = sum(1 for r in rows.values() if r.resends)
+    result.still_unconfirmed = sum(
+        1 for r in rows.values() if r.status == "unconfirmed"
+    )
     result.message1_accepted = sum(n for (_, k), n in per_phone_kind.items() if k == 1)
     result.message2_accepted = sum(n for (_, k), n in per_phone_kind.items() if k == 2)
 
@@ -768,6 +797,10 @@ def audit(campaign_id: int, fake, fake_options) -> Audit:
         "message2_missing": missing[:10],
         "message2_extra": extra[:10],
         "replies_not_stored": not_stored[:10],
+        "phone_duplicates": sorted(twice.items())[:10],
+        "resent_no_evidence": sorted(
+            r.idempotency_key for r in rows.values() if r.resends
+        )[:10],
     }
     return result
 

@@ -263,10 +263,21 @@ def test_sigkill_of_a_worker_with_sends_in_flight(run_daemon, mode):
     pid = ch.wait_until(victim, 30, 0.05, "a worker with sends on the wire")
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
+
+    def settled(row) -> bool:
+        # A kill between the in-flight note and the first byte on the wire
+        # leaves a row unconfirmed that the provider never got: by design it
+        # waits for evidence (the 600 s window), it is not re-sent blindly.
+        never_reached = row.status == "unconfirmed" and not m1_at_fake(row)
+        return row.status in SENT_OR_LATER or never_reached
+
+    def m1_at_fake(row) -> int:
+        return fake.phone_counts().get(row.contact.phone, {}).get("m1", 0)
+
     wait(
-        lambda: all(r.status in SENT_OR_LATER for r in rows(campaign_id)),
+        lambda: all(settled(r) for r in rows(campaign_id)),
         30,
-        "every Message 1 sent",
+        "every Message 1 sent (or unconfirmed and never received)",
         daemon,
     )
     took = time.monotonic() - killed_at
@@ -279,9 +290,14 @@ def test_sigkill_of_a_worker_with_sends_in_flight(run_daemon, mode):
     assert confirmed, "no row was on the wire at the kill"
     assert reclaimed, "no claimed row was waiting at the kill"
     assert took < 30  # not the 600 s window
-    # What the phones show: Message 1 once each.
+    # What the phones show: Message 1 once each (none for a row the kill
+    # stopped before its first byte, still waiting for evidence).
     m1 = per_phone(fake)
-    assert {m1.get(p, 0) for p in phones} == {1}, m1
+    waiting = {r.contact.phone for r in done if r.status == "unconfirmed"}
+    assert {m1.get(p, 0) for p in set(phones) - waiting} == {1}, m1
+    assert all(m1.get(p, 0) == 0 for p in waiting), m1
+    # At most one per sending thread: the window is a few statements wide.
+    assert len(waiting) <= extra["workers"]["messages_threads"], waiting
     assert fake.duplicates() == {}
     assert not any(r.resends for r in done)
 

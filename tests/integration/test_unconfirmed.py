@@ -16,15 +16,18 @@ import sys
 import textwrap
 
 import pytest
+from falcon import testing
 
 from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
+from daemon.roles.web.app import create_app
 from daemon.runtime import InFlight
 from daemon.runtime import read_inflight
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import utcnow
+from daemon.supervision import status
 from tests.event_helpers import Events
 from tests.event_helpers import wassenger_reply
 from tests.event_helpers import wassenger_status
@@ -117,6 +120,14 @@ def test_an_answer_slower_than_the_timeout_leaves_the_row_unconfirmed(
     assert campaigns.get_campaign(campaign.id).status == "running"
     summary = campaigns.campaign_summary(campaign.id)
     assert summary["unconfirmed"] == {"waiting": 1, "resent": 0, "failed": 0}
+    # What an operator sees: `campaignd status` and /metrics.
+    answer = status.FigureGatherer(pipeline.cfg).gather()
+    assert "unconfirmed sends: 1 " in status.format_status(answer)
+    client = testing.TestClient(
+        create_app(pipeline.cfg, pipeline.tasks, queues=pipeline.queues)
+    )
+    text = client.simulate_get("/metrics").text
+    assert "campaignd_messages_unconfirmed 1.0" in text.splitlines()
 
 
 def test_a_status_webhook_confirms_an_unconfirmed_send(pipeline_for, fake):
@@ -268,6 +279,8 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
         from daemon.runtime import InFlight
         log = InFlight({directory!r})
         log.begin(41); log.end()              # sent and recorded
+        log.begin(40); log.keep()             # sent, recording failed
+        log.begin(39); log.end()              # the next send of that thread
         log.begin(42)                         # on the wire at the kill
         def other():
             log.begin(43)
@@ -286,7 +299,7 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert read_inflight(directory, proc.pid) == {42, 43}
+    assert read_inflight(directory, proc.pid) == {40, 42, 43}
     assert read_inflight(directory, proc.pid + 1) == set()
     local = InFlight(directory)
     local.begin(7)

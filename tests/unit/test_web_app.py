@@ -47,7 +47,7 @@ def inbound(msg_id: str, phone: str = "+33612345678", body: str = "oui") -> dict
 
 
 class RecordingTasks:
-    """Stand-in for daemon.tasks.Tasks: records what would be enqueued."""
+    """Stand-in for daemon.app.tasks.Tasks: records what would be enqueued."""
 
     def __init__(self, fail: bool = False):
         self.fail = fail

@@ -1,6 +1,6 @@
 """The admin API under /api/v1 (bearer token; disabled when web.api_token is empty).
 
-Resources only translate HTTP to the domain functions of daemon.campaigns and
+Resources only translate HTTP to the domain functions of daemon.domain.campaigns and
 daemon.contacts; the domain errors map to statuses in app.py (InputError 400,
 NotFoundError 404, StateError 409). Bodies are strict: unknown fields and wrong
 types are a 400 that names the field, so a typo never passes silently.

@@ -192,7 +192,8 @@ def create_app(
     clock: Callable[[], object] | None = None,
     queues: Queues | None = None,
 ) -> falcon.App:
-    """The WSGI app; `tasks` enqueues (daemon.tasks.Tasks), `clock` gives naive UTC."""
+    """The WSGI app; `tasks` enqueues (daemon.app.tasks.Tasks), `clock` gives
+    naive UTC."""
     clock = clock or utcnow
     queues = queues if queues is not None else getattr(tasks, "queues", None)
     app = falcon.App(
