@@ -186,9 +186,7 @@ def dispatch(args) -> int:
     if command == "scheduler":
         return run_role(cfg, "scheduler")
     if command in ("status", "restart"):
-        return importlib.import_module("daemon.supervision.status").client_main(
-            cfg, args
-        )
+        return importlib.import_module("daemon.status").client_main(cfg, args)
     commands = importlib.import_module("daemon.commands")
     if command == "contacts":
         return commands.contacts(cfg, args)

@@ -41,6 +41,7 @@ from daemon.store.db import open_database
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import WaStatus
+from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
 # Files smaller than this parse before anyone could read a progress bar.
@@ -270,9 +271,9 @@ def _contact_dict(contact: Contact) -> dict:
         "name": contact.name,
         "variables": contact.variables or {},
         "wa_status": contact.wa_status,
-        "wa_checked_at": _iso(contact.wa_checked_at),
-        "opted_out_at": _iso(contact.opted_out_at),
-        "created_at": _iso(contact.created_at),
+        "wa_checked_at": iso_z(contact.wa_checked_at),
+        "opted_out_at": iso_z(contact.opted_out_at),
+        "created_at": iso_z(contact.created_at),
     }
 
 
@@ -284,7 +285,7 @@ def _contacts_opt_out(args) -> int:
     contact = Contact.get_by_id(contact.id)
     text = f"{contact.phone} opted out"
     if already:
-        text += f" already (since {_iso(contact.opted_out_at)})"
+        text += f" already (since {iso_z(contact.opted_out_at)})"
     _print(args, _contact_dict(contact), text)
     return EXIT_OK
 
@@ -524,10 +525,6 @@ def _table(headers: list[str], rows: list[list]) -> str:
 def _shorten(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _iso(value) -> str | None:
-    return value.isoformat() + "Z" if value else None
 
 
 def _progress_bar(label: str) -> _ProgressBar | None:

@@ -38,6 +38,7 @@ from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import WaStatus
 from daemon.store.models import database
+from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -403,9 +404,9 @@ def _campaign_fields(campaign: Campaign) -> dict:
         "status_reason": campaign.status_reason,
         "message1": campaign.message1,
         "message2": campaign.message2,
-        "created_at": _iso(campaign.created_at),
-        "started_at": _iso(campaign.started_at),
-        "finished_at": _iso(campaign.finished_at),
+        "created_at": iso_z(campaign.created_at),
+        "started_at": iso_z(campaign.started_at),
+        "finished_at": iso_z(campaign.finished_at),
     }
 
 
@@ -433,17 +434,13 @@ def message_dict(message: Message) -> dict:
         "error": message.error,
         "idempotency_key": message.idempotency_key,
         "provider_id": message.provider_id,
-        "created_at": _iso(message.created_at),
-        "sent_at": _iso(message.sent_at),
-        "delivered_at": _iso(message.delivered_at),
-        "read_at": _iso(message.read_at),
-        "failed_at": _iso(message.failed_at),
-        "next_attempt_at": _iso(message.next_attempt_at),
+        "created_at": iso_z(message.created_at),
+        "sent_at": iso_z(message.sent_at),
+        "delivered_at": iso_z(message.delivered_at),
+        "read_at": iso_z(message.read_at),
+        "failed_at": iso_z(message.failed_at),
+        "next_attempt_at": iso_z(message.next_attempt_at),
     }
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value else None
 
 
 # ---------------------------------------------------------------- fan-out

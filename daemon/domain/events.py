@@ -24,6 +24,7 @@ from daemon.errors import NotFoundError
 from daemon.errors import StateError
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
+from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,9 @@ def event_dict(event: InboundEvent) -> dict:
         "provider": event.provider,
         "event_type": event.event_type,
         "state": event_state(event),
-        "received_at": _iso(event.received_at),
-        "processed_at": _iso(event.processed_at),
-        "dead_at": _iso(event.dead_at),
+        "received_at": iso_z(event.received_at),
+        "processed_at": iso_z(event.processed_at),
+        "dead_at": iso_z(event.dead_at),
         "attempts": event.attempts,
         "last_error": event.last_error,
         "result": event.result,
@@ -150,7 +151,7 @@ def revive(event_id: int) -> InboundEvent:
         if event.processed_at is not None:
             raise StateError(
                 f"webhook event {event_id} is already processed "
-                f"({_iso(event.processed_at)}: {event.result or 'no result'})"
+                f"({iso_z(event.processed_at)}: {event.result or 'no result'})"
             )
         raise StateError(
             f"webhook event {event_id} is not a dead letter (pending, "
@@ -185,7 +186,3 @@ def sync_alert(cfg=None) -> int:
     else:
         alerts.resolve_alert(ALERT_KEY, cfg=cfg, message="no dead-letter events left")
     return count
-
-
-def _iso(value) -> str | None:
-    return value.isoformat() + "Z" if value else None

@@ -40,6 +40,7 @@ from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
+from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def check_backlog(now: dt.datetime, th: HealthThresholds) -> dict:
     return {
         "ok": count <= th.backlog_max,
         "late": count,
-        "oldest_due": _iso(oldest),
+        "oldest_due": iso_z(oldest, "seconds"),
         "after_s": th.backlog_after_s,
     }
 
@@ -289,7 +290,7 @@ def check_status_webhooks(now: dt.datetime, th: HealthThresholds) -> dict:
     return {
         "ok": not sends or last is not None,
         "sends": sends,
-        "last_status_at": _iso(last),
+        "last_status_at": iso_z(last, "seconds"),
         "silence_s": th.status_silence_s,
     }
 
@@ -361,12 +362,5 @@ def last_health_check() -> dict | None:
     row = HealthCheck.select().order_by(HealthCheck.checked_at.desc()).first()
     if row is None:
         return None
-    return {"checked_at": _iso(row.checked_at), "ok": row.ok, "details": row.details}
-
-
-def _iso(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite MIN() over a COALESCE returns text
-        return value.replace(" ", "T") + ("" if value.endswith("Z") else "Z")
-    return value.isoformat(timespec="seconds") + "Z"
+    checked_at = iso_z(row.checked_at, "seconds")
+    return {"checked_at": checked_at, "ok": row.ok, "details": row.details}

@@ -52,6 +52,7 @@ from typing import Protocol
 from daemon.config import Config
 from daemon.store.db import db_session
 from daemon.store.models import Lease
+from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -286,14 +287,10 @@ class LeaderLease:
         return {
             "leader": self.leader,
             "owner": self.owner,
-            "since": _iso(self.since) if self.leader else None,
+            "since": iso_z(self.since, "seconds") if self.leader else None,
             "backend": self.store.backend,
             "lease_s": self.lease_s,
         }
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") + "Z" if value else None
 
 
 def state_path(cfg: Config) -> Path:

@@ -18,6 +18,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def iso_z(value, timespec: str = "auto") -> str | None:
+    """A stored (naive UTC) timestamp as ISO 8601 with a Z; None stays None.
+
+    Text, as SQLite returns MIN() over a COALESCE, is normalized the same way.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.replace(" ", "T") + ("" if value.endswith("Z") else "Z")
+    return value.isoformat(timespec=timespec) + "Z"
+
+
 class JSONField(pw.TextField):
     """JSON text that works the same on SQLite and PostgreSQL."""
 

@@ -26,13 +26,9 @@ import resource
 import selectors
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
-from daemon.errors import EXIT_FAILURE
-from daemon.errors import EXIT_NOT_RUNNING
-from daemon.errors import EXIT_OK
 from daemon.errors import ConfigError
 from daemon.errors import DaemonError
 
@@ -296,8 +292,8 @@ def _db_figures() -> dict:
     from daemon.domain.alerts import active_alerts
     from daemon.domain.alerts import db_session
     from daemon.domain.events import dead_count
+    from daemon.domain.monitoring import last_health_check
     from daemon.store.models import Campaign
-    from daemon.store.models import HealthCheck
     from daemon.store.models import Message
 
     with db_session():
@@ -311,177 +307,13 @@ def _db_figures() -> dict:
             .group_by(Message.status)
             .tuples()
         )
-        check = HealthCheck.select().order_by(HealthCheck.checked_at.desc()).first()
+        check = last_health_check()
         active = active_alerts()
         dead_letters = dead_count()
     return {
         "campaigns": campaigns,
         "messages": messages,
         "dead_letters": dead_letters,
-        "last_health_check": None
-        if check is None
-        else {
-            "checked_at": check.checked_at.isoformat(timespec="seconds") + "Z",
-            "ok": check.ok,
-            "details": check.details,
-        },
+        "last_health_check": check,
         "alerts": active,
     }
-
-
-# -------------------------------------------------------------------- client
-
-
-def request(path: Path, payload: dict, timeout: float = 5.0) -> dict:
-    """Send one request and return the answer (raises OSError if no daemon)."""
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        while True:
-            try:
-                sock.connect(str(path))
-                break
-            except BlockingIOError:
-                # A Unix socket with a timeout fails at once (EAGAIN) when
-                # the listen backlog is full: a busy daemon, not a dead one.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65_536):
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks) or b"{}")
-
-
-def client_main(cfg, args) -> int:
-    """`campaignd status [--json]` and `campaignd restart ROLE`."""
-    path = cfg.status_socket
-    if args.command == "restart":
-        payload = {"cmd": "restart", "role": args.role}
-    else:
-        payload = {"cmd": "status"}
-    try:
-        answer = request(path, payload)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"campaignd: not running (nothing answers on {path})", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    except PermissionError:
-        print(
-            f"campaignd: permission denied on {path} (are you in status.group?)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    except (OSError, ValueError) as exc:
-        print(f"campaignd: no valid answer on {path}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    if "error" in answer:
-        print(f"campaignd: error: {answer['error']}", file=sys.stderr)
-        return EXIT_FAILURE
-    if args.command == "restart":
-        print("restarting: " + ", ".join(answer.get("restarting", [])))
-        return EXIT_OK
-    if getattr(args, "json", False):
-        print(json.dumps(answer, indent=2, sort_keys=True))
-    else:
-        print(format_status(answer))
-    return EXIT_OK if is_healthy(answer) else EXIT_FAILURE
-
-
-def is_healthy(answer: dict) -> bool:
-    """Running, every role RUNNING, database and queue reachable, no alert."""
-    daemon = answer.get("daemon", {})
-    roles = answer.get("roles", [])
-    return (
-        daemon.get("state") == "running"
-        and bool(roles)
-        and all(r.get("state") == "RUNNING" for r in roles)
-        and not answer.get("alerts")
-        and not answer.get("db_error")
-        and answer.get("queues_error") in (None, "still gathering")
-    )
-
-
-def format_status(answer: dict) -> str:
-    """The status answer as a readable table."""
-    d = answer.get("daemon", {})
-    lines = [
-        f"campaignd {d.get('version', '?')} on {d.get('host', '?')}: "
-        f"{d.get('state', '?')}, pid {d.get('pid')}, up {_duration(d.get('uptime_s'))}"
-        + (f", leader {d['leader']}" if d.get("leader") else ""),
-        "",
-        f"{'ROLE':<22}{'STATE':<10}{'PID':>8}{'UP':>9}{'RESTARTS':>10}"
-        f"{'RSS MB':>8}{'CPU%':>7}{'BEAT':>7}  LAST EXIT",
-    ]
-    for r in answer.get("roles", []):
-        beat = r.get("heartbeat_age_s")
-        lines.append(
-            f"{r['name']:<22}{r['state']:<10}{_s(r.get('pid')):>8}"
-            f"{_duration(r.get('uptime_s')):>9}{r.get('restarts', 0):>10}"
-            f"{_num(r.get('rss_mb'), 0):>8}{_num(r.get('cpu_percent'), 1):>7}"
-            f"{(_num(beat, 1) + 's') if beat is not None else '-':>7}"
-            f"  {r.get('last_exit') or '-'}"
-        )
-    spare = answer.get("spare")
-    if spare:
-        lines.append(
-            f"spare {spare.get('state', '?')}, pid {spare.get('pid') or '-'}, "
-            f"roles taken {spare.get('roles_taken', 0)}"
-        )
-    lines.append("")
-    queues = answer.get("queues")
-    if isinstance(queues, dict) and queues:
-        lines.append("queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
-    else:
-        lines.append(f"queues: UNREACHABLE ({answer.get('queues_error') or 'unknown'})")
-    if answer.get("db_error"):
-        lines.append(f"database: UNREACHABLE ({answer['db_error']})")
-    campaigns = answer.get("campaigns")
-    if campaigns:
-        lines.append(
-            "campaigns: " + ", ".join(f"{k} {v}" for k, v in campaigns.items())
-        )
-    messages = answer.get("messages") or {}
-    if messages.get("unconfirmed"):
-        lines.append(
-            f"unconfirmed sends: {messages['unconfirmed']} (waiting for a status "
-            "webhook or a reply; provider.unconfirmed applies after "
-            "provider.confirm_window_s)"
-        )
-    dead = answer.get("dead_letters")
-    if dead is not None:
-        hint = " (campaignd events list --dead)" if dead else ""
-        lines.append(f"webhook dead letters: {dead}{hint}")
-    check = answer.get("last_health_check")
-    if check:
-        verdict = "ok" if check.get("ok") else "FAILING"
-        lines.append(f"last health check: {check.get('checked_at')} {verdict}")
-    if answer.get("data_age_s") is not None:
-        lines.append(f"(queue and campaign figures {answer['data_age_s']:.1f}s old)")
-    alerts = answer.get("alerts") or []
-    lines.append(f"alerts: {len(alerts) or 'none'}")
-    for a in alerts:
-        lines.append(f"  {a.get('severity', '?').upper()} {a['key']}: {a['message']}")
-    return "\n".join(lines)
-
-
-def _duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def _num(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _s(value) -> str:
-    return "-" if value is None else str(value)

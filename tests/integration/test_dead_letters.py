@@ -28,6 +28,7 @@ from daemon.errors import EXIT_OK
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.roles.web.webhooks import wait_enqueued
+from daemon.status import format_status
 from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
 from daemon.store.models import MemberState
@@ -280,7 +281,7 @@ def test_dead_letters_are_visible_and_replayed_through_the_api(env, monkeypatch)
     assert dead_metric(env) == 1.0
     answer = status.FigureGatherer(env.cfg).gather()
     assert answer["dead_letters"] == 1
-    assert "webhook dead letters: 1" in status.format_status(answer)
+    assert "webhook dead letters: 1" in format_status(answer)
     assert jobs.run("system_health_check", env.tasks, utcnow()).endswith(
         "; 1 dead letters"
     )
@@ -314,7 +315,7 @@ def test_dead_letters_are_visible_and_replayed_through_the_api(env, monkeypatch)
     assert done.processed_at is not None and done.dead_at is None
     assert done.result == "status: unknown message"
     assert dead_metric(env) == 0.0
-    assert "webhook dead letters: 0" in status.format_status(
+    assert "webhook dead letters: 0" in format_status(
         status.FigureGatherer(env.cfg).gather()
     )
     again = env.api.call(

@@ -21,7 +21,8 @@ import time
 import psutil
 import pytest
 
-from daemon.supervision import status as status_mod
+from daemon import status as status_mod
+from daemon.supervision.status import CLIENT_TIMEOUT_S
 from tests.helpers import require
 from tests.helpers import wait_for
 from tests.process.fixture_roles import FixtureDaemon
@@ -190,7 +191,7 @@ def test_silent_and_slow_clients_do_not_block_others(daemon):
         with pytest.raises(BlockingIOError):
             idle[0].recv(100)
         # ...and they are dropped after the client timeout, without an answer.
-        idle[0].settimeout(status_mod.CLIENT_TIMEOUT_S + 5)
+        idle[0].settimeout(CLIENT_TIMEOUT_S + 5)
         assert idle[0].recv(100) == b""
     finally:
         for sock in idle:

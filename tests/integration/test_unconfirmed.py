@@ -24,6 +24,7 @@ from daemon.providers.fake import FakeProvider
 from daemon.roles.web.app import create_app
 from daemon.runtime import InFlight
 from daemon.runtime import read_inflight
+from daemon.status import format_status
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import utcnow
@@ -122,7 +123,7 @@ def test_an_answer_slower_than_the_timeout_leaves_the_row_unconfirmed(
     assert summary["unconfirmed"] == {"waiting": 1, "resent": 0, "failed": 0}
     # What an operator sees: `campaignd status` and /metrics.
     answer = status.FigureGatherer(pipeline.cfg).gather()
-    assert "unconfirmed sends: 1 " in status.format_status(answer)
+    assert "unconfirmed sends: 1 " in format_status(answer)
     client = testing.TestClient(
         create_app(pipeline.cfg, pipeline.tasks, queues=pipeline.queues)
     )

@@ -35,7 +35,7 @@ import psutil
 
 from daemon import config as config_mod
 from daemon import runtime
-from daemon.supervision import status as status_mod
+from daemon import status as status_mod
 from daemon.supervision.child import RoleSpec
 from tests.helpers import merge
 from tests.helpers import wait_for

@@ -17,12 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from daemon import status as status_mod
 from daemon.store.db import open_database
 from daemon.store.models import Campaign
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import utcnow
-from daemon.supervision import status as status_mod
 from tests.helpers import free_port
 from tests.helpers import require
 from tests.helpers import subprocess_env

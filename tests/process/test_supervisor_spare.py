@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.supervision import status as status_mod
+from daemon import status as status_mod
 from tests.helpers import free_port
 from tests.helpers import require
 from tests.helpers import subprocess_env

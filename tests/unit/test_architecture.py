@@ -30,7 +30,7 @@ LAYERS = {
     "daemon.cli": "entry",
     "daemon.commands": "entry",
     "daemon.demo": "entry",
-    "daemon.supervision.status": "entry",
+    "daemon.status": "entry",
     "daemon.__main__": "entry",
 }
 RANK = {

@@ -26,6 +26,7 @@ from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import Message
+from daemon.store.models import iso_z
 
 PREFIX = "/api/v1"
 DEFAULT_PAGE = 100
@@ -301,24 +302,20 @@ def contact_dict(contact: Contact) -> dict:
         "name": contact.name,
         "variables": contact.variables or {},
         "wa_status": contact.wa_status,
-        "wa_checked_at": _iso(contact.wa_checked_at),
+        "wa_checked_at": iso_z(contact.wa_checked_at),
         "opted_out": contact.opted_out_at is not None,
-        "opted_out_at": _iso(contact.opted_out_at),
-        "created_at": _iso(contact.created_at),
+        "opted_out_at": iso_z(contact.opted_out_at),
+        "created_at": iso_z(contact.created_at),
         "campaigns": [
             {
                 "campaign_id": m.campaign_id,
                 "state": m.state,
-                "message1_sent_at": _iso(m.message1_sent_at),
-                "interacted_at": _iso(m.interacted_at),
+                "message1_sent_at": iso_z(m.message1_sent_at),
+                "interacted_at": iso_z(m.interacted_at),
             }
             for m in memberships
         ],
     }
-
-
-def _iso(value) -> str | None:
-    return value.isoformat() + "Z" if value else None
 
 
 class ContactImport:
