@@ -254,20 +254,6 @@ class Heartbeat:
         os.close(self._fd)
 
 
-def read_heartbeat(path: str) -> tuple[float, float, int] | None:
-    """Supervisor side: (mtime, oldest_task_started or 0, running) or None."""
-    try:
-        with open(path, "rb") as f:
-            mtime = os.fstat(f.fileno()).st_mtime
-            data = f.read(100).split()
-    except FileNotFoundError:
-        return None
-    try:
-        return mtime, float(data[0]), int(data[1])
-    except (IndexError, ValueError):
-        return mtime, 0.0, 0
-
-
 class TaskClock:
     """Start times of the tasks running in this process, for the heartbeat."""
 
