@@ -232,7 +232,7 @@ class Tasks:
         except UnconfirmedError as exc:
             return self._after_unconfirmed(message, owner, exc.reason)
         except RetryableError as exc:
-            return self._after_retryable(message, owner, exc.reason, exc.retry_after)
+            return self._after_retryable(message, owner, exc)
         except RecipientOptedOutError as exc:
             campaigns.record_failure(message, owner, exc.reason)
             contact = Contact.get_by_id(message.contact_id)
@@ -285,7 +285,8 @@ class Tasks:
         metrics.UNCONFIRMED.labels(outcome="recorded").inc()
         return f"unconfirmed: {reason}"
 
-    def _after_retryable(self, message, owner, reason, retry_after) -> str:
+    def _after_retryable(self, message, owner, exc: RetryableError) -> str:
+        reason, retry_after = exc.reason, exc.retry_after
         if campaigns.cancel_if_opted_out(message, owner, self.clock()):
             return "cancelled: contact opted out"
         delay = (
@@ -300,9 +301,7 @@ class Tasks:
             _count_send(message.kind, "failed")
             return "failed"
         _count_send(message.kind, "retry")
-        metrics.RETRIES.labels(
-            kind=str(message.kind), reason=_reason_label(reason)
-        ).inc()
+        metrics.RETRIES.labels(kind=str(message.kind), reason=_retry_label(exc)).inc()
         self._schedule_send(message.id, next_at, retry=True)
         return f"retry at {next_at.isoformat()}"
 
@@ -585,13 +584,19 @@ def _count_send(kind: int, outcome: str) -> None:
     metrics.SENDS.labels(kind=str(kind), outcome=outcome).inc()
 
 
-def _reason_label(reason: str) -> str:
-    """A short, bounded label for a retry reason ("HTTP 503: ..." -> "http_5xx")."""
-    lowered = reason.lower()
-    if "429" in lowered:
+def _retry_label(exc: RetryableError) -> str:
+    """A short, bounded label for a retry: the HTTP status when there is one,
+    else what the transport said (a timeout, a connection failure)."""
+    status = exc.http_status
+    if status == 429:
         return "http_429"
-    if "http 5" in lowered:
+    if status is not None and 500 <= status <= 599:
         return "http_5xx"
+    if status == 408:
+        return "timeout"
+    if status is not None:
+        return "other"
+    lowered = exc.reason.lower()
     if "timed out" in lowered or "timeout" in lowered:
         return "timeout"
     if "connect" in lowered:
