@@ -131,13 +131,15 @@ class Body:
             )
         return value
 
-    def contacts(self, region: str) -> contacts_mod.ParsedCsv | None:
-        """The `contacts` field: CSV text or a list of {phone, name, ...}."""
+    def contacts(self, region: str) -> contacts_mod.ParsedCsv | str | None:
+        """The `contacts` field: CSV text (imported by _import as a stream)
+        or a list of {phone, name, ...}, parsed."""
         value = self.data.get("contacts")
         if value is None:
             return None
         if isinstance(value, str):
-            return contacts_mod.parse_csv_text(value, region)
+            contacts_mod.check_region(region)
+            return value
         if isinstance(value, list):
             return contacts_mod.parse_records(value, region)
         raise bad_request(
@@ -151,20 +153,38 @@ def _errors_json(errors: list[tuple[int, str]]) -> list[dict]:
     return [{"line": line, "reason": reason} for line, reason in errors]
 
 
-def _import(parsed: contacts_mod.ParsedCsv | None) -> tuple[list[int], dict]:
-    """Upsert parsed contacts; (contact ids, report). 400 when none is valid."""
+def _import(
+    parsed: contacts_mod.ParsedCsv | str | None, region: str = DEFAULT_REGION
+) -> tuple[list[int], dict]:
+    """Upsert contacts (parsed records, or CSV text); (contact ids, report).
+
+    400 when none is valid. CSV text is imported chunk by chunk
+    (contacts.import_csv_text): its rows are never all in memory.
+    """
     if parsed is None:
         return [], {"created": 0, "updated": 0, "duplicates_merged": 0, "errors": []}
+    if isinstance(parsed, str):
+        with database.atomic():
+            parsed, result = contacts_mod.import_csv_text(parsed, region, with_ids=True)
+            if not result.contact_ids and parsed.errors:
+                raise InvalidContacts(parsed.errors)
+        return result.contact_ids, _import_report(parsed, result)
     if not parsed.rows and parsed.errors:
         raise InvalidContacts(parsed.errors)
     result = contacts_mod.import_rows(parsed.rows)
+    return result.contact_ids, _import_report(parsed, result)
+
+
+def _import_report(
+    parsed: contacts_mod.ParsedCsv, result: contacts_mod.ImportResult
+) -> dict:
     report = {
         "created": result.created,
         "updated": result.updated,
         "duplicates_merged": parsed.duplicates_merged,
         "errors": _errors_json(parsed.errors),
     }
-    return result.contact_ids, report
+    return report
 
 
 # --- campaigns -----------------------------------------------------------------
@@ -206,7 +226,7 @@ class CampaignCollection:
         # One transaction: a campaign refused (say, a contact lacks {city})
         # leaves no half-imported contacts behind.
         with database.atomic():
-            imported_ids, report = _import(parsed)
+            imported_ids, report = _import(parsed, region)
             contact_ids = list(dict.fromkeys(imported_ids + extra_ids))
             if not contact_ids:
                 raise bad_request(
@@ -330,14 +350,15 @@ class ContactImport:
         if req.content_type and req.content_type.startswith("text/csv"):
             region = req.get_param("region") or DEFAULT_REGION
             text, _ = contacts_mod.decode_csv_bytes(read_body(req), "CSV body")
-            parsed = contacts_mod.parse_csv_text(text, region)
+            contacts_mod.check_region(region)
+            parsed = text
         else:
             body = Body.read(req, {"contacts", "region"})
             region = body.text("region", default=DEFAULT_REGION, max_len=8)
             parsed = body.contacts(region)
             if parsed is None:
                 raise bad_request("Invalid body", "field 'contacts' is required")
-        contact_ids, report = _import(parsed)
+        contact_ids, report = _import(parsed, region)
         resp.media = {**report, "contact_ids": contact_ids}
 
 
