@@ -175,6 +175,7 @@ def test_all_contacts_targets_everyone_and_keeps_opted_out_out(
     assert summary["members"] == {"opted_out": 1, "pending": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_lifecycle_start_pause_resume_cancel(any_mode_config, contacts_csv):
     cfg = any_mode_config
