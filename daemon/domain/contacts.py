@@ -300,9 +300,14 @@ def _parse(
 class _LineCounter:
     """Hands out the text's lines and remembers how far it has got."""
 
-    def __init__(self, text: str = "", stream: io.TextIOBase | None = None) -> None:
+    def __init__(
+        self, text: str = "", stream: io.TextIOBase | None = None, size: int = 0
+    ) -> None:
         self._stream = stream or io.StringIO(text, newline="")
-        self._length = max(len(text), 1)
+        # The file's size in bytes, if known (for progress).
+        self.size = size
+        # Characters in all (a stream's: its size, close enough for a bar).
+        self._length = max(len(text) if stream is None else size, 1)
         self._chars = 0
         self.line_number = 0
 
@@ -320,7 +325,7 @@ class _LineCounter:
 
     def bytes_done(self, total: int) -> int:
         # Characters read, scaled to the file's size in bytes.
-        return int(total * self._chars / self._length)
+        return min(int(total * self._chars / self._length), total)
 
 
 def _read_header(counter: _LineCounter) -> tuple[str, list[str]]:
@@ -626,6 +631,9 @@ def import_csv_file(
     *,
     processes: int | None = None,
     chunk_rows: int = STREAM_CHUNK_ROWS,
+    with_ids: bool = False,
+    check_progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[ParsedCsv, ImportResult]:
     """parse_csv_file + import_rows for files of millions of rows.
 
@@ -636,12 +644,16 @@ def import_csv_file(
     soon as it is ready, in one transaction for the whole file. A number seen
     again later in the file updates the contact made by its first row, as in
     the merged import. The ParsedCsv has no rows (only the errors and counts)
-    and the ImportResult no contact ids.
+    and the ImportResult no contact ids unless `with_ids` (one query more
+    per chunk; a list of the size of the file).
+
+    check_progress(done_bytes, total_bytes) follows the encoding check (one
+    read of the file), progress(done_bytes, total_bytes) the import.
     """
     region = check_region(region)
     try:
         size = os.stat(path).st_size
-        utf8 = _is_utf8(path)
+        utf8 = _is_utf8(path, check_progress, size)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -655,25 +667,51 @@ def import_csv_file(
         if utf8:
             # Read as it goes: the text of a million rows is 100 MB in memory.
             with open(path, encoding="utf-8-sig", newline="") as stream:
-                counter = _LineCounter(stream=stream)
-                parsed, result = _import_stream(counter, region, processes, chunk_rows)
+                counter = _LineCounter(stream=stream, size=size)
+                parsed, result = _import_stream(
+                    counter, region, processes, chunk_rows, with_ids, progress
+                )
             return parsed, result
         with open(path, "rb") as f:
             text, encoding = decode_csv_bytes(f.read(), str(path))
         parsed, result = _import_stream(
-            _LineCounter(text), region, processes, chunk_rows
+            _LineCounter(text, size=size),
+            region,
+            processes,
+            chunk_rows,
+            with_ids,
+            progress,
         )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     return replace(parsed, encoding=encoding), result
 
 
-def _is_utf8(path: str | os.PathLike) -> bool:
+def import_csv_text(
+    text: str, region: str = "FR", *, with_ids: bool = False
+) -> tuple[ParsedCsv, ImportResult]:
+    """import_csv_file for CSV text already in memory (an API request body).
+
+    In this process (no worker processes), chunk by chunk: the text stays,
+    but the rows are never all built (they take several times its size).
+    """
+    region = check_region(region)
+    counter = _LineCounter(text.removeprefix("\ufeff"))
+    return _import_stream(counter, region, 1, STREAM_CHUNK_ROWS, with_ids, None)
+
+
+def _is_utf8(
+    path: str | os.PathLike, progress: ProgressFn | None = None, size: int = 0
+) -> bool:
     decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
     with open(path, "rb") as f:
         try:
             while block := f.read(1 << 20):
                 decoder.decode(block)
+                done += len(block)
+                if progress:
+                    progress(min(done, size), size)
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             return False
@@ -681,12 +719,19 @@ def _is_utf8(path: str | os.PathLike) -> bool:
 
 
 def _import_stream(
-    counter: _LineCounter, region: str, processes: int, chunk_rows: int
+    counter: _LineCounter,
+    region: str,
+    processes: int,
+    chunk_rows: int,
+    with_ids: bool = False,
+    progress: ProgressFn | None = None,
 ) -> tuple[ParsedCsv, ImportResult]:
     header_line, header = _read_header(counter)
     columns = _Columns.from_header(header)
     chunks = _record_chunks(counter, header_line, chunk_rows)
-    state = _StreamState()
+    if progress and counter.size:
+        chunks = _reporting(chunks, counter, progress)
+    state = _StreamState(with_ids)
     with database.atomic():
         if processes == 1:
             for chunk in chunks:
@@ -694,8 +739,17 @@ def _import_stream(
                 state.add(chunk, normalize_many(cells, region), columns)
         else:
             _run_parallel(chunks, region, processes, columns, state)
+    if progress and counter.size:
+        progress(counter.size, counter.size)
     parsed = ParsedCsv([], sorted(state.errors), state.duplicates)
-    return parsed, ImportResult(state.created, state.updated, [])
+    return parsed, ImportResult(state.created, state.updated, state.ids)
+
+
+def _reporting(chunks, counter: _LineCounter, progress: ProgressFn):
+    # Read ahead of the import by at most the parallel window: close enough.
+    for chunk in chunks:
+        yield chunk
+        progress(counter.bytes_done(counter.size), counter.size)
 
 
 def _record_chunks(counter: _LineCounter, header_line: str, chunk_rows: int):
@@ -758,7 +812,10 @@ def _run_parallel(chunks, region, processes, columns, state) -> None:
 class _StreamState:
     """Counts across chunks, and each chunk merged and upserted."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_ids: bool = False) -> None:
+        self.with_ids = with_ids
+        # One contact id per distinct number, first seen first (with_ids).
+        self.ids: list[int] = []
         # Numbers seen so far, as integers (a third of the memory of strings).
         self.seen: set[int] = set()
         self.errors: list[tuple[int, str]] = []
@@ -788,3 +845,6 @@ class _StreamState:
         self.updated += known
         self.created += len(first) - known
         _upsert(merged, existing)
+        if self.with_ids and first:
+            ids = _ids(first)
+            self.ids.extend(ids[phone] for phone in first)

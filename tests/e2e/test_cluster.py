@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -157,14 +156,12 @@ def test_cluster_survives_the_death_of_the_leader_host(daemons, fake):
         what="a quarter of the campaign sent",
     )
 
-    killed_at = time.monotonic()
     killed_wall = utcnow()
     kill_tree(host_a.supervisor_pid)
-    wait_for(lambda: leads(cfg_b), timeout=LEASE_S * 4, what="host b taking over")
-    took = time.monotonic() - killed_at
-    # One lease after the last renewal, seen at the next tick (lease / 3),
-    # plus slack for a busy two-core machine.
-    assert took <= LEASE_S * 4 / 3 + 2.0, took
+    # Host b takes over once host a's lease expires (one lease, then its
+    # next tick: pinned on an injected clock in tests/unit/test_leader.py);
+    # how long a failover takes is for bench/, not for this test.
+    wait_for(lambda: leads(cfg_b), timeout=60, what="host b taking over")
 
     wait_for(
         lambda: (campaign_state(campaign_id) or {}).get("status") == "completed",

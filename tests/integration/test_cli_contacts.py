@@ -214,6 +214,7 @@ def test_list_shows_a_table_and_honours_limit(make_config):
     assert "--limit: must be at least 1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_opt_out_by_phone_in_any_format(make_config):
     cfg = make_config("sqlite")
     campaignd(cfg, "contacts", "import", str(FIXTURES / "excel_fr_bom_semicolon.csv"))

@@ -207,6 +207,7 @@ def test_replies_with_nul_or_lone_surrogate_are_cleaned_and_processed(env):
 # ---------------------------------------------------------------- dead letters
 
 
+@pytest.mark.slow
 def test_a_poison_event_dies_and_no_longer_blocks_expiry_or_completion(
     env, monkeypatch
 ):
@@ -371,6 +372,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_lists_and_replays_dead_letters(make_config, fake, monkeypatch):
     cfg = make_config(
         "sqlite",

@@ -536,12 +536,15 @@ def test_slow_sends_time_the_client_out_but_are_sent():
         # Only sends are slow; a share of them, at runtime.
         assert call(fake, "GET", "/v1/devices")[0] == 200
         fake.configure(slow_share=0.5, slow_latency_ms=150.0)
-        took = []
+        slow = 0
         for n in range(16):
+            before = fake.stats()["slow_answers"]
             started = time.monotonic()
             call(fake, "POST", "/v1/messages", send_body("+33612345671", f"s{n}"))
-            took.append(time.monotonic() - started)
-        slow = sum(t >= 0.15 for t in took)
+            took = time.monotonic() - started
+            if fake.stats()["slow_answers"] > before:
+                slow += 1
+                assert took >= 0.15  # a slow answer is held its latency
         assert 0 < slow < 16 and fake.stats()["slow_answers"] == 1 + slow
 
 
@@ -562,10 +565,8 @@ def test_statuses_can_come_seconds_late_dated_when_they_happened(receiver):
     with FakeProvider(opts) as fake:
         before = time.time()
         call(fake, "POST", "/v1/messages", send_body("+33612345671", "cd-1-1-m1"))
-        time.sleep(0.3)
-        assert receiver.of("message:out:ack") == []
         wait_for(lambda: receiver.of("message:out:ack"), what="the late ack")
-        assert time.time() - before >= 0.6
+        assert time.time() - before >= 0.6  # not before its delay
         [ack] = receiver.of("message:out:ack")
         assert ack["data"]["timestamp"] <= before + 1  # when it happened
 

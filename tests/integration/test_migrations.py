@@ -125,3 +125,49 @@ def test_concurrent_first_start_applies_each_migration_once(cfg):
         assert _version_counts(db) == dict.fromkeys(migration_names(), 1)
     finally:
         _close(db)
+
+
+# The indexes m0006 replaces, as m0001..m0005 made them.
+OLD_INDEXES = (
+    'CREATE INDEX "message_campaign_id" ON "message" ("campaign_id")',
+    'CREATE INDEX "message_provider_id" ON "message" ("provider_id")',
+    'CREATE INDEX "message_wa_id" ON "message" ("wa_id")',
+    'CREATE INDEX "message_lease_owner" ON "message" ("lease_owner")',
+    'CREATE INDEX "campaign_contact_campaign_id" ON "campaign_contact" ("campaign_id")',
+    'CREATE INDEX "campaign_contact_contact_id" ON "campaign_contact" ("contact_id")',
+    'CREATE INDEX "campaign_contact_campaign_id_state" ON "campaign_contact" '
+    '("campaign_id", "state")',
+)
+
+
+def _index_names(db) -> dict[str, set[str]]:
+    return {
+        table: {index.name for index in db.get_indexes(table)}
+        for table in ("message", "campaign_contact")
+    }
+
+
+def test_m0006_drops_only_the_redundant_indexes_present(cfg):
+    from daemon.store.migrations import m0006_lean_indexes
+
+    db = open_database(cfg, migrate_schema=True)
+    try:
+        with db.connection_context():
+            fresh = _index_names(db)
+            assert "message_campaign_id" not in fresh["message"]
+            assert "message_provider_id_set" in fresh["message"]
+            # On a database created by this version: nothing to do.
+            with db.atomic():
+                m0006_lean_indexes.up(db)
+            assert _index_names(db) == fresh
+            # An older database: the old indexes (some of them only), and
+            # one of the partial ones missing.
+            with db.atomic():
+                for sql in OLD_INDEXES[::2]:
+                    db.execute_sql(sql)
+                db.execute_sql('DROP INDEX "message_wa_id_set"')
+            with db.atomic():
+                m0006_lean_indexes.up(db)
+            assert _index_names(db) == fresh
+    finally:
+        _close(db)

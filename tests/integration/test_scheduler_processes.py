@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +192,7 @@ def test_two_schedulers_fire_each_job_once_per_period(cluster_configs, spawn):
 @pytest.mark.parametrize(
     "cluster_configs", ["sqlite", "pgqueue", "cluster"], indirect=True
 )
-def test_sigkilled_leader_is_replaced_within_one_lease(cluster_configs, spawn):
+def test_sigkilled_leader_is_replaced_by_the_follower(cluster_configs, spawn):
     cfg_a, cfg_b = cluster_configs
     procs = [spawn("a", cfg_a), spawn("b", cfg_b)]
     leader = wait_for(lambda: one_leader(procs), timeout=30, what="a leader")
@@ -205,14 +204,14 @@ def test_sigkilled_leader_is_replaced_within_one_lease(cluster_configs, spawn):
         what="the leader's catch-up",
     )
 
+    # While the leader lives, the follower fires nothing.
+    assert follower.fired() == []
     leader.proc.kill()
-    killed_at = time.monotonic()
     leader.proc.wait(10)
-    wait_for(follower.leads, timeout=LEASE_S * 4, what="the takeover")
-    took = time.monotonic() - killed_at
-    # Expiry within a lease of the last renewal, seen at the follower's
-    # next tick (lease / 3 later); plus slack for a busy 2-core machine.
-    assert took <= LEASE_S * 4 / 3 + 1.0, took
+    # The follower takes over once the dead leader's lease expires (one
+    # lease, then its next tick: pinned on an injected clock in
+    # tests/unit/test_leader.py); how long that takes is for bench/.
+    wait_for(follower.leads, timeout=30, what="the takeover")
     # The new leader fires, without repeating what the old one just did.
     wait_for(lambda: follower.fired(), timeout=10, what="a fire by the new leader")
     wait_for(
@@ -246,7 +245,7 @@ def test_sigterm_releases_the_lease_for_an_immediate_takeover(cluster_configs, s
     finally:
         database.close()
     assert leader.state()["leader"] is False
-    wait_for(follower.leads, timeout=LEASE_S * 4, what="the takeover")
+    wait_for(follower.leads, timeout=30, what="the takeover")
     assert follower.stop() == 0
 
 

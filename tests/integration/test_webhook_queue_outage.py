@@ -212,11 +212,9 @@ def post_during_outage(web: Web, tag: str) -> None:
         big = pool.submit(
             web.post, "/webhooks/whatsapp", meta_statuses(tag, META_ITEMS)
         )
-        started = time.monotonic()
         answers = [
             web.post("/webhooks/wassenger", inbound(f"{tag}{i}")) for i in range(OTHERS)
         ]
-        others_s = time.monotonic() - started
         big_reply, big_s = big.result(timeout=60)
     assert big_reply.status_code == 200
     assert big_reply.json() == {"stored": META_ITEMS, "duplicates": 0}
@@ -224,13 +222,12 @@ def post_during_outage(web: Web, tag: str) -> None:
     assert all(r.json()["stored"] == 1 for r, _ in answers)
     # Stored by the time they are answered ("2xx means stored").
     assert stored_count() >= META_ITEMS + OTHERS
-    # Answered at the speed of the commit: not one webhook waited for an
-    # enqueue timeout, and all of them together took well under what one
-    # enqueue timeout per webhook would add up to (or the Redis socket
-    # timeout, 5 s, per batch as before).
+    # Not one webhook waited for the queue: an answer that did would take at
+    # least the enqueue timeout (2 s; the Redis connect and socket timeouts
+    # are 2 s and 5 s), against a commit's tens of milliseconds. How fast
+    # they are is bench/webhook_ingest.py's to measure.
     slowest = max(s for _, s in answers)
     assert slowest < ENQUEUE_TIMEOUT_S, f"slowest webhook {slowest:.2f} s"
-    assert others_s < OTHERS * ENQUEUE_TIMEOUT_S / 4, f"{others_s:.2f} s in all"
     assert big_s < ENQUEUE_TIMEOUT_S, f"Meta POST {big_s:.2f} s"
 
 

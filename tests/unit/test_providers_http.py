@@ -281,12 +281,11 @@ def test_one_deadline_for_the_whole_call_even_when_bytes_keep_coming(
     server = TricklingServer(size=200, every=0.2, headers=headers)
     try:
         client = make_client(server.url, read_timeout=1.0)
-        started = time.monotonic()
         with pytest.raises(RetryableError, match="within 1 s"):
             client.request("POST", "/x", b"{}")
-        # Generous: a per-read timeout would only fail after the 40 s trickle.
-        assert time.monotonic() - started < 1.0 + 10
         assert server.done.wait(5), "the client kept the connection open"
+        # Given up before the trickle ended (its bytes are the clock): a
+        # per-read timeout would have read all of it.
         assert server.sent_body < server.size
     finally:
         server.close()

@@ -1,6 +1,6 @@
 """The admin API under /api/v1 (bearer token; disabled when web.api_token is empty).
 
-Resources only translate HTTP to the domain functions of daemon.domain.campaigns and
+Resources only translate HTTP to the domain functions of daemon.campaigns and
 daemon.contacts; the domain errors map to statuses in app.py (InputError 400,
 NotFoundError 404, StateError 409). Bodies are strict: unknown fields and wrong
 types are a 400 that names the field, so a typo never passes silently.
@@ -26,6 +26,7 @@ from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import Message
+from daemon.store.models import database
 from daemon.store.models import iso_z
 
 PREFIX = "/api/v1"
@@ -62,8 +63,11 @@ class ApiAuth:
 class InvalidContacts(falcon.HTTPBadRequest):
     """400 listing every rejected contact row."""
 
-    def __init__(self, errors: list[tuple[int, str]], description: str):
-        super().__init__(title="Invalid contacts", description=description)
+    def __init__(self, errors: list[tuple[int, str]]):
+        super().__init__(
+            title="Invalid contacts",
+            description=f"no valid contact ({len(errors)} rejected)",
+        )
         self.errors = errors
 
     def to_dict(self, obj_type=dict):
@@ -128,13 +132,15 @@ class Body:
             )
         return value
 
-    def contacts(self, region: str) -> contacts_mod.ParsedCsv | None:
-        """The `contacts` field: CSV text or a list of {phone, name, ...}."""
+    def contacts(self, region: str) -> contacts_mod.ParsedCsv | str | None:
+        """The `contacts` field: CSV text (imported by _import as a stream)
+        or a list of {phone, name, ...}, parsed."""
         value = self.data.get("contacts")
         if value is None:
             return None
         if isinstance(value, str):
-            return contacts_mod.parse_csv_text(value, region)
+            contacts_mod.check_region(region)
+            return value
         if isinstance(value, list):
             return contacts_mod.parse_records(value, region)
         raise bad_request(
@@ -149,23 +155,37 @@ def _errors_json(errors: list[tuple[int, str]]) -> list[dict]:
 
 
 def _import(
-    parsed: contacts_mod.ParsedCsv | None, strict: bool
+    parsed: contacts_mod.ParsedCsv | str | None, region: str = DEFAULT_REGION
 ) -> tuple[list[int], dict]:
-    """Upsert parsed contacts by the service's rule; (contact ids, report)."""
-    try:
-        report = service.import_contacts(parsed, strict=strict)
-    except service.RejectedRows as exc:
-        raise InvalidContacts(exc.errors, str(exc)) from None
-    return report.contact_ids, _report_json(report)
+    """Upsert contacts (parsed records, or CSV text); (contact ids, report).
+
+    400 when none is valid. CSV text is imported chunk by chunk
+    (contacts.import_csv_text): its rows are never all in memory.
+    """
+    if parsed is None:
+        return [], {"created": 0, "updated": 0, "duplicates_merged": 0, "errors": []}
+    if isinstance(parsed, str):
+        with database.atomic():
+            parsed, result = contacts_mod.import_csv_text(parsed, region, with_ids=True)
+            if not result.contact_ids and parsed.errors:
+                raise InvalidContacts(parsed.errors)
+        return result.contact_ids, _import_report(parsed, result)
+    if not parsed.rows and parsed.errors:
+        raise InvalidContacts(parsed.errors)
+    result = contacts_mod.import_rows(parsed.rows)
+    return result.contact_ids, _import_report(parsed, result)
 
 
-def _report_json(report: service.ImportReport) -> dict:
-    return {
-        "created": report.created,
-        "updated": report.updated,
-        "duplicates_merged": report.duplicates_merged,
-        "errors": report.errors_json(),
+def _import_report(
+    parsed: contacts_mod.ParsedCsv, result: contacts_mod.ImportResult
+) -> dict:
+    report = {
+        "created": result.created,
+        "updated": result.updated,
+        "duplicates_merged": parsed.duplicates_merged,
+        "errors": _errors_json(parsed.errors),
     }
+    return report
 
 
 # --- campaigns -----------------------------------------------------------------
@@ -179,7 +199,6 @@ _CREATE_FIELDS = {
     "region",
     "skip_invalid",
     "start",
-    "strict",
 }
 
 
@@ -203,33 +222,25 @@ class CampaignCollection:
         region = body.text("region", default=DEFAULT_REGION, max_len=8)
         skip_invalid = body.flag("skip_invalid", True)
         start = body.flag("start", False)
-        strict = body.flag("strict", False)
         extra_ids = body.ids("contact_ids")
         parsed = body.contacts(region)
-        if parsed is None and not extra_ids:
-            raise bad_request(
-                "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
+        # One transaction: a campaign refused (say, a contact lacks {city})
+        # leaves no half-imported contacts behind.
+        with database.atomic():
+            imported_ids, report = _import(parsed, region)
+            contact_ids = list(dict.fromkeys(imported_ids + extra_ids))
+            if not contact_ids:
+                raise bad_request(
+                    "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
+                )
+            campaign = campaigns.create_campaign(
+                name, message1, message2, contact_ids, skip_invalid=skip_invalid
             )
-        try:
-            campaign, report = service.create_campaign(
-                name,
-                message1,
-                message2,
-                parsed=parsed,
-                contact_ids=extra_ids,
-                skip_invalid=skip_invalid,
-                strict=strict,
-            )
-        except service.RejectedRows as exc:
-            raise InvalidContacts(exc.errors, str(exc)) from None
         if start:
-            service.campaign_action(campaign.id, "start", self.tasks)
+            campaigns.start_campaign(campaign.id, self.tasks)
         resp.status = falcon.HTTP_201
         resp.location = f"{PREFIX}/campaigns/{campaign.id}"
-        resp.media = {
-            **campaigns.campaign_summary(campaign.id),
-            "import": _report_json(report),
-        }
+        resp.media = {**campaigns.campaign_summary(campaign.id), "import": report}
 
 
 class CampaignItem:
@@ -328,16 +339,15 @@ class ContactImport:
         if req.content_type and req.content_type.startswith("text/csv"):
             region = req.get_param("region") or DEFAULT_REGION
             text, _ = contacts_mod.decode_csv_bytes(read_body(req), "CSV body")
-            parsed = contacts_mod.parse_csv_text(text, region)
-            strict = req.get_param_as_bool("strict") or False
+            contacts_mod.check_region(region)
+            parsed = text
         else:
-            body = Body.read(req, {"contacts", "region", "strict"})
+            body = Body.read(req, {"contacts", "region"})
             region = body.text("region", default=DEFAULT_REGION, max_len=8)
-            strict = body.flag("strict", False)
             parsed = body.contacts(region)
             if parsed is None:
                 raise bad_request("Invalid body", "field 'contacts' is required")
-        contact_ids, report = _import(parsed, strict)
+        contact_ids, report = _import(parsed, region)
         resp.media = {**report, "contact_ids": contact_ids}
 
 
