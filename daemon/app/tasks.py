@@ -25,6 +25,7 @@ from daemon.config import Config
 from daemon.domain import campaigns
 from daemon.domain import unconfirmed
 from daemon.domain.pacing import Pacer
+from daemon.errors import StateError
 from daemon.providers.base import PauseCampaignError
 from daemon.providers.base import PermanentError
 from daemon.providers.base import RecipientOptedOutError
@@ -576,7 +577,7 @@ def _pause_quietly(campaign_id: int, reason: str) -> None:
     or finished is fine: the flag changes nothing then."""
     try:
         campaigns.pause_campaign(campaign_id, reason)
-    except campaigns.StateError:
+    except StateError:
         log.info("campaign %s not paused (%s): not running", campaign_id, reason)
 
 

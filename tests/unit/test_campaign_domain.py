@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from daemon.domain import campaigns
+from daemon.domain.campaigns import lifecycle
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.errors import StateError
@@ -160,7 +161,7 @@ def test_concurrent_fan_outs_create_each_message_once(request, make_config, mode
     db = open_db(mode_config(request, make_config, mode))
     try:
         campaign = new_campaign(seed_contacts(120))
-        campaigns._set_status(campaign.id, ("draft",), "running")
+        lifecycle._set_status(campaign.id, ("draft",), "running")
         returned: list[int] = []
         lock = threading.Lock()
         barrier = threading.Barrier(4)

@@ -1,0 +1,38 @@
+"""What every part of the campaign domain shares: constants, the idempotency
+key of a message and the opted-out test the claim and the retries use."""
+
+from __future__ import annotations
+
+import peewee as pw
+
+from daemon.store.models import Contact
+from daemon.store.models import Message
+
+PRIORITY_MESSAGE_2 = 10
+# A row claimed this many times without an answer from the provider keeps
+# killing its worker (or the workers keep dying): give up on it.
+MAX_INTERRUPTED_ATTEMPTS = 20
+_CHUNK = 500
+_SENT_OR_LATER = ("sent", "delivered", "read")
+# A message not settled yet: its campaign cannot complete.
+_OPEN_MESSAGE_STATUSES = ("queued", "sending", "unconfirmed")
+# Message 1 was attempted at least once: a reply from its contact proves it
+# arrived (queued rows count only with attempts > 0: a retry is pending).
+_ATTEMPTED = ("sending", "unconfirmed") + _SENT_OR_LATER
+# A reply can answer a member in these states. EXPIRED is included because
+# the window is judged at the reply's arrival: the expiry job may have run
+# between its arrival and its processing.
+_REPLYABLE_STATES = ("pending", "message_1_sent", "expired")
+
+
+def idempotency_key(campaign_id: int, contact_id: int, kind: int) -> str:
+    return f"cd-{campaign_id}-{contact_id}-m{kind}"
+
+
+def contact_opted_out():
+    """The row's contact has opted out (a subquery usable in any UPDATE)."""
+    return pw.fn.EXISTS(
+        Contact.select(Contact.id).where(
+            Contact.id == Message.contact, Contact.opted_out_at.is_null(False)
+        )
+    )

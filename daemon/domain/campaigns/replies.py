@@ -1,0 +1,278 @@
+"""Webhooks into the domain: replies (Message 2, opt-out keywords), opt-outs
+and provider statuses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import string
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import peewee as pw
+
+from daemon.domain.campaigns.common import _ATTEMPTED
+from daemon.domain.campaigns.common import _OPEN_MESSAGE_STATUSES
+from daemon.domain.campaigns.common import _REPLYABLE_STATES
+from daemon.domain.campaigns.fanout import _insert_messages
+from daemon.domain.campaigns.fanout import _message_row
+from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.domain.campaigns.sending import _member_after_send
+from daemon.domain.campaigns.sending import member_failed
+from daemon.store.models import Campaign
+from daemon.store.models import CampaignContact
+from daemon.store.models import CampaignStatus
+from daemon.store.models import Contact
+from daemon.store.models import Interaction
+from daemon.store.models import MemberState
+from daemon.store.models import Message
+from daemon.store.models import MessageStatus
+from daemon.store.models import database
+from daemon.store.models import utcnow
+
+log = logging.getLogger(__name__)
+
+
+def fold_keyword(text: str) -> str:
+    """Upper case without accents or surrounding punctuation: 'Arrêt !' -> 'ARRET'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    bare = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return bare.strip().strip(string.punctuation + " ").upper()
+
+
+def is_opt_out(body: str, keywords: Iterable[str]) -> bool:
+    return fold_keyword(body) in {fold_keyword(k) for k in keywords}
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    outcome: str
+    message2_id: int | None = None
+
+
+def handle_reply(
+    phone: str,
+    body: str,
+    *,
+    is_group: bool,
+    window_h: float,
+    opt_out_keywords: Iterable[str],
+    event_id: int | None = None,
+    now=None,
+) -> ReplyOutcome:
+    """A contact wrote to us: maybe opt them out, maybe create Message 2."""
+    now = now or utcnow()
+    if is_group:
+        return ReplyOutcome("ignored_group")
+    contact = Contact.get_or_none(Contact.phone == phone)
+    if contact is None:
+        return ReplyOutcome("unknown_contact")
+    if is_opt_out(body, opt_out_keywords):
+        opt_out_contact(contact, f"replied {body.strip()[:40]!r}", now=now)
+        _record_interaction(contact, None, event_id, body, "opted_out", now)
+        return ReplyOutcome("opted_out")
+    if contact.opted_out_at:
+        _record_interaction(contact, None, event_id, body, "opted_out_before", now)
+        return ReplyOutcome("opted_out_before")
+    with database.atomic():
+        member = _open_member_for_reply(contact, window_h, now)
+        if member is None:
+            answered = _answered_member(contact)
+            if answered is not None:
+                _record_interaction(contact, answered, event_id, body, "already", now)
+                return ReplyOutcome("already_interacted")
+            _record_interaction(contact, None, event_id, body, "no_open_campaign", now)
+            return ReplyOutcome("no_open_campaign")
+        took = (
+            CampaignContact.update(
+                state=MemberState.INTERACTED, interacted_at=now, updated_at=now
+            )
+            .where(
+                CampaignContact.id == member.id,
+                CampaignContact.state.in_(_REPLYABLE_STATES),
+            )
+            .execute()
+        )
+        campaign = member.campaign
+        if not took:
+            _record_interaction(contact, campaign, event_id, body, "already", now)
+            return ReplyOutcome("already_interacted")
+        _confirm_message1_by_reply(campaign.id, contact.id, now)
+        ids = _insert_messages([_message_row(campaign, contact, 2, now)])
+        _record_interaction(contact, campaign, event_id, body, "message_2", now)
+    return ReplyOutcome("message_2_queued", ids[0] if ids else None)
+
+
+def _open_member_for_reply(contact: Contact, window_h: float, now):
+    """The member this reply answers: latest Message 1 sent within the window."""
+    cutoff = now - dt.timedelta(hours=window_h)
+    message1 = Message.alias()
+    candidates = (
+        CampaignContact.select(CampaignContact, Campaign)
+        .join(Campaign)
+        .switch(CampaignContact)
+        .join(
+            message1,
+            on=(
+                (message1.campaign == CampaignContact.campaign)
+                & (message1.contact == CampaignContact.contact)
+                & (message1.kind == 1)
+            ),
+        )
+        .where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(_REPLYABLE_STATES),
+            Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
+            # A reply proves the provider took Message 1 whatever we know of
+            # the attempt: unconfirmed, queued for a retry, or a worker that
+            # died before recording it (status still 'sending').
+            message1.status.in_(_ATTEMPTED)
+            | ((message1.status == MessageStatus.QUEUED) & (message1.attempts > 0)),
+            message1.sent_at.is_null() | (message1.sent_at >= cutoff),
+            message1.created_at >= cutoff - dt.timedelta(days=30),
+        )
+        .order_by(message1.id.desc())
+        .limit(1)
+    )
+    return candidates.first()
+
+
+def _answered_member(contact: Contact) -> Campaign | None:
+    """The open campaign in which this contact already replied (a second
+    reply: recorded against it, and no second Message 2)."""
+    member = (
+        CampaignContact.select(CampaignContact, Campaign)
+        .join(Campaign)
+        .where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(
+                (MemberState.INTERACTED, MemberState.MESSAGE_2_SENT)
+            ),
+            Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
+        )
+        .order_by(CampaignContact.id.desc())
+        .first()
+    )
+    return member.campaign if member else None
+
+
+def _confirm_message1_by_reply(campaign_id: int, contact_id: int, now) -> None:
+    """A person answering proves Message 1 reached them: an unconfirmed row,
+    or one queued for a retry, is sent, and the retry is off. A row still in
+    `sending` is left to the worker that holds it (it records the outcome)."""
+    Message.update(
+        status=MessageStatus.SENT,
+        sent_at=pw.fn.COALESCE(Message.sent_at, Message.unconfirmed_at, now),
+        next_attempt_at=None,
+        paced_until=None,
+        error=None,
+    ).where(
+        Message.campaign == campaign_id,
+        Message.contact == contact_id,
+        Message.kind == 1,
+        Message.status.in_((MessageStatus.UNCONFIRMED, MessageStatus.QUEUED)),
+    ).execute()
+    CampaignContact.update(
+        message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now)
+    ).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.contact == contact_id,
+    ).execute()
+
+
+def _record_interaction(contact, campaign, event_id, body, outcome, now) -> None:
+    Interaction.create(
+        contact=contact.id,
+        campaign=campaign.id if campaign else None,
+        event=event_id,
+        body=(body or "")[:4000],
+        outcome=outcome,
+        received_at=now,
+    )
+
+
+def opt_out_contact(contact: Contact, reason: str, now=None) -> None:
+    """The contact gets nothing more from any campaign, now or later."""
+    now = now or utcnow()
+    affected = [
+        m.campaign_id
+        for m in CampaignContact.select(CampaignContact.campaign).where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(tuple(MemberState.OPEN)),
+        )
+    ]
+    with database.atomic():
+        Contact.update(opted_out_at=pw.fn.COALESCE(Contact.opted_out_at, now)).where(
+            Contact.id == contact.id
+        ).execute()
+        CampaignContact.update(state=MemberState.OPTED_OUT, updated_at=now).where(
+            CampaignContact.contact == contact.id,
+            CampaignContact.state.in_(tuple(MemberState.OPEN)),
+        ).execute()
+        Message.update(
+            status=MessageStatus.CANCELLED, error=f"opted out: {reason}"
+        ).where(
+            Message.contact == contact.id, Message.status == MessageStatus.QUEUED
+        ).execute()
+    for campaign_id in affected:
+        maybe_complete(campaign_id)
+    log.info("contact %s opted out (%s)", contact.phone, reason)
+
+
+def find_message(reference=None, provider_id=None, wa_id=None) -> Message | None:
+    if reference:
+        found = Message.get_or_none(Message.idempotency_key == reference)
+        if found:
+            return found
+    for field, value in ((Message.provider_id, provider_id), (Message.wa_id, wa_id)):
+        if value:
+            found = Message.get_or_none(field == value)
+            if found:
+                return found
+    if provider_id:
+        return Message.get_or_none(Message.wa_id == provider_id)
+    return None
+
+
+def apply_status(
+    message: Message, status: str, *, error: str | None = None, now=None
+) -> bool:
+    """Move a message forward to `status`; never backwards. True if it moved."""
+    now = now or utcnow()
+    if status == MessageStatus.FAILED:
+        return _apply_failed_status(message, error or "failed", now)
+    rank = MessageStatus.RANK.get(status)
+    if rank is None or rank < MessageStatus.RANK["sent"]:
+        return False
+    lower = [s for s, r in MessageStatus.RANK.items() if r < rank]
+    values = {"status": status, "sent_at": pw.fn.COALESCE(Message.sent_at, now)}
+    if status in ("delivered", "read"):
+        values["delivered_at"] = pw.fn.COALESCE(Message.delivered_at, now)
+    if status == "read":
+        values["read_at"] = pw.fn.COALESCE(Message.read_at, now)
+    moved = (
+        Message.update(**values)
+        .where(Message.id == message.id, Message.status.in_(lower))
+        .execute()
+    )
+    if moved and message.status in _OPEN_MESSAGE_STATUSES:
+        _member_after_send(message.campaign_id, message.contact_id, message.kind, now)
+    return bool(moved)
+
+
+def _apply_failed_status(message: Message, error: str, now) -> bool:
+    # "failed" after "delivered" happens (out-of-order webhooks): the
+    # contact has the message, so we keep the better status.
+    moved = (
+        Message.update(status=MessageStatus.FAILED, error=error[:2000], failed_at=now)
+        .where(
+            Message.id == message.id,
+            Message.status.in_(_OPEN_MESSAGE_STATUSES + ("sent",)),
+        )
+        .execute()
+    )
+    if moved:
+        member_failed(message.campaign_id, message.contact_id, now, message.kind)
+        maybe_complete(message.campaign_id)
+    return bool(moved)

@@ -1,0 +1,366 @@
+"""The send state machine: claim a row, record what the provider answered,
+release it, back off, and give back a dead process's leases."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass
+
+import peewee as pw
+
+from daemon.domain.campaigns.common import contact_opted_out
+from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.store.models import CampaignContact
+from daemon.store.models import MemberState
+from daemon.store.models import Message
+from daemon.store.models import MessageStatus
+from daemon.store.models import database
+from daemon.store.models import utcnow
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """What the send path needs of a claimed row (no ORM object per send)."""
+
+    id: int
+    campaign_id: int
+    contact_id: int
+    kind: int
+    phone: str
+    body: str
+    attempts: int
+    failures: int
+    idempotency_key: str
+    paced_until: dt.datetime | None = None
+    created_at: dt.datetime | None = None
+
+
+# The send path runs these statements thousands of times a second; peewee
+# would rebuild their SQL text each time (profiled at ~2 ms of CPU per send),
+# so they are written out once. `{p}` is the driver's parameter marker.
+_CLAIM_SQL = """
+UPDATE message SET status = 'sending', lease_owner = {p}, lease_expires_at = {p},
+       attempts = attempts + 1
+ WHERE id = {p}
+   AND status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= {p})
+   AND campaign_id IN (SELECT id FROM campaign WHERE status = 'running')
+   AND NOT EXISTS (SELECT 1 FROM contact
+                    WHERE contact.id = message.contact_id
+                      AND contact.opted_out_at IS NOT NULL)
+RETURNING id, campaign_id, contact_id, kind, phone, body, attempts, failures,
+          idempotency_key, paced_until, created_at
+"""
+_RECORD_SENT_SQL = """
+UPDATE message SET status = CASE WHEN status = 'sending' THEN 'sent' ELSE status END,
+       provider_id = {p}, wa_id = {p}, sent_at = COALESCE(sent_at, {p}),
+       lease_owner = NULL, lease_expires_at = NULL, error = NULL, paced_until = NULL
+ WHERE id = {p} AND lease_owner = {p}
+"""
+_MEMBER_SENT_SQL = """
+UPDATE campaign_contact SET state = 'message_1_sent',
+       message1_sent_at = COALESCE(message1_sent_at, {p}), updated_at = {p}
+ WHERE campaign_id = {p} AND contact_id = {p} AND state = 'pending'
+"""
+
+
+def _sql(template: str) -> str:
+    return template.replace("{p}", database.param)
+
+
+def claim(
+    message_id: int, owner: str, lease_s: float, now=None
+) -> ClaimedMessage | None:
+    """Take the row for sending, or None if someone else has it or it is not due."""
+    now = now or utcnow()
+    expires = now + dt.timedelta(seconds=lease_s)
+    cursor = database.execute_sql(_sql(_CLAIM_SQL), (owner, expires, message_id, now))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    # SQLite hands back the stored text: parse it as peewee would.
+    return ClaimedMessage(
+        *row[:-2],
+        Message.paced_until.python_value(row[-2]),
+        Message.created_at.python_value(row[-1]),
+    )
+
+
+def cancel_if_opted_out(message, owner: str, now=None) -> bool:
+    """A held row whose contact opted out meanwhile: cancelled, never re-queued.
+
+    Every path that would give a claimed row back (retry, pacing release,
+    pause) goes through here first, so a STOP that arrived while the send
+    was in flight is final.
+    """
+    now = now or utcnow()
+    cancelled = (
+        Message.update(
+            status=MessageStatus.CANCELLED,
+            error="contact opted out",
+            lease_owner=None,
+            lease_expires_at=None,
+            paced_until=None,
+            next_attempt_at=None,
+        )
+        .where(held_by(message, owner), contact_opted_out())
+        .execute()
+    )
+    if cancelled:
+        maybe_complete(message.campaign_id)
+    return bool(cancelled)
+
+
+def cancel_unclaimable_opted_out(message_id: int, now=None) -> bool:
+    """A row the claim refused because its contact opted out: cancel it, so it
+    is not swept again and its campaign can complete."""
+    now = now or utcnow()
+    cancelled = (
+        Message.update(
+            status=MessageStatus.CANCELLED,
+            error="contact opted out",
+            lease_owner=None,
+            lease_expires_at=None,
+            paced_until=None,
+            next_attempt_at=None,
+        )
+        .where(
+            Message.id == message_id,
+            Message.status == MessageStatus.QUEUED,
+            contact_opted_out(),
+        )
+        .execute()
+    )
+    if cancelled:
+        campaign_id = (
+            Message.select(Message.campaign).where(Message.id == message_id).scalar()
+        )
+        if campaign_id:
+            maybe_complete(campaign_id)
+    return bool(cancelled)
+
+
+def release(
+    message, owner: str, next_attempt_at, reason: str = "", paced_until=None
+) -> bool:
+    """Give a claimed row back without counting a failure (pacing, window)."""
+    if cancel_if_opted_out(message, owner):
+        return False
+    return bool(
+        Message.update(
+            status=MessageStatus.QUEUED,
+            next_attempt_at=next_attempt_at,
+            paced_until=paced_until,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=Message.attempts - 1,
+            enqueued_at=utcnow(),
+            error=reason or Message.error,
+        )
+        .where(held_by(message, owner))
+        .execute()
+    )
+
+
+def held_by(message, owner: str):
+    """The row is still ours: claimed by `owner` and not moved on since."""
+    return (
+        (Message.id == message.id)
+        & (Message.lease_owner == owner)
+        & (Message.status == MessageStatus.SENDING)
+    )
+
+
+def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
+    """The provider accepted the message: sent (unless a webhook got further)."""
+    now = now or utcnow()
+    # The row and its member move together: a kill between two commits
+    # would leave the member behind for good (and the campaign open).
+    with database.atomic():
+        cursor = database.execute_sql(
+            _sql(_RECORD_SENT_SQL), (provider_id, wa_id, now, message.id, owner)
+        )
+        if cursor.rowcount and message.kind == 1:
+            database.execute_sql(
+                _sql(_MEMBER_SENT_SQL),
+                (now, now, message.campaign_id, message.contact_id),
+            )
+        elif cursor.rowcount:
+            _member_message2_sent(message.campaign_id, message.contact_id, now)
+    if cursor.rowcount and message.kind == 2:
+        maybe_complete(message.campaign_id)
+
+
+def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
+    if kind == 1:
+        CampaignContact.update(
+            state=MemberState.MESSAGE_1_SENT,
+            message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now),
+            updated_at=now,
+        ).where(
+            CampaignContact.campaign == campaign_id,
+            CampaignContact.contact == contact_id,
+            CampaignContact.state == MemberState.PENDING,
+        ).execute()
+    else:
+        _member_message2_sent(campaign_id, contact_id, now)
+        maybe_complete(campaign_id)
+
+
+def _member_message2_sent(campaign_id: int, contact_id: int, now) -> None:
+    CampaignContact.update(state=MemberState.MESSAGE_2_SENT, updated_at=now).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.contact == contact_id,
+        CampaignContact.state == MemberState.INTERACTED,
+    ).execute()
+
+
+def record_failure(message, owner: str, reason: str, now=None) -> bool:
+    """Permanent failure: failed with the provider's reason."""
+    now = now or utcnow()
+    updated = (
+        Message.update(
+            status=MessageStatus.FAILED,
+            error=reason[:2000],
+            failed_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            paced_until=None,
+        )
+        .where(held_by(message, owner))
+        .execute()
+    )
+    if updated:
+        member_failed(message.campaign_id, message.contact_id, now, message.kind)
+        maybe_complete(message.campaign_id)
+    return bool(updated)
+
+
+def expire_message2(message, owner: str, now=None) -> bool:
+    """Message 2 claimed after the reply window closed (a paused campaign that
+    resumed late): WhatsApp would refuse a free-form message, so the row and
+    its member expire instead of being sent."""
+    now = now or utcnow()
+    with database.atomic():
+        updated = (
+            Message.update(
+                status=MessageStatus.EXPIRED,
+                error="reply window closed before Message 2 could be sent",
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .where(held_by(message, owner))
+            .execute()
+        )
+        if updated:
+            CampaignContact.update(state=MemberState.EXPIRED, updated_at=now).where(
+                CampaignContact.campaign == message.campaign_id,
+                CampaignContact.contact == message.contact_id,
+                CampaignContact.state == MemberState.INTERACTED,
+            ).execute()
+    if updated:
+        maybe_complete(message.campaign_id)
+    return bool(updated)
+
+
+# The member states a failure of each kind of message ends: a Message 1
+# failing after the contact replied (the reply proved it arrived) changes
+# nothing for the member.
+_FAILS_MEMBER = {
+    1: (MemberState.PENDING, MemberState.MESSAGE_1_SENT),
+    2: (MemberState.INTERACTED, MemberState.MESSAGE_2_SENT),
+}
+
+
+def member_failed(campaign_id: int, contact_id: int, now, kind: int) -> None:
+    CampaignContact.update(state=MemberState.FAILED, updated_at=now).where(
+        CampaignContact.campaign == campaign_id,
+        CampaignContact.contact == contact_id,
+        CampaignContact.state.in_(_FAILS_MEMBER[kind]),
+    ).execute()
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_s: float
+    factor: float
+    cap_s: float
+    jitter: float
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Delay before the retry after the `failures`-th failure (1-based).
+
+        With base 60, factor 2: 60 s, 120 s, 240 s ... capped at cap_s, then
+        up to `jitter` of it added at random.
+        """
+        raw = min(self.cap_s, self.base_s * self.factor ** max(failures - 1, 0))
+        return raw * (1 + self.jitter * (rng or random).random())
+
+
+def record_retryable(
+    message,
+    owner: str,
+    reason: str,
+    delay_s: float,
+    max_attempts: int,
+    now=None,
+) -> dt.datetime | None:
+    """A failure that may succeed later: queued again with next_attempt_at.
+
+    Returns the next attempt time, or None when the attempts are used up and
+    the message failed instead.
+    """
+    now = now or utcnow()
+    if cancel_if_opted_out(message, owner, now):
+        return None
+    failures = message.failures + 1
+    if failures >= max_attempts:
+        record_failure(message, owner, f"{reason} (after {failures} attempts)", now)
+        return None
+    next_at = now + dt.timedelta(seconds=delay_s)
+    updated = (
+        Message.update(
+            status=MessageStatus.QUEUED,
+            failures=failures,
+            next_attempt_at=next_at,
+            error=reason[:2000],
+            lease_owner=None,
+            lease_expires_at=None,
+            # The slot this attempt used is spent: the retry is paced again.
+            paced_until=None,
+            enqueued_at=now,
+        )
+        .where(held_by(message, owner))
+        .execute()
+    )
+    return next_at if updated else None
+
+
+def process_key(host: str, pid: int) -> str:
+    """The start of every lease owner string of one process (host:pid:rand)."""
+    return f"{host}:{pid}:"
+
+
+def held_by_process(key: str):
+    return Message.lease_owner.startswith(key) & (
+        Message.status == MessageStatus.SENDING
+    )
+
+
+def release_leases(key: str, now=None) -> int:
+    """A dead process's rows that provably never left: queued again at once.
+
+    `key` is `process_key(host, pid)`. Only for rows the caller knows were
+    not on the wire (see daemon/domain/unconfirmed.py for the others).
+    """
+    return (
+        Message.update(
+            status=MessageStatus.QUEUED,
+            lease_owner=None,
+            lease_expires_at=None,
+            next_attempt_at=None,
+            enqueued_at=None,
+        )
+        .where(held_by_process(key))
+        .execute()
+    )
