@@ -612,6 +612,8 @@ def fan_out_batch(
             # empty; fresh statistics keep it on the (campaign, state, id)
             # index instead of scanning every member.
             database.execute_sql("ANALYZE campaign_contact, message")
+        if is_postgres():
+            return _fan_out_batch_pg(campaign, batch_size, after_member_id)
         members = database.execute_sql(
             _PENDING_MEMBERS_SQL.format(
                 p=database.param,
@@ -661,6 +663,98 @@ def fan_out_batch(
         _add_message1_total(campaign_id, len(ids))
     last = members[-1][0]
     return ids, (last if len(members) >= batch_size else None)
+
+
+def _fan_out_batch_pg(
+    campaign: Campaign, batch_size: int, after: int
+) -> tuple[list[int], int | None]:
+    """fan_out_batch on PostgreSQL: one statement builds the batch's rows
+    from the members and contacts, Message 1 rendered by the server.
+
+    Nothing crosses the wire but the new ids (the Python path fetched every
+    member and sent every row back: a fifth of a batch's time). The same
+    members, states, rows and totals as the Python path (a test checks it).
+    """
+    now = utcnow()
+    body, body_params = _template_sql(campaign.message1)
+    constants = _message1_constants(campaign.id, now)
+    p = database.param
+    # `batch` is _PENDING_MEMBERS_SQL (OFFSET 0 for the same plan) plus the
+    # verdict per member: 'o' opted out, 's' skipped (not on WhatsApp), 'm'.
+    sql = f"""
+WITH batch AS MATERIALIZED (
+  SELECT cc.id AS member_id, c.id AS contact_id, c.phone, c.name,
+         c.variables::json AS v,
+         CASE WHEN c.opted_out_at IS NOT NULL THEN 'o'
+              WHEN {p} AND c.wa_status = {p} THEN 's' ELSE 'm' END AS verdict
+    FROM campaign_contact AS cc JOIN contact AS c ON c.id = cc.contact_id
+   WHERE cc.campaign_id = {p} AND cc.state = {p} AND cc.id > {p}
+     AND NOT EXISTS (SELECT 1 FROM message AS m
+                      WHERE m.idempotency_key = {p} || cc.contact_id || '-m1'
+                      OFFSET 0)
+   ORDER BY cc.id LIMIT {p}
+), states AS (
+  UPDATE campaign_contact AS cc
+     SET state = CASE b.verdict WHEN 'o' THEN {p} ELSE {p} END, updated_at = {p}
+    FROM batch AS b WHERE cc.id = b.member_id AND b.verdict <> 'm'
+), inserted AS (
+  INSERT INTO message ({_MESSAGE_COLUMNS}, {", ".join(constants)})
+  SELECT b.contact_id, b.phone, {body}, {p} || b.contact_id || '-m1',
+         {", ".join([p] * len(constants))}
+    FROM batch AS b WHERE b.verdict = 'm' ORDER BY b.member_id
+  ON CONFLICT DO NOTHING RETURNING id
+), total AS (
+  UPDATE campaign SET message1_total = message1_total + (SELECT COUNT(*) FROM inserted)
+   WHERE id = {p}
+)
+SELECT (SELECT COUNT(*) FROM batch), (SELECT MAX(member_id) FROM batch),
+       ARRAY(SELECT id FROM inserted ORDER BY id)
+"""
+    key_prefix = f"cd-{campaign.id}-"
+    params = [
+        campaign.skip_invalid,
+        WaStatus.INVALID,
+        campaign.id,
+        MemberState.PENDING,
+        after,
+        key_prefix,
+        batch_size,
+        MemberState.OPTED_OUT,
+        MemberState.SKIPPED,
+        now,
+        *body_params,
+        key_prefix,
+        *constants.values(),
+        campaign.id,
+    ]
+    count, last, ids = database.execute_sql(sql, params).fetchone()
+    if not count:
+        return [], None
+    return list(ids), (last if count >= batch_size else None)
+
+
+def _template_sql(template: str) -> tuple[str, list]:
+    """A SQL expression over `b` (phone, name, v: the variables as json) that
+    renders `template` as render() does, and its parameters.
+
+    `||` makes the body NULL, so the INSERT fails (NOT NULL), when a variable
+    is missing, as render() raises KeyError. Variables are text (the import
+    stores every value as a string); json ->> returns them as stored.
+    """
+    parts, params = [], []
+    p = database.param
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            parts.append(f"{p}::text")
+            params.append(literal)
+        if field is None:
+            continue
+        if field in _BUILTIN_FIELDS:
+            parts.append(f"b.{field}")
+        else:
+            parts.append(f"(b.v ->> {p})")
+            params.append(field)
+    return (" || ".join(parts) or "''"), params
 
 
 def _add_message1_total(campaign_id: int, count: int) -> None:
