@@ -15,7 +15,8 @@ Steps, each timed with the peak RSS of every process it ran:
 3. fan-out: start it with the `messages` workers running (the default two
    processes) and the fake provider at 0 ms, until every member has its
    Message 1; sends go on meanwhile. The longest fan-out task is the longest
-   gap between two batches' created_at (each link stamps its batch once);
+   gap between two batches' created_at within one chain (each link stamps
+   its batch once; a big campaign fans out in tasks.FANOUT_CHAINS chains);
 4. `campaign show`: the CLI's wall time, and `campaign_summary` alone.
 
 Embedded: SQLite + SqliteHuey in a temp dir. Cluster: a new PostgreSQL
@@ -151,21 +152,44 @@ campaigns.campaign_summary({cid})
 t = time.perf_counter(); campaigns.campaign_summary({cid})
 print((time.perf_counter() - t) * 1000)
 from daemon.store.models import database
+from daemon.tasks import FANOUT_CHAINS
 # Each fan-out link stamps its batch with one created_at: the longest gap
-# between two batches bounds the longest link (Huey's own log is off).
-stamps = [r[0] for r in database.execute_sql(
-    "SELECT DISTINCT created_at FROM message WHERE campaign_id = "
-    + str({cid}) + " AND kind = 1 ORDER BY created_at")]
-if stamps and isinstance(stamps[0], str):
-    import datetime as dt
-    stamps = [dt.datetime.fromisoformat(x) for x in stamps]
-gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
-print(max(gaps, default=0.0), len(stamps))
+# between two batches of one chain bounds the longest link (Huey's own log
+# is off). Chains split the member id span as campaigns.fanout_ranges does.
+low, high = database.execute_sql(
+    "SELECT MIN(id), MAX(id) FROM campaign_contact WHERE campaign_id = "
+    + str({cid})).fetchone()
+span = high - low + 1
+chains = max(1, min(FANOUT_CHAINS, span // (
+    cfg.campaigns.fanout_batch * campaigns._MIN_CHAIN_BATCHES)))
+step = -(-span // chains)
+rows = database.execute_sql(
+    "SELECT DISTINCT m.created_at, (cc.id - " + str(low) + ") / " + str(step)
+    + " FROM message AS m JOIN campaign_contact AS cc ON cc.campaign_id ="
+    " m.campaign_id AND cc.contact_id = m.contact_id WHERE m.campaign_id = "
+    + str({cid}) + " AND m.kind = 1").fetchall()
+import datetime as dt
+by_chain = {{}}
+for stamp, chain in rows:
+    if isinstance(stamp, str):
+        stamp = dt.datetime.fromisoformat(stamp)
+    by_chain.setdefault(chain, set()).add(stamp)
+gaps = []
+for stamps in by_chain.values():
+    stamps = sorted(stamps)
+    gaps += [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+print(max(gaps, default=0.0), sum(len(v) for v in by_chain.values()))
 """
 
 
 def run_mode(
-    mode: str, rows: int, csv_path: Path, base: Path, log, keep: bool = False
+    mode: str,
+    rows: int,
+    csv_path: Path,
+    base: Path,
+    log,
+    keep: bool = False,
+    fanout_batch: int | None = None,
 ) -> dict:
     tag = uuid.uuid4().hex[:8]
     workdir = base / f"{mode}-{tag}"
@@ -176,6 +200,8 @@ def run_mode(
         f'[provider]\nbase_url = "{fake.url}"\ntoken = "bench-token"',
         "[pacing]\nper_minute = 0.0\ndaily_cap = 0",
     ]
+    if fanout_batch:
+        lines.append(f"[campaigns]\nfanout_batch = {fanout_batch}")
     pg_name = None
     if mode == "cluster":
         pg_name = f"cdscale_{tag}"
@@ -331,6 +357,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="keep the data dirs and the PostgreSQL database",
     )
+    parser.add_argument(
+        "--fanout-batch",
+        type=int,
+        default=None,
+        help="campaigns.fanout_batch (default: the daemon's)",
+    )
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="cdscale-"))
 
@@ -342,14 +374,17 @@ def main(argv=None) -> int:
         bad = write_csv(csv_path, args.rows)
         log(f"{args.rows} rows ({csv_path.stat().st_size / 1e6:.0f} MB), {bad} bad")
         results = [
-            run_mode(m.strip(), args.rows, csv_path, base, log, args.keep)
+            run_mode(
+                m.strip(), args.rows, csv_path, base, log, args.keep, args.fanout_batch
+            )
             for m in args.modes.split(",")
             if m.strip()
         ]
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"python -m bench.scale --rows {args.rows} --modes {args.modes}")
+    batch = f" --fanout-batch {args.fanout_batch}" if args.fanout_batch else ""
+    print(f"python -m bench.scale --rows {args.rows} --modes {args.modes}{batch}")
     print(render(results))
     return 0 if "MISSED" not in render(results) else 1
 

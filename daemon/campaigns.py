@@ -590,8 +590,12 @@ def fan_out_batch(
     after_member_id: int = 0,
     *,
     analyze: bool = False,
+    until_member_id: int | None = None,
 ) -> tuple[list[int], int | None]:
     """One batch of Message 1 rows: (new message ids, last member id seen).
+
+    `until_member_id`: only members up to that id (one of several chains,
+    see fanout_ranges).
 
     The last member id is None once no member is left past `after_member_id`
     (a batch shorter than `batch_size` was the last one); passing it back as
@@ -612,8 +616,9 @@ def fan_out_batch(
             # empty; fresh statistics keep it on the (campaign, state, id)
             # index instead of scanning every member.
             database.execute_sql("ANALYZE campaign_contact, message")
+        until = _NO_BOUND if until_member_id is None else until_member_id
         if is_postgres():
-            return _fan_out_batch_pg(campaign, batch_size, after_member_id)
+            return _fan_out_batch_pg(campaign, batch_size, after_member_id, until)
         members = database.execute_sql(
             _PENDING_MEMBERS_SQL.format(
                 p=database.param,
@@ -628,6 +633,7 @@ def fan_out_batch(
                 campaign_id,
                 MemberState.PENDING,
                 after_member_id,
+                until,
                 # idempotency_key(campaign, contact, 1) is this, the contact
                 # id, then "-m1".
                 f"cd-{campaign_id}-",
@@ -665,8 +671,43 @@ def fan_out_batch(
     return ids, (last if len(members) >= batch_size else None)
 
 
+# Above any member id: "no upper bound" in the member queries.
+_NO_BOUND = 2**62
+# Members per chain below which a fan-out is not split (fanout_ranges).
+_MIN_CHAIN_BATCHES = 20
+
+
+def fanout_ranges(
+    campaign_id: int, chains: int, batch_size: int
+) -> list[tuple[int, int | None]]:
+    """(after, until) member id ranges for `chains` fan-out chains at once.
+
+    One chain is a sequence of links, each waiting for a free worker thread
+    then for its batch: on a busy machine that latency, not the database,
+    bounds a chain (~0.1 s a link of 500 with sends running). Several chains
+    over disjoint ranges of the pending members divide it. The ranges split
+    the pending members' id span evenly (member ids are dense: one INSERT
+    ... SELECT per campaign); one range when the campaign is small.
+    """
+    p = database.param
+    low, high = database.execute_sql(
+        f"SELECT MIN(id), MAX(id) FROM campaign_contact "
+        f"WHERE campaign_id = {p} AND state = {p}",
+        (campaign_id, MemberState.PENDING),
+    ).fetchone()
+    if low is None or chains <= 1:
+        return [(0, None)]
+    span = high - low + 1
+    chains = min(chains, span // (batch_size * _MIN_CHAIN_BATCHES))
+    if chains <= 1:
+        return [(0, None)]
+    step = -(-span // chains)
+    bounds = [low - 1 + step * k for k in range(1, chains)]
+    return list(zip([0, *bounds], [*bounds, None], strict=True))
+
+
 def _fan_out_batch_pg(
-    campaign: Campaign, batch_size: int, after: int
+    campaign: Campaign, batch_size: int, after: int, until: int
 ) -> tuple[list[int], int | None]:
     """fan_out_batch on PostgreSQL: one statement builds the batch's rows
     from the members and contacts, Message 1 rendered by the server.
@@ -688,7 +729,7 @@ WITH batch AS MATERIALIZED (
          CASE WHEN c.opted_out_at IS NOT NULL THEN 'o'
               WHEN {p} AND c.wa_status = {p} THEN 's' ELSE 'm' END AS verdict
     FROM campaign_contact AS cc JOIN contact AS c ON c.id = cc.contact_id
-   WHERE cc.campaign_id = {p} AND cc.state = {p} AND cc.id > {p}
+   WHERE cc.campaign_id = {p} AND cc.state = {p} AND cc.id > {p} AND cc.id <= {p}
      AND NOT EXISTS (SELECT 1 FROM message AS m
                       WHERE m.idempotency_key = {p} || cc.contact_id || '-m1'
                       OFFSET 0)
@@ -717,6 +758,7 @@ SELECT (SELECT COUNT(*) FROM batch), (SELECT MAX(member_id) FROM batch),
         campaign.id,
         MemberState.PENDING,
         after,
+        until,
         key_prefix,
         batch_size,
         MemberState.OPTED_OUT,
@@ -774,6 +816,7 @@ _PENDING_MEMBERS_SQL = (
     "SELECT cc.id, c.id, c.phone, c.name, c.variables, c.opted_out_at, c.wa_status"
     " FROM campaign_contact AS cc JOIN contact AS c ON c.id = cc.contact_id"
     " WHERE cc.campaign_id = {p} AND cc.state = {p} AND cc.id > {p}"
+    " AND cc.id <= {p}"
     # The probe is by idempotency key, the only index on that column: with
     # stale statistics, a (campaign, contact, kind) probe was planned on the
     # (campaign, kind, status) index instead, reading every Message 1 of the
