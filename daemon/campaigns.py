@@ -46,6 +46,9 @@ PRIORITY_MESSAGE_2 = 10
 # A row claimed this many times without an answer from the provider keeps
 # killing its worker (or the workers keep dying): give up on it.
 MAX_INTERRUPTED_ATTEMPTS = 20
+# WhatsApp's customer service window: free-form messages (Message 2) only
+# within 24 h of the contact's last message (providers.md).
+SESSION_WINDOW = dt.timedelta(hours=24)
 _CHUNK = 500
 _BUILTIN_FIELDS = ("name", "phone")
 _SENT_OR_LATER = ("sent", "delivered", "read")
@@ -1198,7 +1201,7 @@ def record_failure(message, owner: str, reason: str, now=None) -> bool:
 
 
 def expire_message2(message, owner: str, now=None) -> bool:
-    """Message 2 claimed after the reply window closed (a paused campaign that
+    """Message 2 claimed after WhatsApp's 24 h window closed (a paused campaign that
     resumed late): WhatsApp would refuse a free-form message, so the row and
     its member expire instead of being sent."""
     now = now or utcnow()
@@ -1206,7 +1209,7 @@ def expire_message2(message, owner: str, now=None) -> bool:
         updated = (
             Message.update(
                 status=MessageStatus.EXPIRED,
-                error="reply window closed before Message 2 could be sent",
+                error="WhatsApp's 24 h window closed before Message 2 could be sent",
                 lease_owner=None,
                 lease_expires_at=None,
             )

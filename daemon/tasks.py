@@ -185,9 +185,9 @@ class Tasks:
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
-        if message.kind == 2 and self._reply_window_closed(message, now):
+        if message.kind == 2 and self._session_closed(message, now):
             campaigns.expire_message2(message, owner, now)
-            return "expired: reply window closed"
+            return "expired: WhatsApp's 24 h window closed"
         if message.kind == 1 and not self.pacer.unlimited:
             decision = self.pacer.decide(now, has_slot=message.paced_until is not None)
             if not decision.go:
@@ -268,11 +268,15 @@ class Tasks:
         _count_send(message.kind, "sent")
         return "sent"
 
-    def _reply_window_closed(self, message, now) -> bool:
-        # A Message 2 row is created when the reply is taken in, so its
-        # creation time is the reply's time.
-        window = dt.timedelta(hours=self.cfg.campaigns.reply_window_h)
-        return message.created_at is not None and now > message.created_at + window
+    @staticmethod
+    def _session_closed(message, now) -> bool:
+        """WhatsApp takes a free-form message only within 24 h of the
+        contact's last message. A Message 2 row is created when the reply is
+        taken in (at the reply's own time), so its creation time opens that
+        window. (campaigns.reply_window_h is another rule: which replies
+        trigger a Message 2 at all.)"""
+        created = message.created_at
+        return created is not None and now > created + campaigns.SESSION_WINDOW
 
     def _not_claimed(self, message_id: int, now) -> str:
         """Someone else has it, it is done, or it came early: then come back."""
