@@ -9,12 +9,14 @@ Steps, each timed with the peak RSS of every process it ran:
    and grouped, national compact and grouped, 00-prefixed; 1 % bad rows) with
    `contacts.import_csv_file` in a child process (its worker processes
    included);
-2. campaign: one draft campaign over every contact (one INSERT ... SELECT;
-   `campaigns.create_campaign` loads every contact as a model, see the docs);
+2. campaign: one draft campaign over every contact with
+   `campaigns.create_campaign` (as `campaign create --all-contacts`), in a
+   child process whose peak RSS is reported;
 3. fan-out: start it with the `messages` workers running (the default two
    processes) and the fake provider at 0 ms, until every member has its
    Message 1; sends go on meanwhile. The longest fan-out task is the longest
-   gap between two batches' created_at (each link stamps its batch once);
+   gap between two batches' created_at within one chain (each link stamps
+   its batch once; a big campaign fans out in tasks.FANOUT_CHAINS chains);
 4. `campaign show`: the CLI's wall time, and `campaign_summary` alone.
 
 Embedded: SQLite + SqliteHuey in a temp dir. Cluster: a new PostgreSQL
@@ -137,13 +139,11 @@ parsed, result = import_csv_file(sys.argv[1] if len(sys.argv) > 1 else {csv!r}, 
 print(json.dumps({{"created": result.created, "rejected": len(parsed.errors)}}))
 """
 CAMPAIGN = """
-from daemon.store.models import Campaign, database
-with database.atomic():
-    c = Campaign.create(name="scale", message1="Bonjour {name} de {city}",
-                        message2="Merci {name} !")
-    database.execute_sql(
-        "INSERT INTO campaign_contact (campaign_id, contact_id, state, updated_at) "
-        f"SELECT {c.id}, id, 'pending', created_at FROM contact ORDER BY id")
+from daemon.domain import campaigns
+# What `campaign create --all-contacts` runs: every contact, in chunks, each
+# one checked for {city} and written by one INSERT ... SELECT.
+c = campaigns.create_campaign("scale", "Bonjour {name} de {city}",
+                              "Merci {name} !", None)
 print(c.id)
 """
 SUMMARY = """
@@ -152,21 +152,45 @@ campaigns.campaign_summary({cid})
 t = time.perf_counter(); campaigns.campaign_summary({cid})
 print((time.perf_counter() - t) * 1000)
 from daemon.store.models import database
+from daemon.app.tasks import FANOUT_CHAINS
+from daemon.domain.campaigns import fanout
 # Each fan-out link stamps its batch with one created_at: the longest gap
-# between two batches bounds the longest link (Huey's own log is off).
-stamps = [r[0] for r in database.execute_sql(
-    "SELECT DISTINCT created_at FROM message WHERE campaign_id = "
-    + str({cid}) + " AND kind = 1 ORDER BY created_at")]
-if stamps and isinstance(stamps[0], str):
-    import datetime as dt
-    stamps = [dt.datetime.fromisoformat(x) for x in stamps]
-gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
-print(max(gaps, default=0.0), len(stamps))
+# between two batches of one chain bounds the longest link (Huey's own log
+# is off). Chains split the member id span as campaigns.fanout_ranges does.
+low, high = database.execute_sql(
+    "SELECT MIN(id), MAX(id) FROM campaign_contact WHERE campaign_id = "
+    + str({cid})).fetchone()
+span = high - low + 1
+chains = max(1, min(FANOUT_CHAINS, span // (
+    cfg.campaigns.fanout_batch * fanout._MIN_CHAIN_BATCHES)))
+step = -(-span // chains)
+rows = database.execute_sql(
+    "SELECT DISTINCT m.created_at, (cc.id - " + str(low) + ") / " + str(step)
+    + " FROM message AS m JOIN campaign_contact AS cc ON cc.campaign_id ="
+    " m.campaign_id AND cc.contact_id = m.contact_id WHERE m.campaign_id = "
+    + str({cid}) + " AND m.kind = 1").fetchall()
+import datetime as dt
+by_chain = {{}}
+for stamp, chain in rows:
+    if isinstance(stamp, str):
+        stamp = dt.datetime.fromisoformat(stamp)
+    by_chain.setdefault(chain, set()).add(stamp)
+gaps = []
+for stamps in by_chain.values():
+    stamps = sorted(stamps)
+    gaps += [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+print(max(gaps, default=0.0), sum(len(v) for v in by_chain.values()))
 """
 
 
 def run_mode(
-    mode: str, rows: int, csv_path: Path, base: Path, log, keep: bool = False
+    mode: str,
+    rows: int,
+    csv_path: Path,
+    base: Path,
+    log,
+    keep: bool = False,
+    fanout_batch: int | None = None,
 ) -> dict:
     tag = uuid.uuid4().hex[:8]
     workdir = base / f"{mode}-{tag}"
@@ -177,6 +201,8 @@ def run_mode(
         f'[provider]\nbase_url = "{fake.url}"\ntoken = "bench-token"',
         "[pacing]\nper_minute = 0.0\ndaily_cap = 0",
     ]
+    if fanout_batch:
+        lines.append(f"[campaigns]\nfanout_batch = {fanout_batch}")
     pg_name = None
     if mode == "cluster":
         pg_name = f"cdscale_{tag}"
@@ -197,9 +223,12 @@ def run_mode(
             f"  {mode} import: {took:.1f}s, {res['created']} created, "
             f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB"
         )
-        took, out = _child(CAMPAIGN, config)
+        meter = PeakRss(lambda: [])
+        took, out = _child(CAMPAIGN, config, meter)
         cid = int(out.strip())
         res["campaign_s"] = took
+        res["campaign_rss_mb"] = meter.peak / MB
+        log(f"  {mode} campaign: {took:.1f}s, peak {meter.peak / MB:.0f} MB")
         workers = [
             spawn(
                 "worker",
@@ -267,7 +296,9 @@ def run_mode(
         show_ms, gap = out.strip().splitlines()
         res["show_ms"] = float(show_ms)
         res["longest_task_s"], res["tasks_logged"] = (float(x) for x in gap.split())
-        res["peak_rss_mb"] = max(res["import_rss_mb"], res["fanout_rss_mb"])
+        res["peak_rss_mb"] = max(
+            res["import_rss_mb"], res["campaign_rss_mb"], res["fanout_rss_mb"]
+        )
         log(
             f"  {mode} campaign show: CLI {res['show_cli_ms']:.0f} ms, "
             f"summary {res['show_ms']:.0f} ms; longest fan-out link "
@@ -296,6 +327,7 @@ def render(results: list[dict]) -> str:
         ("import_s", "import s", "{:.1f}"),
         ("import_rss_mb", "import MB", "{:.0f}"),
         ("campaign_s", "campaign s", "{:.1f}"),
+        ("campaign_rss_mb", "campaign MB", "{:.0f}"),
         ("fanout_s", "fan-out s", "{:.1f}"),
         ("longest_task_s", "longest task s", "{:.2f}"),
         ("fanout_rss_mb", "workers MB", "{:.0f}"),
@@ -327,6 +359,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="keep the data dirs and the PostgreSQL database",
     )
+    parser.add_argument(
+        "--fanout-batch",
+        type=int,
+        default=None,
+        help="campaigns.fanout_batch (default: the daemon's)",
+    )
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="cdscale-"))
 
@@ -338,14 +376,17 @@ def main(argv=None) -> int:
         bad = write_csv(csv_path, args.rows)
         log(f"{args.rows} rows ({csv_path.stat().st_size / 1e6:.0f} MB), {bad} bad")
         results = [
-            run_mode(m.strip(), args.rows, csv_path, base, log, args.keep)
+            run_mode(
+                m.strip(), args.rows, csv_path, base, log, args.keep, args.fanout_batch
+            )
             for m in args.modes.split(",")
             if m.strip()
         ]
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"python -m bench.scale --rows {args.rows} --modes {args.modes}")
+    batch = f" --fanout-batch {args.fanout_batch}" if args.fanout_batch else ""
+    print(f"python -m bench.scale --rows {args.rows} --modes {args.modes}{batch}")
     print(render(results))
     return 0 if "MISSED" not in render(results) else 1
 

@@ -180,7 +180,10 @@ class CampaignsConfig:
     )
     # Leave contacts known not to be on WhatsApp out of new campaigns.
     skip_invalid_numbers: bool = _opt(True)
-    fanout_batch: int = _opt(500, lo=1, hi=100_000)
+    # 2000: a link waits for a free worker thread (~0.1 s with sends running
+    # on a busy machine) whatever its size; at 500 that wait was half of a
+    # million-member fan-out (docs/benchmarks.md).
+    fanout_batch: int = _opt(2000, lo=1, hi=100_000)
     verify_per_minute: float = _opt(20.0, lo=0.1, hi=6000.0)
 
 

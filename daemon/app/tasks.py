@@ -35,6 +35,7 @@ from daemon.runtime import InFlight
 from daemon.runtime import TaskClock
 from daemon.runtime import inflight_dir
 from daemon.runtime import lease_owner
+from daemon.store.db import is_postgres
 from daemon.store.models import Contact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Message
@@ -45,6 +46,11 @@ from daemon.store.queue import PRIORITY_HIGH
 from daemon.store.queue import Queues
 
 log = logging.getLogger(__name__)
+
+# Fan-out chains a big campaign is split into (campaigns.fanout_ranges): each
+# one a link at a time, so this many worker threads build Message 1 rows at
+# once (the default deployment runs 2 processes x 2 threads on `messages`).
+FANOUT_CHAINS = 2
 
 
 class Tasks:
@@ -139,13 +145,20 @@ class Tasks:
         for message_id in ids:
             self.send_single_message(message_id, priority=priority)
 
-    def enqueue_fanout(self, campaign_id: int, after: int = 0) -> None:
+    def enqueue_fanout(
+        self, campaign_id: int, after: int = 0, until: int | None = None
+    ) -> None:
         """The fan-out task for the members past `after` (0: from the start).
 
         Just below Message 2 and above every Message 1 send, so the next link
         of a fan-out chain does not wait behind the sends it just enqueued.
         """
-        self.send_campaign_messages(campaign_id, after, priority=PRIORITY_HIGH - 1)
+        if until is None:
+            self.send_campaign_messages(campaign_id, after, priority=PRIORITY_HIGH - 1)
+        else:
+            self.send_campaign_messages(
+                campaign_id, after, until, priority=PRIORITY_HIGH - 1
+            )
 
     def enqueue_bulk_verify(self, contact_ids: list[int]) -> None:
         self.bulk_verify(list(contact_ids))
@@ -173,9 +186,9 @@ class Tasks:
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
-        if message.kind == 2 and self._reply_window_closed(message, now):
+        if message.kind == 2 and self._session_closed(message, now):
             campaigns.expire_message2(message, owner, now)
-            return "expired: reply window closed"
+            return "expired: WhatsApp's 24 h window closed"
         if message.kind == 1 and not self.pacer.unlimited:
             decision = self.pacer.decide(now, has_slot=message.paced_until is not None)
             if not decision.go:
@@ -256,11 +269,15 @@ class Tasks:
         _count_send(message.kind, "sent")
         return "sent"
 
-    def _reply_window_closed(self, message, now) -> bool:
-        # A Message 2 row is created when the reply is taken in, so its
-        # creation time is the reply's time.
-        window = dt.timedelta(hours=self.cfg.campaigns.reply_window_h)
-        return message.created_at is not None and now > message.created_at + window
+    @staticmethod
+    def _session_closed(message, now) -> bool:
+        """WhatsApp takes a free-form message only within 24 h of the
+        contact's last message. A Message 2 row is created when the reply is
+        taken in (at the reply's own time), so its creation time opens that
+        window. (campaigns.reply_window_h is another rule: which replies
+        trigger a Message 2 at all.)"""
+        created = message.created_at
+        return created is not None and now > created + campaigns.SESSION_WINDOW
 
     def _not_claimed(self, message_id: int, now) -> str:
         """Someone else has it, it is done, or it came early: then come back."""
@@ -311,7 +328,9 @@ class Tasks:
             return {}
         return campaigns.template_values(Contact.get_by_id(message.contact_id))
 
-    def fan_out(self, campaign_id: int, after: int = 0) -> int:
+    def fan_out(
+        self, campaign_id: int, after: int = 0, until: int | None = None
+    ) -> int:
         """One batch of a running campaign's Message 1 rows, past member `after`.
 
         Each task does one batch and enqueues the next one, so no task comes
@@ -321,16 +340,26 @@ class Tasks:
         """
         from daemon.store.queue_bulk import enqueue_many
 
+        batch = self.cfg.campaigns.fanout_batch
+        if after == 0 and until is None:
+            # The first link (or a chain started again by the sweep): a big
+            # campaign gets FANOUT_CHAINS chains over disjoint member ranges,
+            # this link being the first of the first one.
+            if is_postgres():
+                # Right after a big import the planner believes these tables
+                # are empty (see fan_out_batch).
+                database.execute_sql("ANALYZE campaign_contact, message")
+            ranges = campaigns.fanout_ranges(campaign_id, FANOUT_CHAINS, batch)
+            for start, end in ranges[1:]:
+                self.enqueue_fanout(campaign_id, start, end)
+            until = ranges[0][1]
         ids, next_after = campaigns.fan_out_batch(
-            campaign_id,
-            self.cfg.campaigns.fanout_batch,
-            after,
-            analyze=after == 0,
+            campaign_id, batch, after, until_member_id=until
         )
         if next_after is not None:
             # First, so another worker thread builds the next batch while
             # this one enqueues the sends.
-            self.enqueue_fanout(campaign_id, next_after)
+            self.enqueue_fanout(campaign_id, next_after, until)
         # One round trip for the whole batch (Huey would make one per send).
         enqueue_many(self.send_single_message, [(i,) for i in ids])
         if next_after is None:

@@ -29,6 +29,7 @@ import peewee as pw
 
 from daemon.domain import campaigns
 from daemon.runtime import owner_host_pid
+from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
@@ -132,7 +133,17 @@ def settle(window_s: float, policy: str, now=None, limit: int = 5000) -> Settled
     the row is cancelled, its first attempt's fate unknown.
     """
     now = now or utcnow()
-    cutoff = now - dt.timedelta(seconds=window_s)
+    # Evidence that arrived in time but is not processed yet still counts (a
+    # status webhook stored, its processing task lost with a worker or behind
+    # a backlog): judge the window at the oldest unprocessed event, as
+    # campaigns.expire_interactions does. Dead letters are left out.
+    oldest_unprocessed = (
+        InboundEvent.select(pw.fn.MIN(InboundEvent.received_at))
+        .where(InboundEvent.processed_at.is_null(), InboundEvent.dead_at.is_null())
+        .scalar()
+    )
+    judged_at = now if oldest_unprocessed is None else min(now, oldest_unprocessed)
+    cutoff = judged_at - dt.timedelta(seconds=window_s)
     overdue = (Message.status == MessageStatus.UNCONFIRMED) & (
         Message.unconfirmed_at < cutoff
     )

@@ -43,8 +43,10 @@ from daemon.providers.fake import reply_plan
 from daemon.runtime import inflight_dir
 from daemon.runtime import read_inflight
 from daemon.store.models import Contact
+from daemon.store.models import JobRun
 from daemon.store.models import Message
 from daemon.store.models import database
+from daemon.store.models import utcnow
 from tests.conftest import REDIS_URL
 from tests.e2e import chaos_helpers as ch
 from tests.helpers import free_port
@@ -162,6 +164,21 @@ def wait(predicate, timeout: float, what: str, daemon) -> None:
         ch.wait_until(predicate, timeout, 0.2, what)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{daemon.log_text()[-3000:]}") from None
+
+
+def sweeps_after(when, count: int):
+    """A predicate: true once the scheduler recorded `count` sweeps after
+    `when` (job_run keeps the last run of each job: watch it change)."""
+    seen: set = set()
+
+    def enough() -> bool:
+        with database.connection_context():
+            row = JobRun.get_or_none(JobRun.job == "sweep")
+        if row is not None and row.last_run_at and row.last_run_at > when:
+            seen.add(row.last_run_at)
+        return len(seen) >= count
+
+    return enough
 
 
 def worker_pids(daemon) -> dict[int, str]:
@@ -289,7 +306,6 @@ def test_sigkill_of_a_worker_with_sends_in_flight(run_daemon, mode):
     )
     assert confirmed, "no row was on the wire at the kill"
     assert reclaimed, "no claimed row was waiting at the kill"
-    assert took < 30  # not the 600 s window
     # What the phones show: Message 1 once each (none for a row the kill
     # stopped before its first byte, still waiting for evidence).
     m1 = per_phone(fake)
@@ -340,14 +356,13 @@ def test_statuses_that_never_come(run_daemon, mode, policy):
     wait(first_pass, 20, "every row sent or unconfirmed", daemon)
     # The re-sends answer in time: each row is sent at most once more.
     fake.configure(slow_share=0.0)
-    started = time.monotonic()
     unconfirmed = {
         r.id: r.contact.phone for r in rows(campaign_id) if r.status == "unconfirmed"
     }
     assert unconfirmed, "no send was slower than the timeout"
     wait(lambda: not open_rows(campaign_id), 30, "the window applied", daemon)
-    assert time.monotonic() - started < 20
-    time.sleep(2.0)  # a few more sweeps: nothing more happens
+    # Two more sweeps after that: nothing more happens.
+    wait(sweeps_after(utcnow(), 2), 30, "two more sweeps", daemon)
     done = {r.id: r for r in rows(campaign_id)}
     m1 = per_phone(fake)
     for message_id, row in done.items():

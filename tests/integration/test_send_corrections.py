@@ -117,7 +117,7 @@ def test_message_2_of_a_campaign_resumed_after_the_window_expires(pipeline_for, 
 
     outcome = pipeline.tasks.deliver(reply.message2_id)
 
-    assert outcome == "expired: reply window closed"
+    assert outcome == "expired: WhatsApp's 24 h window closed"
     assert Message.get_by_id(reply.message2_id).status == "expired"
     member = CampaignContact.get(CampaignContact.campaign == campaign.id)
     assert member.state == MemberState.EXPIRED

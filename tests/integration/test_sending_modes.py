@@ -30,6 +30,7 @@ from tests.send_helpers import wait_with_logs
 CONTACTS = 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sqlite", "cluster", "pgqueue"])
 @pytest.mark.timeout(120)
 def test_campaign_of_1000_sends_message_1_once_to_everyone(

@@ -236,6 +236,34 @@ def test_no_evidence_within_the_window_applies_the_policy_once(
         assert campaigns.get_campaign(campaign.id).status == "completed"
 
 
+def test_evidence_stored_in_time_but_not_processed_holds_the_resend(pipeline_for, fake):
+    from daemon.domain import unconfirmed
+    from daemon.store.models import InboundEvent
+
+    pipeline = pipeline_for(policy="resend", timeout_s=0.3)
+    _, _, message_id = one_message(pipeline)
+    send_too_slowly(pipeline, fake, message_id)
+    clock = pipeline.tasks.clock
+    # A status webhook stored within the window, its processing not done yet
+    # (its task lost with a worker, or behind a backlog).
+    clock.advance(WINDOW_S / 2)
+    event = InboundEvent.create(
+        provider="wassenger",
+        dedupe_key="late-status",
+        event_type="message:out:ack",
+        payload="{}",
+        received_at=clock(),
+    )
+    clock.advance(WINDOW_S)
+    assert unconfirmed.settle(WINDOW_S, "resend", clock()).resent == []
+    assert Message.get_by_id(message_id).status == "unconfirmed"
+    # Processed (and it was not this row's status): now the window is over.
+    InboundEvent.update(processed_at=clock()).where(
+        InboundEvent.id == event.id
+    ).execute()
+    assert len(unconfirmed.settle(WINDOW_S, "resend", clock()).resent) == 1
+
+
 def test_a_bug_in_the_send_path_leaves_the_row_unconfirmed(pipeline_for, fake):
     pipeline = pipeline_for()
     campaign, contact, message_id = one_message(pipeline)

@@ -58,7 +58,8 @@ def tree(pid: int) -> set[int]:
 
 
 def leased_message(worker_pid: int) -> int:
-    """A message row leased by `worker_pid`, as if it died mid-send."""
+    """A message row leased by `worker_pid`, as if it died after claiming it
+    and before writing the request (no in-flight record)."""
     campaign = Campaign.create(name="t", message1="a", message2="b")
     contact = Contact.create(phone="+33600000001")
     message = Message.create(
@@ -69,7 +70,7 @@ def leased_message(worker_pid: int) -> int:
         body="a",
         status="sending",
         idempotency_key="t-1",
-        lease_owner=f"{socket.gethostname()}:{worker_pid}",
+        lease_owner=f"{socket.gethostname()}:{worker_pid}:0a1b2c3d",
         lease_expires_at=utcnow() + dt.timedelta(hours=1),
     )
     return message.id
@@ -126,9 +127,10 @@ def test_real_daemon_heals_releases_leases_and_stops(make_config, capfd):
             )
 
         def released():
+            # It never left: queued again at once, not left to lease expiry.
             with db.connection_context():
                 row = Message.get_by_id(message_id)
-                return row.lease_expires_at <= utcnow()
+                return row.status == "queued" and row.lease_owner is None
 
         wait_for(released, timeout=10, what="the dead worker's lease released")
         db.close()

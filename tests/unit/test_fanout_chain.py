@@ -155,3 +155,32 @@ def test_rows_made_by_the_fan_out_carry_the_model_defaults(pipeline):
     key = campaigns.idempotency_key(campaign.id, row.contact_id, 1)
     assert row.idempotency_key == key
     assert row.created_at == row.enqueued_at is not None
+
+
+def test_a_big_campaign_fans_out_in_two_chains_over_disjoint_ranges(pipeline):
+    # 230 members, batches of 5: above 2 x 20 batches, so two chains.
+    campaign = new_campaign(seed_contacts(230))
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+
+    huey = pipeline.queues.messages
+    first = huey.dequeue()
+    assert huey.execute(first) == BATCH
+    links = [t for t in _pending(huey) if t.name == FANOUT]
+    # The first chain's next link (up to the middle), and the second chain
+    # from the middle to the end.
+    assert sorted(len(t.args) for t in links) == [2, 3]
+    result = drain(pipeline)
+
+    assert sum(result["links"]) == 230 - BATCH
+    assert message_counts(campaign.id) == {"queued": 230}
+    ids = message1_ids(campaign.id)
+    assert len(ids) == 230
+    assert sorted(result["sends"]) == ids
+    assert all(count == 1 for count in result["sends"].values())
+    assert campaigns.campaign_summary(campaign.id)["messages"]["message1"] == {
+        "queued": 230
+    }
+
+
+def _pending(huey):
+    return [huey.deserialize_task(data) for data in huey.storage.enqueued_items()]

@@ -27,10 +27,12 @@ below are its public interface.
 
 from daemon.domain.campaigns.common import MAX_INTERRUPTED_ATTEMPTS
 from daemon.domain.campaigns.common import PRIORITY_MESSAGE_2
+from daemon.domain.campaigns.common import SESSION_WINDOW
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.common import idempotency_key
 from daemon.domain.campaigns.fanout import fan_out
 from daemon.domain.campaigns.fanout import fan_out_batch
+from daemon.domain.campaigns.fanout import fanout_ranges
 from daemon.domain.campaigns.lifecycle import cancel_campaign
 from daemon.domain.campaigns.lifecycle import create_campaign
 from daemon.domain.campaigns.lifecycle import due_message_ids
@@ -77,6 +79,7 @@ from daemon.domain.campaigns.views import message_dict
 __all__ = [
     "PRIORITY_MESSAGE_2",
     "MAX_INTERRUPTED_ATTEMPTS",
+    "SESSION_WINDOW",
     "idempotency_key",
     "contact_opted_out",
     "template_fields",
@@ -96,6 +99,7 @@ __all__ = [
     "message_dict",
     "fan_out",
     "fan_out_batch",
+    "fanout_ranges",
     "ClaimedMessage",
     "claim",
     "cancel_if_opted_out",

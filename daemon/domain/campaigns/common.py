@@ -3,6 +3,8 @@ key of a message and the opted-out test the claim and the retries use."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import peewee as pw
 
 from daemon.store.models import Contact
@@ -12,6 +14,9 @@ PRIORITY_MESSAGE_2 = 10
 # A row claimed this many times without an answer from the provider keeps
 # killing its worker (or the workers keep dying): give up on it.
 MAX_INTERRUPTED_ATTEMPTS = 20
+# WhatsApp's customer service window: free-form messages (Message 2) only
+# within 24 h of the contact's last message (providers.md).
+SESSION_WINDOW = dt.timedelta(hours=24)
 _CHUNK = 500
 _SENT_OR_LATER = ("sent", "delivered", "read")
 # A message not settled yet: its campaign cannot complete.

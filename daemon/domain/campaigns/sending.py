@@ -237,7 +237,7 @@ def record_failure(message, owner: str, reason: str, now=None) -> bool:
 
 
 def expire_message2(message, owner: str, now=None) -> bool:
-    """Message 2 claimed after the reply window closed (a paused campaign that
+    """Message 2 claimed after WhatsApp's 24 h window closed (a paused campaign that
     resumed late): WhatsApp would refuse a free-form message, so the row and
     its member expire instead of being sent."""
     now = now or utcnow()
@@ -245,7 +245,7 @@ def expire_message2(message, owner: str, now=None) -> bool:
         updated = (
             Message.update(
                 status=MessageStatus.EXPIRED,
-                error="reply window closed before Message 2 could be sent",
+                error="WhatsApp's 24 h window closed before Message 2 could be sent",
                 lease_owner=None,
                 lease_expires_at=None,
             )
