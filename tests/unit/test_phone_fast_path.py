@@ -1,6 +1,6 @@
 """The E.164 fast path of normalize_phone agrees with the full parser.
 
-`contacts._fast_e164` skips phonenumbers.parse for "+digits" strings; for any
+`phones._fast_e164` skips phonenumbers.parse for "+digits" strings; for any
 input, normalize_phone must return the same number, or reject with the same
 message, as when every number goes through the parser.
 """
@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
-from daemon.domain import contacts
+from daemon.domain.contacts import phones
 from daemon.errors import InputError
 
 COUNTRY_CODES = sorted(str(code) for code in COUNTRY_CODE_TO_REGION_CODE)
@@ -25,15 +25,15 @@ PROPERTY = settings(
 
 
 def outcome(text: str, region: str, *, fast: bool) -> str:
-    original = contacts._fast_e164
+    original = phones._fast_e164
     if not fast:
-        contacts._fast_e164 = lambda _text: None
+        phones._fast_e164 = lambda _text: None
     try:
-        return contacts.normalize_phone(text, region)
+        return phones.normalize_phone(text, region)
     except InputError as exc:
         return f"error: {exc}"
     finally:
-        contacts._fast_e164 = original
+        phones._fast_e164 = original
 
 
 def grouped(digits: str, cuts: list[int], separator: str) -> str:
@@ -64,7 +64,7 @@ def test_fast_path_accepts_and_rejects_like_the_parser(text, region):
 @PROPERTY
 @given(text=international)
 def test_what_the_fast_path_accepts_the_parser_accepts_as_is(text):
-    fast = contacts._fast_e164(text)
+    fast = phones._fast_e164(text)
     if fast is not None:
         assert outcome(text, "FR", fast=False) == fast
 
@@ -81,7 +81,7 @@ def test_what_the_fast_path_accepts_the_parser_accepts_as_is(text):
     ],
 )
 def test_usual_international_numbers_take_the_fast_path(text):
-    fast = contacts._fast_e164(text)
+    fast = phones._fast_e164(text)
     assert fast is not None
     assert fast == outcome(text, "FR", fast=False)
 
@@ -97,4 +97,4 @@ def test_usual_international_numbers_take_the_fast_path(text):
     ],
 )
 def test_unusual_numbers_go_to_the_parser(text):
-    assert contacts._fast_e164(text) is None
+    assert phones._fast_e164(text) is None
