@@ -20,6 +20,8 @@ from urllib.parse import urlunparse
 import pytest
 
 from daemon import config as config_mod
+from daemon.providers.fake import FakeOptions
+from daemon.providers.fake import FakeProvider
 from tests.helpers import merge
 from tests.helpers import require
 from tests.helpers import write_config
@@ -166,3 +168,17 @@ def any_mode_config(request, make_config):
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_options() -> FakeOptions:
+    """The `fake` provider's options: a test module overrides this fixture
+    for others (no dedupe, a token, replies)."""
+    return FakeOptions(ack_delays_ms=())
+
+
+@pytest.fixture
+def fake(fake_options):
+    """A fake provider on loopback for the test's duration."""
+    with FakeProvider(fake_options) as server:
+        yield server

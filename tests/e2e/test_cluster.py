@@ -28,7 +28,6 @@ import psutil
 import pytest
 
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.roles.leader import read_state
 from daemon.roles.leader import state_path
 from daemon.store.models import Interaction
@@ -73,8 +72,8 @@ def kill_tree(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def fake():
-    options = FakeOptions(
+def fake_options():
+    return FakeOptions(
         reply_share=0.1,
         reply_delay_ms=300.0,
         # "sent" and "delivered" acks only: every ack is a webhook event for
@@ -84,8 +83,6 @@ def fake():
         webhook_secret=WEBHOOK_SECRET,
         seed=11,
     )
-    with FakeProvider(options) as server:
-        yield server
 
 
 @pytest.fixture

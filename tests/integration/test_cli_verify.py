@@ -12,7 +12,6 @@ from daemon.app.tasks import Tasks
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.queue import make_queues
 from tests.helpers import free_port
 from tests.helpers import subprocess_env
@@ -33,9 +32,8 @@ def campaignd(cfg, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(token=TOKEN)) as provider:
-        yield provider
+def fake_options():
+    return FakeOptions(token=TOKEN)
 
 
 @pytest.fixture

@@ -25,8 +25,6 @@ from daemon.domain import events
 from daemon.domain.alerts import active_alerts
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.roles.web.webhooks import wait_enqueued
 from daemon.status import format_status
 from daemon.store.models import InboundEvent
@@ -116,12 +114,6 @@ class Env:
     def close(self) -> None:
         self.tasks.provider.close()
         self.api.close()
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

@@ -11,8 +11,6 @@ from __future__ import annotations
 import pytest
 
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import MemberState
 from daemon.store.models import database
 from daemon.store.models import utcnow
@@ -47,12 +45,6 @@ def meta(request, make_config, graph):
     pipeline = build_pipeline(cfg)
     yield pipeline
     pipeline.close()
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture

@@ -21,8 +21,6 @@ import requests
 
 from daemon.domain import campaigns
 from daemon.providers.base import sign_hmac_sha256
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.roles.web.app import WebServer
 from daemon.roles.web.app import create_app
 from daemon.store.models import InboundEvent
@@ -56,12 +54,6 @@ MAX_BODY = 2 * 1_048_576
 WASSENGER = "/webhooks/wassenger"
 META = "/webhooks/whatsapp"
 HUGE = 600_000
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 class Site:

@@ -14,7 +14,6 @@ import pytest
 from daemon.domain import campaigns
 from daemon.domain import unconfirmed
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
@@ -32,9 +31,8 @@ DEAD_OWNER = f"{DEAD_HOST}:{DEAD_PID}:dead"
 
 
 @pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=(), dedupe=False)) as server:
-        yield server
+def fake_options():
+    return FakeOptions(ack_delays_ms=(), dedupe=False)
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

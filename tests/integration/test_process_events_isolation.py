@@ -11,8 +11,6 @@ from __future__ import annotations
 import pytest
 
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.db import is_postgres
 from daemon.store.models import MemberState
 from daemon.store.models import Message
@@ -55,12 +53,6 @@ CREATE TRIGGER poison_reply BEFORE INSERT ON interaction
 FOR EACH ROW EXECUTE FUNCTION poison_reply()
 """,
 ]
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "pgqueue"])

@@ -14,8 +14,6 @@ import datetime as dt
 import pytest
 
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
 from daemon.store.models import Interaction
 from daemon.store.models import MemberState
@@ -42,12 +40,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MODES = ["sqlite", "pgqueue"]
 PROVIDERS = ["wassenger", "meta"]
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 def _pipeline(request, make_config, fake, mode):

@@ -22,7 +22,6 @@ pytestmark = pytest.mark.timeout(60)
 
 # The fixtures and setup of the passing tests.
 PROVIDERS = base.PROVIDERS
-fake = base.fake
 pipeline = base.pipeline
 messages_2, outcomes, reply = base.messages_2, base.outcomes, base.reply
 result, running = base.result, base.running

@@ -16,7 +16,6 @@ from daemon.domain import campaigns
 from daemon.providers import meta
 from daemon.providers import webhook_parser
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
@@ -34,9 +33,8 @@ HOUR = 3600
 
 
 @pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=(), dedupe=False)) as server:
-        yield server
+def fake_options():
+    return FakeOptions(ack_delays_ms=(), dedupe=False)
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

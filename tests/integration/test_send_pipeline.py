@@ -16,8 +16,6 @@ import time
 import pytest
 
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
@@ -39,12 +37,6 @@ from tests.send_helpers import wait_with_logs
 T0 = utcnow().replace(microsecond=0)
 # What a task that runs before its row is due answers (it is scheduled again).
 NOT_DUE = "not due yet: rescheduled"
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

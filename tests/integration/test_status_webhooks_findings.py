@@ -24,7 +24,6 @@ from tests.integration import test_status_webhooks_rows as base
 pytestmark = pytest.mark.timeout(60)
 
 # The fixtures and setup of the passing tests.
-fake = base.fake
 wassenger = base.wassenger
 running = base.running
 

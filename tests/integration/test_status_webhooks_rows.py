@@ -12,8 +12,6 @@ from __future__ import annotations
 import pytest
 
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import MemberState
 from tests.event_helpers import Events
 from tests.event_helpers import GraphStub
@@ -40,12 +38,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MODES = ["sqlite", "pgqueue"]
 PAUSE_CODES = [131048, 132015, 132016]
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture(params=MODES)

@@ -20,7 +20,6 @@ from falcon import testing
 
 from daemon.domain import campaigns
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.roles.web.app import create_app
 from daemon.runtime import InFlight
 from daemon.runtime import read_inflight
@@ -45,9 +44,8 @@ DEAD_HOST, DEAD_PID = "gone-host", 999_999
 
 
 @pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=(), dedupe=False)) as server:
-        yield server
+def fake_options():
+    return FakeOptions(ack_delays_ms=(), dedupe=False)
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

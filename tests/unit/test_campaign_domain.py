@@ -17,8 +17,6 @@ from daemon.domain.campaigns import lifecycle
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.errors import StateError
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
@@ -37,12 +35,6 @@ from tests.send_helpers import phone_for
 from tests.send_helpers import seed_contacts
 
 KEYWORDS = ["STOP"]
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture

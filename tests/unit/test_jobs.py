@@ -18,8 +18,6 @@ from daemon.domain.alerts import active_alerts
 from daemon.domain.pacing import Pacer
 from daemon.errors import InputError
 from daemon.providers import make_provider
-from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.store.db import open_database
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
@@ -40,12 +38,6 @@ pytestmark = pytest.mark.timeout(60)
 
 DAY = dt.date(2025, 3, 10)
 NOON = dt.datetime(2025, 3, 10, 12, 0)
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(ack_delays_ms=())) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

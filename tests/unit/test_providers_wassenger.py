@@ -12,7 +12,6 @@ from daemon.providers import make_provider
 from daemon.providers.base import PermanentError
 from daemon.providers.base import RetryableError
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.providers.wassenger import WassengerProvider
 from tests.helpers import free_port
 
@@ -23,9 +22,8 @@ PHONE = "+33612345671"
 
 
 @pytest.fixture
-def fake():
-    with FakeProvider(FakeOptions(token=TOKEN, ack_delays_ms=())) as server:
-        yield server
+def fake_options():
+    return FakeOptions(token=TOKEN, ack_delays_ms=())
 
 
 def client(url: str, **overrides) -> WassengerProvider:
