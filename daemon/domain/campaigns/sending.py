@@ -86,15 +86,9 @@ def claim(
     )
 
 
-def cancel_if_opted_out(message, owner: str, now=None) -> bool:
-    """A held row whose contact opted out meanwhile: cancelled, never re-queued.
-
-    Every path that would give a claimed row back (retry, pacing release,
-    pause) goes through here first, so a STOP that arrived while the send
-    was in flight is final.
-    """
-    now = now or utcnow()
-    cancelled = (
+def _cancel_opted_out(*where) -> int:
+    """Cancel the rows matching `where` whose contact has opted out."""
+    return (
         Message.update(
             status=MessageStatus.CANCELLED,
             error="contact opted out",
@@ -103,9 +97,19 @@ def cancel_if_opted_out(message, owner: str, now=None) -> bool:
             paced_until=None,
             next_attempt_at=None,
         )
-        .where(held_by(message, owner), contact_opted_out())
+        .where(*where, contact_opted_out())
         .execute()
     )
+
+
+def cancel_if_opted_out(message, owner: str, now=None) -> bool:
+    """A held row whose contact opted out meanwhile: cancelled, never re-queued.
+
+    Every path that would give a claimed row back (retry, pacing release,
+    pause) goes through here first, so a STOP that arrived while the send
+    was in flight is final.
+    """
+    cancelled = _cancel_opted_out(held_by(message, owner))
     if cancelled:
         maybe_complete(message.campaign_id)
     return bool(cancelled)
@@ -114,22 +118,8 @@ def cancel_if_opted_out(message, owner: str, now=None) -> bool:
 def cancel_unclaimable_opted_out(message_id: int, now=None) -> bool:
     """A row the claim refused because its contact opted out: cancel it, so it
     is not swept again and its campaign can complete."""
-    now = now or utcnow()
-    cancelled = (
-        Message.update(
-            status=MessageStatus.CANCELLED,
-            error="contact opted out",
-            lease_owner=None,
-            lease_expires_at=None,
-            paced_until=None,
-            next_attempt_at=None,
-        )
-        .where(
-            Message.id == message_id,
-            Message.status == MessageStatus.QUEUED,
-            contact_opted_out(),
-        )
-        .execute()
+    cancelled = _cancel_opted_out(
+        Message.id == message_id, Message.status == MessageStatus.QUEUED
     )
     if cancelled:
         campaign_id = (
