@@ -1,7 +1,7 @@
 """The W2 ceiling: a hello-world Falcon app on campaignd's own waitress settings.
 
 POST /webhooks/wassenger reads the body and answers a constant JSON object:
-no parsing, no database, no queue. Served by daemon.web.app.WebServer, so
+no parsing, no database, no queue. Served by daemon.roles.web.app.WebServer, so
 threads, poll loop, limits and timeouts are exactly campaignd web's.
 
     python -m bench.hello_falcon --port 8080

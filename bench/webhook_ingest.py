@@ -1,7 +1,7 @@
 """Webhook ingest: req/s and latency of the real web role next to a hello-world ceiling.
 
 Both servers run in their own process with the same waitress settings
-(daemon.web.app.WebServer). The real one is `campaignd web`: every POST is a
+(daemon.roles.web.app.WebServer). The real one is `campaignd web`: every POST is a
 1.5 KB Wassenger `message:in:new` body with a unique id, verified, inserted and
 committed (SQLite WAL by default, or --database-url), enqueued for processing,
 then answered. The ceiling is a Falcon app that reads the body and answers the
