@@ -33,6 +33,7 @@ from bench.harness import pg_backends
 from bench.harness import spawn
 from bench.harness import wait_until
 from daemon import config as config_mod
+from daemon import status as status_mod
 from daemon.app.tasks import Tasks
 from daemon.domain import campaigns
 from daemon.store.db import open_database
@@ -44,7 +45,6 @@ from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import make_queues
-from daemon.supervision import status as status_mod
 
 MESSAGE_1 = "Bonjour {name}, une offre pour vous."
 MESSAGE_2 = "Merci {name} !"

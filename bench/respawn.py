@@ -35,7 +35,7 @@ import psutil
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from daemon.supervision import status as status_mod  # noqa: E402
+from daemon import status as status_mod  # noqa: E402
 
 
 def free_port() -> int:

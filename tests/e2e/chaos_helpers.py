@@ -401,7 +401,7 @@ class DaemonUnderTest:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def status(self, timeout: float = 3.0) -> dict | None:
-        from daemon.supervision import status as status_mod
+        from daemon import status as status_mod
 
         try:
             return status_mod.request(
