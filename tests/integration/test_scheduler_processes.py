@@ -49,7 +49,9 @@ JOB_PERIOD = {
     "check_expired_interactions": 2.0,
     "reset_daily_monitoring": 86400.0,
 }
-FIRED = re.compile(r"^(\S+ \S+) INFO \[scheduler\] daemon\.roles\.scheduler: fired (\w+)")
+FIRED = re.compile(
+    r"^(\S+ \S+) INFO \[scheduler\] daemon\.roles\.scheduler: fired (\w+)"
+)
 
 
 @dataclass
