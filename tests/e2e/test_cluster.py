@@ -105,12 +105,16 @@ def daemons(tmp_path, pg_url, redis_prefix, fake):
                     "name_prefix": redis_prefix,
                 },
                 "status": {"socket": str(sock_dir / "s.sock")},
-                "provider": {"timeout_s": 2.0},
+                # A dead host's rows: those whose status webhook arrives are
+                # confirmed; the others (claimed, never sent) wait for their
+                # lease to expire, then this window, before host b sends them.
+                "provider": {"timeout_s": 2.0, "confirm_window_s": 10.0},
                 # 54 s instead of 24 h: members that do not reply expire, so
                 # the campaign can complete within the test.
                 "campaigns": {"reply_window_h": 0.015},
-                # Row leases = hard limit + 30 s: what a dead host's sends
-                # wait before another host may take them over.
+                # Row leases = hard limit + stop timeout + 30 s: what a dead
+                # host's sends wait before another host's sweeper marks them
+                # unconfirmed.
                 "workers": {
                     "soft_time_limit_s": 3.0,
                     "hard_time_limit_s": 5.0,
