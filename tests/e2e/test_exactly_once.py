@@ -230,9 +230,9 @@ def test_slow_provider_late_statuses_replies_first(run_daemon, mode):
 
     wait(done, 45, "every Message 1 and Message 2 sent and recorded", daemon)
     assert fake.stats()["slow_answers"] > 0
-    # Past the confirm window, with the sweeper running every second: still
-    # nothing more on any phone.
-    time.sleep(3.0)
+    # Three more sweeps (the sweeper runs every second): still nothing more
+    # on any phone.
+    wait(sweeps_after(utcnow(), 3), 30, "three more sweeps", daemon)
     assert not open_rows(campaign_id)
     m1, m2 = per_phone(fake), per_phone(fake, "m2")
     assert {m1[p] for p in phones} == {1}, m1
@@ -390,7 +390,7 @@ HANG = textwrap.dedent(
     import importlib.abc
     import os
     import sys
-    import time
+    import threading
 
     PHONE = os.environ.get("CAMPAIGND_TEST_HANG_PHONE", "").encode()
 
@@ -401,7 +401,7 @@ HANG = textwrap.dedent(
         def request(self, method, path, body=None, **kw):
             answer = original(self, method, path, body, **kw)
             if PHONE and body and PHONE in body:
-                time.sleep(3600)
+                threading.Event().wait()  # stuck where no timeout reaches
             return answer
 
         module.HttpClient.request = request

@@ -514,7 +514,7 @@ def test_a_client_gone_after_sending_the_body_still_gets_its_messages_sent():
         half = raw_request(send_body("+33612345672", "cd-1-9-m1"))[:-5]
         with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
             sock.sendall(half)
-        time.sleep(0.4)  # every answer is due by now, to nobody
+        # Once the fake has seen every client leave, it has judged every body.
         wait_for(lambda: fake.stats()["connections_active"] == 0)
         assert [m["reference"] for m in fake.messages()] == [
             "cd-1-0-m1",

@@ -302,7 +302,7 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
     directory = str(tmp_path / "inflight")
     script = textwrap.dedent(
         f"""
-        import sys, threading, time
+        import sys, threading
         from daemon.runtime import InFlight
         log = InFlight({directory!r})
         log.begin(41); log.end()              # sent and recorded
@@ -313,7 +313,7 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
             log.begin(43)
             print("ready", flush=True)
         t = threading.Thread(target=other); t.start(); t.join()
-        time.sleep(60)
+        threading.Event().wait()              # until the SIGKILL
         """
     )
     proc = subprocess.Popen(

@@ -293,7 +293,11 @@ def test_sigkill_mid_send_with_statuses_that_never_come(
             raise AssertionError(f"{exc}\n{worker_logs(workers)}") from None
         if policy == "resend":
             # The re-sends are sent by the fresh worker, then nothing more.
-            time.sleep(1.0)
+            wait_for(
+                lambda: not pipeline.queues.messages.pending_count(),
+                10,
+                what="the re-sends taken by the worker",
+            )
             pipeline.tasks.sweep_once()
 
     rows = rows_of(campaign.id)
