@@ -286,9 +286,13 @@ def embedded_run():
                 0.1,
                 "sends refused by the provider",
             )
+            # The health check runs every 2 s and raises on its first
+            # failure; the deadline is generous for a loaded CI machine (it
+            # is only reached when the alert never comes).
             with contextlib.suppress(AssertionError):
-                alerts.wait_for("health:provider", "raised", timeout=OUTAGE_S * 2)
+                alerts.wait_for("health:provider", "raised", timeout=60)
             facts["provider_down"] = observe(daemon, cfg, web_port, "provider")
+            facts["provider_down_log"] = daemon.log_text()[-4000:]
             facts["provider_alert_sent"] = [
                 a for a in alerts.received if "provider" in a["key"]
             ]
@@ -362,7 +366,7 @@ def test_provider_down_keeps_the_daemon_up_and_alerts(embedded_run):
     # The provider is not a readiness dependency: webhooks still flow.
     assert seen["readyz"] == 200
     assert seen["webhook"] == 200
-    assert "health:provider" in seen["alerts"]
+    assert "health:provider" in seen["alerts"], embedded_run["provider_down_log"]
     assert seen["status_rc"] == 1 and "health:provider" in seen["status_text"]
     assert embedded_run["provider_alert_sent"], "no alert reached alerts.webhook_url"
 
