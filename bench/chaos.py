@@ -18,17 +18,21 @@ phone and kind. provider.confirm_window_s is 60 s. While the campaign runs:
   crashed (pg_ctl -m immediate) and restarted once.
 
 Then, once the campaign has completed and every webhook has settled, the rows
-are compared with what the fake provider accepted (tests/e2e/chaos_helpers.py
+are compared with what the fake provider accepted (daemon/testing/audit.py
 `Audit` defines each figure). Target: zero in every loss and duplicate column.
 
     .venv/bin/python -m bench.chaos --mode embedded|cluster|both \
-        [--contacts 2000] [--short] [--keep]
+        [--contacts 2000] [--short] [--keep] [--json]
+
+With --json, one JSON document on stdout (`as_json`) instead of the table,
+the progress on stderr: tests/e2e/test_chaos.py runs the short run that way.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import shutil
 import sys
@@ -43,9 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from daemon import testing as ch  # noqa: E402
 from daemon.providers.fake import FakeOptions  # noqa: E402
 from daemon.providers.fake import FakeProvider  # noqa: E402
-from tests.e2e import chaos_helpers as ch  # noqa: E402
 
 # Fractions of the Message 1 sends accepted at which one-off faults fire.
 WEB_KILL_AT = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
@@ -386,7 +390,7 @@ def _message1_accepted(fake) -> int:
 
 
 def _wait_quiescent(campaign_id: int, fake, deadline: float) -> bool:
-    """Wait until nothing more will happen (chaos_helpers.settled), 3 polls in a row."""
+    """Nothing more will happen (daemon.testing.settled), 3 polls in a row."""
     calm = 0
     while time.monotonic() < deadline:
         calm = calm + 1 if ch.settled(ch.campaign_state(campaign_id), fake) else 0
@@ -463,6 +467,22 @@ def table(results: list[ChaosResult]) -> str:
     return "\n".join([line(headers), sep, *(line(row) for row in body)])
 
 
+def as_json(results: list[ChaosResult]) -> str:
+    """Every figure of each run, its verdict and the fake provider's options."""
+    return json.dumps(
+        [
+            {
+                **dataclasses.asdict(r),
+                "clean": r.clean,
+                "provider_options": dataclasses.asdict(fake_options(0, r.spec.seed)),
+            }
+            for r in results
+        ],
+        indent=1,
+        default=str,
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.chaos", description=__doc__.splitlines()[0]
@@ -479,7 +499,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the work dirs")
     parser.add_argument("--log-level", default="warning", help="the daemon's")
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (progress to stderr)"
+    )
     args = parser.parse_args(argv)
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(*parts) -> None:
+        print(*parts, file=out, flush=True)
+
     modes = ("embedded", "cluster") if args.mode == "both" else (args.mode,)
     if "cluster" in modes and not (
         ch.OwnPostgres.available() and ch.OwnRedis.available()
@@ -498,14 +526,16 @@ def main(argv=None) -> int:
         spec = dataclasses.replace(
             spec, seed=args.seed, keep=args.keep, log_level=args.log_level
         )
-        results.append(run_scenario(spec))
+        results.append(run_scenario(spec, log=say))
         if results[-1].spec.keep:
-            print(f"  work dir kept: {results[-1].workdir}")
+            say(f"  work dir kept: {results[-1].workdir}")
         for name, examples in results[-1].audit.details.items():
             if examples:
-                print(f"  {name}: {examples}")
-    print()
-    print(table(results))
+                say(f"  {name}: {examples}")
+    say()
+    say(table(results))
+    if args.json:
+        print(as_json(results))
     return 0 if all(r.clean for r in results) else 1
 
 

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import itertools
 import logging
 import os
-import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -118,26 +115,6 @@ def role_tag(role: str) -> str:
 def parent_alive() -> bool:
     expected = os.environ.get(SUPERVISOR_PID_ENV)
     return not expected or os.getppid() == int(expected)
-
-
-def lease_owner() -> str:
-    """The owner string of message leases taken by this process:
-    ``host:pid:random``. The random part keeps two containers with the same
-    hostname and the same pid (PID namespaces) from sharing leases."""
-    return _owner_for(os.getpid())
-
-
-@functools.lru_cache(maxsize=4)
-def _owner_for(pid: int) -> str:
-    return f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
-
-
-def owner_host_pid(owner: str) -> tuple[str, int] | None:
-    """(host, pid) of a lease owner string, or None if it is not one."""
-    parts = owner.split(":")
-    if len(parts) < 2 or not parts[1].isdigit():
-        return None
-    return parts[0], int(parts[1])
 
 
 INFLIGHT_DIR_NAME = "inflight"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from daemon import config as config_mod
+from daemon.testing import free_port as free_port  # one definition, re-exported
 
 # Set by CI (.ci/run): a missing prerequisite is then a broken machine, and the
 # tests that need it fail instead of being skipped (a skip is easy to miss).
@@ -42,12 +42,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what=""):
                 f"timed out after {timeout}s waiting for {what or predicate}"
             )
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dump_toml(data: dict) -> str:

@@ -272,7 +272,7 @@ class Worker:
     @property
     def lease_owner(self) -> str:
         """The start of every lease owner string of this worker: "host:pid:"
-        (daemon.runtime.lease_owner() adds a random part); match with
+        (daemon.owners.lease_owner() adds a random part); match with
         startswith, as `owns` does."""
         return campaigns.process_key(socket.gethostname(), self.proc.pid)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from daemon import owners
 from daemon.domain import campaigns
-from daemon.runtime import owner_host_pid
 from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
@@ -44,14 +44,7 @@ def mark(message, owner: str, reason: str, now=None) -> bool:
     """The attempt's outcome is unknown: unconfirmed, never retried blindly."""
     now = now or utcnow()
     return bool(
-        Message.update(
-            status=MessageStatus.UNCONFIRMED,
-            unconfirmed_at=now,
-            error=f"unconfirmed: {reason}"[:2000],
-            lease_owner=None,
-            lease_expires_at=None,
-            paced_until=None,
-        )
+        Message.update(**campaigns.unconfirmed_values(now, f"unconfirmed: {reason}"))
         .where(campaigns.held_by(message, owner))
         .execute()
     )
@@ -67,7 +60,7 @@ def release_dead_process(host: str, pid: int, in_flight: set[int], now=None):
     """A dead worker's leased rows: unconfirmed if it had begun writing them
     (`in_flight`), queued again at once otherwise."""
     now = now or utcnow()
-    key = campaigns.process_key(host, pid)
+    key = owners.process_key(host, pid)
     with database.atomic():
         held = list(
             Message.select(Message.id, Message.priority)
@@ -77,12 +70,9 @@ def release_dead_process(host: str, pid: int, in_flight: set[int], now=None):
         maybe_sent = [m for m, _ in held if m in in_flight]
         for start in range(0, len(maybe_sent), _CHUNK):
             Message.update(
-                status=MessageStatus.UNCONFIRMED,
-                unconfirmed_at=now,
-                error="unconfirmed: worker died with the request on the wire",
-                lease_owner=None,
-                lease_expires_at=None,
-                paced_until=None,
+                **campaigns.unconfirmed_values(
+                    now, "unconfirmed: worker died with the request on the wire"
+                )
             ).where(
                 Message.id.in_(maybe_sent[start : start + _CHUNK]),
                 campaigns.held_by_process(key),
@@ -97,18 +87,18 @@ def release_dead_processes(
 ) -> Released:
     """At supervisor start: the leases of this host's processes that are gone
     (a tree SIGKILLed with its supervisor)."""
-    owners = {
+    held = {
         m.lease_owner
         for m in Message.select(Message.lease_owner)
         .where(
             Message.status == MessageStatus.SENDING,
-            Message.lease_owner.startswith(f"{host}:"),
+            Message.lease_owner.startswith(owners.process_key(host)),
         )
         .distinct()
     }
     pids = set()
-    for owner in owners:
-        parsed = owner_host_pid(owner)
+    for owner in held:
+        parsed = owners.parse(owner)
         if parsed and parsed[0] == host and not pid_alive(parsed[1]):
             pids.add(parsed[1])
     requeued: list[tuple[int, int]] = []

@@ -42,13 +42,13 @@ import datetime as dt
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from daemon import owners
 from daemon.config import Config
 from daemon.store.db import db_session
 from daemon.store.models import Lease
@@ -79,7 +79,7 @@ return 0
 
 def make_owner_id() -> str:
     """hostname:pid plus a random suffix (pids repeat across restarts and hosts)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return owners.make(socket.gethostname(), os.getpid(), random_bytes=3)
 
 
 class LeaseStore(Protocol):

@@ -7,9 +7,13 @@ server hooks): the CLI wires these from `daemon.app.recovery`. Without them
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+# Logged from the supervisor process, under its name.
+log = logging.getLogger("daemon.supervision.supervisor")
 
 
 class LeaseReleaser(Protocol):
@@ -25,3 +29,18 @@ class SupervisorHooks:
     # Called with (cfg, in-flight records directory); its `release(pid)` runs
     # on the supervisor's database thread when a worker dies.
     lease_releaser: Callable[[object, str], LeaseReleaser] | None = None
+
+
+def lease_releaser(
+    hooks: SupervisorHooks, cfg, inflight_directory: str
+) -> LeaseReleaser | None:
+    """The supervisor's releaser of dead workers' leases, if the CLI wired one."""
+    if hooks.lease_releaser is None:
+        return None
+    return hooks.lease_releaser(cfg, inflight_directory)
+
+
+def log_released(result: tuple[int, int, int] | None) -> None:
+    """After `LeaseReleaser.release` (on the loop): say what it did, if anything."""
+    if result and (result[1] or result[2]):
+        log.info("worker %s died: %d rows queued again, %d unconfirmed", *result)

@@ -15,6 +15,13 @@ status-socket commands reach the same methods. Children are exec'ed
 (lease release, alert rows, status figures) and alert webhooks run in small
 thread pools, so the loop never waits on a database lock or a slow receiver.
 
+This module holds the loop, the signals and the children; the rest of the
+supervisor's work is one module each, mixed into `Supervisor`: reload.py
+(config snapshot, roles replaced one by one), alerting.py (role and
+dependency alerts), status_requests.py (status socket answers), jobs.py
+(background work), systemd.py (READY, STATUS, WATCHDOG), and hooks.py (what
+it does to the application's rows, wired by the CLI).
+
 Respawns are fast because of the warm spare (`Spare`): once every role has
 run, the supervisor keeps one extra process (``child --standby``) that has
 imported all the roles' code and waits. A dying role is handed to it (one
@@ -32,7 +39,6 @@ import signal
 import socket
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from daemon import __version__
@@ -44,34 +50,37 @@ from daemon.errors import ConfigError
 from daemon.runtime import SUPERVISOR_PID_ENV
 from daemon.runtime import inflight_dir
 from daemon.runtime import setup_logging
+from daemon.supervision.alerting import DEPENDENCY_CHECK_S
+from daemon.supervision.alerting import Alerting
 from daemon.supervision.child import Child
 from daemon.supervision.child import ChildPolicy
 from daemon.supervision.child import OsProcesses
 from daemon.supervision.child import RoleSpec
 from daemon.supervision.child import describe_exit
 from daemon.supervision.hooks import SupervisorHooks
+from daemon.supervision.hooks import lease_releaser
+from daemon.supervision.hooks import log_released
+from daemon.supervision.jobs import BackgroundJobs
+from daemon.supervision.jobs import nonblocking_pipe
+from daemon.supervision.jobs import thread_pool
+from daemon.supervision.reload import Reloading
 from daemon.supervision.role_alerts import DependencyAlerts
 from daemon.supervision.role_alerts import RoleAlerts
 from daemon.supervision.spare import Spare
-from daemon.supervision.states import WAITING_STATES
 from daemon.supervision.states import ChildState
 from daemon.supervision.status import AlreadyRunning
 from daemon.supervision.status import FigureGatherer
 from daemon.supervision.status import StatusServer
+from daemon.supervision.status_requests import StatusRequests
 from daemon.supervision.systemd import SYSTEMD_ENV
 from daemon.supervision.systemd import Notifier
+from daemon.supervision.systemd import SystemdReporting
 
 log = logging.getLogger("daemon.supervision.supervisor")
 
 # While a child is STARTING its first heartbeat is polled this often, so a
 # respawn is seen RUNNING within a few tens of ms, not a heartbeat interval.
 STARTING_POLL_S = 0.025
-# Status figures (queue depths, counters) younger than this are served as
-# they are; older ones are refreshed off-loop while the request waits <= 1 s.
-FIGURES_MAX_AGE_S = 2.0
-FIGURES_WAIT_S = 1.0
-# How often the database and the queue backend are probed for alerts.
-DEPENDENCY_CHECK_S = 10.0
 # After the stop deadline's SIGKILLs, how long to wait for the reaping.
 KILL_WAIT_S = 5.0
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -140,7 +149,7 @@ def _close_db(db) -> None:
         close_all()
 
 
-class Supervisor:
+class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdReporting):
     """Owns the children, the respawn policy, the status socket and sd_notify."""
 
     def __init__(
@@ -184,19 +193,16 @@ class Supervisor:
         self.started_up = False  # every role has been RUNNING once
         self._signals: list[int] = []
         self._jobs: list[tuple[concurrent.futures.Future, object]] = []
-        self._db_pool = _pool("supervisor-db")
-        self._figures_pool = _pool("supervisor-figures")
-        self._notify_pool = _pool("supervisor-notify")
+        self._db_pool = thread_pool("supervisor-db")
+        self._figures_pool = thread_pool("supervisor-figures")
+        self._notify_pool = thread_pool("supervisor-notify")
         self._figures: dict | None = None
         self._figures_at = 0.0
         # Unreachable dependencies: since when (monotonic), and alerted ones.
         self._figures_job: concurrent.futures.Future | None = None
         self._gatherer = FigureGatherer(self.cfg)
-        hooks = hooks or SupervisorHooks()
-        self._requeuer = (
-            hooks.lease_releaser(self.cfg, inflight_dir(self.cfg.data_path, env))
-            if hooks.lease_releaser is not None
-            else None
+        self._requeuer = lease_releaser(
+            hooks or SupervisorHooks(), self.cfg, inflight_dir(self.cfg.data_path, env)
         )
         self._parked: list[tuple[object, float]] = []
         self.role_alerts = RoleAlerts(self.host, self.cfg.alerts.down_after_s)
@@ -256,8 +262,8 @@ class Supervisor:
         # added to this run's counters.
         for stale in self.metrics_dir.glob("*.db"):
             stale.unlink(missing_ok=True)
-        self._sig_r, self._sig_w = _nonblocking_pipe()
-        self._jobs_r, self._jobs_w = _nonblocking_pipe()
+        self._sig_r, self._sig_w = nonblocking_pipe()
+        self._jobs_r, self._jobs_w = nonblocking_pipe()
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain)
         self.selector.register(self._jobs_r, selectors.EVENT_READ, self._drain)
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
@@ -357,34 +363,6 @@ class Supervisor:
             self.escalated = True
             self._kill_all("second interrupt")
 
-    def handle_hup(self) -> None:
-        """Reload the config; replace the children one by one."""
-        if self.stopping_since is not None:
-            return
-        self.systemd.reloading()
-        try:
-            new_cfg = self._snapshot_config(self.cfg, reload=True)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            self.systemd.notify("READY=1", f"STATUS=reload failed: {exc}")
-            return
-        self._warn_restart_only_changes(new_cfg)
-        self.cfg = new_cfg
-        self.policy = ChildPolicy.from_config(new_cfg)
-        self.spare.policy = self.policy
-        self._gatherer = FigureGatherer(new_cfg)
-        self.role_alerts.down_after_s = new_cfg.alerts.down_after_s
-        self._sync_roles()
-        # The spare loaded the old config: only a new one may take roles.
-        self.spare.retire(time.monotonic(), "config reloaded")
-        self.reloading = True
-        self._replace = [c.name for c in self.children]
-        log.info(
-            "config reloaded from %s: replacing %d roles one by one",
-            new_cfg.source,
-            len(self._replace),
-        )
-
     def handle_usr1(self) -> None:
         """Log every role's state (a poor operator's `campaignd status`)."""
         now = time.monotonic()
@@ -452,7 +430,7 @@ class Supervisor:
                 self._db_pool,
                 self._requeuer.release,
                 pid,
-                on_done=self._leases_released,
+                on_done=log_released,
             )
         if (
             child.state is ChildState.EXITED
@@ -465,13 +443,6 @@ class Supervisor:
                 EXIT_CONFIG,
             )
             self.begin_stop(f"{child.name}: config error", exit_code=EXIT_CONFIG)
-
-    def _leases_released(self, result) -> None:
-        if result and (result[1] or result[2]):
-            log.info(
-                "worker %s died: %d rows queued again, %d unconfirmed",
-                *result,
-            )
 
     def check_heartbeats(self, now: float, wall: float) -> None:
         """First beat -> RUNNING; stale beat -> stop; stuck task -> kill."""
@@ -528,38 +499,6 @@ class Supervisor:
         if self.spare.due(now):
             self.spare.start(now, self.spare_factory(self.cfg, self.config_path))
 
-    def restart_role(self, role: str) -> list[str]:
-        """Queue a graceful replacement of a role (or all its instances)."""
-        names = [
-            c.name
-            for c in self.children
-            if c.name == role or c.name.split("#")[0] == role
-        ]
-        self._replace += [n for n in names if n not in self._replace]
-        return names
-
-    def _replace_next(self, now: float) -> None:
-        if self._replacing:
-            child, since = self._replacing
-            replaced = child.state is ChildState.RUNNING and child.spawned_at > since
-            if not (replaced or child.state in WAITING_STATES):
-                return
-            self._replacing = None
-        while self._replace:
-            child = self._child(self._replace.pop(0))
-            if child is None:
-                continue
-            if child.alive:
-                child.stop(now, "replacing", self.cfg.daemon.stop_timeout_s)
-                self._replacing = (child, now)
-                return
-            if child.state in (ChildState.BACKOFF, ChildState.FATAL):
-                child.retry_at = now  # an operator asked: try now
-        if self.reloading:
-            self.reloading = False
-            log.info("reload complete: every role replaced")
-            self.systemd.notify("READY=1", f"STATUS={self.status_line()}")
-
     def _child(self, name: str) -> Child | None:
         return next((c for c in self.children if c.name == name), None)
 
@@ -578,276 +517,15 @@ class Supervisor:
     def _role_specs(self) -> list[RoleSpec]:
         return list(self.role_factory(self.cfg, self.config_path))
 
-    def _sync_roles(self) -> None:
-        specs = {s.name: s for s in self._role_specs()}
-        kept = []
-        now = time.monotonic()
-        for child in self.children:
-            if child.name in specs:
-                child.spec = specs.pop(child.name)
-                child.policy = self.policy
-                kept.append(child)
-            else:
-                child.stop(
-                    now,
-                    "role removed by reload",
-                    self.cfg.daemon.stop_timeout_s,
-                    restart=False,
-                )
-                self.retired.append(child)
-        kept += [self._new_child(s) for s in specs.values()]
-        self.children = kept
-
     # --------------------------------------------------------------- config
-
-    def _snapshot_config(self, cfg, reload: bool = False) -> config_mod.Config:
-        """Validate the config file's bytes and give children exactly those.
-
-        Children load the copy in run_dir, not the original: an operator's
-        half-edited file must not reach a child respawned later (it would
-        exit with the config-error code and stop the whole daemon).
-        """
-        if not cfg.source:
-            return cfg
-        try:
-            data = Path(cfg.source).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{cfg.source}: cannot read: {exc.strerror}") from None
-        try:
-            raw = tomllib.loads(data.decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{cfg.source}: invalid TOML: {exc}") from None
-        new = config_mod.from_dict(raw, source=cfg.source)
-        if not reload:
-            new = cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        snapshot = self.run_dir / "config.toml"
-        tmp = snapshot.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, snapshot)
-        self.config_path = str(snapshot)
-        return new
-
-    def _warn_restart_only_changes(self, new_cfg) -> None:
-        for what, old, new in (
-            ("daemon.data_dir", self.cfg.daemon.data_dir, new_cfg.daemon.data_dir),
-            ("status.socket", self.cfg.status_socket, new_cfg.status_socket),
-        ):
-            if old != new:
-                log.warning("%s changed: takes effect on the next daemon start", what)
 
     # --------------------------------------------------------------- alerts
 
-    def check_alerts(self, now: float) -> None:
-        """Alert on roles down too long or FATAL; send recoveries."""
-        if self.stopping_since is not None:
-            return
-        for key, status, message in self.role_alerts.check(self.children, now):
-            self.announce(key, status, message)
-        self.check_dependencies(now)
-
-    def check_dependencies(self, now: float) -> None:
-        """Alert when the database or the queue backend stays unreachable.
-
-        The scheduler's health check cannot do it then: it runs as a task on
-        the queue and records into the database. The figures gathered for the
-        status socket say whether both answer; they are refreshed here too.
-        """
-        if now - self._figures_at >= DEPENDENCY_CHECK_S:
-            self.refresh_figures()
-        if self._figures is None:
-            return
-        for key, status, message in self.dependency_alerts.check(self._figures, now):
-            self.announce(key, status, message)
-
-    def announce(self, key: str, status: str, message: str) -> None:
-        """Log, record and send one alert or recovery notice, without waiting."""
-        if status == alerts.RAISED:
-            log.critical("ALERT %s: %s", key, message)
-            self._submit(self._db_pool, alerts.record_raised, key, message)
-        else:
-            log.warning("RESOLVED %s: %s", key, message)
-            self._submit(self._db_pool, alerts.record_resolved, key)
-        event = alerts.AlertEvent.now(key, status, message)
-        if self.cfg.alerts.webhook_url:
-            self._notify_pool.submit(
-                alerts.post_webhook, self.cfg.alerts.webhook_url, event
-            )
-        if self.cfg.alerts.command:
-            # Spawned from the loop (not a thread) so our waitpid(-1) reaps a
-            # pid it knows, and nobody else's wait() loses its status.
-            argv = alerts.command_argv(self.cfg.alerts.command)
-            try:
-                pid = self.ops.spawn(tuple(argv), event.env())
-            except OSError as exc:
-                log.warning("alert command failed to start: %s", exc)
-                return
-            deadline = time.monotonic() + alerts.COMMAND_TIMEOUT_S
-            self._helpers[pid] = (f"alert command for {key} (pid {pid})", deadline)
-
-    def _adopt_alerts(self, keys) -> None:
-        # Alerts left active by a previous run on this host: resolve them
-        # when their role runs again.
-        self.role_alerts.raised.update(keys or ())
-
     # -------------------------------------------------------------- systemd
-
-    def status_line(self) -> str:
-        running = sum(c.state is ChildState.RUNNING for c in self.children)
-        line = f"{running}/{len(self.children)} roles running"
-        bad = [
-            f"{c.name} {c.state.name}"
-            for c in self.children
-            if c.state is not ChildState.RUNNING
-        ]
-        if bad:
-            line += "; " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
-        if self.stopping_since is not None:
-            line = "stopping; " + line
-        elif self.reloading:
-            line = "reloading; " + line
-        return line
-
-    def notify_systemd(self, now: float) -> None:
-        """READY=1 once all run; WATCHDOG=1 while all beat; STATUS= on change."""
-        if not self.systemd.enabled:
-            return
-        line = self.status_line()
-        all_running = all(c.state is ChildState.RUNNING for c in self.children)
-        if not self.ready_sent and all_running and self.stopping_since is None:
-            self.ready_sent = True
-            log.info("every role is running: READY")
-            self.systemd.notify("READY=1", f"STATUS={line}")
-            self._last_status_line = line
-        elif line != self._last_status_line:
-            self._last_status_line = line
-            self.systemd.notify(f"STATUS={line}")
-        interval = self.systemd.watchdog_interval_s
-        if interval and now >= self._next_watchdog:
-            if self.watchdog_ok(now):
-                self.systemd.notify("WATCHDOG=1")
-                self._next_watchdog = now + interval
-            else:
-                self._next_watchdog = now + min(interval, 0.1)
-
-    def watchdog_ok(self, now: float) -> bool:
-        """Every live child beat recently (a wedged tree stops the pings)."""
-        sup = self.cfg.supervisor
-        fresh = min(sup.heartbeat_timeout_s / 2, max(3 * sup.heartbeat_interval_s, 2.0))
-        return all(c.heartbeat_fresh(now, fresh) for c in self.children)
 
     # --------------------------------------------------------------- status
 
-    def on_status_request(self, request: dict, conn) -> None:
-        cmd = request["cmd"]
-        respond = self.status_server.respond
-        if cmd == "status":
-            now = time.monotonic()
-            fresh = now - self._figures_at <= FIGURES_MAX_AGE_S
-            # "figures": false asks for the roles only, answered at once.
-            if request.get("figures") is False or (self._figures is not None and fresh):
-                respond(conn, self.status_answer(now))
-                return
-            self.refresh_figures()
-            self._parked.append((conn, now + FIGURES_WAIT_S))
-        elif cmd == "restart":
-            role = request.get("role")
-            names = self.restart_role(role) if isinstance(role, str) else []
-            if not names:
-                roles = ", ".join(c.name for c in self.children)
-                respond(conn, {"error": f"unknown role {role!r} (roles: {roles})"})
-            elif self.stopping_since is not None:
-                respond(conn, {"error": "the daemon is stopping"})
-            else:
-                respond(conn, {"ok": True, "restarting": names})
-        elif cmd == "reload":
-            self.handle_hup()
-            respond(conn, {"ok": True, "reloading": self.reloading})
-        else:
-            respond(conn, {"error": f"unknown cmd {cmd!r} (status, restart, reload)"})
-
-    def refresh_figures(self) -> None:
-        if self._figures_job is not None and not self._figures_job.done():
-            return
-        self._figures_job = self._submit(
-            self._figures_pool, self._gatherer.gather, on_done=self._got_figures
-        )
-
-    def _got_figures(self, figures) -> None:
-        self._figures = figures or {}
-        self._figures_at = time.monotonic()
-        now = time.monotonic()
-        for conn, _ in self._parked:
-            self.status_server.respond(conn, self.status_answer(now))
-        self._parked.clear()
-
-    def serve_status(self, now: float) -> None:
-        """Answer parked requests whose wait is over; drop idle clients."""
-        due = [p for p in self._parked if p[1] <= now]
-        for item in due:
-            self._parked.remove(item)
-            self.status_server.respond(item[0], self.status_answer(now))
-        self.status_server.expire(now)
-
-    def status_answer(self, now: float) -> dict:
-        figures = self._figures or {}
-        if self.stopping_since is not None:
-            state = "stopping"
-        elif self.reloading:
-            state = "reloading"
-        elif all(c.state is ChildState.RUNNING for c in self.children):
-            state = "running"
-        else:
-            state = "degraded" if self.ready_sent else "starting"
-        return {
-            "daemon": {
-                "pid": os.getpid(),
-                "host": self.host,
-                "version": __version__,
-                "state": state,
-                "uptime_s": round(now - self.started_at, 1),
-                "config": self.cfg.source,
-                "leader": figures.get("leader"),
-            },
-            "roles": [c.status(now) for c in self.children],
-            "spare": self.spare.status(now) if self.spare_factory else None,
-            "queues": figures.get("queues"),
-            "queues_error": figures.get("queues_error")
-            or (None if self._figures is not None else "still gathering"),
-            "campaigns": figures.get("campaigns"),
-            "messages": figures.get("messages"),
-            "last_health_check": figures.get("last_health_check"),
-            "alerts": figures.get("alerts", []),
-            "db_error": figures.get("db_error"),
-            "data_age_s": round(now - self._figures_at, 1)
-            if self._figures is not None
-            else None,
-        }
-
     # ----------------------------------------------------------------- jobs
-
-    def _submit(self, pool, fn, *args, on_done=None):
-        """Run fn(*args) in a pool; on_done(result) later runs on the loop."""
-        future = pool.submit(fn, *args)
-        self._jobs.append((future, on_done))
-        future.add_done_callback(lambda _f: _wake(self._jobs_w))
-        return future
-
-    def collect_jobs(self) -> None:
-        """Hand finished background results to their callbacks (loop thread)."""
-        done = [job for job in self._jobs if job[0].done()]
-        for job in done:
-            self._jobs.remove(job)
-            future, on_done = job
-            try:
-                result = future.result()
-            except Exception as exc:  # noqa: BLE001 - a job's failure is logged
-                log.warning("background job failed: %s", exc)
-                result = None
-            if on_done is not None:
-                on_done(result)
 
     def close(self) -> None:
         self.status_server.close()
@@ -869,21 +547,3 @@ def _mark_metrics_dead(pid: int | None, metrics_dir: Path) -> None:
         multiprocess.mark_process_dead(pid, str(metrics_dir))
     except Exception as exc:  # noqa: BLE001 - metrics must not break supervision
         log.debug("mark_process_dead(%s) failed: %s", pid, exc)
-
-
-def _pool(name: str) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-
-def _nonblocking_pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w
-
-
-def _wake(fd: int) -> None:
-    try:
-        os.write(fd, b"\0")
-    except (BlockingIOError, OSError):  # full (a wakeup is pending) or closed
-        pass

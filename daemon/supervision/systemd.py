@@ -14,10 +14,14 @@ import os
 import socket
 import time
 
+from daemon.supervision.states import ChildState
+
 # Variables a child must not inherit: only the supervisor talks to systemd.
 SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 log = logging.getLogger(__name__)
+# The supervisor's own lines, under its name.
+supervisor_log = logging.getLogger("daemon.supervision.supervisor")
 
 
 class Notifier:
@@ -66,3 +70,54 @@ def _watchdog_interval(env) -> float | None:
     if pid and pid != str(os.getpid()):
         return None
     return int(usec) / 1_000_000 / 2
+
+
+class SystemdReporting:
+    """The supervisor's side of sd_notify: READY, STATUS, WATCHDOG.
+
+    A mixin of `Supervisor` (daemon/supervision/supervisor.py).
+    """
+
+    def status_line(self) -> str:
+        running = sum(c.state is ChildState.RUNNING for c in self.children)
+        line = f"{running}/{len(self.children)} roles running"
+        bad = [
+            f"{c.name} {c.state.name}"
+            for c in self.children
+            if c.state is not ChildState.RUNNING
+        ]
+        if bad:
+            line += "; " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        if self.stopping_since is not None:
+            line = "stopping; " + line
+        elif self.reloading:
+            line = "reloading; " + line
+        return line
+
+    def notify_systemd(self, now: float) -> None:
+        """READY=1 once all run; WATCHDOG=1 while all beat; STATUS= on change."""
+        if not self.systemd.enabled:
+            return
+        line = self.status_line()
+        all_running = all(c.state is ChildState.RUNNING for c in self.children)
+        if not self.ready_sent and all_running and self.stopping_since is None:
+            self.ready_sent = True
+            supervisor_log.info("every role is running: READY")
+            self.systemd.notify("READY=1", f"STATUS={line}")
+            self._last_status_line = line
+        elif line != self._last_status_line:
+            self._last_status_line = line
+            self.systemd.notify(f"STATUS={line}")
+        interval = self.systemd.watchdog_interval_s
+        if interval and now >= self._next_watchdog:
+            if self.watchdog_ok(now):
+                self.systemd.notify("WATCHDOG=1")
+                self._next_watchdog = now + interval
+            else:
+                self._next_watchdog = now + min(interval, 0.1)
+
+    def watchdog_ok(self, now: float) -> bool:
+        """Every live child beat recently (a wedged tree stops the pings)."""
+        sup = self.cfg.supervisor
+        fresh = min(sup.heartbeat_timeout_s / 2, max(3 * sup.heartbeat_interval_s, 2.0))
+        return all(c.heartbeat_fresh(now, fresh) for c in self.children)

@@ -34,16 +34,16 @@ from daemon.store.models import Interaction
 from daemon.store.models import JobRun
 from daemon.store.models import database
 from daemon.store.models import utcnow
+from daemon.testing import WEBHOOK_SECRET
+from daemon.testing import DaemonUnderTest
+from daemon.testing import audit
+from daemon.testing import campaign_state
+from daemon.testing import contact_phones
+from daemon.testing import fast_tables
+from daemon.testing import merge_tables
+from daemon.testing import seed_campaign
+from daemon.testing import write_config
 from tests.conftest import REDIS_URL
-from tests.e2e.chaos_helpers import WEBHOOK_SECRET
-from tests.e2e.chaos_helpers import DaemonUnderTest
-from tests.e2e.chaos_helpers import audit
-from tests.e2e.chaos_helpers import campaign_state
-from tests.e2e.chaos_helpers import contact_phones
-from tests.e2e.chaos_helpers import fast_tables
-from tests.e2e.chaos_helpers import merge_tables
-from tests.e2e.chaos_helpers import seed_campaign
-from tests.e2e.chaos_helpers import write_config
 from tests.helpers import free_port
 from tests.helpers import wait_for
 

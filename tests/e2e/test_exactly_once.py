@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import testing as ch
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.providers.fake import reply_plan
@@ -48,7 +49,6 @@ from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from tests.conftest import REDIS_URL
-from tests.e2e import chaos_helpers as ch
 from tests.helpers import free_port
 
 pytestmark = [pytest.mark.slow]

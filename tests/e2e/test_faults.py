@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from daemon import testing as ch
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
-from tests.e2e import chaos_helpers as ch
 from tests.helpers import require
 from tests.process.fixture_roles import AlertReceiver
 

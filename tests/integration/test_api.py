@@ -29,7 +29,8 @@ class Api:
         database.close()
         self.queues = make_queues(cfg)
         self.tasks = Tasks(cfg, self.queues)
-        self.server = WebServer(create_app(cfg, self.tasks), cfg, port=0)
+        self.app = create_app(cfg, self.tasks)
+        self.server = WebServer(self.app, cfg, port=0)
         self.thread = self.server.serve_in_thread()
         self.url = self.server.url
         self.http = requests.Session()

@@ -25,7 +25,6 @@ from daemon.domain import events
 from daemon.domain.alerts import active_alerts
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
-from daemon.roles.web.webhooks import wait_enqueued
 from daemon.status import format_status
 from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
@@ -96,7 +95,7 @@ class Env:
         )
         assert resp.status_code == 200, resp.text
         # The enqueue follows the answer, in another thread.
-        assert wait_enqueued()
+        assert self.api.app.wait_enqueued()
         return resp.json()
 
     def run_default_queue(self) -> int:

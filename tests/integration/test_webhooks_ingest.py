@@ -19,7 +19,6 @@ import requests
 from daemon.app.tasks import Tasks
 from daemon.roles.web.app import WebServer
 from daemon.roles.web.app import create_app
-from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
@@ -52,7 +51,8 @@ class Web:
         open_database(cfg, migrate_schema=True)
         database.close()
         self.queues = make_queues(cfg)
-        self.server = WebServer(create_app(cfg, Tasks(cfg, self.queues)), cfg, port=0)
+        self.app = create_app(cfg, Tasks(cfg, self.queues))
+        self.server = WebServer(self.app, cfg, port=0)
         self.thread = self.server.serve_in_thread()
         self.url = self.server.url
         self.http = requests.Session()
@@ -95,7 +95,7 @@ def test_duplicate_deliveries_store_one_row_and_enqueue_once(
     assert [r.status_code for r in replies] == [200, 200, 200]
     assert [r.json()["stored"] for r in replies] == [1, 0, 0]
     assert event_count() == 1
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert web.app.wait_enqueued()  # the enqueue follows, in another thread
     assert web.queues.default.pending_count() == 1
 
 
@@ -117,7 +117,7 @@ def test_concurrent_deliveries_of_one_reply_store_one_row(any_mode_config, web_f
     stored = sum(a.json()["stored"] for a in answers)
     assert stored == 0  # the last round only saw duplicates
     assert event_count() == 1
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert web.app.wait_enqueued()  # the enqueue follows, in another thread
     assert web.queues.default.pending_count() == 1
 
 
@@ -132,7 +132,7 @@ def test_many_distinct_events_all_stored(any_mode_config, web_factory):
     assert {a.status_code for a in answers} == {200}
     assert event_count() == 80
     # Processing is enqueued in batches; every stored event is in one.
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert web.app.wait_enqueued()  # the enqueue follows, in another thread
     queued = [i for t in web.queues.default.pending() for i in t.args[0]]
     assert sorted(queued) == sorted(e.id for e in InboundEvent.select())
 

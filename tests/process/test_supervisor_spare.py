@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from daemon import status as status_mod
+from daemon.testing import alive
 from tests.helpers import free_port
 from tests.helpers import require
 from tests.helpers import subprocess_env
@@ -53,17 +54,6 @@ def ready_spare(sock: Path, not_pid: int | None = None):
 
 def role(a: dict, name: str) -> dict:
     return next(r for r in a["roles"] if r["name"] == name)
-
-
-def live(pids) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.mark.timeout(150)
@@ -126,7 +116,7 @@ def test_spare_takes_a_killed_role_and_is_replaced(make_config):
         assert a["spare"]["pid"] in tree
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        assert live(tree) == []
+        assert alive(tree) == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -158,7 +148,7 @@ def test_reload_replaces_the_spare(make_config):
         old_spare = a["spare"]["pid"]
         old_roles = {r["pid"] for r in a["roles"]}
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: live([old_spare]) == [], timeout=10, what="old spare gone")
+        wait_for(lambda: alive([old_spare]) == [], timeout=10, what="old spare gone")
 
         def reloaded():
             b = ready_spare(sock, not_pid=old_spare)

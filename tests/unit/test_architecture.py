@@ -1,11 +1,13 @@
 """The package's layers, one way: read every module's imports and check them.
 
-    entry -> supervision -> roles -> app -> domain -> providers | store -> foundation
+    testing -> entry -> supervision -> roles -> app -> domain -> providers | store
+    -> foundation
 
 A module may import its own layer or a lower one, never a higher one, and
 the module graph has no cycle. `import_module("daemon....")` string literals
 count as imports. The supervisor's own modules import no application or
-domain code (they receive it as hooks), except the alert records.
+domain code (they receive it as hooks), except the alert records. And
+tests/ and bench/ import nothing of each other (both use daemon.testing).
 See docs/architecture.md.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2] / "daemon"
+REPO = Path(__file__).resolve().parents[2]
+ROOT = REPO / "daemon"
 
 # Layer of a module: the longest matching prefix wins.
 LAYERS = {
@@ -32,6 +35,8 @@ LAYERS = {
     "daemon.demo": "entry",
     "daemon.status": "entry",
     "daemon.__main__": "entry",
+    # The end-to-end harness tests and benchmarks share; nothing imports it.
+    "daemon.testing": "testing",
 }
 RANK = {
     "foundation": 0,
@@ -42,6 +47,7 @@ RANK = {
     "roles": 4,
     "supervision": 5,
     "entry": 6,
+    "testing": 7,
 }
 # The supervisor's process code: no business logic (issue 14).
 SUPERVISOR_MODULES = (
@@ -52,6 +58,10 @@ SUPERVISOR_MODULES = (
     "daemon.supervision.role_alerts",
     "daemon.supervision.systemd",
     "daemon.supervision.states",
+    "daemon.supervision.reload",
+    "daemon.supervision.alerting",
+    "daemon.supervision.status_requests",
+    "daemon.supervision.jobs",
 )
 SUPERVISOR_MAY_IMPORT = ("daemon.domain.alerts",)
 
@@ -254,3 +264,57 @@ def test_checker_catches_the_cycle_of_before_issue_14():
 )
 def test_checker_rule(source, target, ok):
     assert (violations({source: {target}}) == []) is ok
+
+
+# ------------------------------------------------------- tests and bench
+
+
+def top_level_imports(source: str) -> set[str]:
+    """The first name of every module `source` imports (lazy ones included),
+    `import_module("...")` strings too; relative imports are left out."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call):
+            func = node.func
+            called = getattr(func, "id", None) or getattr(func, "attr", None)
+            arg = node.args[0] if node.args else None
+            if called == "import_module" and isinstance(arg, ast.Constant):
+                found.add(str(arg.value).split(".")[0])
+    return found
+
+
+def crossing_imports(sources: dict[str, str]) -> list[str]:
+    """Files of tests/ importing bench, or of bench/ importing tests."""
+    other = {"tests": "bench", "bench": "tests"}
+    return [
+        f"{path} imports {other[path.split('/')[0]]}"
+        for path, source in sorted(sources.items())
+        if other[path.split("/")[0]] in top_level_imports(source)
+    ]
+
+
+def test_tests_and_bench_import_nothing_of_each_other():
+    sources = {
+        str(path.relative_to(REPO)): path.read_text()
+        for folder in ("tests", "bench")
+        for path in sorted((REPO / folder).rglob("*.py"))
+    }
+    assert crossing_imports(sources) == []
+
+
+def test_checker_catches_tests_and_bench_importing_each_other():
+    sources = {
+        "tests/e2e/test_chaos.py": "from bench.chaos import run_scenario\n",
+        "bench/chaos.py": "def f():\n    from tests.e2e import chaos_helpers\n",
+        "bench/other.py": "import importlib\nimportlib.import_module('tests.x')\n",
+        "tests/fine.py": "import daemon.testing\nfrom . import helpers\n",
+    }
+    assert crossing_imports(sources) == [
+        "bench/chaos.py imports tests",
+        "bench/other.py imports tests",
+        "tests/e2e/test_chaos.py imports bench",
+    ]

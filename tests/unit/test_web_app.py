@@ -13,7 +13,6 @@ from daemon.app.tasks import Tasks
 from daemon.providers.base import sign_hmac_sha256
 from daemon.roles.web.app import create_app
 from daemon.roles.web.openapi import build_spec
-from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
@@ -98,7 +97,7 @@ def test_wassenger_event_is_stored_then_enqueued_once(build):
     assert events[0].provider == "wassenger"
     assert events[0].event_type == "message:in:new"
     assert json.loads(events[0].payload) == body
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert client.app.wait_enqueued()  # the enqueue follows, in another thread
     assert tasks.events == [events[0].id]
 
 
@@ -108,7 +107,7 @@ def test_real_tasks_enqueue_on_the_default_queue(build, make_config):
     client, _ = build(tasks=Tasks(cfg, queues))
     resp = client.simulate_post("/webhooks/wassenger", json=inbound("A1"))
     assert resp.status_code == 200
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert client.app.wait_enqueued()  # the enqueue follows, in another thread
     assert queues.default.pending_count() == 1
     queues.close()
 
@@ -132,7 +131,7 @@ def test_meta_batch_is_split_into_items(build):
         "status:delivered",
         "status:read",
     ]
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert client.app.wait_enqueued()  # the enqueue follows, in another thread
     assert len(tasks.events) == 2
 
 
@@ -466,7 +465,7 @@ def test_large_meta_batch_with_repeats_inside(build):
     value["statuses"] += value["statuses"][:10]  # the same status twice
     resp = client.simulate_post("/webhooks/whatsapp", json=body)
     assert resp.json == {"stored": 450, "duplicates": 10}
-    assert wait_enqueued()  # the enqueue follows the answer, in another thread
+    assert client.app.wait_enqueued()  # the enqueue follows, in another thread
     assert len(stored_events()) == 450 == len(set(tasks.events))
     again = client.simulate_post("/webhooks/whatsapp", json=body)
     assert again.json == {"stored": 0, "duplicates": 460}

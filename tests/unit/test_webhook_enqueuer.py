@@ -19,7 +19,6 @@ from daemon.roles.web import webhooks
 from daemon.roles.web.webhooks import Enqueuer
 from daemon.roles.web.webhooks import EventWriter
 from daemon.roles.web.webhooks import WebhookIngest
-from daemon.roles.web.webhooks import wait_enqueued
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
 from daemon.store.models import database
@@ -174,7 +173,7 @@ def test_a_healthy_queue_gets_every_event_in_chunks(db):
     writer = EventWriter(tasks)
     ingest = WebhookIngest("meta", tasks, writer=writer)
     assert ingest.ingest(meta_statuses("OK", 20)) == (20, 0)
-    assert wait_enqueued()  # every Enqueuer of the process, this one included
+    assert writer.enqueuer.wait_idle(10)
     assert [len(c) for c in tasks.calls] == [8, 8, 4]
     assert sorted(i for c in tasks.calls for i in c) == unprocessed_ids()
 

@@ -58,12 +58,12 @@ from daemon.domain.campaigns.sending import expire_message2
 from daemon.domain.campaigns.sending import held_by
 from daemon.domain.campaigns.sending import held_by_process
 from daemon.domain.campaigns.sending import member_failed
-from daemon.domain.campaigns.sending import process_key
 from daemon.domain.campaigns.sending import record_failure
 from daemon.domain.campaigns.sending import record_retryable
 from daemon.domain.campaigns.sending import record_sent
 from daemon.domain.campaigns.sending import release
 from daemon.domain.campaigns.sending import release_leases
+from daemon.domain.campaigns.sending import unconfirmed_values
 from daemon.domain.campaigns.sweep import SweepResult
 from daemon.domain.campaigns.sweep import expire_interactions
 from daemon.domain.campaigns.sweep import repair_members
@@ -75,6 +75,7 @@ from daemon.domain.campaigns.templates import template_values
 from daemon.domain.campaigns.views import campaign_summary
 from daemon.domain.campaigns.views import list_campaigns
 from daemon.domain.campaigns.views import message_dict
+from daemon.owners import process_key
 
 __all__ = [
     "PRIORITY_MESSAGE_2",
@@ -114,6 +115,7 @@ __all__ = [
     "record_retryable",
     "process_key",
     "held_by_process",
+    "unconfirmed_values",
     "release_leases",
     "SweepResult",
     "sweep",

@@ -4,6 +4,7 @@ release it, back off, and give back a dead process's leases."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
 from dataclasses import dataclass
 
@@ -57,15 +58,45 @@ UPDATE message SET status = CASE WHEN status = 'sending' THEN 'sent' ELSE status
        lease_owner = NULL, lease_expires_at = NULL, error = NULL, paced_until = NULL
  WHERE id = {p} AND lease_owner = {p}
 """
-_MEMBER_SENT_SQL = """
-UPDATE campaign_contact SET state = 'message_1_sent',
-       message1_sent_at = COALESCE(message1_sent_at, {p}), updated_at = {p}
- WHERE campaign_id = {p} AND contact_id = {p} AND state = 'pending'
-"""
 
 
 def _sql(template: str) -> str:
     return template.replace("{p}", database.param)
+
+
+def member_message1_sent(now, *where):
+    """The member's Message 1 went out: pending -> message_1_sent, keeping the
+    first send time. The one definition of that move (an UPDATE to run):
+    `record_sent` runs its SQL text, the sweep's repair adds its own WHERE."""
+    return CampaignContact.update(
+        state=MemberState.MESSAGE_1_SENT,
+        message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now),
+        updated_at=now,
+    ).where(CampaignContact.state == MemberState.PENDING, *where)
+
+
+# Stand-ins `member_message1_sent` is compiled with for the send path, found
+# again in the parameter list and swapped for the real values on each call.
+_AT = dt.datetime(1901, 2, 3, 4, 5, 6, 789)
+_CAMPAIGN_ID, _CONTACT_ID = -90_001, -90_002
+
+
+@functools.lru_cache(maxsize=4)
+def _member_sent_statement(_database_type) -> tuple[str, tuple]:
+    sql, params = member_message1_sent(
+        _AT,
+        CampaignContact.campaign == _CAMPAIGN_ID,
+        CampaignContact.contact == _CONTACT_ID,
+    ).sql()
+    return sql, tuple(params)
+
+
+def _run_member_sent(now, campaign_id: int, contact_id: int) -> None:
+    """`member_message1_sent` for one member, without peewee building its SQL
+    again (about 0.2 ms of CPU a send)."""
+    sql, params = _member_sent_statement(type(database.obj))
+    real = {_AT: now, _CAMPAIGN_ID: campaign_id, _CONTACT_ID: contact_id}
+    database.execute_sql(sql, [real.get(p, p) for p in params])
 
 
 def claim(
@@ -102,7 +133,7 @@ def _cancel_opted_out(*where) -> int:
     )
 
 
-def cancel_if_opted_out(message, owner: str, now=None) -> bool:
+def cancel_if_opted_out(message, owner: str) -> bool:
     """A held row whose contact opted out meanwhile: cancelled, never re-queued.
 
     Every path that would give a claimed row back (retry, pacing release,
@@ -115,7 +146,7 @@ def cancel_if_opted_out(message, owner: str, now=None) -> bool:
     return bool(cancelled)
 
 
-def cancel_unclaimable_opted_out(message_id: int, now=None) -> bool:
+def cancel_unclaimable_opted_out(message_id: int) -> bool:
     """A row the claim refused because its contact opted out: cancel it, so it
     is not swept again and its campaign can complete."""
     cancelled = _cancel_opted_out(
@@ -171,10 +202,7 @@ def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
             _sql(_RECORD_SENT_SQL), (provider_id, wa_id, now, message.id, owner)
         )
         if cursor.rowcount and message.kind == 1:
-            database.execute_sql(
-                _sql(_MEMBER_SENT_SQL),
-                (now, now, message.campaign_id, message.contact_id),
-            )
+            _run_member_sent(now, message.campaign_id, message.contact_id)
         elif cursor.rowcount:
             _member_message2_sent(message.campaign_id, message.contact_id, now)
     if cursor.rowcount and message.kind == 2:
@@ -183,15 +211,7 @@ def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
 
 def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
     if kind == 1:
-        CampaignContact.update(
-            state=MemberState.MESSAGE_1_SENT,
-            message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now),
-            updated_at=now,
-        ).where(
-            CampaignContact.campaign == campaign_id,
-            CampaignContact.contact == contact_id,
-            CampaignContact.state == MemberState.PENDING,
-        ).execute()
+        _run_member_sent(now, campaign_id, contact_id)
     else:
         _member_message2_sent(campaign_id, contact_id, now)
         maybe_complete(campaign_id)
@@ -203,6 +223,20 @@ def _member_message2_sent(campaign_id: int, contact_id: int, now) -> None:
         CampaignContact.contact == contact_id,
         CampaignContact.state == MemberState.INTERACTED,
     ).execute()
+
+
+def unconfirmed_values(now, error: str) -> dict:
+    """The row of a send whose outcome is unknown, as an UPDATE's values: the
+    worker's own mark, a dead worker's release and the sweep of expired
+    leases all write these (daemon/domain/unconfirmed.py says what follows)."""
+    return {
+        "status": MessageStatus.UNCONFIRMED,
+        "unconfirmed_at": now,
+        "error": error[:2000],
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "paced_until": None,
+    }
 
 
 def record_failure(message, owner: str, reason: str, now=None) -> bool:
@@ -301,7 +335,7 @@ def record_retryable(
     the message failed instead.
     """
     now = now or utcnow()
-    if cancel_if_opted_out(message, owner, now):
+    if cancel_if_opted_out(message, owner):
         return None
     failures = message.failures + 1
     if failures >= max_attempts:
@@ -324,11 +358,6 @@ def record_retryable(
         .execute()
     )
     return next_at if updated else None
-
-
-def process_key(host: str, pid: int) -> str:
-    """The start of every lease owner string of one process (host:pid:rand)."""
-    return f"{host}:{pid}:"
 
 
 def held_by_process(key: str):

@@ -12,6 +12,8 @@ from daemon.domain.campaigns.common import _CHUNK
 from daemon.domain.campaigns.common import _SENT_OR_LATER
 from daemon.domain.campaigns.fanout import _set_member_states
 from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.domain.campaigns.sending import member_message1_sent
+from daemon.domain.campaigns.sending import unconfirmed_values
 from daemon.store.db import is_postgres
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
@@ -57,11 +59,9 @@ def sweep(
     )
     with database.atomic():
         Message.update(
-            status=MessageStatus.UNCONFIRMED,
-            unconfirmed_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            error="worker lost mid-send (lease expired): unconfirmed",
+            **unconfirmed_values(
+                now, "worker lost mid-send (lease expired): unconfirmed"
+            )
         ).where(abandoned).execute()
     messages = []
     if include_queued:
@@ -172,16 +172,7 @@ def repair_members(now=None) -> int:
         )
         .execute()
     )
-    fixed += (
-        CampaignContact.update(
-            state=MemberState.MESSAGE_1_SENT,
-            message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now),
-            updated_at=now,
-        )
-        .where(
-            CampaignContact.state == MemberState.PENDING,
-            pw.fn.EXISTS(sent.where(Message.kind == 1)),
-        )
-        .execute()
-    )
+    fixed += member_message1_sent(
+        now, pw.fn.EXISTS(sent.where(Message.kind == 1))
+    ).execute()
     return fixed

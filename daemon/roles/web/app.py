@@ -185,29 +185,47 @@ class OpenApiDocument:
         resp.media = self.spec
 
 
+class WebApp(falcon.App):
+    """The falcon app, holding its webhook event writer.
+
+    The writer answers a webhook once its events are stored and enqueues
+    their processing afterwards, in its own thread: `wait_enqueued` is for
+    tests and benchmarks that read the queue right after an answer.
+    """
+
+    def __init__(self, writer: webhooks.EventWriter, **options):
+        super().__init__(**options)
+        self.event_writer = writer
+
+    def wait_enqueued(self, timeout: float = 10.0) -> bool:
+        """True once every stored event was enqueued (or left to the sweeper)."""
+        return self.event_writer.enqueuer.wait_idle(timeout)
+
+
 def create_app(
     cfg: Config,
     tasks,
     *,
     clock: Callable[[], object] | None = None,
     queues: Queues | None = None,
-) -> falcon.App:
+) -> WebApp:
     """The WSGI app; `tasks` enqueues (daemon.app.tasks.Tasks), `clock` gives
     naive UTC."""
     clock = clock or utcnow
     queues = queues if queues is not None else getattr(tasks, "queues", None)
-    app = falcon.App(
+    # One writer for both providers: one transaction stream on SQLite.
+    writer = webhooks.EventWriter(tasks)
+    app = WebApp(
+        writer,
         middleware=[
             RequestTimer(),
             BodyLimit(cfg.web.max_body_bytes),
             api.ApiAuth(cfg.web.api_token),
             DatabaseSession(),
-        ]
+        ],
     )
     _add_error_handlers(app)
 
-    # One writer for both providers: one transaction stream on SQLite.
-    writer = webhooks.EventWriter(tasks)
     wassenger = webhooks.WebhookIngest("wassenger", tasks, clock, writer)
     meta = webhooks.WebhookIngest("meta", tasks, clock, writer)
     app.add_route("/webhooks/wassenger", webhooks.WassengerWebhook(cfg, wassenger))

@@ -25,7 +25,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -105,23 +104,6 @@ def storable_key(key: str) -> str:
     return f"{key[: _KEY_LIMIT - 65]}:{digest}"
 
 
-# Every Enqueuer of this process, for wait_enqueued.
-_ENQUEUERS: weakref.WeakSet = weakref.WeakSet()
-
-
-def wait_enqueued(timeout: float = 10.0) -> bool:
-    """True once every Enqueuer of this process is done with what it was given.
-
-    For tests and benchmarks that read the queue right after an answer: the
-    enqueue now happens after it, in another thread.
-    """
-    deadline = time.monotonic() + timeout
-    return all(
-        enqueuer.wait_idle(max(0.0, deadline - time.monotonic()))
-        for enqueuer in list(_ENQUEUERS)
-    )
-
-
 class Enqueuer:
     """Hands stored events to the processing queue, off the request path.
 
@@ -148,7 +130,6 @@ class Enqueuer:
         self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING)
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        _ENQUEUERS.add(self)
 
     def submit(self, event_ids: list[int]) -> None:
         """Enqueue `event_ids` soon, in the background; never blocks."""
