@@ -19,6 +19,7 @@ from daemon.errors import DaemonError
 
 ROLES_HELP = "web | worker:default | worker:messages | worker:retry | "
 ROLES_HELP += "worker:verification | scheduler"
+STRICT_HELP = "refuse the whole file if any row is bad (default: import the good rows)"
 
 # What the warm spare imports before it is told which role to become.
 STANDBY_IMPORTS = (
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = contacts.add_parser("import", parents=[common, json_flag], help="import a CSV")
     p.add_argument("file")
     p.add_argument("--region", default="FR", help="region for local numbers")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = contacts.add_parser("list", parents=[common, json_flag], help="list contacts")
     p.add_argument("--limit", type=int, default=50)
     p = contacts.add_parser("opt-out", parents=[common, json_flag], help="opt out")
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contacts", help="CSV of the campaign's contacts")
     p.add_argument("--region", default="FR")
     p.add_argument("--all-contacts", action="store_true", help="target every contact")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     campaign.add_parser("list", parents=[common, json_flag])
     for action in ("show", "start", "pause", "resume", "cancel", "retry-failed"):
         p = campaign.add_parser(action, parents=[common, json_flag])
