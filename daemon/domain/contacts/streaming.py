@@ -19,9 +19,7 @@ from daemon.domain.contacts.parsing import _sniff_separator
 from daemon.domain.contacts.parsing import decode_csv_bytes
 from daemon.domain.contacts.phones import check_region
 from daemon.domain.contacts.phones import normalize_phone
-from daemon.domain.contacts.upsert import _existing
-from daemon.domain.contacts.upsert import _ids
-from daemon.domain.contacts.upsert import _upsert
+from daemon.domain.contacts.upsert import upsert_chunk
 from daemon.errors import InputError
 from daemon.store.models import database
 
@@ -169,7 +167,9 @@ def _record_chunks(counter: _LineCounter, header_line: str, chunk_rows: int):
         for record in reader:
             line = offset + previous + 1
             previous = reader.line_num
-            if not any(value.strip() for value in record):
+            # Blank record (Excel's ;;;): the same test as any(v.strip()),
+            # without a generator a record.
+            if not "".join(record).strip():
                 continue
             chunk.append((line, record))
             if len(chunk) >= chunk_rows:
@@ -247,11 +247,9 @@ class _StreamState:
         merged = rows.rows()
         if not merged:
             return
-        existing = _existing([row.phone for row in merged])
+        existing, ids = upsert_chunk(merged, self.with_ids and bool(first))
         known = sum(1 for phone in first if phone in existing)
         self.updated += known
         self.created += len(first) - known
-        _upsert(merged, existing)
-        if self.with_ids and first:
-            ids = _ids(first)
+        if self.with_ids:
             self.ids.extend(ids[phone] for phone in first)
