@@ -75,8 +75,8 @@ def test_import_lists_every_rejected_row_and_keeps_the_valid_ones(any_mode_confi
     assert contacts_json(cfg)["total"] == 2
 
 
-def test_strict_refuses_the_whole_file_and_imports_nothing(make_config):
-    cfg = make_config("sqlite")
+def test_strict_refuses_the_whole_file_and_imports_nothing(any_mode_config):
+    cfg = any_mode_config
     path = FIXTURES / "mixed_errors.csv"
     proc = campaignd(cfg, "contacts", "import", str(path), "--strict")
     assert proc.returncode == EXIT_FAILURE

@@ -171,3 +171,29 @@ def test_campaign_create_follows_the_same_rule(bad_csv, cli_cfg, api):
     assert listed.returncode == EXIT_OK
     assert [c["id"] for c in json.loads(listed.stdout)] == [cli["id"]]
     assert len(api.call("GET", "/api/v1/campaigns").json()["campaigns"]) == 1
+
+
+def test_json_records_follow_the_same_rule(api):
+    records = [
+        {"phone": "0612345678", "name": "Ann", "city": "Paris"},
+        {"phone": "12", "name": "Bob"},
+        {"name": "no phone"},
+    ]
+    errors = [
+        {"line": 1, "reason": "invalid phone number '12': too short"},
+        {"line": 2, "reason": "missing phone number"},
+    ]
+    path = "/api/v1/contacts/import"
+    refused = api.call("POST", path, json={"contacts": records, "strict": True})
+    assert (refused.status_code, refused.json()["errors"]) == (400, errors)
+    ann = api.call("GET", "/api/v1/contacts/%2B33612345678", "/api/v1/contacts/{ref}")
+    assert ann.status_code == 404
+    imported = api.call("POST", path, json={"contacts": records})
+    assert imported.status_code == 200
+    assert counts(imported.json()) == (1, 0, 0)
+    assert imported.json()["errors"] == errors
+    none_valid = api.call("POST", path, json={"contacts": records[1:]})
+    assert none_valid.status_code == 400
+    assert none_valid.json()["description"] == (
+        "contacts: no valid contact (2 rows rejected)"
+    )
