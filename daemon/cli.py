@@ -72,6 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check-config", parents=[common], help="print the effective config or errors"
     )
+    p = sub.add_parser(
+        "alert",
+        parents=[common],
+        help="send a one-off alert through alerts.webhook_url and alerts.command",
+        description=(
+            "Send one alert through the configured channels and wait for them; "
+            "reads only the [alerts] table, so it works when the rest of the "
+            "config is broken (systemd/campaignd-alert@.service runs it when "
+            "the service fails). Exit 0: delivered; 1: a channel failed; "
+            "2: no channel configured or unreadable config."
+        ),
+    )
+    p.add_argument("message", help="the alert's text")
+    p.add_argument(
+        "--key", default="campaignd:manual", help="alert key (default: %(default)s)"
+    )
+    p.add_argument(
+        "--severity",
+        choices=("critical", "warning"),
+        default="critical",
+        help="default: %(default)s",
+    )
+    p.add_argument(
+        "--resolved", action="store_true", help="send a recovery notice instead"
+    )
 
     contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(
         dest="action", required=True, parser_class=_Parser
@@ -145,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return dispatch(args)
     except ConfigError as exc:
         print(f"campaignd: config error: {exc}", file=sys.stderr)
+        if args.command == "run":
+            # systemd does not restart exit 2: say so before going silent.
+            _alert_quietly(
+                args.config, "daemon:config_error", f"campaignd cannot start: {exc}"
+            )
         return EXIT_CONFIG
     except DaemonError as exc:
         print(f"campaignd: error: {exc}", file=sys.stderr)
@@ -153,12 +183,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _without_config(args) -> int | None:
+    """The commands that load no Config (or only part of it)."""
+    if args.command == "fake-provider":
+        return _fake_provider().main(args)
+    if args.command == "demo":
+        return importlib.import_module("daemon.demo").main(args)
+    if args.command == "alert":
+        status = "resolved" if args.resolved else "raised"
+        return send_alert(args.config, args.key, args.message, status, args.severity)
+    return None
+
+
 def dispatch(args) -> int:
     command = args.command
-    if command == "fake-provider":
-        return _fake_provider().main(args)
-    if command == "demo":
-        return importlib.import_module("daemon.demo").main(args)
+    done = _without_config(args)
+    if done is not None:
+        return done
     # status and restart only need paths: they must work for an operator who
     # cannot read the service's secret files.
     cfg = config_mod.load(
@@ -196,6 +237,35 @@ def dispatch(args) -> int:
     if command == "events":
         return commands.events(cfg, args)
     raise AssertionError(f"unhandled command {command}")
+
+
+def send_alert(
+    config_path, key: str, message: str, status: str, severity: str = "critical"
+) -> int:
+    """One alert through the configured channels, waited for."""
+    from daemon.domain import alerts
+
+    alerts_cfg = config_mod.load_alerts(config_path)
+    if not (alerts_cfg.webhook_url or alerts_cfg.command):
+        raise ConfigError(
+            "alerts: no channel configured (alerts.webhook_url, alerts.command)"
+        )
+    event = alerts.AlertEvent.now(key, status, message, severity)
+    failed = [c for c, ok in alerts.notify_now(alerts_cfg, event).items() if not ok]
+    if failed:
+        print(
+            f"campaignd: error: alert not delivered: {', '.join(failed)} failed",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return 0
+
+
+def _alert_quietly(config_path, key: str, message: str) -> None:
+    try:
+        send_alert(config_path, key, message, "raised")
+    except ConfigError as exc:
+        print(f"campaignd: no alert sent: {exc}", file=sys.stderr)
 
 
 def supervisor_hooks():

@@ -295,6 +295,29 @@ def load(
     return from_dict(raw, env=env, source=source, read_secrets=read_secrets)
 
 
+def load_alerts(path: str | os.PathLike | None = None, env=None) -> AlertsConfig:
+    """Only the [alerts] table of the config, whatever is wrong elsewhere.
+
+    A daemon that cannot start because of its config, and systemd's
+    OnFailure unit after it, still reach the operator's alert channels.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: cannot read the [alerts] table: {exc}"
+            ) from None
+    section = raw.get("alerts", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"alerts: must be a table, got {_kind(section)}")
+    return _build(AlertsConfig, "alerts", section, env)
+
+
 def from_dict(
     raw: dict, env=None, source: str = "", *, read_secrets: bool = True
 ) -> Config:
