@@ -1,7 +1,8 @@
 """The `campaignd` command line: parse, load the config once, dispatch.
 
 Errors are one line on stderr and a non-zero exit: 2 for usage and config
-errors, 1 for other failures, 3 from `status` when no daemon answers.
+errors, 1 for other failures, 3 from `status` when no daemon answers, 4 from
+`status` when the answer cannot be read (permission, garbage).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_NOT_RUNNING
 from daemon.errors import EXIT_OK
+from daemon.errors import EXIT_UNKNOWN
 from daemon.status_client import request
 
 
@@ -30,10 +31,15 @@ def client_main(cfg, args) -> int:
             f"campaignd: permission denied on {path} (are you in status.group?)",
             file=sys.stderr,
         )
-        return EXIT_FAILURE
+        return EXIT_UNKNOWN
     except (OSError, ValueError) as exc:
         print(f"campaignd: no valid answer on {path}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_UNKNOWN
+    if not isinstance(answer, dict) or not (
+        "error" in answer or "daemon" in answer or "restarting" in answer
+    ):
+        print(f"campaignd: no valid answer on {path}: {answer!r:.80}", file=sys.stderr)
+        return EXIT_UNKNOWN
     if "error" in answer:
         print(f"campaignd: error: {answer['error']}", file=sys.stderr)
         return EXIT_FAILURE
