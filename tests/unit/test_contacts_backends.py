@@ -7,18 +7,19 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemon.domain.contacts import ContactRow
 from daemon.domain.contacts import import_csv_file
 from daemon.domain.contacts import import_csv_text
 from daemon.domain.contacts import import_rows
+from daemon.domain.contacts.upsert import _encode_variables
 from daemon.store.models import Contact
 from daemon.store.models import WaStatus
 from daemon.store.models import utcnow
 from tests.send_helpers import close_db
 from tests.send_helpers import open_db
-
-pytestmark = pytest.mark.postgres
 
 # Values COPY must escape (backslashes, tabs, line breaks, "\N", quotes),
 # numbers known before the import, duplicates within one chunk and across
@@ -114,6 +115,7 @@ def csv_path(tmp_path):
     return path
 
 
+@pytest.mark.postgres
 def test_postgres_stores_what_sqlite_stores(make_config, pg_url, tmp_path, csv_path):
     db = open_db(make_config("sqlite", {"daemon": {"data_dir": str(tmp_path / "d")}}))
     try:
@@ -156,3 +158,13 @@ def test_postgres_stores_what_sqlite_stores(make_config, pg_url, tmp_path, csv_p
     assert dict((c[0], c[1:3]) for c in expected["third"]["contacts"])[
         "+33699999999"
     ] == ("Zoe", '{"k": "v"}')
+
+
+@given(
+    st.dictionaries(
+        st.one_of(st.text(), st.integers()),
+        st.one_of(st.text(), st.integers(), st.none(), st.lists(st.text())),
+    )
+)
+def test_variables_are_written_as_json_dumps_writes_them(variables):
+    assert _encode_variables(variables) == json.dumps(variables, ensure_ascii=False)
