@@ -141,6 +141,12 @@ def test_forged_or_expired_sessions_and_foreign_redirects_are_refused(console):
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert resp.headers["location"] == "/ui"
+    resp = console.client.simulate_post(
+        "/ui/login",
+        body=f"token={TOKEN}&next=/ui%0d%0aSet-Cookie:%20x=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.headers["location"] == "/ui"
 
 
 def test_replay_needs_the_csrf_token_and_names_what_is_wrong(console):

@@ -112,8 +112,9 @@ def _form(req: falcon.Request) -> dict[str, str]:
 
 
 def _safe_next(path: str | None) -> str:
-    # Only our own pages: no open redirect to another site ("//evil", "/\\x").
-    if path and path.startswith(PREFIX) and not path.startswith(("//", "/\\")):
+    # Only our own pages: no open redirect to another site ("//evil", "/\\x"),
+    # no header injection (a CR/LF in the Location header).
+    if path and path.startswith(PREFIX) and path.isprintable() and path.isascii():
         return path
     return PREFIX
 
