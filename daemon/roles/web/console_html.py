@@ -32,8 +32,11 @@ svg text{font:12px system-ui,sans-serif}button{cursor:pointer}
 .bar span{display:block;height:100%;background:#3b6fd6}
 """
 
-NAV = (("overview", "/ui", "Overview"), ("campaigns", "/ui/campaigns", "Campaigns"))
-NAV += (("events", "/ui/events", "Events"),)
+NAV = (
+    ("overview", "/ui", "Overview"),
+    ("campaigns", "/ui/campaigns", "Campaigns"),
+    ("events", "/ui/events", "Events"),
+)
 
 
 def esc(value) -> str:
