@@ -38,6 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from daemon.store.models import MessageStatus
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c", "--config", help="TOML config file (default: $CAMPAIGND_CONFIG)"
@@ -127,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("show", "start", "pause", "resume", "cancel", "retry-failed"):
         p = campaign.add_parser(action, parents=[common, json_flag])
         p.add_argument("id", type=int)
+
+    p = sub.add_parser("messages", help="messages and their state").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    p = p.add_parser(
+        "list",
+        parents=[common, json_flag],
+        help="list messages by id (e.g. the failed ones of a campaign)",
+    )
+    p.add_argument("--campaign", type=int, help="only this campaign's messages")
+    p.add_argument("--status", choices=MessageStatus.ALL, help="only this status")
+    p.add_argument("--kind", type=int, choices=(1, 2), help="Message 1 or Message 2")
+    p.add_argument("--limit", type=int, default=50, help="at most this many")
 
     events = sub.add_parser(
         "events", help="stored webhook events and dead letters"
@@ -235,6 +250,8 @@ def dispatch(args) -> int:
         return commands.campaign(cfg, args)
     if command == "verify":
         return commands.verify(cfg, args)
+    if command == "messages":
+        return commands.messages(cfg, args)
     if command == "events":
         return commands.events(cfg, args)
     raise AssertionError(f"unhandled command {command}")

@@ -165,6 +165,48 @@ def _events_list(args) -> int:
     return EXIT_OK
 
 
+def messages(cfg: Config, args) -> int:
+    """`campaignd messages list [--campaign N] [--status S] [--kind K]`."""
+    if args.limit < 1:
+        raise InputError(f"--limit: must be at least 1, got {args.limit}")
+    with _database(cfg):
+        if args.campaign is not None:
+            campaigns.get_campaign(args.campaign)  # NotFoundError, one line
+        rows = [
+            campaigns.message_dict(m)
+            for m in campaigns.list_messages(
+                campaign_id=args.campaign,
+                status=args.status,
+                kind=args.kind,
+                limit=args.limit,
+            )
+        ]
+    if args.json:
+        print(json.dumps({"messages": rows}, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no messages match")
+        return EXIT_OK
+    table = [
+        [
+            m["id"],
+            m["campaign_id"],
+            m["phone"],
+            m["kind"],
+            m["status"],
+            m["attempts"],
+            m["next_attempt_at"] or "",
+            _shorten(m["error"] or "", 50),
+        ]
+        for m in rows
+    ]
+    headers = ["ID", "CAMPAIGN", "PHONE", "KIND", "STATUS", "ATTEMPTS", "NEXT", "ERROR"]
+    print(_table(headers, table))
+    if len(rows) == args.limit:
+        print(f"first {args.limit} shown (--limit to see more)")
+    return EXIT_OK
+
+
 # --- contacts -----------------------------------------------------------------
 
 

@@ -272,3 +272,52 @@ def test_unknown_campaign_is_one_line(make_config, action):
     cfg = make_config("sqlite")
     proc = campaignd(cfg, "campaign", action, "42")
     assert one_error_line(proc) == "campaignd: error: campaign 42 does not exist"
+
+
+def test_messages_list_shows_a_campaigns_failed_messages(make_config, contacts_csv):
+    from daemon.app.tasks import Tasks
+    from daemon.store.db import open_database
+    from daemon.store.models import Message
+
+    cfg = make_config("sqlite")
+    assert create(cfg, contacts_csv).returncode == EXIT_OK
+    assert campaignd(cfg, "campaign", "start", "1").returncode == EXIT_OK
+    # The fan-out is a worker's job: run it as the worker would.
+    db = open_database(cfg)
+    queues = make_queues(cfg)
+    try:
+        Tasks(cfg, queues).fan_out(1)
+        first = Message.select().order_by(Message.id).first()
+        Message.update(status="failed", error="HTTP 400: invalid number").where(
+            Message.id == first.id
+        ).execute()
+    finally:
+        queues.close()
+        db.close()
+
+    listed = ok_json(cfg, "messages", "list", "--campaign", "1", "--status", "failed")
+    assert [(m["id"], m["status"], m["error"]) for m in listed["messages"]] == [
+        (first.id, "failed", "HTTP 400: invalid number")
+    ]
+    proc = campaignd(cfg, "messages", "list", "--campaign", "1")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == [
+        "ID",
+        "CAMPAIGN",
+        "PHONE",
+        "KIND",
+        "STATUS",
+        "ATTEMPTS",
+        "NEXT",
+        "ERROR",
+    ]
+    assert len(lines) == 3
+    assert "failed" in lines[1] and "HTTP 400: invalid number" in lines[1]
+    assert "queued" in lines[2]
+
+    assert one_error_line(campaignd(cfg, "messages", "list", "--campaign", "9")) == (
+        "campaignd: error: campaign 9 does not exist"
+    )
+    bad = campaignd(cfg, "messages", "list", "--status", "lost")
+    assert bad.returncode == 2 and "invalid choice: 'lost'" in bad.stderr

@@ -26,7 +26,6 @@ from daemon.roles.web.openapi import MAX_ID
 from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
-from daemon.store.models import Message
 from daemon.store.models import iso_z
 
 PREFIX = "/api/v1"
@@ -371,24 +370,16 @@ class MessageCollection:
     uses_database = True
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        query = Message.select().order_by(Message.id)
-        for param, field in (
-            ("campaign_id", Message.campaign),
-            ("contact_id", Message.contact),
-        ):
-            value = req.get_param_as_int(param, min_value=1, max_value=MAX_ID)
-            if value is not None:
-                query = query.where(field == value)
+        ids = {
+            param: req.get_param_as_int(param, min_value=1, max_value=MAX_ID)
+            for param in ("campaign_id", "contact_id")
+        }
         status = req.get_param("status")
-        if status is not None:
-            if status not in MESSAGE_STATUSES:
-                raise falcon.HTTPInvalidParam(
-                    f"must be one of {', '.join(MESSAGE_STATUSES)}", "status"
-                )
-            query = query.where(Message.status == status)
+        if status is not None and status not in MESSAGE_STATUSES:
+            raise falcon.HTTPInvalidParam(
+                f"must be one of {', '.join(MESSAGE_STATUSES)}", "status"
+            )
         kind = req.get_param_as_int("kind", min_value=1, max_value=2)
-        if kind is not None:
-            query = query.where(Message.kind == kind)
         limit = req.get_param_as_int(
             "limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE
         )
@@ -396,11 +387,14 @@ class MessageCollection:
         offset = req.get_param_as_int("offset", min_value=0, max_value=10**9)
         if cursor is not None and offset is not None:
             raise bad_request("Invalid query", "use either 'cursor' or 'offset'")
-        if cursor is not None:
-            query = query.where(Message.id > cursor)
-        if offset:
-            query = query.offset(offset)
-        rows = list(query.limit(limit))
+        rows = campaigns.list_messages(
+            **ids,
+            status=status,
+            kind=kind,
+            after_id=cursor,
+            offset=offset,
+            limit=limit,
+        )
         resp.media = {
             "messages": [campaigns.message_dict(m) for m in rows],
             "next_cursor": rows[-1].id if len(rows) == limit else None,

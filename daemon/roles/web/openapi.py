@@ -12,18 +12,7 @@ from daemon.store.models import MessageStatus
 
 # inbound ids are INTEGER (int4 on PostgreSQL): larger ones can never exist.
 MAX_ID = 2**31 - 1
-MESSAGE_STATUSES = (
-    MessageStatus.PENDING,
-    MessageStatus.QUEUED,
-    MessageStatus.SENDING,
-    MessageStatus.UNCONFIRMED,
-    MessageStatus.SENT,
-    MessageStatus.DELIVERED,
-    MessageStatus.READ,
-    MessageStatus.FAILED,
-    MessageStatus.EXPIRED,
-    MessageStatus.CANCELLED,
-)
+MESSAGE_STATUSES = MessageStatus.ALL
 CAMPAIGN_STATUSES = ("draft", "running", "paused", "completed", "cancelled")
 
 _STR = {"type": "string"}
