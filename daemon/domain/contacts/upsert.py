@@ -40,7 +40,8 @@ def import_rows(
     with database.atomic():
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start : start + CHUNK_ROWS]
-            existing, chunk_ids = upsert_chunk(chunk, with_ids=True)
+            encoded = [encoded_row(row) for row in chunk]
+            existing, chunk_ids = upsert_rows(encoded, with_ids=True)
             updated += len(existing)
             created += len(chunk) - len(existing)
             ids.update(chunk_ids)
@@ -49,8 +50,17 @@ def import_rows(
     return ImportResult(created, updated, [ids[row.phone] for row in rows])
 
 
-def upsert_chunk(
-    chunk: list[ContactRow], with_ids: bool = False
+# (phone, name, variables as JSON text): a row as the upsert takes it, so
+# that the JSON is written where the row is made (a worker process).
+EncodedRow = tuple[str, str, str]
+
+
+def encoded_row(row: ContactRow) -> EncodedRow:
+    return row.phone, row.name, _encode_variables(row.variables)
+
+
+def upsert_rows(
+    rows: list[EncodedRow], with_ids: bool = False
 ) -> tuple[set[str], dict[str, int]]:
     """Upsert up to CHUNK_ROWS rows (more on PostgreSQL) merged with what is
     stored; (the phones that were stored already, {phone: id} if with_ids).
@@ -58,17 +68,18 @@ def upsert_chunk(
     Run it inside a transaction (import_rows and the streamed import do);
     on PostgreSQL the staging table lives until that transaction ends.
     """
-    phones = [row.phone for row in chunk]
+    phones = [row[0] for row in rows]
     existing = _existing(phones)
-    params = _merged(chunk, existing)
+    params = _merged(rows, existing)
     if is_postgres() and len(set(phones)) == len(phones):
         ids = _upsert_staged(params, with_ids)
     else:
         # NOTE: one prepared statement run by executemany, because peewee
         # spends ~90 % of a 100k-row import building insert_many's SQL text.
         now = utcnow()
-        rows = [(*row, WaStatus.UNKNOWN, now) for row in params]
-        database.cursor().executemany(_upsert_sql(), rows)
+        database.cursor().executemany(
+            _upsert_sql(), [(*row, WaStatus.UNKNOWN, now) for row in params]
+        )
         ids = _ids(phones) if with_ids else {}
     return set(existing), ids
 
@@ -80,18 +91,17 @@ def _existing(phones: list[str]) -> dict[str, tuple[str, dict]]:
 
 
 def _merged(
-    chunk: list[ContactRow], existing: dict[str, tuple[str, dict]]
-) -> list[tuple[str, str, str]]:
-    """(phone, name, variables as JSON text): the stored name unless the row
-    has one, the stored variables updated with the row's."""
+    rows: list[EncodedRow], existing: dict[str, tuple[str, dict]]
+) -> list[EncodedRow]:
+    """The rows of numbers stored already with the stored name unless the row
+    has one, and the stored variables updated with the row's."""
     params = []
-    for row in chunk:
-        old = existing.get(row.phone)
-        if old is None:
-            name, variables = row.name, row.variables
-        else:
-            name, variables = row.name or old[0], {**old[1], **row.variables}
-        params.append((row.phone, name, _encode_variables(variables)))
+    for phone, name, variables in rows:
+        old = existing.get(phone)
+        if old is not None:
+            name = name or old[0]
+            variables = _encode_variables({**old[1], **json.loads(variables)})
+        params.append((phone, name, variables))
     return params
 
 
