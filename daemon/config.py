@@ -67,10 +67,13 @@ class QueueConfig:
     # Prefix of every queue name, so several deployments (or test runs) can
     # share one Redis without seeing each other's tasks.
     name_prefix: str = _opt("campaignd")
-    # Polling of non-blocking backends (SQLite, PostgreSQL): Huey's default
-    # grows to 10 s when idle, which would delay a Message 2 by seconds.
+    # After a failed queue read a consumer waits poll_initial_s, growing to
+    # poll_max_s (Huey's default grows to 10 s: a Message 2 seconds late).
     poll_initial_s: float = _opt(0.01, lo=0.001, hi=10.0)
     poll_max_s: float = _opt(0.25, lo=0.01, hi=60.0)
+    # SQLite: an enqueue wakes idle consumers at once (daemon/store/wakeup.py);
+    # they also look this often, so a lost wake-up costs at most this.
+    idle_poll_s: float = _opt(2.0, lo=0.01, hi=60.0)
 
 
 @dataclass(frozen=True)
