@@ -12,6 +12,7 @@ with the poll (`queue.poll_max_s`) kept as a fallback.
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from daemon.config import Config
 from daemon.store.wakeup import Poker
 from daemon.store.wakeup import Waiter
 from daemon.store.wakeup import wake_dir
+
+log = logging.getLogger(__name__)
 
 QUEUE_NAMES = ("default", "messages", "retry", "verification")
 # Message 2 answers a person who is waiting: it jumps the Message 1 backlog.
@@ -108,7 +111,13 @@ class WakingSqliteStorage(SqliteStorage):
     def dequeue(self):
         if not self.blocking:
             return super().dequeue()
-        waiter = self._waiter()
+        try:
+            waiter = self._waiter()
+        except OSError as exc:
+            # No socket, no wake-up: Huey polls as it would without us.
+            log.warning("queue %s: no wake socket (%s); polling", self.name, exc)
+            self.blocking = False
+            return super().dequeue()
         # Drained before the look, so a task committed after it leaves a
         # poke that ends the wait below at once.
         waiter.drain()

@@ -153,6 +153,9 @@ class Waiter:
         with _address(directory, self.name) as address:
             self._sock.bind(address)
         self._inode = os.stat(self.path).st_ino
+        # poll, not select: select refuses descriptors above 1023.
+        self._poll = select.poll()
+        self._poll.register(self._sock.fileno(), select.POLLIN)
         with _live_lock:
             _live.add(self)
 
@@ -166,8 +169,7 @@ class Waiter:
 
     def wait(self, timeout: float) -> bool:
         """Wait for a poke, at most `timeout` seconds; True if one came."""
-        ready, _, _ = select.select([self._sock], [], [], timeout)
-        return bool(ready)
+        return bool(self._poll.poll(max(timeout, 0.0) * 1000))
 
     def bound(self) -> bool:
         """Whether pokers can still reach this socket (its file is there)."""

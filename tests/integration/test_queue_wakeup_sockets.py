@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,21 @@ def test_an_enqueue_ends_a_listening_dequeue(make_config):
     finally:
         consumer.close()
         producer.close()
+
+
+def test_no_wake_socket_falls_back_to_polling(make_config):
+    """A wake directory that cannot be made (here a file in its place)
+    leaves the consumer polling as Huey does, never stuck."""
+    cfg = make_config("sqlite")
+    queues = make_queues(cfg)
+    try:
+        storage = queues.default.storage
+        # <queue file>.wake is a file: no queue directory can be made in it.
+        Path(storage.poker.directory).parent.write_text("")
+        storage.listen(30.0)
+        storage.enqueue(b"task", 0)
+        assert bytes(storage.dequeue()) == b"task"
+        assert storage.blocking is False  # Huey's worker loop polls again
+        assert storage.dequeue() is None
+    finally:
+        queues.close()
