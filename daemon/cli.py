@@ -1,7 +1,8 @@
 """The `campaignd` command line: parse, load the config once, dispatch.
 
 Errors are one line on stderr and a non-zero exit: 2 for usage and config
-errors, 1 for other failures, 3 from `status` when no daemon answers.
+errors, 1 for other failures, 3 from `status` when no daemon answers, 4 from
+`status` when the answer cannot be read (permission, garbage).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from daemon.errors import DaemonError
 
 ROLES_HELP = "web | worker:default | worker:messages | worker:retry | "
 ROLES_HELP += "worker:verification | scheduler"
+STRICT_HELP = "refuse the whole file if any row is bad (default: import the good rows)"
 
 # What the warm spare imports before it is told which role to become.
 STANDBY_IMPORTS = (
@@ -36,6 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from daemon.store.models import MessageStatus
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c", "--config", help="TOML config file (default: $CAMPAIGND_CONFIG)"
@@ -71,6 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check-config", parents=[common], help="print the effective config or errors"
     )
+    p = sub.add_parser(
+        "alert",
+        parents=[common],
+        help="send a one-off alert through alerts.webhook_url and alerts.command",
+        description=(
+            "Send one alert through the configured channels and wait for them; "
+            "reads only the [alerts] table, so it works when the rest of the "
+            "config is broken (systemd/campaignd-alert@.service runs it when "
+            "the service fails). Exit 0: delivered; 1: a channel failed; "
+            "2: no channel configured or unreadable config."
+        ),
+    )
+    p.add_argument("message", help="the alert's text")
+    p.add_argument(
+        "--key", default="campaignd:manual", help="alert key (default: %(default)s)"
+    )
+    p.add_argument(
+        "--severity",
+        choices=("critical", "warning"),
+        default="critical",
+        help="default: %(default)s",
+    )
+    p.add_argument(
+        "--resolved", action="store_true", help="send a recovery notice instead"
+    )
 
     contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(
         dest="action", required=True, parser_class=_Parser
@@ -78,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = contacts.add_parser("import", parents=[common, json_flag], help="import a CSV")
     p.add_argument("file")
     p.add_argument("--region", default="FR", help="region for local numbers")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = contacts.add_parser("list", parents=[common, json_flag], help="list contacts")
     p.add_argument("--limit", type=int, default=50)
     p = contacts.add_parser("opt-out", parents=[common, json_flag], help="opt out")
@@ -94,10 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contacts", help="CSV of the campaign's contacts")
     p.add_argument("--region", default="FR")
     p.add_argument("--all-contacts", action="store_true", help="target every contact")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     campaign.add_parser("list", parents=[common, json_flag])
     for action in ("show", "start", "pause", "resume", "cancel", "retry-failed"):
         p = campaign.add_parser(action, parents=[common, json_flag])
         p.add_argument("id", type=int)
+
+    p = sub.add_parser("messages", help="messages and their state").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    p = p.add_parser(
+        "list",
+        parents=[common, json_flag],
+        help="list messages by id (e.g. the failed ones of a campaign)",
+    )
+    p.add_argument("--campaign", type=int, help="only this campaign's messages")
+    p.add_argument("--status", choices=MessageStatus.ALL, help="only this status")
+    p.add_argument("--kind", type=int, choices=(1, 2), help="Message 1 or Message 2")
+    p.add_argument("--limit", type=int, default=50, help="at most this many")
 
     events = sub.add_parser(
         "events", help="stored webhook events and dead letters"
@@ -142,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         return dispatch(args)
     except ConfigError as exc:
         print(f"campaignd: config error: {exc}", file=sys.stderr)
+        if args.command == "run":
+            # systemd does not restart exit 2: say so before going silent.
+            _alert_quietly(
+                args.config, "daemon:config_error", f"campaignd cannot start: {exc}"
+            )
         return EXIT_CONFIG
     except DaemonError as exc:
         print(f"campaignd: error: {exc}", file=sys.stderr)
@@ -150,12 +199,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _without_config(args) -> int | None:
+    """The commands that load no Config (or only part of it)."""
+    if args.command == "fake-provider":
+        return _fake_provider().main(args)
+    if args.command == "demo":
+        return importlib.import_module("daemon.demo").main(args)
+    if args.command == "alert":
+        status = "resolved" if args.resolved else "raised"
+        return send_alert(args.config, args.key, args.message, status, args.severity)
+    return None
+
+
 def dispatch(args) -> int:
     command = args.command
-    if command == "fake-provider":
-        return _fake_provider().main(args)
-    if command == "demo":
-        return importlib.import_module("daemon.demo").main(args)
+    done = _without_config(args)
+    if done is not None:
+        return done
     # status and restart only need paths: they must work for an operator who
     # cannot read the service's secret files.
     cfg = config_mod.load(
@@ -190,9 +250,40 @@ def dispatch(args) -> int:
         return commands.campaign(cfg, args)
     if command == "verify":
         return commands.verify(cfg, args)
+    if command == "messages":
+        return commands.messages(cfg, args)
     if command == "events":
         return commands.events(cfg, args)
     raise AssertionError(f"unhandled command {command}")
+
+
+def send_alert(
+    config_path, key: str, message: str, status: str, severity: str = "critical"
+) -> int:
+    """One alert through the configured channels, waited for."""
+    from daemon.domain import alerts
+
+    alerts_cfg = config_mod.load_alerts(config_path)
+    if not (alerts_cfg.webhook_url or alerts_cfg.command):
+        raise ConfigError(
+            "alerts: no channel configured (alerts.webhook_url, alerts.command)"
+        )
+    event = alerts.AlertEvent.now(key, status, message, severity)
+    failed = [c for c, ok in alerts.notify_now(alerts_cfg, event).items() if not ok]
+    if failed:
+        print(
+            f"campaignd: error: alert not delivered: {', '.join(failed)} failed",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return 0
+
+
+def _alert_quietly(config_path, key: str, message: str) -> None:
+    try:
+        send_alert(config_path, key, message, "raised")
+    except ConfigError as exc:
+        print(f"campaignd: no alert sent: {exc}", file=sys.stderr)
 
 
 def supervisor_hooks():

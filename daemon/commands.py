@@ -7,12 +7,15 @@ it when it starts. Every command prints a readable report, or JSON with
 ``--json``; errors are raised (InputError, NotFoundError, StateError) and
 cli.py prints them as one line with exit code 1.
 
-``contacts import`` imports the valid rows of a file in one transaction and
-lists every rejected row with its line number and reason; any rejected row
-makes the exit code 1 (the valid rows stay imported). A fatal error (an
-unreadable file, no phone column, malformed CSV) imports nothing.
-``campaign create --contacts`` is stricter: one rejected row, or a template
-variable some contact lacks, creates nothing and imports nothing.
+``contacts import`` and ``campaign create --contacts`` follow one rule, the
+application service's (daemon/app/service.py, which the admin API calls
+too): the valid rows of the file are imported in one transaction and every
+rejected row is listed with its line number and reason; any rejected row
+makes the exit code 1 (the valid rows stay imported, the campaign stays
+created). ``--strict`` refuses the whole file when a row is bad: nothing is
+imported or created. A fatal error (an unreadable file, no phone column,
+malformed CSV), a file with no valid row, or a template variable that a
+column or a contact lacks imports nothing and creates nothing.
 """
 
 from __future__ import annotations
@@ -27,12 +30,7 @@ from pathlib import Path
 from daemon.app import service
 from daemon.config import Config
 from daemon.domain import campaigns
-from daemon.domain.contacts import ImportResult
-from daemon.domain.contacts import ParsedCsv
-from daemon.domain.contacts import import_csv_file
-from daemon.domain.contacts import import_rows
 from daemon.domain.contacts import normalize_phone
-from daemon.domain.contacts import parse_csv_file
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
@@ -62,9 +60,9 @@ def contacts(cfg: Config, args) -> int:
 
 def campaign(cfg: Config, args) -> int:
     """`campaignd campaign create|list|show|start|pause|resume|cancel|retry-failed`."""
-    with _database(cfg) as db:
+    with _database(cfg):
         if args.action == "create":
-            return _campaign_create(cfg, args, db)
+            return _campaign_create(cfg, args)
         if args.action == "list":
             return _campaign_list(args)
         if args.action == "show":
@@ -167,70 +165,133 @@ def _events_list(args) -> int:
     return EXIT_OK
 
 
+def messages(cfg: Config, args) -> int:
+    """`campaignd messages list [--campaign N] [--status S] [--kind K]`."""
+    if args.limit < 1:
+        raise InputError(f"--limit: must be at least 1, got {args.limit}")
+    with _database(cfg):
+        if args.campaign is not None:
+            campaigns.get_campaign(args.campaign)  # NotFoundError, one line
+        rows = [
+            campaigns.message_dict(m)
+            for m in campaigns.list_messages(
+                campaign_id=args.campaign,
+                status=args.status,
+                kind=args.kind,
+                limit=args.limit,
+            )
+        ]
+    if args.json:
+        print(json.dumps({"messages": rows}, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no messages match")
+        return EXIT_OK
+    table = [
+        [
+            m["id"],
+            m["campaign_id"],
+            m["phone"],
+            m["kind"],
+            m["status"],
+            m["attempts"],
+            m["next_attempt_at"] or "",
+            _shorten(m["error"] or "", 50),
+        ]
+        for m in rows
+    ]
+    headers = ["ID", "CAMPAIGN", "PHONE", "KIND", "STATUS", "ATTEMPTS", "NEXT", "ERROR"]
+    print(_table(headers, table))
+    if len(rows) == args.limit:
+        print(f"first {args.limit} shown (--limit to see more)")
+    return EXIT_OK
+
+
 # --- contacts -----------------------------------------------------------------
 
 
 def _contacts_import(args) -> int:
     # Streamed: the rows are never all in memory (a million-row file).
     try:
-        size = Path(args.file).stat().st_size
-    except OSError:
-        size = 0  # import_csv_file says why it cannot read it
-    big = size >= PROGRESS_MIN_BYTES
-    parsed, result = import_csv_file(
-        args.file,
-        args.region,
-        check_progress=_progress_bar("reading") if big else None,
-        progress=_progress_bar("importing") if big else None,
-    )
-    report = _import_report(args.file, parsed, result)
+        report = service.import_contacts(
+            service.CsvFile(args.file),
+            args.region,
+            strict=args.strict,
+            **_progress_bars(args.file),
+        )
+    except service.RejectedRows as exc:
+        return _refused(args, exc, "imported")
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        print(json.dumps(_import_json(report), ensure_ascii=False))
     else:
         print(_import_text(report))
-    if parsed.errors:
+    if report.errors:
+        valid = _plural(report.imported, "valid contact")
         print(
-            f"campaignd: error: {_plural(len(parsed.errors), 'row')} rejected "
-            f"(listed above); the {report['imported']} valid rows were imported",
+            f"campaignd: error: {_plural(len(report.errors), 'row')} rejected "
+            f"(listed above); {valid} imported",
             file=sys.stderr,
         )
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _import_report(path: str, parsed: ParsedCsv, result: ImportResult) -> dict:
-    return {
-        "file": str(path),
-        "encoding": parsed.encoding,
-        # Distinct numbers (the streamed import keeps no rows).
-        "imported": result.created + result.updated,
-        "created": result.created,
-        "updated": result.updated,
-        "duplicates_merged": parsed.duplicates_merged,
-        "rejected": [{"line": line, "reason": why} for line, why in parsed.errors],
-    }
-
-
-def _import_text(report: dict) -> str:
-    lines = [
-        f"{report['file']}: {report['imported']} contacts imported "
-        f"({report['created']} created, {report['updated']} updated), "
-        f"{report['duplicates_merged']} duplicates merged, "
-        f"{_plural(len(report['rejected']), 'row')} rejected"
-    ]
-    if report["encoding"] != "utf-8":
-        lines.append(f"note: the file is not UTF-8; read it as {report['encoding']}")
-    lines.extend(f"line {r['line']}: {r['reason']}" for r in report["rejected"])
-    return "\n".join(lines)
-
-
-def _parse_with_progress(path: str, region: str) -> ParsedCsv:
+def _progress_bars(path: str) -> dict:
+    """Progress bars for a file big enough to wait for (on a terminal)."""
     try:
         size = Path(path).stat().st_size
     except OSError:
-        size = 0  # parse_csv_file says why it cannot read it
-    progress = _progress_bar("reading") if size >= PROGRESS_MIN_BYTES else None
-    return parse_csv_file(path, region, progress=progress)
+        size = 0  # the import says why it cannot read it
+    if size < PROGRESS_MIN_BYTES:
+        return {}
+    return {
+        "check_progress": _progress_bar("reading"),
+        "progress": _progress_bar("importing"),
+    }
+
+
+def _refused(args, exc: service.RejectedRows, done: str) -> int:
+    """A refused file: every rejected row, then one error line."""
+    if args.json:
+        rejected = {"file": exc.source, "rejected": exc.rejected_json()}
+        print(json.dumps(rejected, ensure_ascii=False))
+    else:
+        for line, reason in exc.errors:
+            print(f"line {line}: {reason}")
+    rows = _plural(len(exc.errors), "row")
+    why = "strict: one bad row refuses the file" if exc.strict else "no valid row"
+    print(
+        f"campaignd: error: {exc.source}: {rows} rejected (listed above); "
+        f"{why}, nothing was {done}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
+def _import_json(report: service.ImportReport) -> dict:
+    return {
+        "file": report.source,
+        "encoding": report.encoding,
+        # Distinct numbers (the streamed import keeps no rows).
+        "imported": report.imported,
+        "created": report.created,
+        "updated": report.updated,
+        "duplicates_merged": report.duplicates_merged,
+        "rejected": report.rejected_json(),
+    }
+
+
+def _import_text(report: service.ImportReport) -> str:
+    lines = [
+        f"{report.source}: {_plural(report.imported, 'contact')} imported "
+        f"({report.created} created, {report.updated} updated), "
+        f"{_plural(report.duplicates_merged, 'duplicate')} merged, "
+        f"{_plural(len(report.errors), 'row')} rejected"
+    ]
+    if report.encoding != "utf-8":
+        lines.append(f"note: the file is not UTF-8; read it as {report.encoding}")
+    lines.extend(f"line {line}: {reason}" for line, reason in report.errors)
+    return "\n".join(lines)
 
 
 def _contacts_list(args) -> int:
@@ -297,60 +358,49 @@ def _contact_by_phone(raw: str, region: str = "FR") -> Contact:
 # --- campaigns ----------------------------------------------------------------
 
 
-def _campaign_create(cfg: Config, args, db) -> int:
+def _campaign_create(cfg: Config, args) -> int:
     if bool(args.contacts) == bool(args.all_contacts):
         raise InputError("give either --contacts FILE.csv or --all-contacts")
-    skip_invalid = cfg.campaigns.skip_invalid_numbers
-    imported = None
-    if args.contacts:
-        parsed = _parse_with_progress(args.contacts, args.region)
-        if parsed.errors:
-            _print_rejected(args, args.contacts, parsed)
-            rejected = _plural(len(parsed.errors), "row")
-            raise InputError(
-                f"{args.contacts}: {rejected} rejected (listed above); fix them "
-                "and run again (nothing was imported or created)"
-            )
-        if not parsed.rows:
-            raise InputError(f"{args.contacts}: no contacts in the file")
-        # One transaction: a template error also undoes the contact import.
-        with db.atomic():
-            imported = import_rows(parsed.rows)
-            created = campaigns.create_campaign(
-                args.name,
-                args.message1,
-                args.message2,
-                imported.contact_ids,
-                skip_invalid=skip_invalid,
-            )
-    else:
-        if not Contact.select().exists():
-            raise InputError("no contacts yet: import some first")
-        # None: every contact, read in chunks (a million ids as models
-        # would not fit the memory budget).
-        created = campaigns.create_campaign(
-            args.name, args.message1, args.message2, None, skip_invalid=skip_invalid
+    if args.strict and not args.contacts:
+        raise InputError("--strict applies to --contacts FILE.csv")
+    source = service.CsvFile(args.contacts) if args.contacts else None
+    try:
+        created, report = service.create_campaign_from(
+            args.name,
+            args.message1,
+            args.message2,
+            source=source,
+            all_contacts=args.all_contacts,
+            region=args.region,
+            skip_invalid=cfg.campaigns.skip_invalid_numbers,
+            strict=args.strict,
+            **(_progress_bars(args.contacts) if args.contacts else {}),
         )
+    except service.RejectedRows as exc:
+        return _refused(args, exc, "imported or created")
     summary = campaigns.campaign_summary(created.id)
-    if imported is not None:
+    if report is not None:
         summary["imported"] = {
-            "created": imported.created,
-            "updated": imported.updated,
-            "duplicates_merged": parsed.duplicates_merged,
+            "created": report.created,
+            "updated": report.updated,
+            "duplicates_merged": report.duplicates_merged,
+            "rejected": report.rejected_json(),
         }
     _print_summary(args, summary)
     if not args.json:
+        if report is not None:
+            for line, reason in report.errors:
+                print(f"line {line}: {reason}")
         print(f"start it with: campaignd campaign start {created.id}")
+    if report is not None and report.errors:
+        print(
+            f"campaignd: error: {_plural(len(report.errors), 'row')} rejected "
+            f"(listed above); campaign {created.id} was created with the "
+            f"{_plural(report.imported, 'valid contact')}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return EXIT_OK
-
-
-def _print_rejected(args, path: str, parsed: ParsedCsv) -> None:
-    rejected = [{"line": line, "reason": why} for line, why in parsed.errors]
-    if args.json:
-        print(json.dumps({"file": str(path), "rejected": rejected}, ensure_ascii=False))
-    else:
-        for row in rejected:
-            print(f"line {row['line']}: {row['reason']}")
 
 
 def _campaign_list(args) -> int:
@@ -409,8 +459,14 @@ def _print_summary(args, summary: dict) -> None:
     if "imported" in summary:
         done = summary["imported"]
         lines.append(
-            f"  imported    {done['created']} new contacts, {done['updated']} "
-            f"updated, {done['duplicates_merged']} duplicates merged"
+            f"  imported    {_plural(done['created'], 'new contact')}, "
+            f"{done['updated']} updated, "
+            f"{_plural(done['duplicates_merged'], 'duplicate')} merged"
+            + (
+                f", {_plural(len(done['rejected']), 'row')} rejected"
+                if done.get("rejected")
+                else ""
+            )
         )
     lines.append(f"  message 1   {_shorten(summary.get('message1', ''), 60)}")
     lines.append(f"  message 2   {_shorten(summary.get('message2', ''), 60)}")

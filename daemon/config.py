@@ -11,10 +11,13 @@ first, for systemd credentials).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -64,10 +67,13 @@ class QueueConfig:
     # Prefix of every queue name, so several deployments (or test runs) can
     # share one Redis without seeing each other's tasks.
     name_prefix: str = _opt("campaignd")
-    # Polling of non-blocking backends (SQLite, PostgreSQL): Huey's default
-    # grows to 10 s when idle, which would delay a Message 2 by seconds.
+    # After a failed queue read a consumer waits poll_initial_s, growing to
+    # poll_max_s (Huey's default grows to 10 s: a Message 2 seconds late).
     poll_initial_s: float = _opt(0.01, lo=0.001, hi=10.0)
     poll_max_s: float = _opt(0.25, lo=0.01, hi=60.0)
+    # SQLite: an enqueue wakes idle consumers at once (daemon/store/wakeup.py);
+    # they also look this often, so a lost wake-up costs at most this.
+    idle_poll_s: float = _opt(2.0, lo=0.01, hi=60.0)
 
 
 @dataclass(frozen=True)
@@ -105,12 +111,16 @@ class WebConfig:
     # make bigger batches (bench/webhook_ingest.py).
     threads: int = _opt(32, lo=1, hi=256)
     # Shared secret expected in X-Webhook-Secret or ?token= on webhooks.
-    # Empty disables the check (only sensible on loopback).
+    # Empty disables the check: refused beyond loopback (see below).
     webhook_secret: str = _opt("", secret=True, env="CAMPAIGND_WEBHOOK_SECRET")
     # Optional HMAC-SHA256 key for X-Wassenger-Signature.
     webhook_hmac_secret: str = _opt(
         "", secret=True, env="CAMPAIGND_WEBHOOK_HMAC_SECRET"
     )
+    # A web role reachable beyond loopback without the configured provider's
+    # webhook secret lets anyone post fake replies and opt-outs: refused at
+    # load unless this says the operator checks them elsewhere.
+    allow_unsigned_webhooks: bool = _opt(False)
     # Bearer token for /api/v1; empty disables the admin API.
     api_token: str = _opt("", secret=True, env="CAMPAIGND_API_TOKEN")
     # Meta batches up to 1,000 updates in one POST (up to 3 MB).
@@ -288,6 +298,29 @@ def load(
     return from_dict(raw, env=env, source=source, read_secrets=read_secrets)
 
 
+def load_alerts(path: str | os.PathLike | None = None, env=None) -> AlertsConfig:
+    """Only the [alerts] table of the config, whatever is wrong elsewhere.
+
+    A daemon that cannot start because of its config, and systemd's
+    OnFailure unit after it, still reach the operator's alert channels.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: cannot read the [alerts] table: {exc}"
+            ) from None
+    section = raw.get("alerts", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"alerts: must be a table, got {_kind(section)}")
+    return _build(AlertsConfig, "alerts", section, env)
+
+
 def from_dict(
     raw: dict, env=None, source: str = "", *, read_secrets: bool = True
 ) -> Config:
@@ -313,6 +346,9 @@ def from_dict(
     )
     cfg = Config(**tables, source=source)
     _check_cross_fields(cfg)
+    # `read_secrets=False` leaves `*_file` secrets empty: they count as set.
+    unread = set() if read_secrets else _file_keys(raw)
+    _check_webhook_secrets(cfg, unread)
     return cfg
 
 
@@ -429,6 +465,53 @@ def _check_cross_fields(cfg: Config) -> None:
         )
 
 
+def _file_keys(raw: dict) -> set[str]:
+    """The secrets given as `<key>_file`, as "table.key"."""
+    return {
+        f"{table}.{key.removesuffix('_file')}"
+        for table, section in raw.items()
+        if isinstance(section, dict)
+        for key in section
+        if key.endswith("_file")
+    }
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        # A host name other than localhost, "" (every interface): not loopback.
+        return False
+
+
+def _check_webhook_secrets(cfg: Config, unread: set[str]) -> None:
+    """Refuse a web role reachable from outside that takes unsigned webhooks.
+
+    Each provider's route accepts two ways of proving the sender; either one
+    is enough. The error names the key the provider's docs tell you to set.
+    """
+    if cfg.web.allow_unsigned_webhooks or is_loopback(cfg.web.host):
+        return
+    if cfg.provider.kind == "meta":
+        key, alternatives = "provider.app_secret", ("web.webhook_secret",)
+        hint = "or web.webhook_secret as the webhook URL's ?token="
+    else:
+        key, alternatives = "web.webhook_secret", ("web.webhook_hmac_secret",)
+        hint = "or web.webhook_hmac_secret"
+    for name in (key, *alternatives):
+        table, attr = name.split(".")
+        if getattr(getattr(cfg, table), attr) or name in unread:
+            return
+    raise ConfigError(
+        f"{key}: required when web.host = {cfg.web.host!r} listens beyond "
+        f"loopback, or anyone can post fake webhooks; set it ({hint}), or set "
+        "web.allow_unsigned_webhooks = true if something in front checks them"
+    )
+
+
 def parse_hhmm(key: str, value: str) -> tuple[int, int]:
     try:
         hours, minutes = value.split(":")
@@ -441,7 +524,14 @@ def parse_hhmm(key: str, value: str) -> tuple[int, int]:
 
 
 def masked(cfg: Config) -> dict:
-    """The effective config as a dict, secrets replaced by '***'."""
+    """The effective config as a dict, secrets replaced by '***'.
+
+    Secrets also hide inside other values: a URL's password
+    (postgresql://u:***@db/x), a query parameter named like a credential
+    (?token=***), a libpq `password=`. Alert URLs are credentials as a whole
+    (Slack, Discord, healthchecks.io put the token in the path), so only
+    their scheme and host are shown.
+    """
     out = {}
     for f in _tables():
         section = getattr(cfg, f.name)
@@ -450,9 +540,51 @@ def masked(cfg: Config) -> dict:
             value = getattr(section, sf.name)
             if sf.metadata.get("secret") and value:
                 value = "***"
+            elif isinstance(value, str):
+                value = mask_text(value, whole_url=f.name == "alerts")
             table[sf.name] = value
         out[f.name] = table
     return out
+
+
+# Query parameters whose value is a credential ("sslmode" stays visible).
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|auth|code|cred", re.I)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)
+
+
+def mask_text(text: str, *, whole_url: bool = False) -> str:
+    """`text` with the credentials of every URL (and libpq password) in it masked."""
+    text = _CONNINFO_PASSWORD.sub(r"\1***", text)
+    return _URL.sub(lambda m: _mask_url(m.group(0), whole_url), text)
+
+
+def _mask_url(url: str, whole_url: bool) -> str:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        # A user alone is a login name for a database, a token elsewhere.
+        if colon:
+            userinfo = f"{user}:***"
+        elif not parts.scheme.startswith("postgres"):
+            userinfo = "***"
+        netloc = f"{userinfo}@{hostport}"
+    if whole_url:
+        rest = "/***" if parts.path.strip("/") or parts.query else parts.path
+        return f"{parts.scheme}://{netloc}{rest}"
+    query = "&".join(
+        f"{name}=***" if _SECRET_PARAM.search(urllib.parse.unquote(name)) else pair
+        for pair in parts.query.split("&")
+        for name in [pair.partition("=")[0]]
+    )
+    return urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path, query, parts.fragment)
+    )
 
 
 def to_toml(data: dict) -> str:

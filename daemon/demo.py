@@ -9,7 +9,6 @@ moment stops everything too.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from daemon import config as config_mod
+from daemon import status_client
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import DaemonError
 
@@ -87,22 +87,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the demo changes from the defaults so that a campaign ends in a
+# minute: printed at start, so nobody mistakes it for production settings.
+DEMO_SETTINGS = {
+    "pacing": {"per_minute": 0.0, "daily_cap": 0},
+    "campaigns": {"reply_window_h": DEMO_REPLY_WINDOW_H},
+    "retry": {"base_s": 1.0, "cap_s": 5.0},
+    "scheduler": {"check_expired_interactions_s": 2.0, "sweep_s": 2.0},
+}
+
+
+def _print_demo_settings() -> None:
+    defaults = config_mod.from_dict({}, env={})
+    print("demo settings, for speed (the defaults are for real campaigns):")
+    for table, values in DEMO_SETTINGS.items():
+        for key, value in values.items():
+            default = getattr(getattr(defaults, table), key)
+            print(f"  {table}.{key} = {value:g} (default {default:g})")
+
+
 def _write_config(workdir: Path, provider_url: str, web_port: int, secret: str):
+    _print_demo_settings()
     data = {
         "daemon": {"data_dir": str(workdir / "data"), "log_level": "warning"},
         "provider": {"base_url": provider_url},
         "web": {"port": web_port, "webhook_secret": secret},
-        "pacing": {"per_minute": 0.0, "daily_cap": 0},
-        "campaigns": {"reply_window_h": DEMO_REPLY_WINDOW_H},
-        "retry": {"base_s": 1.0, "cap_s": 5.0},
-        "scheduler": {"check_expired_interactions_s": 2.0, "sweep_s": 2.0},
+        **DEMO_SETTINGS,
     }
-    lines = []
-    for table, values in data.items():
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {config_mod._toml_value(v)}" for k, v in values.items()]
     path = workdir / "campaignd.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_mod.to_toml(data))
     return config_mod.load(path)
 
 
@@ -120,14 +133,7 @@ def _start_daemon(cfg, workdir: Path) -> subprocess.Popen:
 
 def _status(cfg) -> dict | None:
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2.0)
-            sock.connect(str(cfg.status_socket))
-            sock.sendall(b'{"cmd": "status"}\n')
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return json.loads(b"".join(chunks))
+        return status_client.request(cfg.status_socket, {"cmd": "status"}, timeout=2.0)
     except (OSError, ValueError):
         return None
 

@@ -9,6 +9,9 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 # `campaignd status` when no daemon answers on the status socket.
 EXIT_NOT_RUNNING = 3
+# `campaignd status` when something answers but its state cannot be known
+# (permission denied, an answer that is not ours): systemctl's "unknown".
+EXIT_UNKNOWN = 4
 
 
 class DaemonError(Exception):

@@ -25,6 +25,8 @@ import itertools
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -253,25 +255,81 @@ class TaskClock:
             return min(self._running.values()), len(self._running)
 
 
-# syslog priorities of logging levels, for journald's "<N>" line prefix.
+# syslog priorities of logging levels, for journald.
 _JOURNAL_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 class _JournalFormatter(logging.Formatter):
-    """Prefix each line with its priority so `journalctl -p err` finds alerts."""
+    """Prefix each line with its priority (journald's "<N>" stream prefix)."""
 
     def format(self, record):
         priority = _JOURNAL_PRIORITY.get(record.levelname, 6)
-        return f"<{priority}>{super().format(record)}"
+        text = super().format(record)
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+class JournalHandler(logging.Handler):
+    """Each record as one journal entry, over journald's native protocol.
+
+    On stderr journald makes an entry of every line: a traceback became
+    thirty entries, all but the first at priority "info". Here the whole
+    text (traceback included) is one MESSAGE at the record's PRIORITY. A
+    record the socket refuses (too big, journald restarting) goes to stderr
+    with the "<N>" prefix on each line instead.
+    """
+
+    def __init__(self, identifier: str, fmt: str, path: str = JOURNAL_SOCKET):
+        super().__init__()
+        self.identifier = identifier
+        self.path = path
+        self.setFormatter(logging.Formatter(fmt))
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._fallback = logging.StreamHandler(sys.stderr)
+        self._fallback.setFormatter(_JournalFormatter(fmt))
+
+    def emit(self, record):
+        try:
+            fields = {
+                "MESSAGE": self.format(record),
+                "PRIORITY": str(_JOURNAL_PRIORITY.get(record.levelname, 6)),
+                "SYSLOG_IDENTIFIER": self.identifier,
+                "CAMPAIGND_LOGGER": record.name,
+            }
+            self._sock.sendto(_journal_datagram(fields), self.path)
+        except OSError:
+            self._fallback.emit(record)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+    def close(self):
+        self._sock.close()
+        super().close()
+
+
+def _journal_datagram(fields: dict[str, str]) -> bytes:
+    """journald's native format: KEY=value lines, or KEY, a little-endian
+    64-bit length and the raw value for values holding a newline."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
 
 
 def setup_logging(level: str = "info", role: str = "") -> None:
     tag = f"[{role}] " if role else ""
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        # journald stamps the time itself.
-        handler.setFormatter(_JournalFormatter(f"{tag}%(name)s: %(message)s"))
+    if os.environ.get("JOURNAL_STREAM") and os.path.exists(JOURNAL_SOCKET):
+        # journald stamps the time itself; the level name stays in the text
+        # for those who read it without -o verbose.
+        handler: logging.Handler = JournalHandler(
+            "campaignd", f"%(levelname)s {tag}%(name)s: %(message)s"
+        )
     else:
+        handler = logging.StreamHandler(sys.stderr)
         fmt = f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"
         handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(

@@ -5,37 +5,13 @@ status socket (daemon/supervision/status.py serves it) and print the answer.
 from __future__ import annotations
 
 import json
-import socket
 import sys
-import time
-from pathlib import Path
 
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_NOT_RUNNING
 from daemon.errors import EXIT_OK
-
-
-def request(path: Path, payload: dict, timeout: float = 5.0) -> dict:
-    """Send one request and return the answer (raises OSError if no daemon)."""
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        while True:
-            try:
-                sock.connect(str(path))
-                break
-            except BlockingIOError:
-                # A Unix socket with a timeout fails at once (EAGAIN) when
-                # the listen backlog is full: a busy daemon, not a dead one.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65_536):
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks) or b"{}")
+from daemon.errors import EXIT_UNKNOWN
+from daemon.status_client import request
 
 
 def client_main(cfg, args) -> int:
@@ -55,10 +31,15 @@ def client_main(cfg, args) -> int:
             f"campaignd: permission denied on {path} (are you in status.group?)",
             file=sys.stderr,
         )
-        return EXIT_FAILURE
+        return EXIT_UNKNOWN
     except (OSError, ValueError) as exc:
         print(f"campaignd: no valid answer on {path}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_UNKNOWN
+    if not isinstance(answer, dict) or not (
+        "error" in answer or "daemon" in answer or "restarting" in answer
+    ):
+        print(f"campaignd: no valid answer on {path}: {answer!r:.80}", file=sys.stderr)
+        return EXIT_UNKNOWN
     if "error" in answer:
         print(f"campaignd: error: {answer['error']}", file=sys.stderr)
         return EXIT_FAILURE

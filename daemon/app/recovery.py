@@ -16,6 +16,8 @@ from daemon.runtime import clear_inflight
 from daemon.runtime import inflight_dir
 from daemon.runtime import read_inflight
 from daemon.store.db import db_session
+from daemon.store.db import is_postgres
+from daemon.store.models import database
 
 # Logged from the supervisor process, under its name.
 log = logging.getLogger("daemon.supervision.supervisor")
@@ -37,6 +39,8 @@ def release_at_start(cfg) -> None:
         seen.append(pid)
         return read_inflight(directory, pid)
 
+    for warning in durability_warnings():
+        log.warning("%s", warning)
     released = unconfirmed.release_dead_processes(
         socket.gethostname(), psutil.pid_exists, in_flight_of
     )
@@ -48,6 +52,28 @@ def release_at_start(cfg) -> None:
             len(released.requeued),
             released.unconfirmed,
         )
+
+
+# PostgreSQL settings under which a server crash undoes commits it had
+# acknowledged. The rows are campaignd's memory of what was sent: a Message 1
+# recorded as sent that comes back `queued` goes out a second time.
+_DURABILITY_SETTINGS = ("synchronous_commit", "fsync")
+
+
+def durability_warnings() -> list[str]:
+    """What the database's configuration lets a crash undo (PostgreSQL)."""
+    if not is_postgres():
+        return []
+    found = []
+    for name in _DURABILITY_SETTINGS:
+        value = database.execute_sql(f"SHOW {name}").fetchone()[0]
+        if str(value).lower() == "off":
+            found.append(
+                f"PostgreSQL has {name}=off: a server crash can undo commits "
+                "already made, and a send recorded just before it can go out "
+                "twice (docs/reliability.md, section on durability)"
+            )
+    return found
 
 
 class LeaseReleaser:

@@ -173,6 +173,20 @@ def run_command(command: str, event: AlertEvent, timeout=COMMAND_TIMEOUT_S):
     return done.returncode
 
 
+def notify_now(alerts_cfg: AlertsConfig, event: AlertEvent) -> dict[str, bool]:
+    """Send the event to every configured channel and wait: {channel: ok}.
+
+    For a process about to exit (a config error) and for `campaignd alert`:
+    nothing may be left to a daemon thread.
+    """
+    sent = {}
+    if alerts_cfg.webhook_url:
+        sent["webhook"] = post_webhook(alerts_cfg.webhook_url, event)
+    if alerts_cfg.command:
+        sent["command"] = run_command(alerts_cfg.command, event) == 0
+    return sent
+
+
 def notify_in_background(alerts_cfg: AlertsConfig, event: AlertEvent) -> None:
     """Send the event to the webhook and the command without waiting for them."""
     if alerts_cfg.webhook_url:

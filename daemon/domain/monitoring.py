@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from daemon.config import AlertsConfig
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
 from daemon.store.models import CampaignStatus
@@ -65,6 +66,11 @@ HEALTH_PARTS = (
     "backlog",
     "status_webhooks",
 )
+# Point probes (one call each): a single slow answer fails them, so their
+# alert is raised only when the failure lasted alerts.down_after_s, and
+# resolved only after this many passing checks in a row (no flapping).
+DEBOUNCED_PARTS = ("provider",)
+RESOLVE_AFTER_OK_CHECKS = 3
 # Health rows are written every two minutes; a week is plenty to look back.
 HEALTH_KEEP_DAYS = 7
 
@@ -348,13 +354,59 @@ def record_health_check(report: HealthReport, now: dt.datetime, cfg=None) -> Non
         # The database is what failed: the alert table is out of reach too.
         log.critical("health check could not be stored: %s", exc)
         return
+    down_after_s = (cfg.alerts if cfg is not None else AlertsConfig()).down_after_s
     for part in HEALTH_PARTS:
         result = report.details.get(part, {})
         key = f"health:{part}"
-        if result.get("ok"):
-            alerts.resolve_alert(key, cfg=cfg, message=f"health check: {part} ok")
+        if part in DEBOUNCED_PARTS:
+            verdict = _debounced(part, bool(result.get("ok")), now, down_after_s)
         else:
+            verdict = "ok" if result.get("ok") else "failing"
+        if verdict == "ok":
+            alerts.resolve_alert(key, cfg=cfg, message=f"health check: {part} ok")
+        elif verdict == "failing":
             alerts.raise_alert(key, alert_message(part, result), cfg=cfg)
+
+
+def _part_ok(row_details, part: str) -> bool:
+    return bool((row_details or {}).get(part, {}).get("ok"))
+
+
+def _debounced(part: str, ok: bool, now: dt.datetime, down_after_s: float) -> str:
+    """ "failing", "ok" or "unsure" for a point probe, from the stored checks.
+
+    Failing once it has failed on every check for `down_after_s` (the check
+    just stored included); ok once it passed RESOLVE_AFTER_OK_CHECKS checks in
+    a row; unsure in between, when the alert stays as it is.
+    """
+    if ok:
+        recent = (
+            HealthCheck.select(HealthCheck.details)
+            .where(HealthCheck.checked_at <= now)
+            .order_by(HealthCheck.checked_at.desc())
+            .limit(RESOLVE_AFTER_OK_CHECKS)
+        )
+        passed = [_part_ok(r.details, part) for r in recent]
+        return (
+            "ok" if len(passed) == RESOLVE_AFTER_OK_CHECKS and all(passed) else "unsure"
+        )
+    cutoff = now - dt.timedelta(seconds=down_after_s)
+    # Every check after the cutoff failed, and so did the last one at or
+    # before it: then the failure has lasted at least down_after_s.
+    since = HealthCheck.select(HealthCheck.details).where(
+        HealthCheck.checked_at > cutoff, HealthCheck.checked_at <= now
+    )
+    if any(_part_ok(r.details, part) for r in since):
+        return "unsure"
+    before = (
+        HealthCheck.select(HealthCheck.details)
+        .where(HealthCheck.checked_at <= cutoff)
+        .order_by(HealthCheck.checked_at.desc())
+        .first()
+    )
+    if before is None or _part_ok(before.details, part):
+        return "unsure"
+    return "failing"
 
 
 def last_health_check() -> dict | None:

@@ -20,6 +20,14 @@ One deadline covers the whole call: connecting, writing the request and
 reading every byte of the answer take at most `read_timeout` (or `timeout`)
 together, so an answer trickling in byte by byte cannot outlive the send's
 lease. Each socket operation gets the time that is left, not a fresh timeout.
+
+Proxies come from the environment, as curl and requests read them:
+HTTPS_PROXY for https:// origins (a CONNECT tunnel; TLS stays end to end),
+HTTP_PROXY for http:// ones (absolute-form requests), ALL_PROXY for both,
+NO_PROXY for the hosts that bypass them (loopback always does); lower-case
+names too. Only http:// proxies are supported; `user:password@` in the
+proxy URL is sent as Proxy-Authorization. They are read once, when the
+client is made.
 """
 
 from __future__ import annotations
@@ -33,10 +41,14 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
+from base64 import b64encode
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.config import is_loopback
+from daemon.errors import ConfigError
 from daemon.providers.base import RetryableError
 from daemon.providers.base import UnconfirmedError
 
@@ -79,6 +91,11 @@ class HttpClient:
         self._prefix = parts.path.rstrip("/")
         self._query = parts.query
         self.origin = f"{parts.scheme}://{parts.netloc}"
+        self._proxy = _proxy_for(parts.scheme, self._host)
+        # Through an HTTP proxy a plain-http request names its origin; a
+        # tunnelled https one does not (the proxy only sees CONNECT).
+        self._absolute = self._proxy is not None and not self._https
+        self._via = f" through the proxy {self._proxy.address}" if self._proxy else ""
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._headers = dict(headers or {})
@@ -103,6 +120,9 @@ class HttpClient:
         if self._query:
             target += ("&" if "?" in path else "?") + self._query
         all_headers = {**self._headers, **headers} if headers else self._headers
+        if self._absolute:
+            target = self.origin + target
+            all_headers = {**all_headers, **self._proxy.headers}
         read_timeout = self._read_timeout if timeout is None else timeout
         deadline = time.monotonic() + read_timeout
         conn = getattr(self._local, "conn", None)
@@ -166,14 +186,18 @@ class HttpClient:
 
     def _new_connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
+        host, port = self._host, self._port
+        if self._proxy:
+            host, port = self._proxy.host, self._proxy.port
         if self._https:
             conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+                host, port, timeout=self._connect_timeout, context=self._ssl
             )
+            if self._proxy:
+                # connect() sends CONNECT, then TLS with the origin's name.
+                conn.set_tunnel(self._host, self._port, self._proxy.headers)
         else:
-            conn = http.client.HTTPConnection(
-                self._host, self._port, timeout=self._connect_timeout
-            )
+            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
         self._local.conn = conn
         with self._lock:
             for thread, old in self._conns:
@@ -193,7 +217,47 @@ class HttpClient:
             conn.connect()
         except OSError as exc:
             conn.close()
-            raise RetryableError(f"cannot connect to {self.origin}: {exc}") from exc
+            raise RetryableError(
+                f"cannot connect to {self.origin}{self._via}: {exc}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class _Proxy:
+    host: str
+    port: int
+    headers: dict[str, str]  # Proxy-Authorization, when the URL has a user
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _proxy_for(scheme: str, host: str) -> _Proxy | None:
+    """The proxy the environment gives for `scheme`://`host`, if any."""
+    proxies = urllib.request.getproxies_environment()
+    name = scheme if proxies.get(scheme) else "all"
+    url = proxies.get(name)
+    # A proxy cannot reach our loopback (Go's net/http decides the same):
+    # the local fake provider keeps working on a machine with a proxy set.
+    if not url or is_loopback(host):
+        return None
+    if urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        # Never echo the URL: it may hold the proxy's password.
+        raise ConfigError(
+            f"{name.upper()}_PROXY: must be an http://host:port proxy URL"
+            " (https:// and socks proxies are not supported)"
+        )
+    headers = {}
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = b64encode(f"{user}:{password}".encode()).decode()
+        headers["Proxy-Authorization"] = f"Basic {token}"
+    return _Proxy(parts.hostname, parts.port or 80, headers)
 
 
 def _remaining(deadline: float) -> float:

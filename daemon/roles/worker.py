@@ -31,6 +31,7 @@ from daemon.runtime import die_with_parent
 from daemon.runtime import parent_alive
 from daemon.runtime import setup_logging
 from daemon.store.db import open_database
+from daemon.store.queue import listen_for_wakeups
 from daemon.store.queue import make_queues
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ class HeartbeatConsumer(Consumer):
                 "graceful" if graceful else "now",
                 running,
             )
+        # Threads waiting for an enqueue would hold the join up to a poll.
+        self.stop_flag.set()
+        stop_waiting = getattr(self.huey.storage, "stop_waiting", None)
+        if stop_waiting is not None:
+            stop_waiting()
         super().stop(graceful=graceful)
 
 
@@ -92,8 +98,12 @@ def threads_for(cfg: Config, queue: str) -> int:
 
 
 def build_consumer(cfg: Config, queue: str, tasks: Tasks, heartbeat=None):
+    huey = tasks.queues.get(queue)
+    # SQLite: idle threads wait for an enqueue's poke, polling every
+    # queue.idle_poll_s only as a fallback (Redis and PostgreSQL block already).
+    listen_for_wakeups(huey, cfg.queue.idle_poll_s)
     return HeartbeatConsumer(
-        tasks.queues.get(queue),
+        huey,
         heartbeat,
         tasks.task_clock,
         cfg.supervisor.heartbeat_interval_s,

@@ -17,8 +17,6 @@ import sqlite3
 import time
 import zlib
 from pathlib import Path
-from urllib.parse import unquote
-from urllib.parse import urlparse
 
 import peewee as pw
 
@@ -71,20 +69,44 @@ def make_database(url: str, cfg: Config | None = None) -> pw.Database:
         # (and every respawn there) does not need to pay.
         from playhouse.postgres_ext import PooledPsycopg3Database
 
-        parts = urlparse(url)
+        params = postgres_params(url)
         return PooledPsycopg3Database(
-            unquote(parts.path.lstrip("/")) or "postgres",
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 5432,
-            user=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            params.pop("dbname"),
+            **params,
             max_connections=cfg.database.max_connections if cfg else 8,
-            # A dead server must not hang a worker past its soft limit.
-            connect_timeout=5,
             stale_timeout=300,
             timeout=10,
         )
     raise ConfigError(f"database.url: unsupported URL {url!r}")
+
+
+def postgres_params(url: str) -> dict:
+    """libpq connection parameters of a postgresql:// URL, every option kept.
+
+    libpq itself parses the URL, so `?sslmode=require`, `application_name`,
+    `connect_timeout`, a `host=/run/postgresql` socket directory... all reach
+    the server. Where the URL says nothing we keep our defaults: TCP to
+    127.0.0.1, database "postgres", and a 5 s connect timeout, so a dead
+    server cannot hang a worker past its soft limit.
+    """
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ConfigError(
+            "database.url: PostgreSQL needs the psycopg driver, not installed: "
+            "pip install 'campaignd[postgres]'"
+        ) from None
+    import psycopg
+
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        # libpq's message names the bad part (a port, an unknown option).
+        raise ConfigError(f"database.url: {str(exc).strip()}") from None
+    params.setdefault("host", "127.0.0.1")
+    params.setdefault("dbname", "postgres")
+    params.setdefault("connect_timeout", 5)
+    return params
 
 
 def _switch_to_wal(path: Path, busy_s: float) -> None:

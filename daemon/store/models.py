@@ -140,6 +140,19 @@ class MessageStatus:
     EXPIRED = "expired"
     CANCELLED = "cancelled"
 
+    # Every status, in the order a message goes through them.
+    ALL = (
+        PENDING,
+        QUEUED,
+        SENDING,
+        UNCONFIRMED,
+        SENT,
+        DELIVERED,
+        READ,
+        FAILED,
+        EXPIRED,
+        CANCELLED,
+    )
     # Statuses only move forward along this rank; failed is terminal.
     RANK = {
         "pending": 0,

@@ -4,10 +4,16 @@ Huey pops destructively: a task whose worker dies is gone. That is fine here
 because a task carries only an id, and the row it names (with its lease and
 next_attempt_at) is what the sweeper re-enqueues. So results are off: nothing
 reads them, and on Redis they would grow forever.
+
+SQLite has no blocking pop: an enqueue pokes the queue's idle consumers
+(daemon/store/wakeup.py) and a consumer that `listen`s waits for a poke,
+with the poll (`queue.poll_max_s`) kept as a fallback.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import zlib
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -16,8 +22,14 @@ from huey import Huey
 from huey import PostgresHuey
 from huey import PriorityRedisHuey
 from huey import SqliteHuey
+from huey.storage import SqliteStorage
 
 from daemon.config import Config
+from daemon.store.wakeup import Poker
+from daemon.store.wakeup import Waiter
+from daemon.store.wakeup import wake_dir
+
+log = logging.getLogger(__name__)
 
 QUEUE_NAMES = ("default", "messages", "retry", "verification")
 # Message 2 answers a person who is waiting: it jumps the Message 1 backlog.
@@ -66,8 +78,83 @@ class _NoRevocation:
         return super().delete(key)
 
 
+class WakingSqliteStorage(SqliteStorage):
+    """SqliteStorage whose enqueues wake the queue's idle consumers.
+
+    A consumer opts in with `listen(fallback_s)`: its empty dequeue then
+    waits on its thread's wake socket for at most `fallback_s`, and Huey,
+    told the storage blocks, does not sleep between dequeues (as with
+    Redis's BZPOPMIN). Any other dequeue (tests, tools) returns at once.
+    """
+
+    def __init__(self, name="huey", filename="huey.db", **kwargs):
+        super().__init__(name, filename=filename, **kwargs)
+        self.poker = Poker(wake_dir(filename, name))
+        self._fallback_s = 0.0
+        self._stopping = False
+        self._local = threading.local()
+        self._waiters: set[Waiter] = set()
+        self._waiters_lock = threading.Lock()
+
+    def enqueue(self, data, priority=None):
+        super().enqueue(data, priority)
+        self.poke()
+
+    def poke(self) -> None:
+        """After a committed insert: every idle consumer looks at the queue."""
+        self.poker.poke()
+
+    def listen(self, fallback_s: float) -> None:
+        self._fallback_s = fallback_s
+        self.blocking = True
+
+    def dequeue(self):
+        if not self.blocking:
+            return super().dequeue()
+        try:
+            waiter = self._waiter()
+        except OSError as exc:
+            # No socket, no wake-up: Huey polls as it would without us.
+            log.warning("queue %s: no wake socket (%s); polling", self.name, exc)
+            self.blocking = False
+            return super().dequeue()
+        # Drained before the look, so a task committed after it leaves a
+        # poke that ends the wait below at once.
+        waiter.drain()
+        data = super().dequeue()
+        if data is None and not self._stopping:
+            if not waiter.wait(self._fallback_s) and not waiter.bound():
+                self.close_waiter()  # its socket was removed: a new one next time
+        return data
+
+    def _waiter(self) -> Waiter:
+        waiter = getattr(self._local, "waiter", None)
+        if waiter is None:
+            waiter = self._local.waiter = Waiter(self.poker.directory)
+            with self._waiters_lock:
+                self._waiters.add(waiter)
+        return waiter
+
+    def close_waiter(self) -> None:
+        """The calling thread's socket, removed (a consumer thread's exit)."""
+        waiter = getattr(self._local, "waiter", None)
+        if waiter is not None:
+            self._local.waiter = None
+            with self._waiters_lock:
+                self._waiters.discard(waiter)
+            waiter.close()
+
+    def stop_waiting(self) -> None:
+        """End every wait of this process now (the consumer is stopping)."""
+        self._stopping = True
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
+
+
 class _SqliteHuey(_NoRevocation, SqliteHuey):
-    pass
+    storage_class = WakingSqliteStorage
 
 
 class _PriorityRedisHuey(_NoRevocation, PriorityRedisHuey):
@@ -76,6 +163,18 @@ class _PriorityRedisHuey(_NoRevocation, PriorityRedisHuey):
 
 class _PostgresHuey(_NoRevocation, PostgresHuey):
     pass
+
+
+def listen_for_wakeups(huey: Huey, fallback_s: float) -> bool:
+    """Make a consumer of `huey` wait for enqueues instead of polling, with
+    a poll every `fallback_s`; False for the backends that block already."""
+    storage = huey.storage
+    if not isinstance(storage, WakingSqliteStorage):
+        return False
+    storage.listen(fallback_s)
+    # Huey runs shutdown hooks in each worker thread as it exits.
+    huey.on_shutdown("campaignd:wake-socket")(storage.close_waiter)
+    return True
 
 
 def make_queues(cfg: Config) -> Queues:

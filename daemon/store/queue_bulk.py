@@ -51,6 +51,10 @@ def enqueue_many(task, args_list: Iterable[tuple], priority: int = 0) -> int:
                 "insert into task (queue, data, priority) values (?, ?, ?)",
                 [(storage.name, storage.to_blob(item), priority) for item in data],
             )
+        # Committed: idle consumers look now, not at their next poll.
+        poke = getattr(storage, "poke", None)
+        if poke is not None:
+            poke()
     else:
         for item in data:
             storage.enqueue(item, priority)

@@ -70,6 +70,9 @@ def test_demo_completes_a_campaign_and_leaves_nothing_running(demo_tmp):
         env=demo_env(demo_tmp),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # It says what it changed for speed, so nobody copies it to production.
+    assert "demo settings, for speed" in result.stdout
+    assert "  pacing.per_minute = 0 (default 12)" in result.stdout
     summary = summary_of(result.stdout)
     assert summary.get("campaign status") == "completed", result.stdout[-3000:]
     assert summary["contacts"] == "30"

@@ -106,15 +106,61 @@ def test_template_variable_missing_creates_and_imports_nothing(make_config, tmp_
     assert ok_json(cfg, "contacts", "list")["total"] == 0
 
 
-def test_rejected_rows_create_and_import_nothing(make_config, tmp_path):
+def test_strict_rejected_rows_create_and_import_nothing(make_config, tmp_path):
+    cfg = make_config("sqlite")
+    path = tmp_path / "contacts.csv"
+    path.write_text("phone,name,city\n0612345678,Ann,Paris\n12,Bob,Lyon\n")
+    proc = create(cfg, path, "--strict")
+    assert proc.stdout.splitlines() == ["line 3: invalid phone number '12': too short"]
+    assert one_error_line(proc) == (
+        f"campaignd: error: {path}: 1 row rejected (listed above); strict: one "
+        "bad row refuses the file, nothing was imported or created"
+    )
+    assert ok_json(cfg, "campaign", "list") == []
+    assert ok_json(cfg, "contacts", "list")["total"] == 0
+
+
+def test_rejected_rows_are_reported_and_the_good_ones_make_the_campaign(
+    make_config, tmp_path
+):
     cfg = make_config("sqlite")
     path = tmp_path / "contacts.csv"
     path.write_text("phone,name,city\n0612345678,Ann,Paris\n12,Bob,Lyon\n")
     proc = create(cfg, path)
-    assert proc.stdout.splitlines() == ["line 3: invalid phone number '12': too short"]
-    assert one_error_line(proc).endswith(
-        "contacts.csv: 1 row rejected (listed above); fix them and run again "
-        "(nothing was imported or created)"
+    assert (
+        "  imported    1 new contact, 0 updated, 0 duplicates merged, 1 row rejected"
+        in proc.stdout.splitlines()
+    )
+    assert "line 3: invalid phone number '12': too short" in proc.stdout.splitlines()
+    assert one_error_line(proc) == (
+        "campaignd: error: 1 row rejected (listed above); campaign 1 was created "
+        "with the 1 valid contact"
+    )
+    summary = ok_json(cfg, "campaign", "show", "1")
+    assert (summary["contacts"], summary["members"]) == (1, {"pending": 1})
+    assert ok_json(cfg, "contacts", "list")["total"] == 1
+
+
+def test_template_variables_no_column_provides_are_all_named(make_config, tmp_path):
+    cfg = make_config("sqlite")
+    path = tmp_path / "contacts.csv"
+    path.write_text("tel;Nom;town\n0612345678;Ann;Paris\n")
+    proc = campaignd(
+        cfg,
+        "campaign",
+        "create",
+        "--name",
+        "x",
+        "--message1",
+        "Hi {name} from {city}",
+        "--message2",
+        "See you in {zip}, {town}",
+        "--contacts",
+        str(path),
+    )
+    assert one_error_line(proc) == (
+        f"campaignd: error: {path}: template variables {{city}}, {{zip}} are not "
+        "columns of the contacts (columns: tel ({phone}), Nom ({name}), town)"
     )
     assert ok_json(cfg, "campaign", "list") == []
     assert ok_json(cfg, "contacts", "list")["total"] == 0
@@ -226,3 +272,52 @@ def test_unknown_campaign_is_one_line(make_config, action):
     cfg = make_config("sqlite")
     proc = campaignd(cfg, "campaign", action, "42")
     assert one_error_line(proc) == "campaignd: error: campaign 42 does not exist"
+
+
+def test_messages_list_shows_a_campaigns_failed_messages(make_config, contacts_csv):
+    from daemon.app.tasks import Tasks
+    from daemon.store.db import open_database
+    from daemon.store.models import Message
+
+    cfg = make_config("sqlite")
+    assert create(cfg, contacts_csv).returncode == EXIT_OK
+    assert campaignd(cfg, "campaign", "start", "1").returncode == EXIT_OK
+    # The fan-out is a worker's job: run it as the worker would.
+    db = open_database(cfg)
+    queues = make_queues(cfg)
+    try:
+        Tasks(cfg, queues).fan_out(1)
+        first = Message.select().order_by(Message.id).first()
+        Message.update(status="failed", error="HTTP 400: invalid number").where(
+            Message.id == first.id
+        ).execute()
+    finally:
+        queues.close()
+        db.close()
+
+    listed = ok_json(cfg, "messages", "list", "--campaign", "1", "--status", "failed")
+    assert [(m["id"], m["status"], m["error"]) for m in listed["messages"]] == [
+        (first.id, "failed", "HTTP 400: invalid number")
+    ]
+    proc = campaignd(cfg, "messages", "list", "--campaign", "1")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == [
+        "ID",
+        "CAMPAIGN",
+        "PHONE",
+        "KIND",
+        "STATUS",
+        "ATTEMPTS",
+        "NEXT",
+        "ERROR",
+    ]
+    assert len(lines) == 3
+    assert "failed" in lines[1] and "HTTP 400: invalid number" in lines[1]
+    assert "queued" in lines[2]
+
+    assert one_error_line(campaignd(cfg, "messages", "list", "--campaign", "9")) == (
+        "campaignd: error: campaign 9 does not exist"
+    )
+    bad = campaignd(cfg, "messages", "list", "--status", "lost")
+    assert bad.returncode == 2 and "invalid choice: 'lost'" in bad.stderr

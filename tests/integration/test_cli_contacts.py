@@ -41,7 +41,7 @@ def test_import_lists_every_rejected_row_and_keeps_the_valid_ones(any_mode_confi
     lines = proc.stdout.splitlines()
     assert lines[0].endswith(
         "mixed_errors.csv: 2 contacts imported (2 created, 0 updated), "
-        "1 duplicates merged, 5 rows rejected"
+        "1 duplicate merged, 5 rows rejected"
     )
     assert lines[1:] == [
         "line 3: invalid phone number '12345': too short",
@@ -51,8 +51,7 @@ def test_import_lists_every_rejected_row_and_keeps_the_valid_ones(any_mode_confi
         "line 9: invalid phone number 'not a number': contains letters",
     ]
     assert proc.stderr.splitlines() == [
-        "campaignd: error: 5 rows rejected (listed above); "
-        "the 2 valid rows were imported"
+        "campaignd: error: 5 rows rejected (listed above); 2 valid contacts imported"
     ]
     stored = contacts_json(cfg)
     assert stored["total"] == 2
@@ -74,6 +73,83 @@ def test_import_lists_every_rejected_row_and_keeps_the_valid_ones(any_mode_confi
     }
     assert len(report["rejected"]) == 5
     assert contacts_json(cfg)["total"] == 2
+
+
+def test_strict_refuses_the_whole_file_and_imports_nothing(any_mode_config):
+    cfg = any_mode_config
+    path = FIXTURES / "mixed_errors.csv"
+    proc = campaignd(cfg, "contacts", "import", str(path), "--strict")
+    assert proc.returncode == EXIT_FAILURE
+    assert proc.stdout.splitlines() == [
+        "line 3: invalid phone number '12345': too short",
+        "line 4: expected 3 fields, got 2 (check the separator and quotes)",
+        "line 5: missing phone number",
+        "line 6: expected 3 fields, got 4 (quote values that contain the separator)",
+        "line 9: invalid phone number 'not a number': contains letters",
+    ]
+    assert proc.stderr.splitlines() == [
+        f"campaignd: error: {path}: 5 rows rejected (listed above); strict: one "
+        "bad row refuses the file, nothing was imported"
+    ]
+    assert contacts_json(cfg)["total"] == 0
+    as_json = campaignd(cfg, "contacts", "import", str(path), "--strict", "--json")
+    assert as_json.returncode == EXIT_FAILURE
+    assert [r["line"] for r in json.loads(as_json.stdout)["rejected"]] == [
+        3,
+        4,
+        5,
+        6,
+        9,
+    ]
+    assert contacts_json(cfg)["total"] == 0
+
+
+def test_a_file_with_no_valid_row_is_refused(make_config, tmp_path):
+    cfg = make_config("sqlite")
+    path = tmp_path / "bad.csv"
+    path.write_text("phone,name\n12,Ann\nabc,Bob\n")
+    proc = campaignd(cfg, "contacts", "import", str(path))
+    assert proc.returncode == EXIT_FAILURE
+    assert proc.stdout.splitlines() == [
+        "line 2: invalid phone number '12': too short",
+        "line 3: invalid phone number 'abc': contains letters",
+    ]
+    assert proc.stderr.splitlines() == [
+        f"campaignd: error: {path}: 2 rows rejected (listed above); no valid row, "
+        "nothing was imported"
+    ]
+
+
+def test_one_contact_is_singular_and_name_aliases_are_read(make_config, tmp_path):
+    cfg = make_config("sqlite")
+    path = tmp_path / "one.csv"
+    path.write_text("Téléphone;Nom;ville\n06 12 34 56 78;Ann;Paris\n")
+    proc = campaignd(cfg, "contacts", "import", str(path))
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"{path}: 1 contact imported (1 created, 0 updated), "
+        "0 duplicates merged, 0 rows rejected"
+    ]
+    (contact,) = contacts_json(cfg)["contacts"]
+    assert (contact["name"], contact["variables"]) == ("Ann", {"ville": "Paris"})
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_file_with_a_bom_is_read(make_config, tmp_path, encoding):
+    cfg = make_config("sqlite")
+    path = tmp_path / "unicode.csv"
+    text = "phone\tname\tville\r\n0612345678\tRenée\tSète\r\n12\tBob\tNîmes\r\n"
+    bom = "\ufeff" if encoding == "utf-16-be" else ""  # utf-16 writes its own
+    path.write_bytes((bom + text).encode(encoding))
+    proc = campaignd(cfg, "contacts", "import", str(path), "--json")
+    assert proc.returncode == EXIT_FAILURE
+    report = json.loads(proc.stdout)
+    assert (report["encoding"], report["created"]) == ("utf-16", 1)
+    assert report["rejected"] == [
+        {"line": 3, "reason": "invalid phone number '12': too short"}
+    ]
+    (contact,) = contacts_json(cfg)["contacts"]
+    assert (contact["name"], contact["variables"]) == ("Renée", {"ville": "Sète"})
 
 
 def test_clean_import_exits_zero_with_a_summary(make_config):

@@ -8,6 +8,7 @@ of the CLI or API sees them: rows, member states, queue entries and what the
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 
 import pytest
@@ -384,3 +385,38 @@ def test_a_row_due_later_is_not_claimable(pipeline):
     Message.update(next_attempt_at=later).where(Message.id == message_id).execute()
     assert campaigns.claim(message_id, "me:1", 60) is None
     assert campaigns.claim(message_id, "me:1", 60, now=later) is not None
+
+
+def test_transitions_are_logged_for_the_operator(pipeline, caplog):
+    caplog.set_level(logging.INFO, logger="daemon.domain.campaigns.lifecycle")
+    campaign, ids = started(pipeline, 1)
+    campaigns.pause_campaign(campaign.id, "lunch")
+    with pytest.raises(StateError) as refused:
+        campaigns.start_campaign(campaign.id, pipeline.tasks)
+    assert str(refused.value) == (
+        f"cannot start campaign {campaign.id}: it is paused"
+        " (resume it: campaign resume)"
+    )
+    campaigns.resume_campaign(campaign.id, pipeline.tasks)
+    assert pipeline.tasks.deliver(ids[0]) == "sent"
+    Message.update(status="read").where(Message.id == ids[0]).execute()
+    CampaignContact.update(state="expired").where(
+        CampaignContact.campaign == campaign.id
+    ).execute()
+    assert campaigns.maybe_complete(campaign.id)
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "daemon.domain.campaigns.lifecycle"
+    ]
+    assert lines == [
+        f"campaign {campaign.id} started",
+        f"campaign {campaign.id} paused: lunch",
+        f"campaign {campaign.id} resumed",
+        f"campaign {campaign.id} completed",
+    ]
+    assert all(
+        r.levelno == logging.INFO
+        for r in caplog.records
+        if r.name == "daemon.domain.campaigns.lifecycle"
+    )

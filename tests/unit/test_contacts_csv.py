@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from daemon.domain.contacts import ContactRow
+from daemon.domain.contacts import decode_csv_bytes
+from daemon.domain.contacts import header_variables
 from daemon.domain.contacts import import_rows
 from daemon.domain.contacts import normalize_phone
 from daemon.domain.contacts import parse_csv_file
@@ -182,6 +184,38 @@ def test_phone_aliases_and_case_insensitive_header():
     parsed = parse_csv_text("mobile,phone\n0781223344,0612345678\n")
     assert parsed.rows[0].phone == "+33612345678"
     assert parsed.rows[0].variables == {"mobile": "0781223344"}
+
+
+def test_name_aliases_work_as_the_phone_aliases_do():
+    for header in ("NAME", "Nom", "prénom", " Full Name ", "first_name"):
+        parsed = parse_csv_text(f"phone,{header},city\n0612345678,Ann,Metz\n")
+        assert parsed.rows[0].name == "Ann", header
+        assert parsed.rows[0].variables == {"city": "Metz"}, header
+    # An exact "name" wins over an alias, which becomes a variable; else the
+    # leftmost alias is the name.
+    parsed = parse_csv_text("phone,nom,name\n0612345678,Martin,Ann\n")
+    assert (parsed.rows[0].name, parsed.rows[0].variables) == ("Ann", {"nom": "Martin"})
+    parsed = parse_csv_text("phone,nom,prénom\n0612345678,Martin,Ann\n")
+    assert parsed.rows[0].name == "Martin"
+    assert parsed.rows[0].variables == {"prénom": "Ann"}
+    assert header_variables("tel;Nom;city\n") == {
+        "phone": "tel",
+        "name": "Nom",
+        "city": "city",
+    }
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_with_a_bom_is_decoded(tmp_path, encoding):
+    path = tmp_path / "u16.csv"
+    path.write_bytes("\ufeffphone;nom;ville\n0612345678;Renée;Sète\n".encode(encoding))
+    parsed = parse_csv_file(path)
+    assert parsed.encoding == "utf-16"
+    assert [(r.phone, r.name, r.variables) for r in parsed.rows] == [
+        ("+33612345678", "Renée", {"ville": "Sète"})
+    ]
+    with pytest.raises(InputError, match="CSV: invalid UTF-16 text"):
+        decode_csv_bytes(b"\xff\xfe\x00\xd8")  # a lone surrogate
 
 
 def test_trailing_separators_of_spreadsheets_are_tolerated():

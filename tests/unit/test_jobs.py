@@ -368,11 +368,24 @@ def test_system_health_check_records_then_raises_and_clears_alerts(env, fake):
     assert check["details"]["error_rate"]["rate"] == pytest.approx(25 / 35, abs=1e-3)
     assert check["details"]["backlog"]["late"] == 5
     assert check["details"]["backlog"]["oldest_due"] == "2025-03-10T11:30:00Z"
+    # The provider is a point probe: alerted only once it has failed for
+    # alerts.down_after_s (300 s); the windowed checks alert at once.
     keys = {a["key"] for a in active_alerts()}
-    assert keys == {"health:provider", "health:error_rate", "health:backlog"}
-    # Raising again while active adds no second alert.
+    assert keys == {"health:error_rate", "health:backlog"}
     jobs.run("system_health_check", env, later + dt.timedelta(minutes=2))
-    assert len(active_alerts()) == 3
+    assert len(active_alerts()) == 2
+    jobs.run("system_health_check", env, later + dt.timedelta(minutes=6))
+    # (By then the sends are old enough for health:status_webhooks too.)
+    keys = {a["key"] for a in active_alerts()}
+    assert keys == {
+        "health:provider",
+        "health:error_rate",
+        "health:backlog",
+        "health:status_webhooks",
+    }
+    # Raising again while active adds no second alert.
+    jobs.run("system_health_check", env, later + dt.timedelta(minutes=8))
+    assert len(active_alerts()) == 4
 
     # Recovery: provider back, the failures age out, the backlog is sent.
     fake.configure(down=False)
@@ -381,13 +394,43 @@ def test_system_health_check_records_then_raises_and_clears_alerts(env, fake):
     ).execute()
     much_later = NOON + dt.timedelta(hours=2)
     assert jobs.run("system_health_check", env, much_later) == "ok"
+    # The windowed alerts clear at once; the provider's after three passing
+    # checks in a row.
+    assert {a["key"] for a in active_alerts()} == {"health:provider"}
+    for minutes in (1, 2):
+        jobs.run("system_health_check", env, much_later + dt.timedelta(minutes=minutes))
     assert active_alerts() == []
-    assert HealthCheck.select().count() == 4
+    assert HealthCheck.select().count() == 8
+
+
+def test_a_flapping_provider_raises_no_alert_and_a_lasting_outage_one(env, fake):
+    """Down, up, down, up every minute: never down for 300 s, never alerted.
+    Then down for good: one alert, after 300 s; one passing check (a lucky
+    answer) does not resolve it."""
+    for minute in range(8):
+        fake.configure(down=minute % 2 == 0)
+        jobs.run("system_health_check", env, NOON + dt.timedelta(minutes=minute))
+    assert active_alerts() == []
+    fake.configure(down=True)
+    start = NOON + dt.timedelta(minutes=8)
+    for minute in range(0, 7):
+        jobs.run("system_health_check", env, start + dt.timedelta(minutes=minute))
+        alerted = {a["key"] for a in active_alerts()} == {"health:provider"}
+        # Failing at minute 0..6: alerted once the failure is 300 s old.
+        assert alerted == (minute >= 5), minute
+    fake.configure(down=False)
+    jobs.run("system_health_check", env, start + dt.timedelta(minutes=7))
+    fake.configure(down=True)
+    jobs.run("system_health_check", env, start + dt.timedelta(minutes=8))
+    assert {a["key"] for a in active_alerts()} == {"health:provider"}
 
 
 def test_health_check_reports_a_provider_that_does_not_answer(env, fake):
     fake.stop()
     assert jobs.run("system_health_check", env, NOON) == "failing: provider"
+    assert active_alerts() == []
+    later = NOON + dt.timedelta(minutes=5)
+    assert jobs.run("system_health_check", env, later) == "failing: provider"
     assert {a["key"] for a in active_alerts()} == {"health:provider"}
 
 

@@ -426,7 +426,8 @@ def test_openapi_describes_every_route(build):
         template = node.uri_template.replace(
             "{campaign_id:int(min=1, max=2147483647)}", "{campaign_id}"
         )
-        routes.add(template)
+        if not template.startswith("/ui"):  # the HTML console is not the API
+            routes.add(template)
     assert routes == set(spec["paths"])
     for path, item in spec["paths"].items():
         for method, op in item.items():

@@ -74,6 +74,7 @@ from daemon.domain.campaigns.templates import template_fields
 from daemon.domain.campaigns.templates import template_values
 from daemon.domain.campaigns.views import campaign_summary
 from daemon.domain.campaigns.views import list_campaigns
+from daemon.domain.campaigns.views import list_messages
 from daemon.domain.campaigns.views import message_dict
 from daemon.owners import process_key
 
@@ -97,6 +98,7 @@ __all__ = [
     "due_message_ids",
     "campaign_summary",
     "list_campaigns",
+    "list_messages",
     "message_dict",
     "fan_out",
     "fan_out_batch",

@@ -3,6 +3,7 @@ failed messages, complete."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from daemon.domain.campaigns.common import _CHUNK
@@ -23,6 +24,16 @@ from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
 from daemon.store.models import utcnow
+
+log = logging.getLogger(__name__)
+
+# What an operator reads in the journal for each transition.
+_LOGGED_AS = {
+    "start": "started",
+    "pause": "paused",
+    "resume": "resumed",
+    "cancel": "cancelled",
+}
 
 
 def create_campaign(
@@ -180,10 +191,24 @@ def _transition(campaign_id, allowed, new, verb, **extra) -> Campaign:
     campaign = get_campaign(campaign_id)
     if not _set_status(campaign_id, allowed, new, **extra):
         campaign = get_campaign(campaign_id)
+        hint = _HINTS.get((verb, campaign.status), "")
         raise StateError(
-            f"cannot {verb} campaign {campaign_id}: it is {campaign.status}"
+            f"cannot {verb} campaign {campaign_id}: it is {campaign.status}{hint}"
         )
+    reason = extra.get("status_reason")
+    log.info(
+        "campaign %s %s%s",
+        campaign_id,
+        _LOGGED_AS[verb],
+        f": {reason}" if reason else "",
+    )
     return get_campaign(campaign_id)
+
+
+_HINTS = {
+    ("start", CampaignStatus.PAUSED): " (resume it: campaign resume)",
+    ("resume", CampaignStatus.DRAFT): " (start it: campaign start)",
+}
 
 
 def start_campaign(campaign_id: int, tasks) -> Campaign:
@@ -285,6 +310,7 @@ def retry_failed(campaign_id: int, tasks) -> int:
             finished_at=None,
         )
     tasks.enqueue_sends(ids)
+    log.info("campaign %s: %d failed messages queued again", campaign_id, len(ids))
     return len(ids)
 
 
@@ -300,14 +326,15 @@ def maybe_complete(campaign_id: int) -> bool:
     )
     if open_members.exists() or open_messages.exists():
         return False
-    return bool(
-        _set_status(
-            campaign_id,
-            (CampaignStatus.RUNNING,),
-            CampaignStatus.COMPLETED,
-            finished_at=utcnow(),
-        )
+    completed = _set_status(
+        campaign_id,
+        (CampaignStatus.RUNNING,),
+        CampaignStatus.COMPLETED,
+        finished_at=utcnow(),
     )
+    if completed:
+        log.info("campaign %s completed", campaign_id)
+    return bool(completed)
 
 
 def due_message_ids(campaign_id: int) -> list[int]:

@@ -186,3 +186,30 @@ def message_dict(message: Message) -> dict:
         "failed_at": iso_z(message.failed_at),
         "next_attempt_at": iso_z(message.next_attempt_at),
     }
+
+
+def list_messages(
+    *,
+    campaign_id: int | None = None,
+    contact_id: int | None = None,
+    status: str | None = None,
+    kind: int | None = None,
+    after_id: int | None = None,
+    offset: int | None = None,
+    limit: int = 50,
+) -> list[Message]:
+    """Messages by id, filtered; the admin API and `campaignd messages list`."""
+    query = Message.select().order_by(Message.id)
+    if campaign_id is not None:
+        query = query.where(Message.campaign == campaign_id)
+    if contact_id is not None:
+        query = query.where(Message.contact == contact_id)
+    if status is not None:
+        query = query.where(Message.status == status)
+    if kind is not None:
+        query = query.where(Message.kind == kind)
+    if after_id is not None:
+        query = query.where(Message.id > after_id)
+    if offset:
+        query = query.offset(offset)
+    return list(query.limit(limit))

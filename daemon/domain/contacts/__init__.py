@@ -5,14 +5,16 @@ CSV rules (`parse_csv_text`):
 
 - The first non-empty line is the header. One column must be the phone number:
   ``phone`` (any case) or one of the aliases in `PHONE_COLUMNS`. ``name`` (any
-  case) is the contact's name. Every other column is a template variable,
+  case) or one of the aliases in `NAME_COLUMNS` (``nom``, ``prénom``, ...) is
+  the contact's name (``{name}``). Every other column is a template variable,
   named by its header stripped of surrounding spaces, case kept as written
   (``{City}`` and ``{city}`` are different variables). Columns with an empty
   header are ignored; two columns with the same name are a fatal error.
 - The separator is whichever of ``;``, ``,`` and tab appears most often in the
   header line, outside quotes (``,`` when none does). Fields may be quoted,
   with separators and line breaks inside.
-- A UTF-8 BOM is dropped. A file that is not UTF-8 is read as Windows-1252,
+- A UTF-8 BOM is dropped; a file that starts with a UTF-16 BOM is read as
+  UTF-16. A file that is not UTF-8 is read as Windows-1252,
   the encoding French Excel writes, and `ParsedCsv.encoding` says so (the CLI
   prints it); bytes invalid in both are a fatal error.
 - Line numbers are physical file lines, header included (header = line 1 when
@@ -39,6 +41,7 @@ streaming (big files in several processes).
 from daemon.domain.contacts.parsing import MAX_NAME_LENGTH
 from daemon.domain.contacts.parsing import MAX_VARIABLE_LENGTH
 from daemon.domain.contacts.parsing import NAME_COLUMN
+from daemon.domain.contacts.parsing import NAME_COLUMNS
 from daemon.domain.contacts.parsing import PHONE_COLUMNS
 from daemon.domain.contacts.parsing import SEPARATORS
 from daemon.domain.contacts.parsing import ContactRow
@@ -46,6 +49,7 @@ from daemon.domain.contacts.parsing import ImportResult
 from daemon.domain.contacts.parsing import ParsedCsv
 from daemon.domain.contacts.parsing import ProgressFn
 from daemon.domain.contacts.parsing import decode_csv_bytes
+from daemon.domain.contacts.parsing import header_variables
 from daemon.domain.contacts.parsing import make_row
 from daemon.domain.contacts.parsing import parse_csv_file
 from daemon.domain.contacts.parsing import parse_csv_text
@@ -65,6 +69,7 @@ __all__ = [
     "check_region",
     "PHONE_COLUMNS",
     "NAME_COLUMN",
+    "NAME_COLUMNS",
     "SEPARATORS",
     "MAX_NAME_LENGTH",
     "MAX_VARIABLE_LENGTH",
@@ -74,6 +79,7 @@ __all__ = [
     "ImportResult",
     "parse_csv_file",
     "decode_csv_bytes",
+    "header_variables",
     "parse_csv_text",
     "make_row",
     "parse_records",

@@ -3,6 +3,7 @@ the package's docstring."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -32,6 +33,21 @@ PHONE_COLUMNS = (
     "whatsapp",
 )
 NAME_COLUMN = "name"
+# Header names accepted for the name column, the same way: an exact "name"
+# wins, else the first of these from the left.
+NAME_COLUMNS = (
+    NAME_COLUMN,
+    "nom",
+    "full_name",
+    "fullname",
+    "full name",
+    "nom complet",
+    "prénom",
+    "prenom",
+    "first_name",
+    "firstname",
+    "first name",
+)
 SEPARATORS = (";", ",", "\t")
 # Matches the Contact.name column (varchar(200), enforced by PostgreSQL).
 MAX_NAME_LENGTH = 200
@@ -90,7 +106,13 @@ def parse_csv_file(
 
 
 def decode_csv_bytes(data: bytes, name: str = "CSV") -> tuple[str, str]:
-    """(text, encoding): UTF-8 (BOM dropped), else Windows-1252."""
+    """(text, encoding): UTF-16 with its BOM, UTF-8 (BOM dropped), else Windows-1252."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # What Excel's "Unicode text" and some Windows tools write.
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            raise InputError(f"{name}: invalid UTF-16 text") from None
     try:
         return data.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError as exc:
@@ -221,13 +243,13 @@ class _Columns:
             if name and name in seen:
                 raise InputError(f"duplicate column {name!r} in the header")
             seen.add(name)
-        phone = _find_phone_column(lowered)
+        phone = _find_column(lowered, PHONE_COLUMNS)
         if phone is None:
             raise InputError(
                 "no phone column in the header (expected one named 'phone'; "
                 f"got {', '.join(repr(n) for n in names if n)})"
             )
-        name = lowered.index(NAME_COLUMN) if NAME_COLUMN in lowered else None
+        name = _find_column(lowered, NAME_COLUMNS)
         variables = tuple(
             (i, column)
             for i, column in enumerate(names)
@@ -269,13 +291,27 @@ class _Columns:
         return make_row(line, phone, name, variables)
 
 
-def _find_phone_column(lowered: list[str]) -> int | None:
-    if "phone" in lowered:
-        return lowered.index("phone")
+def _find_column(lowered: list[str], aliases: tuple[str, ...]) -> int | None:
+    """The exact first alias, else the leftmost column named by any alias."""
+    if aliases[0] in lowered:
+        return lowered.index(aliases[0])
     for i, column in enumerate(lowered):
-        if column in PHONE_COLUMNS:
+        if column in aliases:
             return i
     return None
+
+
+def header_variables(text: str) -> dict[str, str]:
+    """{template variable: its column's header} a CSV provides, from the start
+    of its text: phone, name (if a column holds it), every other column."""
+    _, header = _read_header(_LineCounter(text))
+    columns = _Columns.from_header(header)
+    names = [column.strip() for column in header]
+    out = {"phone": names[columns.phone]}
+    if columns.name is not None:
+        out["name"] = names[columns.name]
+    out.update((column, column) for _, column in columns.variables)
+    return out
 
 
 def make_row(line: int, phone: str, name: str, variables: dict[str, str]) -> ContactRow:

@@ -11,6 +11,8 @@ from phonenumbers import NumberParseException
 from phonenumbers import PhoneMetadata
 from phonenumbers import ValidationResult
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
+from phonenumbers.phonenumberutil import _maybe_strip_national_prefix_carrier_code
+from phonenumbers.phonenumberutil import _test_number_length
 
 from daemon.errors import InputError
 
@@ -37,6 +39,8 @@ def normalize_phone(raw: str, region: str = "FR") -> str:
     if not text:
         raise InputError("missing phone number")
     fast = _fast_e164(text)
+    if fast is None and text[0] != "+":
+        fast = _fast_national(text, region)
     if fast is not None:
         return fast
     if any(ch.isalpha() for ch in text):
@@ -97,6 +101,61 @@ def _fast_e164(text: str) -> str | None:
     if not phonenumbers.is_valid_number(number):
         return None
     return "+" + digits
+
+
+# Digits only once the separators are gone (3 or more: parse() finds any
+# such string viable): a national number ("06 12 34 56 78") or one with the
+# region's international prefix ("0033 6 12 34 56 78").
+_DIGITS = re.compile(r"[0-9]{3,17}")
+# What parse() does not strip off a national number when what remains has
+# one of these lengths (it could be a short number).
+_KEEP_PREFIX = (
+    ValidationResult.TOO_SHORT,
+    ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+    ValidationResult.INVALID_LENGTH,
+)
+
+
+def _fast_national(text: str, region: str) -> str | None:
+    """_fast_e164 for numbers written without "+", or None: ask the parser.
+
+    Half the numbers of a French file are national ("06 12 34 56 78") or
+    start with the international prefix ("0033..."), and parse() spends most
+    of their time on what digits and separators do not need (extensions,
+    letters, punctuation). This runs the steps of parse() that apply to
+    them, with its own helpers, in its order: the region's international
+    prefix (then the rest is an E.164 number: _fast_e164), the country code
+    written without "+" (left to the parser), the national prefix, stripped
+    as parse() strips it. A number with a leading zero left (Italy), or not
+    valid, goes to the parser, which gives the reason.
+    """
+    compact = text.translate(_SEPARATORS)
+    if not _DIGITS.fullmatch(compact):
+        return None
+    metadata = PhoneMetadata.metadata_for_region(region)
+    if metadata is None:
+        return None
+    if metadata.international_prefix:
+        idd = _prefix_pattern(metadata.international_prefix).match(compact)
+        if idd:
+            rest = compact[idd.end() :]
+            # parse() keeps an international prefix followed by 0 (no country
+            # code starts with 0) as part of a national number.
+            return _fast_e164("+" + rest) if rest[:1] not in ("", "0") else None
+    country_code = metadata.country_code
+    if compact.startswith(str(country_code)):
+        return None  # parse() may read the country code off the front
+    _, national, _ = _maybe_strip_national_prefix_carrier_code(compact, metadata)
+    if _test_number_length(national, metadata) in _KEEP_PREFIX:
+        national = compact
+    if national[0] == "0" or len(national) < 2:
+        return None  # Italian-style leading zeros; too short
+    number = phonenumbers.PhoneNumber(
+        country_code=country_code, national_number=int(national)
+    )
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return f"+{country_code}{national}"
 
 
 @functools.lru_cache(maxsize=512)

@@ -19,9 +19,9 @@ from daemon.domain.contacts.parsing import _sniff_separator
 from daemon.domain.contacts.parsing import decode_csv_bytes
 from daemon.domain.contacts.phones import check_region
 from daemon.domain.contacts.phones import normalize_phone
-from daemon.domain.contacts.upsert import _existing
-from daemon.domain.contacts.upsert import _ids
-from daemon.domain.contacts.upsert import _upsert
+from daemon.domain.contacts.upsert import EncodedRow
+from daemon.domain.contacts.upsert import encoded_row
+from daemon.domain.contacts.upsert import upsert_rows
 from daemon.errors import InputError
 from daemon.store.models import database
 
@@ -142,8 +142,7 @@ def _import_stream(
     with database.atomic():
         if processes == 1:
             for chunk in chunks:
-                cells = _phone_cells(chunk, columns)
-                state.add(chunk, normalize_many(cells, region), columns)
+                state.add(*build_chunk(chunk, columns, region))
         else:
             _run_parallel(chunks, region, processes, columns, state)
     if progress and counter.size:
@@ -169,7 +168,9 @@ def _record_chunks(counter: _LineCounter, header_line: str, chunk_rows: int):
         for record in reader:
             line = offset + previous + 1
             previous = reader.line_num
-            if not any(value.strip() for value in record):
+            # Blank record (Excel's ;;;): the same test as any(v.strip()),
+            # without a generator a record.
+            if not "".join(record).strip():
                 continue
             chunk.append((line, record))
             if len(chunk) >= chunk_rows:
@@ -193,8 +194,26 @@ def normalize_many(raws: list[str | None], region: str) -> list[tuple[bool, str]
     return out
 
 
-def _phone_cells(chunk, columns: _Columns) -> list[str]:
-    return [r[columns.phone] if len(r) > columns.phone else "" for _, r in chunk]
+def build_chunk(
+    chunk: list[tuple[int, list[str]]], columns: _Columns, region: str
+) -> tuple[list[EncodedRow], list[tuple[int, str]], int]:
+    """Records to rows: (the rows, a number seen twice merged into its first
+    row, their variables as JSON text; the rejected (line, why); how many
+    rows were merged). What a worker process runs: the import's one process
+    (the database's) is left the file's reading and the upserts.
+    """
+    cells = [r[columns.phone] if len(r) > columns.phone else "" for _, r in chunk]
+    rows = _MergedRows()
+    errors: list[tuple[int, str]] = []
+    for (line, record), (ok, value) in zip(
+        chunk, normalize_many(cells, region), strict=True
+    ):
+        try:
+            rows.add(columns.checked_row(line, record, ok, value))
+        except InputError as exc:
+            errors.append((line, str(exc)))
+    merged = [encoded_row(row) for row in rows.rows()]
+    return merged, errors, rows.duplicates
 
 
 def _run_parallel(chunks, region, processes, columns, state) -> None:
@@ -207,13 +226,11 @@ def _run_parallel(chunks, region, processes, columns, state) -> None:
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
         pending: list = []
         for chunk in chunks:
-            cells = _phone_cells(chunk, columns)
-            pending.append((chunk, pool.submit(normalize_many, cells, region)))
+            pending.append(pool.submit(build_chunk, chunk, columns, region))
             if len(pending) >= window:
-                done_chunk, future = pending.pop(0)
-                state.add(done_chunk, future.result(), columns)
-        for done_chunk, future in pending:
-            state.add(done_chunk, future.result(), columns)
+                state.add(*pending.pop(0).result())
+        for future in pending:
+            state.add(*future.result())
 
 
 class _StreamState:
@@ -228,30 +245,27 @@ class _StreamState:
         self.errors: list[tuple[int, str]] = []
         self.duplicates = self.created = self.updated = 0
 
-    def add(self, chunk, phones: list[tuple[bool, str]], columns: _Columns) -> None:
-        rows = _MergedRows()
+    def add(
+        self, rows: list[EncodedRow], errors: list[tuple[int, str]], merged: int
+    ) -> None:
+        """Upsert a chunk's rows (from build_chunk)."""
+        self.errors.extend(errors)
+        self.duplicates += merged
+        # A number seen in an earlier chunk: a duplicate too, and an update
+        # of the contact its first row made.
         first: list[str] = []
-        for (line, record), (ok, value) in zip(chunk, phones, strict=True):
-            try:
-                row = columns.checked_row(line, record, ok, value)
-            except InputError as exc:
-                self.errors.append((line, str(exc)))
-                continue
-            key = int(row.phone[1:])
+        for phone, _, _ in rows:
+            key = int(phone[1:])
             if key in self.seen:
                 self.duplicates += 1
             else:
                 self.seen.add(key)
-                first.append(row.phone)
-            rows.add(row)
-        merged = rows.rows()
-        if not merged:
+                first.append(phone)
+        if not rows:
             return
-        existing = _existing([row.phone for row in merged])
+        existing, ids = upsert_rows(rows, self.with_ids and bool(first))
         known = sum(1 for phone in first if phone in existing)
         self.updated += known
         self.created += len(first) - known
-        _upsert(merged, existing)
-        if self.with_ids and first:
-            ids = _ids(first)
+        if self.with_ids:
             self.ids.extend(ids[phone] for phone in first)

@@ -1,8 +1,9 @@
 """The admin API under /api/v1 (bearer token; disabled when web.api_token is empty).
 
-Resources only translate HTTP to the domain functions of daemon.campaigns and
-daemon.contacts; the domain errors map to statuses in app.py (InputError 400,
-NotFoundError 404, StateError 409). Bodies are strict: unknown fields and wrong
+Resources only translate HTTP to the application service (daemon/app/service.py,
+which the CLI calls too: one rule for contacts) and the domain functions; the
+domain errors map to statuses in app.py (InputError 400, NotFoundError 404,
+StateError 409). Bodies are strict: unknown fields and wrong
 types are a 400 that names the field, so a typo never passes silently.
 """
 
@@ -25,8 +26,6 @@ from daemon.roles.web.openapi import MAX_ID
 from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
-from daemon.store.models import Message
-from daemon.store.models import database
 from daemon.store.models import iso_z
 
 PREFIX = "/api/v1"
@@ -61,18 +60,15 @@ class ApiAuth:
 
 
 class InvalidContacts(falcon.HTTPBadRequest):
-    """400 listing every rejected contact row."""
+    """400 listing every rejected contact row (nothing was imported)."""
 
-    def __init__(self, errors: list[tuple[int, str]]):
-        super().__init__(
-            title="Invalid contacts",
-            description=f"no valid contact ({len(errors)} rejected)",
-        )
-        self.errors = errors
+    def __init__(self, refused: service.RejectedRows):
+        super().__init__(title="Invalid contacts", description=str(refused))
+        self.errors = refused.rejected_json()
 
     def to_dict(self, obj_type=dict):
         out = super().to_dict(obj_type)
-        out["errors"] = _errors_json(self.errors)
+        out["errors"] = self.errors
         return out
 
 
@@ -132,17 +128,15 @@ class Body:
             )
         return value
 
-    def contacts(self, region: str) -> contacts_mod.ParsedCsv | str | None:
-        """The `contacts` field: CSV text (imported by _import as a stream)
-        or a list of {phone, name, ...}, parsed."""
+    def contacts(self) -> service.ContactSource | None:
+        """The `contacts` field: CSV text or a list of {phone, name, ...}."""
         value = self.data.get("contacts")
         if value is None:
             return None
         if isinstance(value, str):
-            contacts_mod.check_region(region)
-            return value
+            return service.CsvText(value)
         if isinstance(value, list):
-            return contacts_mod.parse_records(value, region)
+            return service.Records(value)
         raise bad_request(
             "Invalid body",
             "field 'contacts' must be CSV text or a list of objects, "
@@ -150,42 +144,16 @@ class Body:
         )
 
 
-def _errors_json(errors: list[tuple[int, str]]) -> list[dict]:
-    return [{"line": line, "reason": reason} for line, reason in errors]
+_NOTHING_IMPORTED = {"created": 0, "updated": 0, "duplicates_merged": 0, "errors": []}
 
 
-def _import(
-    parsed: contacts_mod.ParsedCsv | str | None, region: str = DEFAULT_REGION
-) -> tuple[list[int], dict]:
-    """Upsert contacts (parsed records, or CSV text); (contact ids, report).
-
-    400 when none is valid. CSV text is imported chunk by chunk
-    (contacts.import_csv_text): its rows are never all in memory.
-    """
-    if parsed is None:
-        return [], {"created": 0, "updated": 0, "duplicates_merged": 0, "errors": []}
-    if isinstance(parsed, str):
-        with database.atomic():
-            parsed, result = contacts_mod.import_csv_text(parsed, region, with_ids=True)
-            if not result.contact_ids and parsed.errors:
-                raise InvalidContacts(parsed.errors)
-        return result.contact_ids, _import_report(parsed, result)
-    if not parsed.rows and parsed.errors:
-        raise InvalidContacts(parsed.errors)
-    result = contacts_mod.import_rows(parsed.rows)
-    return result.contact_ids, _import_report(parsed, result)
-
-
-def _import_report(
-    parsed: contacts_mod.ParsedCsv, result: contacts_mod.ImportResult
-) -> dict:
-    report = {
-        "created": result.created,
-        "updated": result.updated,
-        "duplicates_merged": parsed.duplicates_merged,
-        "errors": _errors_json(parsed.errors),
+def _import_json(report: service.ImportReport) -> dict:
+    return {
+        "created": report.created,
+        "updated": report.updated,
+        "duplicates_merged": report.duplicates_merged,
+        "errors": report.rejected_json(),
     }
-    return report
 
 
 # --- campaigns -----------------------------------------------------------------
@@ -199,6 +167,7 @@ _CREATE_FIELDS = {
     "region",
     "skip_invalid",
     "start",
+    "strict",
 }
 
 
@@ -222,25 +191,33 @@ class CampaignCollection:
         region = body.text("region", default=DEFAULT_REGION, max_len=8)
         skip_invalid = body.flag("skip_invalid", True)
         start = body.flag("start", False)
+        strict = body.flag("strict", False)
         extra_ids = body.ids("contact_ids")
-        parsed = body.contacts(region)
-        # One transaction: a campaign refused (say, a contact lacks {city})
-        # leaves no half-imported contacts behind.
-        with database.atomic():
-            imported_ids, report = _import(parsed, region)
-            contact_ids = list(dict.fromkeys(imported_ids + extra_ids))
-            if not contact_ids:
-                raise bad_request(
-                    "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
-                )
-            campaign = campaigns.create_campaign(
-                name, message1, message2, contact_ids, skip_invalid=skip_invalid
+        source = body.contacts()
+        if source is None and not extra_ids:
+            raise bad_request(
+                "Invalid body", "a campaign needs 'contacts' or 'contact_ids'"
             )
+        # The same function and rule as `campaignd campaign create`.
+        try:
+            campaign, report = service.create_campaign_from(
+                name,
+                message1,
+                message2,
+                source=source,
+                contact_ids=extra_ids,
+                region=region,
+                skip_invalid=skip_invalid,
+                strict=strict,
+            )
+        except service.RejectedRows as exc:
+            raise InvalidContacts(exc) from None
         if start:
             campaigns.start_campaign(campaign.id, self.tasks)
         resp.status = falcon.HTTP_201
         resp.location = f"{PREFIX}/campaigns/{campaign.id}"
-        resp.media = {**campaigns.campaign_summary(campaign.id), "import": report}
+        imported = _import_json(report) if report else dict(_NOTHING_IMPORTED)
+        resp.media = {**campaigns.campaign_summary(campaign.id), "import": imported}
 
 
 class CampaignItem:
@@ -338,17 +315,25 @@ class ContactImport:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.content_type and req.content_type.startswith("text/csv"):
             region = req.get_param("region") or DEFAULT_REGION
-            text, _ = contacts_mod.decode_csv_bytes(read_body(req), "CSV body")
+            strict = req.get_param_as_bool("strict", default=False)
             contacts_mod.check_region(region)
-            parsed = text
+            text, _ = contacts_mod.decode_csv_bytes(read_body(req), "CSV body")
+            source = service.CsvText(text, "CSV body")
         else:
-            body = Body.read(req, {"contacts", "region"})
+            body = Body.read(req, {"contacts", "region", "strict"})
             region = body.text("region", default=DEFAULT_REGION, max_len=8)
-            parsed = body.contacts(region)
-            if parsed is None:
+            strict = body.flag("strict", False)
+            source = body.contacts()
+            if source is None:
                 raise bad_request("Invalid body", "field 'contacts' is required")
-        contact_ids, report = _import(parsed, region)
-        resp.media = {**report, "contact_ids": contact_ids}
+        # The same function and rule as `campaignd contacts import`.
+        try:
+            report = service.import_contacts(
+                source, region, strict=strict, with_ids=True
+            )
+        except service.RejectedRows as exc:
+            raise InvalidContacts(exc) from None
+        resp.media = {**_import_json(report), "contact_ids": report.contact_ids}
 
 
 class ContactItem:
@@ -385,24 +370,16 @@ class MessageCollection:
     uses_database = True
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        query = Message.select().order_by(Message.id)
-        for param, field in (
-            ("campaign_id", Message.campaign),
-            ("contact_id", Message.contact),
-        ):
-            value = req.get_param_as_int(param, min_value=1, max_value=MAX_ID)
-            if value is not None:
-                query = query.where(field == value)
+        ids = {
+            param: req.get_param_as_int(param, min_value=1, max_value=MAX_ID)
+            for param in ("campaign_id", "contact_id")
+        }
         status = req.get_param("status")
-        if status is not None:
-            if status not in MESSAGE_STATUSES:
-                raise falcon.HTTPInvalidParam(
-                    f"must be one of {', '.join(MESSAGE_STATUSES)}", "status"
-                )
-            query = query.where(Message.status == status)
+        if status is not None and status not in MESSAGE_STATUSES:
+            raise falcon.HTTPInvalidParam(
+                f"must be one of {', '.join(MESSAGE_STATUSES)}", "status"
+            )
         kind = req.get_param_as_int("kind", min_value=1, max_value=2)
-        if kind is not None:
-            query = query.where(Message.kind == kind)
         limit = req.get_param_as_int(
             "limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE
         )
@@ -410,11 +387,14 @@ class MessageCollection:
         offset = req.get_param_as_int("offset", min_value=0, max_value=10**9)
         if cursor is not None and offset is not None:
             raise bad_request("Invalid query", "use either 'cursor' or 'offset'")
-        if cursor is not None:
-            query = query.where(Message.id > cursor)
-        if offset:
-            query = query.offset(offset)
-        rows = list(query.limit(limit))
+        rows = campaigns.list_messages(
+            **ids,
+            status=status,
+            kind=kind,
+            after_id=cursor,
+            offset=offset,
+            limit=limit,
+        )
         resp.media = {
             "messages": [campaigns.message_dict(m) for m in rows],
             "next_cursor": rows[-1].id if len(rows) == limit else None,

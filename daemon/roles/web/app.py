@@ -29,6 +29,7 @@ from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.errors import StateError
 from daemon.roles.web import api
+from daemon.roles.web import console
 from daemon.roles.web import health
 from daemon.roles.web import webhooks
 from daemon.roles.web.openapi import MAX_ID
@@ -249,6 +250,7 @@ def create_app(
     app.add_route(f"{prefix}/messages", api.MessageCollection())
     app.add_route(f"{prefix}/events", api.EventCollection())
     app.add_route(f"{prefix}/events/{{event_id}}/replay", api.EventReplay(tasks, cfg))
+    console.register(app, cfg, tasks, queues)  # /ui, the web console
     return app
 
 

@@ -12,18 +12,7 @@ from daemon.store.models import MessageStatus
 
 # inbound ids are INTEGER (int4 on PostgreSQL): larger ones can never exist.
 MAX_ID = 2**31 - 1
-MESSAGE_STATUSES = (
-    MessageStatus.PENDING,
-    MessageStatus.QUEUED,
-    MessageStatus.SENDING,
-    MessageStatus.UNCONFIRMED,
-    MessageStatus.SENT,
-    MessageStatus.DELIVERED,
-    MessageStatus.READ,
-    MessageStatus.FAILED,
-    MessageStatus.EXPIRED,
-    MessageStatus.CANCELLED,
-)
+MESSAGE_STATUSES = MessageStatus.ALL
 CAMPAIGN_STATUSES = ("draft", "running", "paused", "completed", "cancelled")
 
 _STR = {"type": "string"}
@@ -72,6 +61,8 @@ _CAMPAIGN_FIELDS = {
 }
 
 _IMPORT_ERROR = _obj({"line": _INT, "reason": _STR})
+# Contacts: a bad row refuses them all (default: import the good rows).
+_STRICT = {"type": "boolean", "default": False}
 
 SCHEMAS = {
     "Error": {
@@ -274,6 +265,7 @@ def _paths() -> dict:
                 "region": {"type": "string", "default": "FR", "maxLength": 8},
                 "skip_invalid": {"type": "boolean", "default": True},
                 "start": {"type": "boolean", "default": False},
+                "strict": _STRICT,
             },
             required=["name", "message1", "message2"],
         )
@@ -400,7 +392,10 @@ def _paths() -> dict:
                 "import contacts (upsert by phone)",
                 {
                     "200": _json(_ref("ImportReport"), "imported"),
-                    "400": _error("no valid contact, or an invalid body"),
+                    "400": _error(
+                        "no valid contact, a bad row with strict (nothing "
+                        "imported; every bad row in errors), or an invalid body"
+                    ),
                 },
                 body={
                     "required": True,
@@ -410,6 +405,7 @@ def _paths() -> dict:
                                 {
                                     "contacts": _ref("ContactsInput"),
                                     "region": {"type": "string", "maxLength": 8},
+                                    "strict": _STRICT,
                                 },
                                 required=["contacts"],
                             )
@@ -417,7 +413,14 @@ def _paths() -> dict:
                         "text/csv": {"schema": _STR},
                     },
                 },
-                params=[_query("region", _STR, "default region for text/csv bodies")],
+                params=[
+                    _query("region", _STR, "default region for text/csv bodies"),
+                    _query(
+                        "strict",
+                        {"type": "boolean", "default": False},
+                        "text/csv bodies: refuse the whole body if any row is bad",
+                    ),
+                ],
             )
         },
         "/api/v1/contacts/{ref}": {
