@@ -40,15 +40,20 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from daemon.store.models import MessageStatus
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-c", "--config", help="TOML config file (default: $CAMPAIGND_CONFIG)"
+    config_help = (
+        "TOML config file (default: $CAMPAIGND_CONFIG, then "
+        "/etc/campaignd/campaignd.toml, then ./campaignd.toml)"
     )
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a -c given before the subcommand is not reset to None by
+    # the subcommand's own (absent) -c.
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print JSON")
 
     parser = _Parser(prog="campaignd", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-c", "--config", default=None, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("run", parents=[common], help="run the daemon (supervisor)")

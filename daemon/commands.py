@@ -518,7 +518,22 @@ def _verify_phone(cfg: Config, args) -> int:
 
 @contextlib.contextmanager
 def _database(cfg: Config) -> Iterator:
+    url = cfg.database_url
+    new_file = (
+        cfg.data_dir_relative
+        and url.startswith("sqlite:///")
+        and not Path(url.removeprefix("sqlite:///")).exists()
+    )
     db = open_database(cfg, migrate_schema=True)
+    if new_file:
+        # A relative data_dir run from another directory must not look like
+        # lost data: say that this database was just created, and where.
+        where = url.removeprefix("sqlite:///")
+        print(
+            f"campaignd: created a new database at {where} (daemon.data_dir is "
+            "relative to the current directory)",
+            file=sys.stderr,
+        )
     try:
         with db.connection_context():
             yield db
