@@ -217,7 +217,7 @@ def create_app(
     probe = health.Probe()
     app.add_route("/healthz", health.Healthz())
     app.add_route("/readyz", health.Readyz(probe, queues))
-    app.add_route("/metrics", health.Metrics(probe, queues))
+    app.add_route("/metrics", health.Metrics(probe, queues, cfg))
 
     prefix = api.PREFIX
     campaign = f"{prefix}/campaigns/{{campaign_id:int(min=1, max={MAX_ID})}}"
