@@ -217,11 +217,15 @@ def run_mode(
     workers = []
     try:
         meter = PeakRss(lambda: [])
+        # The import is the step most moved by other load on the machine (it
+        # needs every core): the 1-minute load average before and after it.
+        load_before = os.getloadavg()[0]
         took, out = _child(IMPORT.format(csv=str(csv_path)), config, meter)
         res.update(import_s=took, import_rss_mb=meter.peak / MB, **json.loads(out))
         log(
             f"  {mode} import: {took:.1f}s, {res['created']} created, "
-            f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB"
+            f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB, "
+            f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
         )
         meter = PeakRss(lambda: [])
         took, out = _child(CAMPAIGN, config, meter)
