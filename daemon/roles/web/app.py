@@ -24,6 +24,7 @@ from waitress.server import create_server
 from daemon import metrics
 from daemon import runtime
 from daemon.config import Config
+from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
@@ -380,7 +381,18 @@ def main(cfg: Config) -> int:
     open_database(cfg, migrate_schema=True)
     database.close()
     tasks = Tasks(cfg, make_queues(cfg))
-    server = WebServer(create_app(cfg, tasks), cfg)
+    try:
+        server = WebServer(create_app(cfg, tasks), cfg)
+    except OSError as exc:
+        # A taken port is the operator's to fix: one line naming the keys,
+        # not a traceback per respawn.
+        reason = (
+            f"cannot listen on {cfg.web.host}:{cfg.web.port} (web.host, web.port):"
+            f" {exc.strerror or exc}"
+        )
+        log.error("%s", reason)
+        runtime.say_last_words(reason)
+        return EXIT_FAILURE
     heartbeat = runtime.Heartbeat.from_env()
     beater = None
     if heartbeat is not None:
