@@ -91,6 +91,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"campaignd: error: {message}\n")
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"must be seconds between 0.05 and 3600, got {text!r}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.store.models import MessageStatus
 
@@ -209,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in CAMPAIGN_ACTIONS.items():
         p = campaign.add_parser(action, parents=[common, json_flag], help=text)
         p.add_argument("id", type=int, help="campaign id (campaign list)")
+        if action == "show":
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="redraw the funnel and the ETA until the campaign completes",
+            )
+            p.add_argument(
+                "--interval",
+                type=_interval,
+                default=2.0,
+                metavar="S",
+                help="seconds between two drawings with --watch",
+            )
 
     p = sub.add_parser("messages", help="messages and their state").add_subparsers(
         dest="action", required=True, parser_class=_Parser, metavar="ACTION"

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from daemon import watch
 from daemon.app import service
 from daemon.config import Config
 from daemon.domain import campaigns
@@ -66,6 +67,10 @@ def campaign(cfg: Config, args) -> int:
         if args.action == "list":
             return _campaign_list(args)
         if args.action == "show":
+            if getattr(args, "watch", False):
+                if args.json:
+                    raise InputError("--watch draws text: leave out --json")
+                return watch.watch(cfg, args.id, args.interval)
             _print_summary(args, campaigns.campaign_summary(args.id))
             return EXIT_OK
         if args.action in ("pause", "cancel"):

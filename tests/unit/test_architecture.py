@@ -31,6 +31,7 @@ LAYERS = {
     "daemon.commands": "entry",
     "daemon.demo": "entry",
     "daemon.status": "entry",
+    "daemon.watch": "entry",
     "daemon.__main__": "entry",
 }
 RANK = {
