@@ -74,8 +74,10 @@ def eta_line(cfg: Config, summary: dict, now: dt.datetime) -> str:
     left = summary["members"].get(MemberState.PENDING, 0)
     status = summary["status"]
     if status in DONE:
-        return f"{status}" + (
-            f" at {summary['finished_at']}" if summary.get("finished_at") else ""
+        finished = summary.get("finished_at") or ""
+        # "2026-12-03T15:58:03.066696Z" -> "2026-12-03 15:58:03 UTC"
+        return status + (
+            f" at {finished[:19].replace('T', ' ')} UTC" if finished else ""
         )
     limits = _limits(cfg)
     if left == 0:

@@ -155,7 +155,9 @@ def test_watch_draws_snapshots_until_the_campaign_completes(cfg, campaign_id):
     assert re.search(r"^Message 1 sent +4 #{50} +100%$", last, re.M), last
     assert re.search(r"^read +2 #{25}\.{25} +50%$", last, re.M), last
     assert "expired (no reply) 4" in last
-    assert re.search(r"^completed at \S+", last, re.M), last
+    assert re.search(
+        r"^completed at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", last, re.M
+    ), last
 
 
 def test_watch_refuses_json_and_a_bad_interval(cfg, campaign_id):
