@@ -1,10 +1,11 @@
 """Side-by-side benchmarks: campaignd against a replica of the original stack.
 
-    .venv/bin/python -m bench all|w1|w2|w3|w4|w5 [--runs N] [--quick]
+    .venv/bin/python -m bench all|w1|w2|w3|w4|w5|w6 [--runs N] [--quick]
 
 W1 dispatch, W2 webhook ingest, W3 respawn, W4 loss/duplication under
-SIGKILL, W5 footprint (docs/benchmarks.md describes each). campaignd runs in
-embedded mode (SQLite + SqliteHuey) and cluster mode (PostgreSQL + Redis);
+SIGKILL, W5 footprint, W6 reply after idleness (docs/benchmarks.md describes
+each). campaignd runs in embedded mode (SQLite + SqliteHuey) and cluster mode
+(PostgreSQL + Redis);
 the peer is Celery + Redis + FastAPI/uvicorn + PostgreSQL, installed on first
 use into bench/.venv-peer (bench/requirements-peer.txt). Needs the local
 PostgreSQL (CAMPAIGND_BENCH_PG, default postgresql://postgres@127.0.0.1:5432/

@@ -88,11 +88,21 @@ def write_csv(path: Path, rows: int) -> int:
 
 
 class PeakRss:
-    """Polls a process tree; the largest RSS any one process reached."""
+    """Polls a process tree; the largest RSS any one process reached, and the
+    CPU time each used (as last seen: a poll every 0.2 s, so a process's
+    last fraction of a second may be missed).
 
-    def __init__(self, pids):
+    `server_tag`: also the CPU time of the PostgreSQL backends whose command
+    line names it (the bench's database).
+    """
+
+    def __init__(self, pids, server_tag: str | None = None):
         self.pids = pids
+        self.root_pid: int | None = None
         self.peak = 0
+        self.cpu: dict[int, float] = {}
+        self.server_tag = server_tag
+        self.server_cpu: dict[int, float] = {}
 
     def sample(self) -> None:
         for pid in self.pids():
@@ -100,8 +110,27 @@ class PeakRss:
                 root = psutil.Process(pid)
                 for proc in [root, *root.children(recursive=True)]:
                     self.peak = max(self.peak, proc.memory_info().rss)
+                    times = proc.cpu_times()
+                    self.cpu[proc.pid] = times.user + times.system
             except psutil.Error:
                 pass
+        if self.server_tag:
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    line = " ".join(proc.info["cmdline"] or ())
+                    if proc.info["name"] == "postgres" and self.server_tag in line:
+                        times = proc.cpu_times()
+                        self.server_cpu[proc.pid] = times.user + times.system
+                except psutil.Error:
+                    pass
+
+    def cpu_summary(self) -> str:
+        main = self.cpu.get(self.root_pid, 0.0) if self.root_pid else 0.0
+        others = sum(self.cpu.values()) - main
+        text = f"CPU s: main process {main:.1f}, its children {others:.1f}"
+        if self.server_tag:
+            text += f", PostgreSQL {sum(self.server_cpu.values()):.1f}"
+        return text
 
 
 def _child(code: str, config: Path, meter: PeakRss | None = None) -> tuple[float, str]:
@@ -123,6 +152,7 @@ def _child(code: str, config: Path, meter: PeakRss | None = None) -> tuple[float
     )
     if meter is not None:
         meter.pids = lambda: [proc.pid]
+        meter.root_pid = proc.pid
     while proc.poll() is None:
         if meter is not None:
             meter.sample()
@@ -216,12 +246,17 @@ def run_mode(
     res: dict = {"mode": mode, "rows": rows}
     workers = []
     try:
-        meter = PeakRss(lambda: [])
+        meter = PeakRss(lambda: [], f" {pg_name} " if pg_name else None)
+        # The import is the step most moved by other load on the machine (it
+        # needs every core): the 1-minute load average before and after it.
+        load_before = os.getloadavg()[0]
         took, out = _child(IMPORT.format(csv=str(csv_path)), config, meter)
         res.update(import_s=took, import_rss_mb=meter.peak / MB, **json.loads(out))
         log(
             f"  {mode} import: {took:.1f}s, {res['created']} created, "
-            f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB"
+            f"{res['rejected']} rejected, peak {meter.peak / MB:.0f} MB, "
+            f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; "
+            + meter.cpu_summary()
         )
         meter = PeakRss(lambda: [])
         took, out = _child(CAMPAIGN, config, meter)

@@ -1457,6 +1457,8 @@ WORKLOADS = {
     "w3": w3_respawn,
     "w4": w4_chaos,
     "w5": w5_footprint,
+    # A reply after 5 s idle -> Message 2 (bench/w6_idle_reply.py).
+    "w6": lambda b: __import__("bench.w6_idle_reply").w6_idle_reply.workload(b),
     # A campaign of a million contacts (bench/scale.py); "all" skips it.
     "scale": lambda b: __import__("bench.scale").scale.workload(b),
 }

@@ -20,6 +20,14 @@ from daemon.errors import DaemonError
 
 ROLES_HELP = "web | worker:default | worker:messages | worker:retry | "
 ROLES_HELP += "worker:verification | scheduler"
+CAMPAIGN_ACTIONS = {
+    "show": "a campaign's counters (members, messages by status, unconfirmed)",
+    "start": "draft -> running: Message 1 goes out at the pacing",
+    "pause": "running -> paused: no new sends (those on the wire finish)",
+    "resume": "paused -> running",
+    "cancel": "stop for good: messages not yet sent are cancelled",
+    "retry-failed": "queue the failed messages again (never to opted-out contacts)",
+}
 STRICT_HELP = "refuse the whole file if any row is bad (default: import the good rows)"
 
 # What the warm spare imports before it is told which role to become.
@@ -32,27 +40,93 @@ STANDBY_IMPORTS = (
 )
 
 
+DESCRIPTION = """\
+campaignd runs WhatsApp outreach campaigns: Message 1 to every contact, and
+Message 2 to those who reply, through Wassenger or Meta's Cloud API.
+
+examples:
+  campaignd demo                                 a whole campaign, offline, in a minute
+  campaignd run -c /etc/campaignd/campaignd.toml the daemon (what systemd runs)
+  campaignd status                               roles, queues, alerts
+  campaignd contacts import contacts.csv         then: campaign create, campaign start
+  campaignd campaign show 1                      a campaign's counters
+  campaignd COMMAND --help                       each command's options
+"""
+EPILOG = """\
+exit codes: 0 ok; 1 failure (one line on stderr; for status: degraded);
+2 usage or config error; 3 status: no daemon answers; 4 status: unknown.
+docs: README.md, docs/operations.md, docs/configuration.md
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default in its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default:" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
+        if self._subparsers is not None and message.startswith(
+            "the following arguments are required"
+        ):
+            # A bare `campaignd` or `campaignd campaign`: what can follow.
+            self.print_help(sys.stderr)
+            self.exit(EXIT_CONFIG)
         self.exit(EXIT_CONFIG, f"campaignd: error: {message}\n")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"must be seconds between 0.05 and 3600, got {text!r}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from daemon.store.models import MessageStatus
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-c", "--config", help="TOML config file (default: $CAMPAIGND_CONFIG)"
+    config_help = (
+        "TOML config file (default: $CAMPAIGND_CONFIG, then "
+        "/etc/campaignd/campaignd.toml, then ./campaignd.toml)"
     )
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a -c given before the subcommand is not reset to None by
+    # the subcommand's own (absent) -c.
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print JSON")
 
-    parser = _Parser(prog="campaignd", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="campaignd", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("-c", "--config", default=None, help=config_help)
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
 
     sub.add_parser("run", parents=[common], help="run the daemon (supervisor)")
-    p = sub.add_parser("child", parents=[common], help=argparse.SUPPRESS)
+    # No help=: the supervisor's own entry point stays out of the listing.
+    p = sub.add_parser("child", parents=[common])
     p.add_argument("role", nargs="?", default="", help=ROLES_HELP)
     p.add_argument("--standby", action="store_true", help="run as the warm spare")
     sub.add_parser("web", parents=[common], help="run the web role in the foreground")
@@ -63,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue",
         required=True,
         choices=("default", "messages", "retry", "verification"),
+        help="the queue to consume",
     )
     sub.add_parser(
         "scheduler", parents=[common], help="run the scheduler in the foreground"
@@ -102,36 +177,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     contacts = sub.add_parser("contacts", help="manage contacts").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    p = contacts.add_parser("import", parents=[common, json_flag], help="import a CSV")
-    p.add_argument("file")
-    p.add_argument("--region", default="FR", help="region for local numbers")
+    p = contacts.add_parser(
+        "import",
+        parents=[common, json_flag],
+        help="import a CSV (phone, name, any other column as a variable)",
+    )
+    p.add_argument("file", help="CSV file: ',' or ';', UTF-8 or UTF-16 with a BOM")
+    p.add_argument("--region", default="FR", help="country of numbers without +")
     p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p = contacts.add_parser("list", parents=[common, json_flag], help="list contacts")
-    p.add_argument("--limit", type=int, default=50)
-    p = contacts.add_parser("opt-out", parents=[common, json_flag], help="opt out")
-    p.add_argument("phone")
-    p.add_argument("--region", default="FR", help="region for a local number")
+    p.add_argument("--limit", type=int, default=50, help="at most this many")
+    p = contacts.add_parser(
+        "opt-out",
+        parents=[common, json_flag],
+        help="opt a contact out: nothing more is sent to them, ever",
+    )
+    p.add_argument("phone", help="the contact's number")
+    p.add_argument("--region", default="FR", help="country of a number without +")
 
     campaign = sub.add_parser("campaign", help="manage campaigns").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
-    p = campaign.add_parser("create", parents=[common, json_flag])
-    p.add_argument("--name", required=True)
-    p.add_argument("--message1", required=True)
-    p.add_argument("--message2", required=True)
+    p = campaign.add_parser(
+        "create",
+        parents=[common, json_flag],
+        help="create a draft campaign",
+        description=(
+            "Create a draft campaign. Templates take {name}, {phone} and any "
+            "column of the contacts' CSV as {column}; a variable no column "
+            "provides is refused, naming it and the columns there are."
+        ),
+    )
+    p.add_argument("--name", required=True, help="the campaign's name")
+    p.add_argument("--message1", required=True, help="first message template")
+    p.add_argument("--message2", required=True, help="template sent to those who reply")
     p.add_argument("--contacts", help="CSV of the campaign's contacts")
-    p.add_argument("--region", default="FR")
+    p.add_argument("--region", default="FR", help="country of numbers without +")
     p.add_argument("--all-contacts", action="store_true", help="target every contact")
     p.add_argument("--strict", action="store_true", help=STRICT_HELP)
-    campaign.add_parser("list", parents=[common, json_flag])
-    for action in ("show", "start", "pause", "resume", "cancel", "retry-failed"):
-        p = campaign.add_parser(action, parents=[common, json_flag])
-        p.add_argument("id", type=int)
+    campaign.add_parser("list", parents=[common, json_flag], help="every campaign")
+    for action, text in CAMPAIGN_ACTIONS.items():
+        p = campaign.add_parser(action, parents=[common, json_flag], help=text)
+        p.add_argument("id", type=int, help="campaign id (campaign list)")
+        if action == "show":
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="redraw the funnel and the ETA until the campaign completes",
+            )
+            p.add_argument(
+                "--interval",
+                type=_interval,
+                default=2.0,
+                metavar="S",
+                help="seconds between two drawings with --watch",
+            )
 
     p = sub.add_parser("messages", help="messages and their state").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
     )
     p = p.add_parser(
         "list",
@@ -145,18 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = sub.add_parser(
         "events", help="stored webhook events and dead letters"
-    ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ).add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION"
+    )
     p = events.add_parser(
         "list", parents=[common, json_flag], help="list webhook events, newest first"
     )
     p.add_argument("--dead", action="store_true", help="only the dead letters")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="at most this many")
     p = events.add_parser(
         "replay",
         parents=[common, json_flag],
         help="process a dead-letter event again",
     )
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=int, help="event id (events list --dead)")
 
     p = sub.add_parser(
         "verify", parents=[common, json_flag], help="check numbers are on WhatsApp"
@@ -165,10 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--phone", help="check one number now")
     target.add_argument("--campaign", type=int, help="queue checks for a campaign")
     target.add_argument("--all", action="store_true", help="queue unknown numbers")
-    p.add_argument("--region", default="FR", help="region for a local --phone")
+    p.add_argument("--region", default="FR", help="country of a --phone without +")
 
     p = sub.add_parser("demo", help="run a complete local demo")
-    p.add_argument("--contacts", type=int, default=200)
+    p.add_argument("--contacts", type=int, default=200, help="campaign size")
     p.add_argument("--keep", action="store_true", help="keep the data dir")
 
     p = sub.add_parser("fake-provider", help="run the local fake provider")

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from daemon import watch
 from daemon.app import service
 from daemon.config import Config
 from daemon.domain import campaigns
@@ -66,6 +67,10 @@ def campaign(cfg: Config, args) -> int:
         if args.action == "list":
             return _campaign_list(args)
         if args.action == "show":
+            if getattr(args, "watch", False):
+                if args.json:
+                    raise InputError("--watch draws text: leave out --json")
+                return watch.watch(cfg, args.id, args.interval)
             _print_summary(args, campaigns.campaign_summary(args.id))
             return EXIT_OK
         if args.action in ("pause", "cancel"):
@@ -518,7 +523,22 @@ def _verify_phone(cfg: Config, args) -> int:
 
 @contextlib.contextmanager
 def _database(cfg: Config) -> Iterator:
+    url = cfg.database_url
+    new_file = (
+        cfg.data_dir_relative
+        and url.startswith("sqlite:///")
+        and not Path(url.removeprefix("sqlite:///")).exists()
+    )
     db = open_database(cfg, migrate_schema=True)
+    if new_file:
+        # A relative data_dir run from another directory must not look like
+        # lost data: say that this database was just created, and where.
+        where = url.removeprefix("sqlite:///")
+        print(
+            f"campaignd: created a new database at {where} (daemon.data_dir is "
+            "relative to the current directory)",
+            file=sys.stderr,
+        )
     try:
         with db.connection_context():
             yield db

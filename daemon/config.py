@@ -27,6 +27,9 @@ from zoneinfo import ZoneInfoNotFoundError
 from daemon.errors import ConfigError
 
 CONFIG_ENV = "CAMPAIGND_CONFIG"
+# Where a config is looked for when neither -c nor $CAMPAIGND_CONFIG names
+# one: the packaged service's file, then one in the current directory.
+SEARCH_PATHS = ("/etc/campaignd/campaignd.toml", "campaignd.toml")
 
 
 def _opt(default, *, lo=None, hi=None, choices=None, secret=False, env=None):
@@ -249,6 +252,9 @@ class Config:
     # Where this config came from ("" when built from defaults only); the
     # supervisor passes it on to its children.
     source: str = ""
+    # daemon.data_dir was relative (resolved against the working directory):
+    # the CLI says so when that finds no database, as a wrong directory would.
+    data_dir_relative: bool = False
 
     @property
     def data_path(self) -> Path:
@@ -282,7 +288,7 @@ def load(
     needs only paths, and an operator cannot read the service's credentials.
     """
     env = os.environ if env is None else env
-    path = path or env.get(CONFIG_ENV) or None
+    path = find_config(path, env)
     raw: dict = {}
     if path is not None:
         try:
@@ -298,6 +304,17 @@ def load(
     return from_dict(raw, env=env, source=source, read_secrets=read_secrets)
 
 
+def find_config(path=None, env=None) -> str | None:
+    """The config file to read: `path` (-c), then $CAMPAIGND_CONFIG, then the
+    first of SEARCH_PATHS that exists; None means defaults only."""
+    env = os.environ if env is None else env
+    if path:
+        return str(path)
+    if env.get(CONFIG_ENV):
+        return env[CONFIG_ENV]
+    return next((p for p in SEARCH_PATHS if os.path.exists(p)), None)
+
+
 def load_alerts(path: str | os.PathLike | None = None, env=None) -> AlertsConfig:
     """Only the [alerts] table of the config, whatever is wrong elsewhere.
 
@@ -305,7 +322,7 @@ def load_alerts(path: str | os.PathLike | None = None, env=None) -> AlertsConfig
     OnFailure unit after it, still reach the operator's alert channels.
     """
     env = os.environ if env is None else env
-    path = path or env.get(CONFIG_ENV) or None
+    path = find_config(path, env)
     raw: dict = {}
     if path is not None:
         try:
@@ -336,6 +353,7 @@ def from_dict(
         if not isinstance(section, dict):
             raise ConfigError(f"{f.name}: must be a table, got {_kind(section)}")
         tables[f.name] = _build(hints[f.name], f.name, section, env, read_secrets)
+    tables = _systemd_directories(tables, raw, env)
     # Children run with the same cwd today, but a relative data dir would
     # silently move if anyone changed that; resolve it once here.
     data_dir = tables["daemon"].data_dir
@@ -344,7 +362,8 @@ def from_dict(
     tables["daemon"] = dataclasses.replace(
         tables["daemon"], data_dir=str(Path(data_dir).resolve())
     )
-    cfg = Config(**tables, source=source)
+    relative = not Path(data_dir).is_absolute()
+    cfg = Config(**tables, source=source, data_dir_relative=relative)
     _check_cross_fields(cfg)
     # `read_secrets=False` leaves `*_file` secrets empty: they count as set.
     unread = set() if read_secrets else _file_keys(raw)
@@ -352,8 +371,31 @@ def from_dict(
     return cfg
 
 
+def _systemd_directories(tables: dict, raw: dict, env) -> dict:
+    """Under systemd, what the file leaves unset goes where the unit says:
+    daemon.data_dir in $STATE_DIRECTORY, the status socket in
+    $RUNTIME_DIRECTORY (each the first of its colon-separated list)."""
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state and "data_dir" not in raw.get("daemon", {}):
+        tables["daemon"] = dataclasses.replace(tables["daemon"], data_dir=state)
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime and not tables["status"].socket:
+        socket_path = os.path.join(runtime, "campaignd.sock")
+        tables["status"] = dataclasses.replace(tables["status"], socket=socket_path)
+    return tables
+
+
+_NOT_TABLES = ("source", "data_dir_relative")
+
+
 def _tables():
-    return [f for f in dataclasses.fields(Config) if f.name != "source"]
+    return [f for f in dataclasses.fields(Config) if f.name not in _NOT_TABLES]
+
+
+def table_types() -> dict[str, type]:
+    """{table name: its dataclass} for every [table] of the file."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in _tables()}
 
 
 def _build(cls, table: str, section: dict, env, read_secrets: bool = True):

@@ -50,9 +50,12 @@ tests/unit/test_docs_config.py fails when this page is out of date. -->
 campaignd reads one TOML file, once at start (and again on `SIGHUP`, see
 [supervision.md](supervision.md)). It is found in this order:
 
-1. `-c FILE` / `--config FILE` on the command line;
+1. `-c FILE` / `--config FILE` on the command line (before or after the
+   subcommand);
 2. the `CAMPAIGND_CONFIG` environment variable;
-3. none: every key keeps its default (embedded mode: SQLite, data in
+3. `/etc/campaignd/campaignd.toml`, then `./campaignd.toml`, the first that
+   exists;
+4. none: every key keeps its default (embedded mode: SQLite, data in
    `./campaignd-data`, web on 127.0.0.1:8080).
 
 Every key has a default, so a file holds only what differs.
@@ -101,7 +104,16 @@ Checked at load time, like the ranges:
 A relative `daemon.data_dir` is resolved once, against the working directory
 of the process that loads the file: under systemd that is
 `WorkingDirectory=/var/lib/campaignd`, in your shell it is your current
-directory. Give an absolute path in a file that both use.
+directory. Give an absolute path in a file that both use. A command that
+finds no database there says so (`campaignd: created a new database at
+...`), so a wrong directory does not pass for lost data.
+
+Under systemd, what the file leaves unset follows the unit: `daemon.data_dir`
+is `$STATE_DIRECTORY` (`StateDirectory=campaignd`: /var/lib/campaignd) and
+`status.socket` is `$RUNTIME_DIRECTORY/campaignd.sock` (/run/campaignd). An
+operator's shell has neither variable: there `campaignd status` finds the
+socket through `/etc/campaignd/campaignd.toml` when it sets `status.socket`,
+as the example file in the README's install steps does.
 """
 
 

@@ -103,6 +103,19 @@ class Pacer:
             opening += dt.timedelta(days=1)
         return opening.astimezone(dt.UTC).replace(tzinfo=None)
 
+    def window_closes_at(self, now: dt.datetime) -> dt.datetime | None:
+        """The end of the window `now` (naive UTC) is in; None when the
+        window is always open."""
+        if self._start == self._end:
+            return None
+        local = now.replace(tzinfo=dt.UTC).astimezone(self._tz)
+        closing = local.replace(
+            hour=self._end[0] % 24, minute=self._end[1], second=0, microsecond=0
+        )
+        if closing <= local:
+            closing += dt.timedelta(days=1)
+        return closing.astimezone(dt.UTC).replace(tzinfo=None)
+
     def _take_daily(self, now: dt.datetime) -> bool:
         name = f"cap:{self.device}"
         day = now.date()
@@ -139,3 +152,62 @@ class Pacer:
             retry_at = dt.datetime.fromtimestamp(slot, dt.UTC).replace(tzinfo=None)
             return Decision(retry_at=retry_at, reason="pacing", slot_reserved=True)
         return Decision(wait_s=wait)
+
+
+# ------------------------------------------------------------------- the ETA
+
+# An ETA further than this is shown as "not within a year" (a cap of 1 a day
+# and a million members): the estimate stops walking days.
+ETA_HORIZON_DAYS = 366
+
+
+def sent_today(device: str, now: dt.datetime) -> int:
+    """Message 1 counted against today's daily cap (UTC day) for `device`."""
+    name = f"cap:{device or 'default'}"  # the name Pacer counts under
+    row = (
+        DailyCounter.select(DailyCounter.value)
+        .where(DailyCounter.day == now.date(), DailyCounter.name == name)
+        .first()
+    )
+    return row.value if row else 0
+
+
+def message1_eta(
+    cfg: PacingConfig, remaining: int, now: dt.datetime, used_today: int = 0
+) -> dt.datetime | None:
+    """When the last of `remaining` Message 1 goes out at the pacing limits
+    (naive UTC), counted from `now` with `used_today` of the cap gone.
+
+    The limits are per device and shared by every campaign: this assumes the
+    campaign has the device to itself, and that workers and the provider keep
+    up (with no limit at all, it is `now`). None when it is further than
+    ETA_HORIZON_DAYS. Walks the time in spans where the rate is constant: up
+    to the end of the UTC day (the cap's day) or of the send window.
+    """
+    if remaining <= 0:
+        return now
+    pacer = Pacer(cfg, "eta")
+    per_s = cfg.per_minute / 60.0 if cfg.per_minute else float("inf")
+    horizon = now + dt.timedelta(days=ETA_HORIZON_DAYS)
+    left, t, cap_day, used = float(remaining), now, now.date(), float(used_today)
+    while t < horizon:
+        opens = pacer.window_opens_at(t)
+        if opens is not None:
+            t = opens
+            continue
+        if t.date() != cap_day:
+            cap_day, used = t.date(), 0.0
+        day_end = dt.datetime.combine(t.date() + dt.timedelta(days=1), dt.time())
+        closes = pacer.window_closes_at(t)
+        span_end = min(day_end, closes) if closes is not None else day_end
+        cap_left = cfg.daily_cap - used if cfg.daily_cap else float("inf")
+        if cap_left <= 0:
+            t = day_end
+            continue
+        fits = min(cap_left, (span_end - t).total_seconds() * per_s)
+        if left <= fits:
+            return t + dt.timedelta(seconds=left / per_s)
+        left -= fits
+        used += fits
+        t = span_end
+    return None

@@ -34,6 +34,7 @@ LAYERS = {
     "daemon.commands": "entry",
     "daemon.demo": "entry",
     "daemon.status": "entry",
+    "daemon.watch": "entry",
     "daemon.__main__": "entry",
     # The end-to-end harness tests and benchmarks share; nothing imports it.
     "daemon.testing": "testing",

@@ -6,7 +6,6 @@ import dataclasses
 import subprocess
 import sys
 import tomllib
-import typing
 
 import pytest
 
@@ -21,12 +20,7 @@ from tests.helpers import write_config
 
 def _tables():
     """(table name, dataclass) for every table of Config."""
-    hints = typing.get_type_hints(Config)
-    return [
-        (f.name, hints[f.name])
-        for f in dataclasses.fields(Config)
-        if f.name != "source"
-    ]
+    return list(config_mod.table_types().items())
 
 
 SECRET_KEYS = [

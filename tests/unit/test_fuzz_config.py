@@ -23,9 +23,7 @@ from hypothesis import strategies as st
 from daemon import config as config_mod
 from daemon.errors import ConfigError
 
-TABLES = {
-    f.name: f.type for f in dataclasses.fields(config_mod.Config) if f.name != "source"
-}
+TABLES = {name: cls.__name__ for name, cls in config_mod.table_types().items()}
 FIELDS = {
     name: [f.name for f in dataclasses.fields(getattr(config_mod, cls))]
     for name, cls in (

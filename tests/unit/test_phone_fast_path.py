@@ -223,3 +223,38 @@ def test_unusual_national_numbers_go_to_the_parser(text, region):
 )
 def test_unusual_numbers_go_to_the_parser(text):
     assert phones._fast_e164(text) is None
+
+
+def library_valid(country_code: int, national: str) -> bool:
+    number = phonenumbers.PhoneNumber(
+        country_code=country_code, national_number=int(national)
+    )
+    return phonenumbers.is_valid_number(number)
+
+
+@PROPERTY
+@given(
+    country_code=st.sampled_from(COUNTRY_CODES),
+    national=st.text("0123456789", min_size=1, max_size=15).filter(
+        lambda s: s[0] != "0"
+    ),
+)
+def test_validity_is_the_library_s(country_code, national):
+    country_code = int(country_code)
+    assert phones._is_valid(country_code, national) == library_valid(
+        country_code, national
+    )
+
+
+@pytest.mark.parametrize("region", ALL_REGIONS)
+def test_validity_of_every_region_s_examples_is_the_library_s(region):
+    for kind in [*TYPES, phonenumbers.PhoneNumberType.PREMIUM_RATE]:
+        number = example(region, kind)
+        if number is None:
+            continue
+        national = str(number.national_number)
+        for digit in "0123456789":
+            for text in (national[:-1] + digit, national + digit, national[:-1]):
+                if text and text[0] != "0":
+                    expected = library_valid(number.country_code, text)
+                    assert phones._is_valid(number.country_code, text) == expected

@@ -1,5 +1,6 @@
-"""Big files: streamed, numbers normalised in several processes, one upsert
-a chunk in the import's one transaction."""
+"""Big files: streamed, each chunk's rows built (numbers normalised, rows
+checked and merged) in several processes, one upsert a chunk in the
+import's one transaction."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from daemon.domain.contacts.upsert import upsert_rows
 from daemon.errors import InputError
 from daemon.store.models import database
 
-# Records per unit of work: a worker normalises this many numbers at a time,
-# and the database gets them as one upsert (in the import's one transaction).
+# Records per unit of work: a worker builds this many rows at a time, and the
+# database gets them as one upsert (in the import's one transaction).
 STREAM_CHUNK_ROWS = 10_000
 # Below this size a file is not worth starting processes for.
 PARALLEL_MIN_BYTES = 4_000_000
@@ -46,13 +47,13 @@ def import_csv_file(
 
     The same rules and the same database result, but the rows are never all
     in memory: the file is read in chunks of `chunk_rows` records, their
-    numbers normalised by `processes` worker processes (default: one per CPU,
+    rows built by `processes` worker processes (default: one per CPU,
     up to 4, for files above PARALLEL_MIN_BYTES), and each chunk upserted as
     soon as it is ready, in one transaction for the whole file. A number seen
     again later in the file updates the contact made by its first row, as in
     the merged import. The ParsedCsv has no rows (only the errors and counts)
-    and the ImportResult no contact ids unless `with_ids` (one query more
-    per chunk; a list of the size of the file).
+    and the ImportResult no contact ids unless `with_ids` (a list of the
+    size of the file; on SQLite one query more per chunk).
 
     check_progress(done_bytes, total_bytes) follows the encoding check (one
     read of the file), progress(done_bytes, total_bytes) the import.

@@ -15,17 +15,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The fake-provider CLI flags (defaults as in FakeOptions, port 8099)."""
     d = FakeOptions()
     add = parser.add_argument
-    add("--host", default=d.host)
+    add("--host", default=d.host, help="address to listen on")
     add("--port", type=int, default=8099, help="0 picks a free port")
     add("--token", default=d.token, help="required Token header (default: none)")
-    add("--latency-ms", type=float, default=d.latency_ms)
-    add("--latency-jitter-ms", type=float, default=d.latency_jitter_ms)
+    add("--latency-ms", type=float, default=d.latency_ms, help="answer delay")
+    add(
+        "--latency-jitter-ms",
+        type=float,
+        default=d.latency_jitter_ms,
+        help="random extra delay, up to this",
+    )
     add("--slow-share", type=float, default=d.slow_share, help="share of slow sends")
-    add("--slow-latency-ms", type=float, default=d.slow_latency_ms)
+    add(
+        "--slow-latency-ms",
+        type=float,
+        default=d.slow_latency_ms,
+        help="delay of a slow send (still sent)",
+    )
     add("--fail-rate", type=float, default=d.fail_rate, help="share answered 500")
-    add("--fail-after-accept-rate", type=float, default=d.fail_after_accept_rate)
-    add("--rate-limit-rate", type=float, default=d.rate_limit_rate)
-    add("--retry-after-s", type=int, default=d.retry_after_s)
+    add(
+        "--fail-after-accept-rate",
+        type=float,
+        default=d.fail_after_accept_rate,
+        help="share accepted, then answered 500",
+    )
+    add(
+        "--rate-limit-rate",
+        type=float,
+        default=d.rate_limit_rate,
+        help="share answered 429",
+    )
+    add("--retry-after-s", type=int, default=d.retry_after_s, help="429 Retry-After")
     add("--down", action="store_true", help="answer 503 to every API call")
     add(
         "--dedupe",
@@ -34,25 +54,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a repeated reference returns the original (default: a new message)",
     )
     add("--no-dedupe", dest="dedupe", action="store_false", help="the default")
-    add("--invalid-number", action="append", default=[], metavar="PHONE")
-    add("--invalid-suffix", default=d.invalid_suffix)
-    add("--webhook-url", default=d.webhook_url)
-    add("--webhook-secret", default=d.webhook_secret)
-    add("--webhook-threads", type=int, default=d.webhook_threads)
+    add(
+        "--invalid-number",
+        action="append",
+        default=[],
+        metavar="PHONE",
+        help="a number not on WhatsApp (repeatable)",
+    )
+    add(
+        "--invalid-suffix",
+        default=d.invalid_suffix,
+        help="numbers ending so are not on WhatsApp",
+    )
+    add("--webhook-url", default=d.webhook_url, help="where statuses and replies go")
+    add(
+        "--webhook-secret",
+        default=d.webhook_secret,
+        help="sent as X-Webhook-Secret",
+    )
+    add(
+        "--webhook-threads",
+        type=int,
+        default=d.webhook_threads,
+        help="webhook posting threads",
+    )
     add(
         "--ack-delays-ms",
         default=",".join(f"{v:g}" for v in d.ack_delays_ms),
         help="sent,delivered,read delays; empty for no acks",
     )
-    add("--status-delay-ms", type=float, default=d.status_delay_ms)
-    add("--status-loss-share", type=float, default=d.status_loss_share)
-    add("--reply-before-status", action="store_true")
-    add("--reply-share", type=float, default=d.reply_share)
-    add("--reply-delay-ms", type=float, default=d.reply_delay_ms)
-    add("--reply-text", default=d.reply_text)
-    add("--opt-out-share", type=float, default=d.opt_out_share)
-    add("--log-path", default=d.log_path)
-    add("--seed", type=int, default=d.seed)
+    add(
+        "--status-delay-ms",
+        type=float,
+        default=d.status_delay_ms,
+        help="extra delay of every status webhook",
+    )
+    add(
+        "--status-loss-share",
+        type=float,
+        default=d.status_loss_share,
+        help="share of messages whose statuses never come",
+    )
+    add(
+        "--reply-before-status",
+        action="store_true",
+        help="replies arrive before any status of the message",
+    )
+    add(
+        "--reply-share",
+        type=float,
+        default=d.reply_share,
+        help="share of contacts who reply to Message 1",
+    )
+    add(
+        "--reply-delay-ms",
+        type=float,
+        default=d.reply_delay_ms,
+        help="reply this long after Message 1",
+    )
+    add("--reply-text", default=d.reply_text, help="what they reply")
+    add(
+        "--opt-out-share",
+        type=float,
+        default=d.opt_out_share,
+        help="share of replies that are STOP",
+    )
+    add("--log-path", default=d.log_path, help="JSON lines of every request")
+    add("--seed", type=int, default=d.seed, help="random seed (same run, same replies)")
 
 
 def options_from_args(args: argparse.Namespace) -> FakeOptions:

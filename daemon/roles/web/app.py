@@ -24,6 +24,7 @@ from waitress.server import create_server
 from daemon import metrics
 from daemon import runtime
 from daemon.config import Config
+from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
@@ -235,7 +236,7 @@ def create_app(
     probe = health.Probe()
     app.add_route("/healthz", health.Healthz())
     app.add_route("/readyz", health.Readyz(probe, queues))
-    app.add_route("/metrics", health.Metrics(probe, queues))
+    app.add_route("/metrics", health.Metrics(probe, queues, cfg))
 
     prefix = api.PREFIX
     campaign = f"{prefix}/campaigns/{{campaign_id:int(min=1, max={MAX_ID})}}"
@@ -398,7 +399,18 @@ def main(cfg: Config) -> int:
     open_database(cfg, migrate_schema=True)
     database.close()
     tasks = Tasks(cfg, make_queues(cfg))
-    server = WebServer(create_app(cfg, tasks), cfg)
+    try:
+        server = WebServer(create_app(cfg, tasks), cfg)
+    except OSError as exc:
+        # A taken port is the operator's to fix: one line naming the keys,
+        # not a traceback per respawn.
+        reason = (
+            f"cannot listen on {cfg.web.host}:{cfg.web.port} (web.host, web.port):"
+            f" {exc.strerror or exc}"
+        )
+        log.error("%s", reason)
+        runtime.say_last_words(reason)
+        return EXIT_FAILURE
     heartbeat = runtime.Heartbeat.from_env()
     beater = None
     if heartbeat is not None:
