@@ -30,6 +30,7 @@ import psutil
 
 from daemon.config import Config
 from daemon.runtime import HEARTBEAT_ENV
+from daemon.runtime import read_last_words
 from daemon.supervision.states import ALIVE_STATES
 from daemon.supervision.states import DEAD_STATES
 from daemon.supervision.states import LEGAL_SOURCES
@@ -415,6 +416,10 @@ class Child:
     def finish(self, status: int, now: float) -> str:
         """Record an exit reaped by the supervisor; return it in words."""
         words, code, level = describe_exit(status, requested=self.killed)
+        # A child that exits on purpose may have said why (a taken port).
+        said = read_last_words(str(self.heartbeat_path))
+        if said:
+            words = f"{words}: {said}"
         uptime = 0.0 if self.spawned_at is None else now - self.spawned_at
         log.log(level, "%s: pid %s %s after %.1fs", self.name, self.pid, words, uptime)
         self.pid = None
