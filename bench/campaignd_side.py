@@ -33,6 +33,7 @@ from bench.harness import pg_backends
 from bench.harness import spawn
 from bench.harness import wait_until
 from daemon import config as config_mod
+from daemon import config_text
 from daemon import status as status_mod
 from daemon.app.tasks import Tasks
 from daemon.domain import campaigns
@@ -60,7 +61,7 @@ def _toml(data: dict) -> str:
     lines = []
     for table, values in data.items():
         lines.append(f"[{table}]")
-        lines += [f"{k} = {config_mod._toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {config_text.toml_value(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
 

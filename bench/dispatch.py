@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon import config as config_mod  # noqa: E402
+from daemon import config_text  # noqa: E402
 from daemon.app.tasks import Tasks  # noqa: E402
 from daemon.domain import campaigns  # noqa: E402
 from daemon.runtime import HEARTBEAT_ENV  # noqa: E402
@@ -278,7 +279,7 @@ def one_run(mode: str, args, work: Path) -> RunResult:
             **tables,
         }
         cfg_path = work / "campaignd.toml"
-        cfg_path.write_text(config_mod.to_toml(data))
+        cfg_path.write_text(config_text.to_toml(data))
         cfg = config_mod.load(cfg_path)
         open_database(cfg, migrate_schema=True)
         queues = make_queues(cfg)

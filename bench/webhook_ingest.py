@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon import config as config_mod  # noqa: E402
+from daemon import config_text  # noqa: E402
 
 PATH = "/webhooks/wassenger"
 SECRET = "bench-secret"
@@ -326,7 +327,7 @@ def bench_campaignd(args, workdir: Path, synchronous: str) -> tuple[dict, int]:
     if args.database_url:
         data["database"] = {"url": args.database_url}
     cfg_path = workdir / "campaignd.toml"
-    cfg_path.write_text(config_mod.to_toml(data))
+    cfg_path.write_text(config_text.to_toml(data))
     env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
     proc = subprocess.Popen(
         [

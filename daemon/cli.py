@@ -13,6 +13,7 @@ import sys
 
 from daemon import __version__
 from daemon import config as config_mod
+from daemon import config_text
 from daemon.errors import EXIT_CONFIG
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import ConfigError
@@ -330,7 +331,7 @@ def dispatch(args) -> int:
         read_secrets=command not in ("status", "restart"),
     )
     if command == "check-config":
-        print(config_mod.to_toml(config_mod.masked(cfg)), end="")
+        print(config_text.to_toml(config_text.masked(cfg)), end="")
         return 0
     if command == "run":
         from daemon.supervision import supervisor

@@ -13,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import re
 import tomllib
 import types
 import typing
-import urllib.parse
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -563,92 +561,6 @@ def parse_hhmm(key: str, value: str) -> tuple[int, int]:
     if not (0 <= h <= 24 and 0 <= m < 60) or (h == 24 and m):
         raise ConfigError(f"{key}: must be HH:MM, got {value!r}")
     return h, m
-
-
-def masked(cfg: Config) -> dict:
-    """The effective config as a dict, secrets replaced by '***'.
-
-    Secrets also hide inside other values: a URL's password
-    (postgresql://u:***@db/x), a query parameter named like a credential
-    (?token=***), a libpq `password=`. Alert URLs are credentials as a whole
-    (Slack, Discord, healthchecks.io put the token in the path), so only
-    their scheme and host are shown.
-    """
-    out = {}
-    for f in _tables():
-        section = getattr(cfg, f.name)
-        table = {}
-        for sf in dataclasses.fields(section):
-            value = getattr(section, sf.name)
-            if sf.metadata.get("secret") and value:
-                value = "***"
-            elif isinstance(value, str):
-                value = mask_text(value, whole_url=f.name == "alerts")
-            table[sf.name] = value
-        out[f.name] = table
-    return out
-
-
-# Query parameters whose value is a credential ("sslmode" stays visible).
-_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|auth|code|cred", re.I)
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)
-
-
-def mask_text(text: str, *, whole_url: bool = False) -> str:
-    """`text` with the credentials of every URL (and libpq password) in it masked."""
-    text = _CONNINFO_PASSWORD.sub(r"\1***", text)
-    return _URL.sub(lambda m: _mask_url(m.group(0), whole_url), text)
-
-
-def _mask_url(url: str, whole_url: bool) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        # A user alone is a login name for a database, a token elsewhere.
-        if colon:
-            userinfo = f"{user}:***"
-        elif not parts.scheme.startswith("postgres"):
-            userinfo = "***"
-        netloc = f"{userinfo}@{hostport}"
-    if whole_url:
-        rest = "/***" if parts.path.strip("/") or parts.query else parts.path
-        return f"{parts.scheme}://{netloc}{rest}"
-    query = "&".join(
-        f"{name}=***" if _SECRET_PARAM.search(urllib.parse.unquote(name)) else pair
-        for pair in parts.query.split("&")
-        for name in [pair.partition("=")[0]]
-    )
-    return urllib.parse.urlunsplit(
-        (parts.scheme, netloc, parts.path, query, parts.fragment)
-    )
-
-
-def to_toml(data: dict) -> str:
-    """Render masked(cfg) as TOML (flat tables of scalars and string lists)."""
-    lines = []
-    for table, values in data.items():
-        lines.append(f"[{table}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
 
 
 def _kind(value) -> str:

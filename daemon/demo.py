@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from daemon import config as config_mod
+from daemon import config_text
 from daemon import status_client
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import DaemonError
@@ -115,7 +116,7 @@ def _write_config(workdir: Path, provider_url: str, web_port: int, secret: str):
         **DEMO_SETTINGS,
     }
     path = workdir / "campaignd.toml"
-    path.write_text(config_mod.to_toml(data))
+    path.write_text(config_text.to_toml(data))
     return config_mod.load(path)
 
 

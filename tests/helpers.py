@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config as config_mod
+from daemon import config_text
 from daemon.testing import free_port as free_port  # one definition, re-exported
 
 # Set by CI (.ci/run): a missing prerequisite is then a broken machine, and the
@@ -49,7 +49,7 @@ def dump_toml(data: dict) -> str:
     for table, values in data.items():
         lines.append(f"[{table}]")
         for key, value in values.items():
-            lines.append(f"{key} = {config_mod._toml_value(value)}")
+            lines.append(f"{key} = {config_text.toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

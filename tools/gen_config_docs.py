@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import config as config_mod
+from daemon import config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -202,7 +203,7 @@ def _render_table(name: str, cls, keys: dict[str, KeyDoc]) -> str:
         doc = keys[f.name]
         meta = f.metadata
         hint = typing.get_origin(hints[f.name]) or hints[f.name]
-        default = config_mod._toml_value(getattr(defaults, f.name))
+        default = config_text.toml_value(getattr(defaults, f.name))
         lines.append(
             "| "
             + " | ".join(

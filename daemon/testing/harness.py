@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from daemon import config as config_mod
+from daemon import config_text
 
 # The directory holding the `daemon` package (the repository, in a clone).
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def write_config(workdir: Path, tables: dict) -> config_mod.Config:
     lines = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
-        lines += [f"{k} = {config_mod._toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {config_text.toml_value(v)}" for k, v in values.items()]
         lines.append("")
     path = Path(workdir) / "campaignd.toml"
     path.write_text("\n".join(lines))

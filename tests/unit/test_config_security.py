@@ -9,6 +9,7 @@ import tomllib
 import pytest
 
 from daemon import config as config_mod
+from daemon import config_text
 from daemon.errors import EXIT_CONFIG
 from daemon.errors import ConfigError
 from tests.helpers import dump_toml
@@ -219,4 +220,4 @@ def test_check_config_masks_passwords_and_tokens_inside_urls(tmp_path):
     ],
 )
 def test_mask_text(text, shown):
-    assert config_mod.mask_text(text) == shown
+    assert config_text.mask_text(text) == shown
