@@ -203,6 +203,9 @@ class AlertsConfig:
     down_after_s: float = _opt(300.0, lo=0.1, hi=86400.0)
     webhook_url: str = _opt("")
     command: str = _opt("")
+    # A role that dies now and then never stays down long and never reaches
+    # the crash-loop count: alert on its unplanned exits within an hour.
+    restarts_per_hour: int = _opt(10, lo=1, hi=100_000)
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,8 @@ class Child:
         self.last_exit_code: int | None = None  # of the last unexpected exit
         self.failures = 0  # consecutive quick failures: drives the backoff
         self.exits: collections.deque[float] = collections.deque()
+        # Unexpected exits of the last hour, for the restart-rate alert.
+        self.unplanned_exits: collections.deque[float] = collections.deque()
         self.retry_at: float | None = None  # BACKOFF / FATAL: next try
         self.kill_at: float | None = None  # STOPPING: SIGKILL deadline
         self.killed = False  # SIGKILL sent to this process
@@ -443,6 +445,9 @@ class Child:
         self.exits.append(now)
         while self.exits and self.exits[0] < now - self.policy.crash_loop_window_s:
             self.exits.popleft()
+        self.unplanned_exits.append(now)
+        while self.unplanned_exits and self.unplanned_exits[0] < now - 3600.0:
+            self.unplanned_exits.popleft()
 
     # ----------------------------------------------------------------- health
 

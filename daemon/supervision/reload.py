@@ -48,6 +48,7 @@ class Reloading:
         self.spare.policy = self.policy
         self._gatherer = FigureGatherer(new_cfg)
         self.role_alerts.down_after_s = new_cfg.alerts.down_after_s
+        self.role_alerts.restarts_per_hour = new_cfg.alerts.restarts_per_hour
         self._sync_roles()
         # The spare loaded the old config: only a new one may take roles.
         self.spare.retire(time.monotonic(), "config reloaded")

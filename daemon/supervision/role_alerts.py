@@ -16,12 +16,18 @@ class RoleAlerts:
 
     A role not RUNNING for `down_after_s` raises ``role_down:HOST:ROLE``; a
     FATAL role raises ``role_fatal:HOST:ROLE`` at once; both are resolved when
-    the role is RUNNING again.
+    the role is RUNNING again. More than `restarts_per_hour` unplanned exits
+    of a role within an hour raise ``role_flapping:HOST:ROLE`` (a role that
+    dies every few minutes is never down long, never FATAL); resolved once
+    the last hour holds half as many.
     """
 
-    def __init__(self, host: str, down_after_s: float):
+    RATE_WINDOW_S = 3600.0
+
+    def __init__(self, host: str, down_after_s: float, restarts_per_hour: int = 10):
         self.host = host
         self.down_after_s = down_after_s
+        self.restarts_per_hour = restarts_per_hour
         self.raised: set[str] = set()
 
     def down_key(self, name: str) -> str:
@@ -30,13 +36,21 @@ class RoleAlerts:
     def fatal_key(self, name: str) -> str:
         return f"role_fatal:{self.host}:{name}"
 
-    def prefixes(self) -> tuple[str, str]:
-        return f"role_down:{self.host}:", f"role_fatal:{self.host}:"
+    def flapping_key(self, name: str) -> str:
+        return f"role_flapping:{self.host}:{name}"
+
+    def prefixes(self) -> tuple[str, str, str]:
+        return (
+            f"role_down:{self.host}:",
+            f"role_fatal:{self.host}:",
+            f"role_flapping:{self.host}:",
+        )
 
     def check(self, children, now: float) -> list[tuple[str, str, str]]:
         """(key, RAISED|RESOLVED, message) for every change since last time."""
         out = []
         for child in children:
+            out += self._rate(child, now)
             down_key, fatal_key = self.down_key(child.name), self.fatal_key(child.name)
             if child.state is ChildState.RUNNING:
                 for key in (down_key, fatal_key):
@@ -69,6 +83,22 @@ class RoleAlerts:
                     )
                 )
         return out
+
+    def _rate(self, child, now: float) -> list[tuple[str, str, str]]:
+        key = self.flapping_key(child.name)
+        recent = sum(1 for t in child.unplanned_exits if t >= now - self.RATE_WINDOW_S)
+        if recent > self.restarts_per_hour and key not in self.raised:
+            self.raised.add(key)
+            message = (
+                f"{child.name} exited unexpectedly {recent} times in the last hour "
+                f"(last: {child.last_exit or 'none'})"
+            )
+            return [(key, RAISED, message)]
+        if key in self.raised and recent <= self.restarts_per_hour // 2:
+            self.raised.discard(key)
+            message = f"{child.name}: {recent} unexpected exits in the last hour"
+            return [(key, RESOLVED, message)]
+        return []
 
     def next_deadline(self, children) -> float | None:
         """When a down role will cross the threshold (monotonic), if any."""

@@ -205,7 +205,9 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             hooks or SupervisorHooks(), self.cfg, inflight_dir(self.cfg.data_path, env)
         )
         self._parked: list[tuple[object, float]] = []
-        self.role_alerts = RoleAlerts(self.host, self.cfg.alerts.down_after_s)
+        self.role_alerts = RoleAlerts(
+            self.host, self.cfg.alerts.down_after_s, self.cfg.alerts.restarts_per_hour
+        )
         self.dependency_alerts = DependencyAlerts(self.cfg.alerts.down_after_s)
         self._helpers: dict[int, tuple[str, float]] = {}  # alert commands
         self._replace: list[str] = []  # names to replace one by one

@@ -73,3 +73,44 @@ def test_down_alert_and_recovery_reach_webhook_and_command(tmp_path, make_config
             assert row.resolved_at is not None
     finally:
         database.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_role_that_keeps_dying_raises_role_flapping(tmp_path, make_config):
+    """Killed again and again, but back RUNNING each time: never down for
+    down_after_s, never FATAL, yet the operator hears of it."""
+    with AlertReceiver() as receiver:
+        daemon = FixtureDaemon(
+            tmp_path,
+            make_config,
+            {
+                "alerts": {
+                    "down_after_s": 3600.0,
+                    "restarts_per_hour": 2,
+                    "webhook_url": receiver.url,
+                },
+                "supervisor": {"crash_loop_exits": 1000},
+            },
+            roles="web,scheduler",
+        )
+        try:
+            daemon.start()
+            for _ in range(3):
+                pid = daemon.role("scheduler")["pid"]
+                os.kill(pid, signal.SIGKILL)
+                daemon.wait_role(
+                    "scheduler",
+                    lambda r, p=pid: r["state"] == "RUNNING" and r["pid"] != p,
+                    timeout=20,
+                    what="scheduler back",
+                )
+            raised = receiver.wait_for("role_flapping:", "raised", timeout=20)
+            assert raised["key"].endswith(":scheduler")
+            assert "exited unexpectedly 3 times in the last hour" in raised["message"]
+            assert not [
+                b
+                for b in receiver.received
+                if b["key"].startswith("role_") and "flapping" not in b["key"]
+            ]
+        finally:
+            daemon.close()

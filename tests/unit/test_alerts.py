@@ -111,7 +111,7 @@ def test_event_env_carries_the_json():
 # ------------------------------------------------------------ role alerts
 
 
-def role(name, state, down_since=None, retry_at=None, exits=()):
+def role(name, state, down_since=None, retry_at=None, exits=(), unplanned=()):
     return types.SimpleNamespace(
         name=name,
         state=state,
@@ -119,8 +119,26 @@ def role(name, state, down_since=None, retry_at=None, exits=()):
         down_since=down_since,
         retry_at=retry_at,
         exits=list(exits),
+        unplanned_exits=list(unplanned),
         last_exit="exited 1",
     )
+
+
+def test_a_role_that_keeps_dying_raises_flapping_though_never_down_long():
+    """One exit every 5 minutes: never down for down_after_s, never FATAL."""
+    policy = RoleAlerts("h", down_after_s=300.0, restarts_per_hour=10)
+    exits = [i * 300.0 for i in range(11)]  # 11 exits within the hour
+    web = role("web", ChildState.RUNNING, unplanned=exits[:10])
+    assert policy.check([web], 2700.0) == []  # 10: not more than 10
+    web.unplanned_exits = exits
+    [(key, status, message)] = policy.check([web], 3000.0)
+    assert (key, status) == ("role_flapping:h:web", alerts.RAISED)
+    assert "exited unexpectedly 11 times in the last hour" in message
+    assert policy.check([web], 3001.0) == []  # raised once
+    assert policy.check([web], 4800.0) == []  # 7 in the hour: still raised
+    # Calm again: 5 exits left in the last hour (half of 10) -> resolved.
+    [(key, status, _)] = policy.check([web], 5400.0)
+    assert (key, status) == ("role_flapping:h:web", alerts.RESOLVED)
 
 
 def test_role_down_longer_than_threshold_raises_then_resolves():
