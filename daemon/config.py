@@ -206,6 +206,11 @@ class AlertsConfig:
     # A role that dies now and then never stays down long and never reaches
     # the crash-loop count: alert on its unplanned exits within an hour.
     restarts_per_hour: int = _opt(10, lo=1, hi=100_000)
+    # Dead man's switch: POSTed every heartbeat_every_s while every role runs
+    # and the database and queue answer; an outside service (healthchecks.io
+    # style) alerts when the pings stop, which covers a dead host.
+    heartbeat_url: str = _opt("")
+    heartbeat_every_s: float = _opt(60.0, lo=1.0, hi=86400.0)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,22 @@ def post_webhook(url: str, event: AlertEvent, timeout: float = WEBHOOK_TIMEOUT_S
         return False
 
 
+def ping(url: str, body: dict, timeout: float = WEBHOOK_TIMEOUT_S) -> bool:
+    """POST one dead man's switch ping; log (never raise) on failure."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "User-Agent": "campaignd"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("heartbeat ping to %s failed: %s", url.split("?")[0], exc)
+        return False
+
+
 def command_argv(command: str) -> list[str]:
     return ["/bin/sh", "-c", command]
 

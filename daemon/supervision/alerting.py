@@ -11,6 +11,7 @@ import logging
 import time
 
 from daemon.domain import alerts
+from daemon.supervision.states import ChildState
 
 log = logging.getLogger("daemon.supervision.supervisor")  # one name for its whole log
 
@@ -21,6 +22,9 @@ DEPENDENCY_CHECK_S = 10.0
 class Alerting:
     """Role alerts, dependency alerts, and their delivery without waiting."""
 
+    # Monotonic time of the next dead man's switch ping (alerts.heartbeat_url).
+    next_ping_at = 0.0
+
     def check_alerts(self, now: float) -> None:
         """Alert on roles down too long or FATAL; send recoveries."""
         if self.stopping_since is not None:
@@ -28,6 +32,39 @@ class Alerting:
         for key, status, message in self.role_alerts.check(self.children, now):
             self.announce(key, status, message)
         self.check_dependencies(now)
+        self.ping_heartbeat_url(now)
+
+    def ping_heartbeat_url(self, now: float) -> None:
+        """The dead man's switch: a ping while all is well, silence otherwise.
+
+        Silence is the alert, raised by the service at the URL: it also
+        covers what nothing here can report (the host died, the supervisor
+        froze).
+        """
+        url = self.cfg.alerts.heartbeat_url
+        if not url or now < self.next_ping_at:
+            return
+        self.next_ping_at = now + self.cfg.alerts.heartbeat_every_s
+        figures = self._figures or {}
+        healthy = (
+            all(c.state is ChildState.RUNNING for c in self.children)
+            and self._figures is not None
+            and not figures.get("db_error")
+            and not figures.get("queues_error")
+        )
+        if not healthy:
+            log.warning("heartbeat ping withheld: not every role and service is up")
+            return
+        body = {
+            "host": self.host,
+            "status": "ok",
+            "roles": len(self.children),
+            "at": time.time(),
+        }
+        self._notify_pool.submit(alerts.ping, url, body)
+
+    def next_ping(self) -> float | None:
+        return self.next_ping_at if self.cfg.alerts.heartbeat_url else None
 
     def check_dependencies(self, now: float) -> None:
         """Alert when the database or the queue backend stays unreachable.

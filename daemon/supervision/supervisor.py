@@ -324,6 +324,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         if self.stopping_since is None:
             candidates.append(self.role_alerts.next_deadline(self.children))
             candidates.append(self._figures_at + DEPENDENCY_CHECK_S)
+            candidates.append(self.next_ping())
         else:
             candidates.append(self.stop_deadline + KILL_WAIT_S)
         candidates += [deadline for _, deadline in self._parked]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -112,5 +113,56 @@ def test_a_role_that_keeps_dying_raises_role_flapping(tmp_path, make_config):
                 for b in receiver.received
                 if b["key"].startswith("role_") and "flapping" not in b["key"]
             ]
+        finally:
+            daemon.close()
+
+
+@pytest.mark.timeout(90)
+def test_heartbeat_url_is_pinged_while_healthy_and_falls_silent_when_not(
+    tmp_path, make_config
+):
+    """The dead man's switch: pings while every role runs, none while one is
+    down (the service behind the URL alerts on the silence)."""
+    with AlertReceiver() as receiver:
+        daemon = FixtureDaemon(
+            tmp_path,
+            make_config,
+            {
+                "alerts": {
+                    "heartbeat_url": receiver.url,
+                    "heartbeat_every_s": 1.0,
+                    "down_after_s": 3600.0,
+                },
+                "supervisor": {"crash_loop_exits": 1000},
+            },
+            roles="web,scheduler",
+        )
+        try:
+            daemon.start()
+            wait_for(lambda: len(receiver.received) >= 2, timeout=30, what="two pings")
+            ping = receiver.received[0]
+            assert ping["status"] == "ok" and ping["roles"] == 2
+            daemon.set_flag("scheduler", "crash")
+            before = daemon.role("scheduler")
+            down_since = time.time()
+            os.kill(before["pid"], signal.SIGKILL)
+            # Six more crashes: with the backoff (0.1 s doubling) and each
+            # start, the role has been down for several ping intervals.
+            daemon.wait_role(
+                "scheduler",
+                lambda r: r["restarts"] >= before["restarts"] + 6,
+                timeout=60,
+                what="scheduler crashing for a while",
+            )
+            late = [p for p in receiver.received if p["at"] > down_since + 1.5]
+            assert late == [], late
+            daemon.clear_flag("scheduler", "crash")
+            daemon.wait_role("scheduler", lambda r: r["state"] == "RUNNING", timeout=30)
+            back = time.time()
+            wait_for(
+                lambda: any(p["at"] > back for p in receiver.received),
+                timeout=20,
+                what="pings again",
+            )
         finally:
             daemon.close()
