@@ -46,7 +46,7 @@ from daemon import config as config_mod
 from daemon.domain import alerts
 from daemon.errors import EXIT_CONFIG
 from daemon.errors import EXIT_FAILURE
-from daemon.errors import ConfigError
+from daemon.errors import EXIT_OK
 from daemon.runtime import SUPERVISOR_PID_ENV
 from daemon.runtime import inflight_dir
 from daemon.runtime import setup_logging
@@ -75,6 +75,7 @@ from daemon.supervision.status_requests import StatusRequests
 from daemon.supervision.systemd import SYSTEMD_ENV
 from daemon.supervision.systemd import Notifier
 from daemon.supervision.systemd import SystemdReporting
+from daemon.supervision.waiting import wait_for_database
 
 log = logging.getLogger("daemon.supervision.supervisor")
 
@@ -113,12 +114,12 @@ def main(
     hooks = hooks or SupervisorHooks()
     setup_logging(cfg.daemon.log_level, "supervisor")
     try:
-        db = _migrate(cfg, hooks)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any DB failure: let systemd retry
-        log.error("cannot open or migrate the database: %s", exc)
+        db = wait_for_database(cfg, lambda: _migrate(cfg, hooks))
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
         return EXIT_FAILURE
+    if db is None:  # told to stop while waiting
+        return EXIT_OK
     _close_db(db)
     try:
         supervisor = Supervisor(cfg, roles, hooks=hooks)
