@@ -197,7 +197,9 @@ class Child:
         self.spawned_at: float | None = None  # monotonic
         self.running_since: float | None = None
         self.down_since: float | None = None  # None while RUNNING
-        self.restarts = 0  # spawns after the first one
+        # Unplanned exits (crash, kill, health kill, hard limit), each followed
+        # by a respawn; a reload, a `restart` or RSS recycling is not one.
+        self.restarts = 0
         self.last_exit = ""  # "exited 1", "killed by SIGKILL"...
         self.last_exit_code: int | None = None  # of the last unexpected exit
         self.failures = 0  # consecutive quick failures: drives the backoff
@@ -214,7 +216,6 @@ class Child:
         self.rss_mb: float | None = None
         self.cpu_percent: float | None = None
         self._proc: psutil.Process | None = None
-        self._spawns = 0
 
     @property
     def name(self) -> str:
@@ -343,9 +344,6 @@ class Child:
         self.retry_at = None
         self.rss_mb = self.cpu_percent = None
         self._proc = None
-        if self._spawns:
-            self.restarts += 1
-        self._spawns += 1
         pid = None
         if self.spare is not None:
             pid = self.spare.take(self.name, self.heartbeat_path, now)
@@ -445,6 +443,7 @@ class Child:
         self.exits.append(now)
         while self.exits and self.exits[0] < now - self.policy.crash_loop_window_s:
             self.exits.popleft()
+        self.restarts += 1
         self.unplanned_exits.append(now)
         while self.unplanned_exits and self.unplanned_exits[0] < now - 3600.0:
             self.unplanned_exits.popleft()
