@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "status", parents=[common, json_flag], help="show the running daemon's state"
     )
+    sub.add_parser(
+        "reload",
+        parents=[common],
+        help="re-read the config file and replace the roles one by one (SIGHUP)",
+    )
     p = sub.add_parser("restart", parents=[common], help="restart one role gracefully")
     p.add_argument("role", help=ROLES_HELP)
     sub.add_parser(
@@ -328,7 +333,7 @@ def dispatch(args) -> int:
     # cannot read the service's secret files.
     cfg = config_mod.load(
         getattr(args, "config", None),
-        read_secrets=command not in ("status", "restart"),
+        read_secrets=command not in ("status", "restart", "reload"),
     )
     if command == "check-config":
         print(config_text.to_toml(config_text.masked(cfg)), end="")
@@ -349,7 +354,7 @@ def dispatch(args) -> int:
         return run_role(cfg, f"worker:{args.queue}")
     if command == "scheduler":
         return run_role(cfg, "scheduler")
-    if command in ("status", "restart"):
+    if command in ("status", "restart", "reload"):
         return importlib.import_module("daemon.status").client_main(cfg, args)
     commands = importlib.import_module("daemon.commands")
     if command == "contacts":

@@ -15,10 +15,12 @@ from daemon.status_client import request
 
 
 def client_main(cfg, args) -> int:
-    """`campaignd status [--json]` and `campaignd restart ROLE`."""
+    """`campaignd status [--json]`, `campaignd restart ROLE`, `campaignd reload`."""
     path = cfg.status_socket
     if args.command == "restart":
         payload = {"cmd": "restart", "role": args.role}
+    elif args.command == "reload":
+        payload = {"cmd": "reload"}
     else:
         payload = {"cmd": "status"}
     try:
@@ -36,7 +38,10 @@ def client_main(cfg, args) -> int:
         print(f"campaignd: no valid answer on {path}: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
     if not isinstance(answer, dict) or not (
-        "error" in answer or "daemon" in answer or "restarting" in answer
+        "error" in answer
+        or "daemon" in answer
+        or "restarting" in answer
+        or "reloading" in answer
     ):
         print(f"campaignd: no valid answer on {path}: {answer!r:.80}", file=sys.stderr)
         return EXIT_UNKNOWN
@@ -45,6 +50,11 @@ def client_main(cfg, args) -> int:
         return EXIT_FAILURE
     if args.command == "restart":
         print("restarting: " + ", ".join(answer.get("restarting", [])))
+        return EXIT_OK
+    if args.command == "reload":
+        # The supervisor re-reads its file; an invalid one is logged and the
+        # running config kept (journalctl -u campaignd says which).
+        print("reloading: roles are replaced one by one")
         return EXIT_OK
     if getattr(args, "json", False):
         print(json.dumps(answer, indent=2, sort_keys=True))

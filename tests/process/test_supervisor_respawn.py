@@ -115,6 +115,20 @@ def test_status_and_restart_commands(daemon):
     assert "worker:messages#1" in restart.stdout
     assert campaignd("restart", "nope", cfg=cfg).returncode == 1
 
+    # reload: every role replaced, one by one; planned, so no RESTARTS.
+    before = {r["name"]: r for r in daemon.status()["roles"]}
+    reload = campaignd("reload", cfg=cfg)
+    assert reload.returncode == 0, reload.stderr
+    assert reload.stdout.startswith("reloading")
+    for name, old in before.items():
+        back = daemon.wait_role(
+            name,
+            lambda r, p=old["pid"]: r["state"] == "RUNNING" and r["pid"] != p,
+            timeout=30,
+            what=f"{name} replaced by the reload",
+        )
+        assert back["restarts"] == old["restarts"]
+
     daemon.set_flag("scheduler", "crash")
     os.kill(daemon.role("scheduler")["pid"], signal.SIGKILL)
     daemon.wait_role("scheduler", lambda r: r["state"] != "RUNNING")
