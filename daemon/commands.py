@@ -27,8 +27,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from daemon import campaign_report
 from daemon import watch
 from daemon.app import service
+from daemon.campaign_report import plural
+from daemon.campaign_report import shorten
 from daemon.config import Config
 from daemon.domain import campaigns
 from daemon.domain.contacts import normalize_phone
@@ -71,13 +74,16 @@ def campaign(cfg: Config, args) -> int:
                 if args.json:
                     raise InputError("--watch draws text: leave out --json")
                 return watch.watch(cfg, args.id, args.interval)
-            _print_summary(args, campaigns.campaign_summary(args.id))
+            summary = campaign_report.with_sending(
+                cfg, campaigns.campaign_summary(args.id)
+            )
+            campaign_report.print_summary(args, summary)
             return EXIT_OK
         if args.action in ("pause", "cancel"):
             service.campaign_action(
                 args.id, args.action, None, reason="paused by the operator"
             )
-            _print_summary(args, campaigns.campaign_summary(args.id))
+            campaign_report.print_summary(args, campaigns.campaign_summary(args.id))
             return EXIT_OK
         if args.action in ("start", "resume", "retry-failed"):
             return _campaign_enqueueing_action(cfg, args)
@@ -160,7 +166,7 @@ def _events_list(args) -> int:
             e["received_at"],
             e["state"],
             e["attempts"],
-            _shorten(e["last_error"] or "", 60),
+            shorten(e["last_error"] or "", 60),
         ]
         for e in rows
     ]
@@ -201,7 +207,7 @@ def messages(cfg: Config, args) -> int:
             m["status"],
             m["attempts"],
             m["next_attempt_at"] or "",
-            _shorten(m["error"] or "", 50),
+            shorten(m["error"] or "", 50),
         ]
         for m in rows
     ]
@@ -231,9 +237,9 @@ def _contacts_import(args) -> int:
     else:
         print(_import_text(report))
     if report.errors:
-        valid = _plural(report.imported, "valid contact")
+        valid = plural(report.imported, "valid contact")
         print(
-            f"campaignd: error: {_plural(len(report.errors), 'row')} rejected "
+            f"campaignd: error: {plural(len(report.errors), 'row')} rejected "
             f"(listed above); {valid} imported",
             file=sys.stderr,
         )
@@ -263,7 +269,7 @@ def _refused(args, exc: service.RejectedRows, done: str) -> int:
     else:
         for line, reason in exc.errors:
             print(f"line {line}: {reason}")
-    rows = _plural(len(exc.errors), "row")
+    rows = plural(len(exc.errors), "row")
     why = "strict: one bad row refuses the file" if exc.strict else "no valid row"
     print(
         f"campaignd: error: {exc.source}: {rows} rejected (listed above); "
@@ -288,10 +294,10 @@ def _import_json(report: service.ImportReport) -> dict:
 
 def _import_text(report: service.ImportReport) -> str:
     lines = [
-        f"{report.source}: {_plural(report.imported, 'contact')} imported "
+        f"{report.source}: {plural(report.imported, 'contact')} imported "
         f"({report.created} created, {report.updated} updated), "
-        f"{_plural(report.duplicates_merged, 'duplicate')} merged, "
-        f"{_plural(len(report.errors), 'row')} rejected"
+        f"{plural(report.duplicates_merged, 'duplicate')} merged, "
+        f"{plural(len(report.errors), 'row')} rejected"
     ]
     if report.encoding != "utf-8":
         lines.append(f"note: the file is not UTF-8; read it as {report.encoding}")
@@ -317,7 +323,7 @@ def _contacts_list(args) -> int:
             c["name"],
             c["wa_status"],
             "yes" if c["opted_out_at"] else "",
-            _shorten(json.dumps(c["variables"], ensure_ascii=False), 40),
+            shorten(json.dumps(c["variables"], ensure_ascii=False), 40),
         ]
         for c in rows
     ]
@@ -391,7 +397,7 @@ def _campaign_create(cfg: Config, args) -> int:
             "duplicates_merged": report.duplicates_merged,
             "rejected": report.rejected_json(),
         }
-    _print_summary(args, summary)
+    campaign_report.print_summary(args, summary)
     if not args.json:
         if report is not None:
             for line, reason in report.errors:
@@ -399,9 +405,9 @@ def _campaign_create(cfg: Config, args) -> int:
         print(f"start it with: campaignd campaign start {created.id}")
     if report is not None and report.errors:
         print(
-            f"campaignd: error: {_plural(len(report.errors), 'row')} rejected "
+            f"campaignd: error: {plural(len(report.errors), 'row')} rejected "
             f"(listed above); campaign {created.id} was created with the "
-            f"{_plural(report.imported, 'valid contact')}",
+            f"{plural(report.imported, 'valid contact')}",
             file=sys.stderr,
         )
         return EXIT_FAILURE
@@ -416,7 +422,7 @@ def _campaign_list(args) -> int:
     table = [
         [
             c["id"],
-            _shorten(c["name"], 30),
+            shorten(c["name"], 30),
             c["status"],
             c["contacts"],
             c["created_at"] or "",
@@ -433,61 +439,10 @@ def _campaign_list(args) -> int:
 def _campaign_enqueueing_action(cfg: Config, args) -> int:
     with _tasks(cfg) as tasks:
         extra = service.campaign_action(args.id, args.action, tasks)
-    _print_summary(args, {**campaigns.campaign_summary(args.id), **extra})
+    campaign_report.print_summary(
+        args, {**campaigns.campaign_summary(args.id), **extra}
+    )
     return EXIT_OK
-
-
-def _print_summary(args, summary: dict) -> None:
-    if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
-        return
-    lines = [f"campaign {summary['id']}: {summary['name']}"]
-    status = summary["status"]
-    if summary.get("status_reason"):
-        status += f" ({summary['status_reason']})"
-    lines.append(f"  status      {status}")
-    for key in ("created_at", "started_at", "finished_at"):
-        if summary.get(key):
-            lines.append(f"  {key.removesuffix('_at'):<11} {summary[key]}")
-    lines.append(f"  contacts    {summary.get('contacts', 0)}")
-    for label in ("members", "messages"):
-        if summary.get(label):
-            lines.append(f"  {label:<11} {_counts(summary[label])}")
-    unsure = summary.get("unconfirmed")
-    if unsure and any(unsure.values()):
-        lines.append(
-            f"  unconfirmed {unsure['waiting']} waiting for evidence, "
-            f"{unsure['resent']} re-sent without it, {unsure['failed']} failed"
-        )
-    if "retried" in summary:
-        lines.append(f"  retried     {summary['retried']} failed messages")
-    if "imported" in summary:
-        done = summary["imported"]
-        lines.append(
-            f"  imported    {_plural(done['created'], 'new contact')}, "
-            f"{done['updated']} updated, "
-            f"{_plural(done['duplicates_merged'], 'duplicate')} merged"
-            + (
-                f", {_plural(len(done['rejected']), 'row')} rejected"
-                if done.get("rejected")
-                else ""
-            )
-        )
-    lines.append(f"  message 1   {_shorten(summary.get('message1', ''), 60)}")
-    lines.append(f"  message 2   {_shorten(summary.get('message2', ''), 60)}")
-    print("\n".join(lines))
-
-
-def _counts(counts: dict) -> str:
-    """'pending 3, sent 2' from {"pending": 3, ...}; nested dicts as 'a: (...)'."""
-    parts = []
-    for key, value in counts.items():
-        if isinstance(value, dict):
-            if value:
-                parts.append(f"{key} ({_counts(value)})")
-        else:
-            parts.append(f"{key} {value}")
-    return ", ".join(parts) or "none"
 
 
 # --- verification -------------------------------------------------------------
@@ -580,11 +535,6 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _progress_bar(label: str) -> _ProgressBar | None:
     """A progress(done, total) callback drawing on stderr, or None if no TTY."""
     return _ProgressBar(label) if sys.stderr.isatty() else None
@@ -613,7 +563,3 @@ class _ProgressBar:
         end = "\n" if percent >= 100 else ""
         print(f"\r{self._label:<9} [{bar}] {percent:3d}%", end=end, file=sys.stderr)
         sys.stderr.flush()
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")

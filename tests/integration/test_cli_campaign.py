@@ -321,3 +321,46 @@ def test_messages_list_shows_a_campaigns_failed_messages(make_config, contacts_c
     )
     bad = campaignd(cfg, "messages", "list", "--status", "lost")
     assert bad.returncode == 2 and "invalid choice: 'lost'" in bad.stderr
+
+
+def test_show_says_what_is_retrying_what_failed_and_when_it_ends(
+    make_config, contacts_csv
+):
+    import datetime as dt
+
+    from daemon.app.tasks import Tasks
+    from daemon.store.db import open_database
+    from daemon.store.models import Message
+
+    cfg = make_config("sqlite", {"pacing": {"per_minute": 1.0, "daily_cap": 0}})
+    assert create(cfg, contacts_csv).returncode == EXIT_OK
+    assert campaignd(cfg, "campaign", "start", "1").returncode == EXIT_OK
+    db = open_database(cfg)
+    queues = make_queues(cfg)
+    try:
+        Tasks(cfg, queues).fan_out(1)
+        ann, bob = Message.select().order_by(Message.id)
+        failed_at = dt.datetime(2026, 12, 3, 9, 30)
+        Message.update(
+            status="failed", error="HTTP 400: not a number", failed_at=failed_at
+        ).where(Message.id == ann.id).execute()
+        retry_at = dt.datetime(2031, 1, 1, 12, 0)
+        Message.update(failures=2, next_attempt_at=retry_at, error="HTTP 503").where(
+            Message.id == bob.id
+        ).execute()
+    finally:
+        queues.close()
+        db.close()
+
+    shown = campaignd(cfg, "campaign", "show", "1")
+    assert shown.returncode == EXIT_OK, shown.stderr
+    text = shown.stdout
+    assert "  retrying    1 message, next attempt 2031-01-01T12:00:00Z" in text
+    assert (
+        f"  last failed 2026-12-03T09:30:00Z {ann.phone} (message 1): "
+        "HTTP 400: not a number"
+    ) in text
+    assert "Message 1 to send, the last by" in text.split("  eta         ")[1]
+    as_json = ok_json(cfg, "campaign", "show", "1")
+    assert as_json["sending"]["retrying"] == 1
+    assert as_json["sending"]["last_failure"]["error"] == "HTTP 400: not a number"

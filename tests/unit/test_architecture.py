@@ -35,6 +35,7 @@ LAYERS = {
     "daemon.demo": "entry",
     "daemon.status": "entry",
     "daemon.watch": "entry",
+    "daemon.campaign_report": "entry",
     "daemon.__main__": "entry",
     # The end-to-end harness tests and benchmarks share; nothing imports it.
     "daemon.testing": "testing",

@@ -76,6 +76,7 @@ from daemon.domain.campaigns.views import campaign_summary
 from daemon.domain.campaigns.views import list_campaigns
 from daemon.domain.campaigns.views import list_messages
 from daemon.domain.campaigns.views import message_dict
+from daemon.domain.campaigns.views import sending_details
 from daemon.owners import process_key
 
 __all__ = [
@@ -100,6 +101,7 @@ __all__ = [
     "list_campaigns",
     "list_messages",
     "message_dict",
+    "sending_details",
     "fan_out",
     "fan_out_batch",
     "fanout_ranges",

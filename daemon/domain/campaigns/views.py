@@ -213,3 +213,34 @@ def list_messages(
     if offset:
         query = query.offset(offset)
     return list(query.limit(limit))
+
+
+def sending_details(campaign_id: int) -> dict:
+    """What `campaign show` adds about sending: rows waiting for a retry and
+    the next attempt, and the last failure with its reason."""
+    queued = (Message.campaign == campaign_id, Message.status == MessageStatus.QUEUED)
+    retrying = Message.select(Message.id).where(*queued, Message.failures > 0).count()
+    next_at = (
+        Message.select(pw.fn.MIN(Message.next_attempt_at))
+        .where(*queued, Message.next_attempt_at.is_null(False))
+        .scalar()
+    )
+    last = (
+        Message.select(Message.phone, Message.kind, Message.error, Message.failed_at)
+        .where(Message.campaign == campaign_id, Message.status == MessageStatus.FAILED)
+        .order_by(Message.failed_at.desc())
+        .first()
+    )
+    last_failure = None
+    if last is not None:
+        last_failure = {
+            "at": iso_z(last.failed_at),
+            "phone": last.phone,
+            "kind": last.kind,
+            "error": last.error,
+        }
+    return {
+        "retrying": retrying,
+        "next_attempt_at": iso_z(Message.next_attempt_at.python_value(next_at)),
+        "last_failure": last_failure,
+    }
