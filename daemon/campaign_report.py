@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-from daemon import watch
 from daemon.config import Config
 from daemon.domain import campaigns
+from daemon.domain import insights
 from daemon.store.models import utcnow
 
 
@@ -17,7 +17,7 @@ def with_sending(cfg: Config, summary: dict) -> dict:
     return {
         **summary,
         "sending": campaigns.sending_details(summary["id"]),
-        "eta": watch.eta_line(cfg, summary, utcnow()),
+        "eta": insights.eta_text(cfg, summary, utcnow()),
     }
 
 

@@ -14,11 +14,15 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from daemon.config import Config
+from daemon.domain import pacing
 from daemon.domain.campaigns import get_campaign
 from daemon.domain.campaigns import message_dict
 from daemon.store.db import is_postgres
 from daemon.store.models import Alert
+from daemon.store.models import CampaignStatus
 from daemon.store.models import InboundEvent
+from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
@@ -210,3 +214,64 @@ def funnel(summary: dict) -> Funnel:
         ("unconfirmed", "unconfirmed", summary["unconfirmed"]["waiting"]),
     ]
     return Funnel(stages, beside)
+
+
+# ------------------------------------------------------------------- the ETA
+
+DONE = (CampaignStatus.COMPLETED, CampaignStatus.CANCELLED)
+
+
+def eta_text(cfg: Config, summary: dict, now: dt.datetime) -> str:
+    """Message 1 still to send, and when the last goes out at the pacing limits."""
+    left = summary["members"].get(MemberState.PENDING, 0)
+    status = summary["status"]
+    if status in DONE:
+        finished = summary.get("finished_at") or ""
+        # "2026-12-03T15:58:03.066696Z" -> "2026-12-03 15:58:03 UTC"
+        return status + (
+            f" at {finished[:19].replace('T', ' ')} UTC" if finished else ""
+        )
+    limits = pacing_limits(cfg)
+    if left == 0:
+        return (
+            "every Message 1 is out: waiting for replies and Message 2 (members "
+            f"expire {cfg.campaigns.reply_window_h:g} h after their Message 1)"
+        )
+    if status != CampaignStatus.RUNNING:
+        return f"{left} Message 1 to send; no ETA while {status} ({limits})"
+    used = pacing.sent_today(cfg.provider.device, now) if cfg.pacing.daily_cap else 0
+    eta = pacing.message1_eta(cfg.pacing, left, now, used)
+    if eta is None:
+        when = f"not within {pacing.ETA_HORIZON_DAYS} days"
+    elif eta - now < dt.timedelta(seconds=1):
+        when = "now: no pacing limit holds them back"
+    else:
+        when = f"{_clock(eta, now)} (in {_duration(eta - now)})"
+    return f"{left} Message 1 to send, the last by {when}; {limits}"
+
+
+def pacing_limits(cfg: Config) -> str:
+    """The pacing limits in words: rate, daily cap, send window."""
+    p = cfg.pacing
+    parts = [f"{p.per_minute:g}/min" if p.per_minute else "no rate limit"]
+    parts.append(f"cap {p.daily_cap}/day" if p.daily_cap else "no daily cap")
+    if p.window_start != p.window_end:
+        parts.append(f"window {p.window_start}-{p.window_end} {p.timezone}")
+    return ", ".join(parts)
+
+
+def _clock(at: dt.datetime, now: dt.datetime) -> str:
+    if at.date() == now.date():
+        return at.strftime("%H:%M:%S UTC")
+    return at.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _duration(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

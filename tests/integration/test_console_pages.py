@@ -224,6 +224,9 @@ def test_sends_per_minute_buckets_and_the_funnel(console):
     assert 'data-figure="sent">4<' in page
     assert 'data-figure="delivered">2<' in page
     assert "send: HTTP 400: not on WhatsApp" in page
+    # The campaign is completed: its ETA line says when it finished.
+    eta = page.split('data-figure="eta">')[1].split("<")[0]
+    assert eta.startswith("completed at 2026-03-01 10:30:"), eta
     assert console.get("/ui/campaigns/999").status_code == 404
     listing = console.get("/ui/campaigns").text
     assert f'data-figure="contacts-{campaign.id}">6<' in listing

@@ -39,6 +39,7 @@ from daemon.roles.web import console_html as pages
 from daemon.roles.web import read_body
 from daemon.status_client import request as status_request
 from daemon.store.models import MemberState
+from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -303,22 +304,10 @@ class CampaignDetail(Page):
             insights.funnel(summary),
             insights.sends_over_time(campaign_id),
             insights.last_failures(campaign_id),
-            _pacing_text(self.cfg),
+            insights.eta_text(self.cfg, summary, utcnow()),
             csrf,
         )
         _html(resp, page)
-
-
-def _pacing_text(cfg: Config) -> str:
-    p = cfg.pacing
-    rate = f"{p.per_minute:g} Message 1 per minute" if p.per_minute else "no rate"
-    cap = f"daily cap {p.daily_cap}" if p.daily_cap else "no daily cap"
-    window = (
-        f"send window {p.window_start}-{p.window_end} {p.timezone}"
-        if p.window_start != p.window_end
-        else "no send window"
-    )
-    return f"{rate}, {cap}, {window} (pacing.*)"
 
 
 class Events(Page):

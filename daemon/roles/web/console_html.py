@@ -290,7 +290,7 @@ def campaign_page(
     funnel: Funnel,
     series: SendSeries,
     failures: list[dict],
-    pacing: str,
+    eta: str,
     csrf: str,
 ) -> str:
     status = esc(summary["status"])
@@ -305,7 +305,7 @@ def campaign_page(
     parts = [
         f"<h1>Campaign {esc(summary['id'])}: {esc(summary['name'])}</h1>",
         f'<p>status <strong data-figure="status">{status}</strong>; {times} UTC</p>',
-        f'<p class="muted">pacing: {esc(pacing)}</p>',
+        f'<p data-figure="eta">{esc(eta)}</p>',
         "<h2>Funnel</h2>",
         '<div class="row">',
         funnel_svg(funnel),
