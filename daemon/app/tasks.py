@@ -258,6 +258,7 @@ class Tasks(EventTasks):
         except PermanentError as exc:
             campaigns.record_failure(message, owner, exc.reason)
             _count_send(message.kind, "failed")
+            log.warning("%s failed: %s", _which(message), exc.reason)
             return "failed"
         except Exception as exc:  # noqa: BLE001 - a bug must not lose the row
             # It may have struck after the request was written: unconfirmed,
@@ -298,6 +299,11 @@ class Tasks(EventTasks):
         if campaigns.cancel_if_opted_out(message, owner):
             return "cancelled: contact opted out"
         unconfirmed.mark(message, owner, reason, self.clock())
+        log.warning(
+            "%s: outcome unknown (%s): waiting for a status webhook or a reply",
+            _which(message),
+            reason,
+        )
         _count_send(message.kind, "unconfirmed")
         metrics.UNCONFIRMED.labels(outcome="recorded").inc()
         return f"unconfirmed: {reason}"
@@ -316,8 +322,20 @@ class Tasks(EventTasks):
         )
         if next_at is None:
             _count_send(message.kind, "failed")
+            log.warning(
+                "%s failed after %d attempts: %s",
+                _which(message),
+                self.cfg.retry.max_attempts,
+                reason,
+            )
             return "failed"
         _count_send(message.kind, "retry")
+        log.warning(
+            "%s not sent: %s; retry at %s",
+            _which(message),
+            reason,
+            next_at.isoformat(timespec="seconds"),
+        )
         metrics.RETRIES.labels(kind=str(message.kind), reason=_retry_label(exc)).inc()
         self._schedule_send(message.id, next_at, retry=True)
         return f"retry at {next_at.isoformat()}"
@@ -450,6 +468,13 @@ class Tasks(EventTasks):
             "unconfirmed_resent": len(settled.resent),
             "unconfirmed_failed": settled.failed,
         }
+
+
+def _which(message) -> str:
+    """A message as the log names it (no phone number: logs travel)."""
+    return (
+        f"message {message.id} (campaign {message.campaign_id}, Message {message.kind})"
+    )
 
 
 def _count_send(kind: int, outcome: str) -> None:

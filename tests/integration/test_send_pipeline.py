@@ -9,6 +9,7 @@ window) are checked by moving the clock, never by sleeping.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import threading
 import time
@@ -221,16 +222,26 @@ def test_client_error_fails_at_once_with_the_providers_reason(pipeline_for, fake
     assert campaigns.get_campaign(campaign.id).status == "completed"
 
 
-def test_rate_limit_waits_exactly_retry_after(pipeline_for, fake):
+def test_rate_limit_waits_exactly_retry_after(pipeline_for, fake, caplog):
     clock = ManualClock(T0)
     # Jitter on the backoff must not touch a delay the provider asked for.
     pipeline = pipeline_for({"retry": {"base_s": 60, "jitter": 0.5}}, clock)
     fake.configure(rate_limit_rate=1.0, retry_after_s=7)
-    _, (message_id,) = running_campaign(pipeline)
+    campaign, (message_id,) = running_campaign(pipeline)
 
-    pipeline.tasks.deliver(message_id)
+    with caplog.at_level(logging.WARNING, logger="daemon.app.tasks"):
+        pipeline.tasks.deliver(message_id)
     message = row(message_id)
     due = T0 + dt.timedelta(seconds=7)
+    # The operator reads why, at WARNING (no phone number in the log).
+    [logged] = [r for r in caplog.records if r.name == "daemon.app.tasks"]
+    assert logged.levelno == logging.WARNING
+    text = logged.getMessage()
+    assert text.startswith(
+        f"message {message_id} (campaign {campaign.id}, Message 1) not sent: "
+    )
+    assert "HTTP 429" in text and text.endswith(f"retry at {due.isoformat()}")
+    assert message.phone not in text
     assert message.status == "queued"
     assert message.next_attempt_at == due
     assert "HTTP 429" in message.error
