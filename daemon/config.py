@@ -295,19 +295,23 @@ def load(
     """
     env = os.environ if env is None else env
     path = find_config(path, env)
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except PermissionError:
-            raise ConfigError(f"{path}: config file not readable") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = _read_toml(path)
     source = str(Path(path).resolve()) if path else ""
     return from_dict(raw, env=env, source=source, read_secrets=read_secrets)
+
+
+def _read_toml(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: config file not readable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
 def find_config(path=None, env=None) -> str | None:
@@ -328,16 +332,7 @@ def load_alerts(path: str | os.PathLike | None = None, env=None) -> AlertsConfig
     OnFailure unit after it, still reach the operator's alert channels.
     """
     env = os.environ if env is None else env
-    path = find_config(path, env)
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(
-                f"{path}: cannot read the [alerts] table: {exc}"
-            ) from None
+    raw = _read_toml(find_config(path, env))
     section = raw.get("alerts", {})
     if not isinstance(section, dict):
         raise ConfigError(f"alerts: must be a table, got {_kind(section)}")

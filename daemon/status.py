@@ -12,6 +12,7 @@ from daemon.errors import EXIT_NOT_RUNNING
 from daemon.errors import EXIT_OK
 from daemon.errors import EXIT_UNKNOWN
 from daemon.status_client import request
+from daemon.store.models import duration_text
 
 
 def client_main(cfg, args) -> int:
@@ -82,7 +83,8 @@ def format_status(answer: dict) -> str:
     d = answer.get("daemon", {})
     lines = [
         f"campaignd {d.get('version', '?')} on {d.get('host', '?')}: "
-        f"{d.get('state', '?')}, pid {d.get('pid')}, up {_duration(d.get('uptime_s'))}"
+        f"{d.get('state', '?')}, pid {d.get('pid')}, "
+        f"up {duration_text(d.get('uptime_s'))}"
         + (f", leader {d['leader']}" if d.get("leader") else ""),
         "",
         f"{'ROLE':<22}{'STATE':<10}{'PID':>8}{'UP':>9}{'RESTARTS':>10}"
@@ -92,7 +94,7 @@ def format_status(answer: dict) -> str:
         beat = r.get("heartbeat_age_s")
         lines.append(
             f"{r['name']:<22}{r['state']:<10}{_s(r.get('pid')):>8}"
-            f"{_duration(r.get('uptime_s')):>9}{r.get('restarts', 0):>10}"
+            f"{duration_text(r.get('uptime_s')):>9}{r.get('restarts', 0):>10}"
             f"{_num(r.get('rss_mb'), 0):>8}{_num(r.get('cpu_percent'), 1):>7}"
             f"{(_num(beat, 1) + 's') if beat is not None else '-':>7}"
             f"  {r.get('last_exit') or '-'}"
@@ -138,19 +140,6 @@ def format_status(answer: dict) -> str:
     for a in alerts:
         lines.append(f"  {a.get('severity', '?').upper()} {a['key']}: {a['message']}")
     return "\n".join(lines)
-
-
-def _duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
 def _num(value, digits: int) -> str:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -137,22 +138,15 @@ def active_keys(*prefixes: str) -> list[str]:
 
 def post_webhook(url: str, event: AlertEvent, timeout: float = WEBHOOK_TIMEOUT_S):
     """POST the event as JSON; log (never raise) on failure. True if 2xx."""
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(event.payload()).encode(),
-        headers={"Content-Type": "application/json", "User-Agent": "campaignd"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return 200 <= response.status < 300
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("alert webhook %s failed for %s: %s", url, event.key, exc)
-        return False
+    return _post_json(url, event.payload(), f"alert webhook for {event.key}", timeout)
 
 
 def ping(url: str, body: dict, timeout: float = WEBHOOK_TIMEOUT_S) -> bool:
     """POST one dead man's switch ping; log (never raise) on failure."""
+    return _post_json(url, body, "heartbeat ping", timeout)
+
+
+def _post_json(url: str, body: dict, what: str, timeout: float) -> bool:
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
@@ -163,7 +157,9 @@ def ping(url: str, body: dict, timeout: float = WEBHOOK_TIMEOUT_S) -> bool:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("heartbeat ping to %s failed: %s", url.split("?")[0], exc)
+        # The URL may carry a token (Slack, healthchecks.io): its host only.
+        host = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+        log.warning("%s to %s failed: %s", what, host or "?", exc)
         return False
 
 

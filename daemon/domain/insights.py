@@ -26,6 +26,7 @@ from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
+from daemon.store.models import duration_text
 from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
@@ -246,7 +247,7 @@ def eta_text(cfg: Config, summary: dict, now: dt.datetime) -> str:
     elif eta - now < dt.timedelta(seconds=1):
         when = "now: no pacing limit holds them back"
     else:
-        when = f"{_clock(eta, now)} (in {_duration(eta - now)})"
+        when = f"{_clock(eta, now)} (in {duration_text((eta - now).total_seconds())})"
     return f"{left} Message 1 to send, the last by {when}; {limits}"
 
 
@@ -264,14 +265,3 @@ def _clock(at: dt.datetime, now: dt.datetime) -> str:
     if at.date() == now.date():
         return at.strftime("%H:%M:%S UTC")
     return at.strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _duration(delta: dt.timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

@@ -30,6 +30,20 @@ def iso_z(value, timespec: str = "auto") -> str | None:
     return value.isoformat(timespec=timespec) + "Z"
 
 
+def duration_text(seconds) -> str:
+    """Seconds as an operator reads them: 45s, 3m07s, 2h05m, 3d04h; None: -."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
 class JSONField(pw.TextField):
     """JSON text that works the same on SQLite and PostgreSQL."""
 

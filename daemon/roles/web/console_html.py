@@ -12,6 +12,7 @@ import html
 
 from daemon.domain.insights import Funnel
 from daemon.domain.insights import SendSeries
+from daemon.store.models import duration_text
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
@@ -109,19 +110,6 @@ def figure(name: str, value) -> str:
     return f'<span data-figure="{esc(name)}">{esc(value)}</span>'
 
 
-def duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
 def when(iso: str | None) -> str:
     """'2026-12-03T15:21:14.560091Z' as '2026-12-03 15:21:14' (UTC)."""
     if not iso:
@@ -158,7 +146,8 @@ def overview_page(
         parts.append(
             f"<p>campaignd {esc(d.get('version', '?'))} on {esc(d.get('host', '?'))}:"
             f' <span class="{cls}" data-figure="daemon-state">{esc(state)}</span>,'
-            f" supervisor pid {esc(d.get('pid'))}, up {duration(d.get('uptime_s'))},"
+            f" supervisor pid {esc(d.get('pid'))},"
+            f" up {duration_text(d.get('uptime_s'))},"
             f" leader {figure('leader', d.get('leader') or 'none')}</p>"
         )
         rows = []
@@ -171,7 +160,7 @@ def overview_page(
                     f'<span class="{"ok" if state == "RUNNING" else "bad"}" '
                     f'data-role-state="{esc(r.get("name"))}">{esc(state)}</span>',
                     esc(r.get("pid") or "-"),
-                    duration(r.get("uptime_s")),
+                    duration_text(r.get("uptime_s")),
                     esc(r.get("restarts", 0)),
                     _num(r.get("rss_mb")),
                     "-" if beat is None else f"{beat:.1f}s",
