@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,3 +73,26 @@ def subprocess_env(**extra) -> dict:
     env.pop("CAMPAIGND_CONFIG", None)
     env.update(extra)
     return env
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(
+    *args: str, cfg=None, cwd=None, env_extra=None, timeout: float = 90, **popen
+) -> subprocess.CompletedProcess:
+    """`python -m daemon ARGS [-c CFG]` as an operator runs it: a process of
+    its own, text output captured, no $CAMPAIGND_CONFIG from this shell."""
+    cmd = [sys.executable, "-m", "daemon", *args]
+    if cfg is not None:
+        cmd += ["-c", cfg.source]
+    popen.setdefault("capture_output", True)
+    return subprocess.run(
+        cmd,
+        text=True,
+        env=subprocess_env(**(env_extra or {})),
+        timeout=timeout,
+        check=False,
+        cwd=cwd or ROOT,
+        **popen,
+    )

@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.store.queue import make_queues
-from tests.helpers import subprocess_env
+from tests.helpers import run_cli
 
 M1 = "Bonjour {name}, une question sur {city} ?"
 M2 = "Merci {name} ! Voici le lien."
 
 
 def campaignd(cfg, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "daemon", *args, "-c", cfg.source]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=90,
-        check=False,
-    )
+    return run_cli(*args, cfg=cfg)
 
 
 def ok_json(cfg, *args: str):

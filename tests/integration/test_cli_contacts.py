@@ -13,6 +13,7 @@ import pytest
 
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
+from tests.helpers import run_cli
 from tests.helpers import subprocess_env
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "csv"
@@ -20,11 +21,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "csv"
 
 def campaignd(cfg, *args: str, **popen) -> subprocess.CompletedProcess:
     """Run the CLI with this test's config; text output captured."""
-    cmd = [sys.executable, "-m", "daemon", *args, "-c", cfg.source]
-    popen.setdefault("capture_output", True)
-    return subprocess.run(
-        cmd, text=True, env=subprocess_env(), timeout=90, check=False, **popen
-    )
+    return run_cli(*args, cfg=cfg, **popen)
 
 
 def contacts_json(cfg, limit: int = 1000) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -14,21 +13,13 @@ from daemon.errors import EXIT_OK
 from daemon.providers.fake import FakeOptions
 from daemon.store.queue import make_queues
 from tests.helpers import free_port
-from tests.helpers import subprocess_env
+from tests.helpers import run_cli
 
 TOKEN = "verify-token"
 
 
 def campaignd(cfg, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "daemon", *args, "-c", cfg.source]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=90,
-        check=False,
-    )
+    return run_cli(*args, cfg=cfg)
 
 
 @pytest.fixture

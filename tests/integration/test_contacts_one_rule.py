@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
-from tests.helpers import subprocess_env
+from tests.helpers import run_cli
 from tests.integration.test_api import TOKEN
 from tests.integration.test_api import Api
 
@@ -43,10 +42,7 @@ M1 = "Bonjour {name} de {city}"
 
 
 def campaignd(cfg, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "daemon", *args, "-c", cfg.source]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=subprocess_env(), timeout=90
-    )
+    return run_cli(*args, cfg=cfg)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-import sys
 import time
 
 import pytest
@@ -32,7 +31,7 @@ from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import utcnow
 from daemon.supervision import status
-from tests.helpers import subprocess_env
+from tests.helpers import run_cli
 from tests.integration.test_api import TOKEN
 from tests.integration.test_api import Api
 from tests.send_helpers import member_counts
@@ -347,15 +346,7 @@ def test_a_failing_replay_dies_again_and_the_health_check_resolves_the_alert(
 
 
 def campaignd(cfg, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "daemon", *args, "-c", cfg.source]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=90,
-        check=False,
-    )
+    return run_cli(*args, cfg=cfg)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

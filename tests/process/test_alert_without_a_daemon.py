@@ -7,7 +7,6 @@ systemd's OnFailure unit runs `campaignd alert`, which reads only [alerts].
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_cli
 from tests.process.fixture_roles import AlertReceiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -23,15 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def campaignd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(ROOT)},
-    )
+    return run_cli(*args, cwd=cwd, timeout=40)
 
 
 def write(path: Path, text: str) -> Path:

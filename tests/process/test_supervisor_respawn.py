@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import subprocess_env
+from tests.helpers import run_cli
 from tests.helpers import wait_for
 from tests.process.fixture_roles import REPO_ROOT
 from tests.process.fixture_roles import FixtureDaemon
@@ -29,14 +29,7 @@ def daemon(tmp_path, make_config):
 
 
 def campaignd(*args, cfg) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args, "-c", cfg.source],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-    )
+    return run_cli(*args, cfg=cfg, timeout=30)
 
 
 @pytest.mark.timeout(90)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daemon.cli import build_parser
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,13 +39,7 @@ def test_every_option_and_argument_has_a_help_line():
 
 
 def campaignd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    return run_cli(*args, timeout=30)
 
 
 def test_help_shows_examples_exit_codes_and_defaults():

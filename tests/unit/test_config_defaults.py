@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daemon import config as config_mod
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,16 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def campaignd(*args: str, cwd: Path, env_extra=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
-    env.update({"PYTHONPATH": str(ROOT), **(env_extra or {})})
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        capture_output=True,
-        text=True,
-        timeout=40,
-        cwd=cwd,
-        env=env,
-    )
+    return run_cli(*args, cwd=cwd, env_extra=env_extra, timeout=40)
 
 
 def port_of(check_config_output: str) -> int:
