@@ -85,6 +85,10 @@ GROWING = (
 def chromium_paths() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
+    if not (chromium and driver) and os.environ.get("CAMPAIGND_TEST_NO_BROWSER"):
+        # .ci/run tried to install them and could not (no package mirror):
+        # it said so in its output; the rest of the suite still counts.
+        pytest.skip(f"no browser: {os.environ['CAMPAIGND_TEST_NO_BROWSER']}")
     require(
         chromium and driver,
         "Chromium or chromedriver missing (apt-get install chromium chromium-driver)",
