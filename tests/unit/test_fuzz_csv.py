@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -135,10 +136,23 @@ def test_any_bytes_are_decoded_or_refused(data):
     try:
         text, encoding = decode_csv_bytes(data, "upload.csv")
     except InputError as exc:
-        assert str(exc).startswith("upload.csv: line ")
+        # A byte-order mark says UTF-16: its text must then be valid UTF-16.
+        assert str(exc).startswith("upload.csv: line ") or str(exc) == (
+            "upload.csv: invalid UTF-16 text"
+        )
         return
-    assert encoding in ("utf-8", "cp1252")
+    assert encoding in ("utf-8", "cp1252", "utf-16")
     parse_or_refuse(text)
+
+
+def test_bytes_with_a_utf16_mark_are_read_as_utf16_or_refused_by_name():
+    """What the fuzz found: a BOM, then bytes that are no UTF-16."""
+    with pytest.raises(InputError, match="^upload.csv: invalid UTF-16 text$"):
+        decode_csv_bytes(b"\xff\xfe\x00\xd8", "upload.csv")  # lone surrogate
+    text, encoding = decode_csv_bytes(
+        "phone\n+33612345678\n".encode("utf-16"), "upload.csv"
+    )
+    assert (text, encoding) == ("phone\n+33612345678\n", "utf-16")
 
 
 def test_a_huge_field_and_many_columns_stay_an_answer():
