@@ -217,7 +217,9 @@ def list_messages(
 
 def sending_details(campaign_id: int) -> dict:
     """What `campaign show` adds about sending: rows waiting for a retry and
-    the next attempt, and the last failure with its reason."""
+    the next attempt, and the last failure with its reason. Each question
+    reads a partial index holding only its rows (m0008), not every queued or
+    failed row of the campaign."""
     queued = (Message.campaign == campaign_id, Message.status == MessageStatus.QUEUED)
     retrying = Message.select(Message.id).where(*queued, Message.failures > 0).count()
     next_at = (
@@ -227,7 +229,11 @@ def sending_details(campaign_id: int) -> dict:
     )
     last = (
         Message.select(Message.phone, Message.kind, Message.error, Message.failed_at)
-        .where(Message.campaign == campaign_id, Message.status == MessageStatus.FAILED)
+        .where(
+            Message.campaign == campaign_id,
+            Message.status == MessageStatus.FAILED,
+            Message.failed_at.is_null(False),
+        )
         .order_by(Message.failed_at.desc())
         .first()
     )
