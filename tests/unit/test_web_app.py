@@ -470,3 +470,49 @@ def test_large_meta_batch_with_repeats_inside(build):
     assert len(stored_events()) == 450 == len(set(tasks.events))
     again = client.simulate_post("/webhooks/whatsapp", json=body)
     assert again.json == {"stored": 0, "duplicates": 460}
+
+
+def test_beyond_loopback_a_route_that_cannot_check_its_sender_is_not_served(build):
+    """Meta configured with its app secret only: the Wassenger route has no
+    check of its own, so a stranger's fake "reply" there must find nothing."""
+    client, tasks = build(
+        {
+            "web": {"host": "0.0.0.0"},
+            "provider": {
+                "kind": "meta",
+                "app_secret": "appsecret",
+                "phone_number_id": "1",
+                "token": "t",
+            },
+        }
+    )
+    body = fixture("wassenger_message_in_new.json")
+    resp = client.simulate_post("/webhooks/wassenger", json=body)
+    assert resp.status_code == 404
+    assert stored_events() == [] and tasks.events == []
+    raw = json.dumps(fixture("meta_message_text.json")).encode()
+    signed = {"X-Hub-Signature-256": sign_hmac_sha256("appsecret", raw)}
+    resp = client.simulate_post("/webhooks/whatsapp", body=raw, headers=signed)
+    assert resp.status_code == 200 and resp.json["stored"] == 1
+
+
+def test_beyond_loopback_a_route_with_its_own_check_is_served(build):
+    """The shared secret checks both routes: each one is served and refuses a
+    post without it."""
+    client, _ = build(
+        {
+            "web": {"host": "0.0.0.0", "webhook_secret": "s3cret"},
+            "provider": {
+                "kind": "meta",
+                "app_secret": "appsecret",
+                "phone_number_id": "1",
+                "token": "t",
+            },
+        }
+    )
+    body = fixture("wassenger_message_in_new.json")
+    assert client.simulate_post("/webhooks/wassenger", json=body).status_code == 401
+    resp = client.simulate_post(
+        "/webhooks/wassenger", json=body, headers={"X-Webhook-Secret": "s3cret"}
+    )
+    assert resp.status_code == 200 and resp.json["stored"] == 1

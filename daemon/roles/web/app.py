@@ -23,7 +23,9 @@ from waitress.server import create_server
 
 from daemon import metrics
 from daemon import runtime
+from daemon.config import WEBHOOK_SENDER_KEYS
 from daemon.config import Config
+from daemon.config import webhook_route_served
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
@@ -228,10 +230,21 @@ def create_app(
     )
     _add_error_handlers(app)
 
-    wassenger = webhooks.WebhookIngest("wassenger", tasks, clock, writer)
-    meta = webhooks.WebhookIngest("meta", tasks, clock, writer)
-    app.add_route("/webhooks/wassenger", webhooks.WassengerWebhook(cfg, wassenger))
-    app.add_route("/webhooks/whatsapp", webhooks.MetaWebhook(cfg, meta))
+    for provider, path, route_class in (
+        ("wassenger", "/webhooks/wassenger", webhooks.WassengerWebhook),
+        ("meta", "/webhooks/whatsapp", webhooks.MetaWebhook),
+    ):
+        if webhook_route_served(cfg, provider):
+            ingest = webhooks.WebhookIngest(provider, tasks, clock, writer)
+            app.add_route(path, route_class(cfg, ingest))
+        else:
+            keys = " or ".join(WEBHOOK_SENDER_KEYS[provider])
+            log.info(
+                "%s is not served: it cannot check its sender (%s unset) and "
+                "web.host listens beyond loopback",
+                path,
+                keys,
+            )
 
     probe = health.Probe()
     app.add_route("/healthz", health.Healthz())
