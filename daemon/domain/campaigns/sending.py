@@ -85,8 +85,14 @@ _CAMPAIGN_ID, _CONTACT_ID = -90_001, -90_002
 def _member_sent_statement(_database_type) -> tuple[str, tuple]:
     sql, params = member_message1_sent(
         _AT,
-        CampaignContact.campaign == _CAMPAIGN_ID,
         CampaignContact.contact == _CONTACT_ID,
+        # Found through (contact, state), a few entries: `+ 0` keeps the
+        # planner off the indexes that start with the campaign. Without
+        # statistics for this campaign (never analyzed, or analyzed before
+        # it existed) it took (campaign, state, id) and read every pending
+        # member of the campaign on each send (W1 cluster ~10 % slower, and
+        # O(campaign size) per send).
+        (CampaignContact.campaign + pw.SQL("0")) == _CAMPAIGN_ID,
     ).sql()
     return sql, tuple(params)
 
