@@ -298,6 +298,48 @@ class JobRun(BaseModel):
     last_result = pw.TextField(default="")
 
 
+class CheckStatus:
+    """A number check's status: waiting to run, or its outcome. `unknown`:
+    the provider could not tell (errors past the retries, a refused number,
+    no number check at all, as with Meta), or the contact opted out first."""
+
+    PENDING = "pending"
+    VALID = "valid"  # on WhatsApp
+    INVALID = "invalid"  # not on WhatsApp
+    UNKNOWN = "unknown"
+
+    ALL = (PENDING, VALID, INVALID, UNKNOWN)
+
+
+class NumberCheck(BaseModel):
+    """One contact's WhatsApp number check (m0009): pending until a
+    verification worker runs it, then its outcome. The queue entry carries
+    this row's id; a pending row whose entry was lost is swept like a message.
+    `Contact.wa_status` stays the verdict the fan-out reads: a finished check
+    writes it, a pending re-check leaves the previous one in place."""
+
+    contact = pw.ForeignKeyField(
+        Contact, backref="number_check", on_delete="CASCADE", unique=True
+    )
+    status = pw.CharField(max_length=10, default=CheckStatus.PENDING)
+    requested_at = pw.DateTimeField(default=utcnow)
+    # When the check may run: paced at campaigns.verify_per_minute after the
+    # pending checks requested before it; a retry moves it to its backoff.
+    due_at = pw.DateTimeField()
+    # When its queue entry becomes runnable (its eta); the sweeper re-enqueues
+    # due rows whose entry is older than its grace.
+    enqueued_at = pw.DateTimeField(null=True)
+    # Claims (a worker taking it, including ones cut short by a crash).
+    attempts = pw.IntegerField(default=0)
+    # A worker holds the row until then (NULL: nobody).
+    lease_expires_at = pw.DateTimeField(null=True)
+    checked_at = pw.DateTimeField(null=True)
+    error = pw.TextField(null=True)
+
+    class Meta:
+        indexes = ((("status", "due_at"), False),)
+
+
 class HealthCheck(BaseModel):
     checked_at = pw.DateTimeField(default=utcnow, index=True)
     ok = pw.BooleanField()
@@ -316,6 +358,7 @@ MODELS = [
     Lease,
     JobRun,
     HealthCheck,
+    NumberCheck,
 ]
 
 
