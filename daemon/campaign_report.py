@@ -1,24 +1,49 @@
 """`campaignd campaign show` (and the other campaign commands' report): the
 counters, then how sending goes (retries waiting, the next attempt, the last
-failure and why, the ETA of the last Message 1 at the pacing limits)."""
+failure and why, the ETA of the last Message 1 at the pacing limits), and
+the members' number checks (counts by status, when the pending ones are done
+at campaigns.verify_per_minute)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
+from daemon.app import service
 from daemon.config import Config
 from daemon.domain import campaigns
 from daemon.domain import insights
+from daemon.store.models import duration_text
 from daemon.store.models import utcnow
 
 
 def with_sending(cfg: Config, summary: dict) -> dict:
-    """The summary plus `sending` and `eta` (what `campaign show` prints)."""
+    """The summary plus `sending`, `eta` and `verification` (what `campaign
+    show` prints)."""
+    now = utcnow()
     return {
         **summary,
         "sending": campaigns.sending_details(summary["id"]),
-        "eta": insights.eta_text(cfg, summary, utcnow()),
+        "eta": insights.eta_text(cfg, summary, now),
+        "verification": service.campaign_verification(cfg, summary, now),
     }
+
+
+def verification_text(figures: dict, now: dt.datetime) -> str:
+    """Number checks in words: '2 pending, 1 on WhatsApp, ...; all checked
+    by 2026-05-01 12:00:30 UTC (in 30s)'."""
+    text = (
+        f"{figures['pending']} pending, {figures['valid']} on WhatsApp, "
+        f"{figures['invalid']} not on WhatsApp, {figures['unknown']} unknown, "
+        f"{figures['unchecked']} never checked"
+    )
+    if figures.get("eta"):
+        eta = dt.datetime.fromisoformat(figures["eta"].removesuffix("Z"))
+        left = max(0.0, (eta - now).total_seconds())
+        text += (
+            f"; all checked by {eta:%Y-%m-%d %H:%M:%S} UTC (in {duration_text(left)})"
+        )
+    return text
 
 
 def _sending_lines(summary: dict) -> list[str]:
@@ -80,6 +105,9 @@ def print_summary(args, summary: dict) -> None:
             )
         )
     lines += _sending_lines(summary)
+    if summary.get("verification"):
+        figures = verification_text(summary["verification"], utcnow())
+        lines.append(f"  numbers     {figures}")
     lines.append(f"  message 1   {shorten(summary.get('message1', ''), 60)}")
     lines.append(f"  message 2   {shorten(summary.get('message2', ''), 60)}")
     print("\n".join(lines))

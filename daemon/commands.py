@@ -35,14 +35,13 @@ from daemon.campaign_report import shorten
 from daemon.config import Config
 from daemon.domain import campaigns
 from daemon.domain.contacts import normalize_phone
+from daemon.domain.contacts import verification
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.store.db import open_database
-from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
-from daemon.store.models import WaStatus
 from daemon.store.models import iso_z
 from daemon.store.models import utcnow
 
@@ -95,39 +94,25 @@ def verify(cfg: Config, args) -> int:
     with _database(cfg):
         if args.phone:
             return _verify_phone(cfg, args)
-        if args.campaign is not None:
-            campaigns.get_campaign(args.campaign)
-            # The operator asked about this campaign: re-check every member.
-            ids = [
-                m.contact_id
-                for m in CampaignContact.select(CampaignContact.contact)
-                .join(Contact)
-                .where(
-                    CampaignContact.campaign == args.campaign,
-                    Contact.opted_out_at.is_null(),
-                )
-                .order_by(CampaignContact.contact)
-            ]
-        else:
-            ids = [
-                c.id
-                for c in Contact.select(Contact.id)
-                .where(
-                    Contact.wa_status == WaStatus.UNKNOWN,
-                    Contact.opted_out_at.is_null(),
-                )
-                .order_by(Contact.id)
-            ]
+        # The same function as the admin API's verify routes.
         with _tasks(cfg) as tasks:
-            if ids:
-                tasks.enqueue_bulk_verify(ids)
-        per_minute = cfg.campaigns.verify_per_minute
-        _print(
-            args,
-            {"queued": len(ids), "verify_per_minute": per_minute},
-            f"queued {len(ids)} numbers for verification "
-            f"({per_minute:g} per minute; the daemon's verification worker runs them)",
+            if args.campaign is not None:
+                result = service.request_verification(tasks, campaign_id=args.campaign)
+            else:
+                result = service.request_verification(tasks, all_unknown=True)
+        per_minute = result["verify_per_minute"]
+        text = (
+            f"queued {plural(result['queued'], 'number')} for verification "
+            f"({per_minute:g} per minute; the daemon's verification worker runs them)"
         )
+        if result["already_pending"] or result["opted_out"]:
+            text += (
+                f"; {result['already_pending']} already pending, "
+                f"{result['opted_out']} opted out (not checked)"
+            )
+        scope = "members" if args.campaign is not None else "contacts"
+        figures = campaign_report.verification_text(result["verification"], utcnow())
+        _print(args, result, f"{text}\n{scope}: {figures}")
     return EXIT_OK
 
 
@@ -457,12 +442,11 @@ def _verify_phone(cfg: Config, args) -> int:
         check = provider.check_number(phone)
     finally:
         provider.close()
-    status = WaStatus.VALID if check.exists else WaStatus.INVALID
-    stored = (
-        Contact.update(wa_status=status, wa_checked_at=utcnow())
-        .where(Contact.phone == phone)
-        .execute()
-    )
+    # A known contact's check row says so too (any pending check is done).
+    known = Contact.get_or_none(Contact.phone == phone)
+    if known is not None:
+        verification.record_now(known.id, check.exists, utcnow())
+    stored = known is not None
     verdict = "is on WhatsApp" if check.exists else "is NOT on WhatsApp"
     _print(
         args,

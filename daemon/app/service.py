@@ -28,10 +28,13 @@ from dataclasses import field
 from daemon.domain import campaigns
 from daemon.domain import contacts
 from daemon.domain.contacts import ProgressFn
+from daemon.domain.contacts import verification
 from daemon.errors import InputError
+from daemon.errors import NotFoundError
 from daemon.store.models import Campaign
 from daemon.store.models import Contact
 from daemon.store.models import database
+from daemon.store.models import utcnow
 
 CAMPAIGN_ACTIONS = ("start", "pause", "resume", "cancel", "retry-failed")
 # Enough of a file to hold its header line.
@@ -296,3 +299,61 @@ def campaign_action(campaign_id: int, action: str, tasks, reason: str = "") -> d
     else:
         raise InputError(f"unknown campaign action {action!r}")
     return {}
+
+
+def request_verification(
+    tasks,
+    *,
+    contact_ids: list[int] | None = None,
+    campaign_id: int | None = None,
+    all_unknown: bool = False,
+) -> dict:
+    """Start number checks (`campaignd verify --campaign | --all`, the admin
+    API's verify routes): the contacts given, a campaign's members (a re-check
+    of each), or every contact never found valid or invalid. Checks already
+    pending are kept; opted-out contacts are left out. Returns what was
+    queued and the checks' figures in that scope, with their ETA.
+    """
+    if (contact_ids is not None) + (campaign_id is not None) + all_unknown != 1:
+        raise InputError("give one of: contact ids, a campaign, or all unknown")
+    per_minute = tasks.cfg.campaigns.verify_per_minute
+    now = tasks.clock()
+    if campaign_id is not None:
+        campaigns.get_campaign(campaign_id)
+        ids = verification.campaign_contact_ids(campaign_id)
+    elif all_unknown:
+        ids = verification.unknown_contact_ids()
+    else:
+        ids = list(dict.fromkeys(contact_ids or []))
+        if not ids:
+            raise InputError("no contact ids given")
+        missing = verification.missing_contacts(ids)
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise NotFoundError(f"no contact with id {shown}{more}")
+    requested = tasks.request_checks(ids)
+    if campaign_id is not None:
+        figures = verification.campaign_counts(campaign_id, len(ids), per_minute, now)
+    elif all_unknown:
+        figures = verification.overall_counts(per_minute, now)
+    else:
+        figures = verification.contacts_counts(ids, per_minute, now)
+    return {
+        "queued": len(requested.queued),
+        "already_pending": requested.already_pending,
+        "opted_out": requested.opted_out,
+        "verify_per_minute": per_minute,
+        "verification": figures,
+    }
+
+
+def campaign_verification(cfg, summary: dict, now=None) -> dict:
+    """The number checks of a campaign's members (`campaign show`, GET
+    /api/v1/campaigns/{id}): counts by status, and the ETA while pending."""
+    return verification.campaign_counts(
+        summary["id"],
+        summary.get("contacts", 0),
+        cfg.campaigns.verify_per_minute,
+        now or utcnow(),
+    )

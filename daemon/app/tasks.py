@@ -5,6 +5,7 @@ A `Tasks` object registers the tasks on the queues of one process. Producers
 Task names are the original system's: send_single_message,
 send_campaign_messages, retry_failed_message, verify_whatsapp, bulk_verify,
 process_webhook_event, plus run_job for the periodic jobs.
+verify_whatsapp takes a number check's id (daemon/app/verify_tasks.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import peewee as pw
 from daemon import metrics
 from daemon.app.event_tasks import EventTasks
 from daemon.app.event_tasks import pause_quietly
+from daemon.app.verify_tasks import VerifyTasks
 from daemon.config import Config
 from daemon.domain import campaigns
 from daemon.domain import unconfirmed
@@ -38,7 +40,6 @@ from daemon.runtime import inflight_dir
 from daemon.store.db import is_postgres
 from daemon.store.models import Contact
 from daemon.store.models import Message
-from daemon.store.models import WaStatus
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import PRIORITY_HIGH
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 FANOUT_CHAINS = 2
 
 
-class Tasks(EventTasks):
+class Tasks(EventTasks, VerifyTasks):
     def __init__(
         self,
         cfg: Config,
@@ -158,9 +159,6 @@ class Tasks(EventTasks):
             self.send_campaign_messages(
                 campaign_id, after, until, priority=PRIORITY_HIGH - 1
             )
-
-    def enqueue_bulk_verify(self, contact_ids: list[int]) -> None:
-        self.bulk_verify(list(contact_ids))
 
     def _schedule_send(self, message_id: int, eta, *, retry: bool = False) -> None:
         task = self.retry_failed_message if retry else self.send_single_message
@@ -383,36 +381,6 @@ class Tasks(EventTasks):
             campaigns.maybe_complete(campaign_id)
         return len(ids)
 
-    # ------------------------------------------------------------ verification
-
-    def verify(self, contact_id: int) -> str:
-        from daemon.providers.base import ProviderError
-
-        contact = Contact.get_or_none(Contact.id == contact_id)
-        if contact is None:
-            return "no such contact"
-        if not getattr(self.provider, "supports_number_check", True):
-            # Meta's Cloud API has no pre-check: a bad number fails on send
-            # (131026) instead, so the contact stays "unknown".
-            return "not supported by the provider"
-        try:
-            check = self.provider.check_number(contact.phone)
-        except ProviderError as exc:
-            log.warning("number check for %s failed: %s", contact.phone, exc)
-            return f"error: {exc}"
-        status = WaStatus.VALID if check.exists else WaStatus.INVALID
-        Contact.update(wa_status=status, wa_checked_at=self.clock()).where(
-            Contact.id == contact_id
-        ).execute()
-        return status
-
-    def verify_many(self, contact_ids: list[int]) -> int:
-        """A paced series of single checks (the provider has no bulk endpoint)."""
-        spacing = 60.0 / self.cfg.campaigns.verify_per_minute
-        for index, contact_id in enumerate(contact_ids):
-            self.verify_whatsapp.schedule(args=(contact_id,), delay=index * spacing)
-        return len(contact_ids)
-
     # ------------------------------------------------------------ periodic jobs
 
     def job(self, name: str) -> str:
@@ -461,12 +429,14 @@ class Tasks(EventTasks):
             self.process_webhook_event(event_id)
         for campaign_id in found.campaigns:
             self.enqueue_fanout(campaign_id)
+        checks = self.sweep_checks(now or self.clock(), grace_s)
         return {
             "messages": len(found.messages),
             "events": len(found.events),
             "campaigns": len(found.campaigns),
             "unconfirmed_resent": len(settled.resent),
             "unconfirmed_failed": settled.failed,
+            "checks": checks,
         }
 
 

@@ -11,6 +11,8 @@ from daemon.app.tasks import Tasks
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.providers.fake import FakeOptions
+from daemon.store.db import open_database
+from daemon.store.models import NumberCheck
 from daemon.store.queue import make_queues
 from tests.helpers import free_port
 from tests.helpers import run_cli
@@ -92,18 +94,27 @@ def test_provider_errors_are_one_line(cfg, make_config):
     assert "invalid phone number '12'" in bad.stderr
 
 
-def _queued_bulk_verify(cfg) -> list[list[int]]:
-    """The contact-id lists of every bulk_verify task waiting in the queue."""
+def _queued_checks(cfg) -> list[int]:
+    """The contact ids of the pending checks, each with its verify_whatsapp
+    entry waiting in the queue (the entry carries the check's id)."""
     queues = make_queues(cfg)
     Tasks(cfg, queues)  # registers the task names, so the queue can decode them
+    db = open_database(cfg)
     try:
-        found = []
+        entries = []
         while (task := queues.verification.dequeue()) is not None:
-            assert task.name.endswith("bulk_verify")
-            found.append(task.args[0])
-        return found
+            assert task.name.endswith("verify_whatsapp")
+            entries.append(task.args[0])
+        with db.connection_context():
+            pending = {
+                c.id: c.contact_id
+                for c in NumberCheck.select().where(NumberCheck.status == "pending")
+            }
+        assert sorted(entries) == sorted(pending)
+        return sorted(pending.values())
     finally:
         queues.close()
+        db.close()
 
 
 def test_verify_all_queues_only_numbers_never_checked(cfg):
@@ -113,7 +124,7 @@ def test_verify_all_queues_only_numbers_never_checked(cfg):
     assert proc.returncode == EXIT_OK, proc.stderr
     assert proc.stdout.startswith("queued 2 numbers for verification (20 per minute")
     # Ann is checked, Cid opted out: Bob (id 2) and Dan (id 4) are left.
-    assert _queued_bulk_verify(cfg) == [[2, 4]]
+    assert _queued_checks(cfg) == [2, 4]
 
 
 def test_verify_campaign_queues_its_members(cfg, tmp_path):
@@ -139,7 +150,7 @@ def test_verify_campaign_queues_its_members(cfg, tmp_path):
     proc = campaignd(cfg, "verify", "--campaign", str(campaign_id), "--json")
     assert proc.returncode == EXIT_OK, proc.stderr
     assert json.loads(proc.stdout)["queued"] == 2
-    assert _queued_bulk_verify(cfg) == [[1, 4]]
+    assert _queued_checks(cfg) == [1, 4]
 
     missing = campaignd(cfg, "verify", "--campaign", "99")
     assert missing.returncode == EXIT_FAILURE
