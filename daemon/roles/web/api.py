@@ -17,6 +17,7 @@ from daemon.app import service
 from daemon.domain import campaigns
 from daemon.domain import contacts as contacts_mod
 from daemon.domain import events
+from daemon.domain.contacts import verification
 from daemon.errors import NotFoundError
 from daemon.roles.web import bad_request
 from daemon.roles.web import json_kind
@@ -32,6 +33,7 @@ PREFIX = "/api/v1"
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 DEFAULT_REGION = "FR"
+MAX_VERIFY_IDS = 100_000
 
 
 class ApiAuth:
@@ -221,13 +223,37 @@ class CampaignCollection:
 
 
 class CampaignItem:
-    """GET /api/v1/campaigns/{campaign_id}"""
+    """GET /api/v1/campaigns/{campaign_id}, with the members' number checks"""
 
     admin_api = True
     uses_database = True
 
+    def __init__(self, tasks):
+        self.tasks = tasks
+
     def on_get(self, req, resp, campaign_id: int) -> None:
-        resp.media = campaigns.campaign_summary(campaign_id)
+        summary = campaigns.campaign_summary(campaign_id)
+        # The same figures as `campaignd campaign show`.
+        verification = service.campaign_verification(
+            self.tasks.cfg, summary, self.tasks.clock()
+        )
+        resp.media = {**summary, "verification": verification}
+
+
+class CampaignVerify:
+    """POST /api/v1/campaigns/{campaign_id}/verify: check every member's number"""
+
+    admin_api = True
+    uses_database = True
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def on_post(self, req, resp, campaign_id: int) -> None:
+        Body.read(req, set(), optional=True)
+        # The same function as `campaignd verify --campaign ID`.
+        resp.media = service.request_verification(self.tasks, campaign_id=campaign_id)
+        resp.status = falcon.HTTP_202
 
 
 class CampaignAction:
@@ -294,6 +320,7 @@ def contact_dict(contact: Contact) -> dict:
         "opted_out": contact.opted_out_at is not None,
         "opted_out_at": iso_z(contact.opted_out_at),
         "created_at": iso_z(contact.created_at),
+        "check": verification.check_dict(contact.id),
         "campaigns": [
             {
                 "campaign_id": m.campaign_id,
@@ -344,6 +371,43 @@ class ContactItem:
 
     def on_get(self, req, resp, ref: str) -> None:
         resp.media = contact_dict(find_contact(ref))
+
+
+class ContactsVerify:
+    """POST /api/v1/contacts/verify: {"contact_ids": [...]} or {"all_unknown": true}"""
+
+    admin_api = True
+    uses_database = True
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = Body.read(req, {"contact_ids", "all_unknown"})
+        given = set(body.data)
+        if len(given) != 1:
+            raise bad_request(
+                "Invalid body", "give either 'contact_ids' or 'all_unknown': true"
+            )
+        if "all_unknown" in given:
+            if not body.flag("all_unknown", False):
+                raise bad_request(
+                    "Invalid body", "field 'all_unknown' must be true when given"
+                )
+            # The same function as `campaignd verify --all`.
+            result = service.request_verification(self.tasks, all_unknown=True)
+        else:
+            ids = body.ids("contact_ids")
+            if not ids:
+                raise bad_request("Invalid body", "field 'contact_ids' is empty")
+            if len(ids) > MAX_VERIFY_IDS:
+                raise bad_request(
+                    "Invalid body",
+                    f"field 'contact_ids' holds more than {MAX_VERIFY_IDS} ids",
+                )
+            result = service.request_verification(self.tasks, contact_ids=ids)
+        resp.media = result
+        resp.status = falcon.HTTP_202
 
 
 class ContactOptOut:

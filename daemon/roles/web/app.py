@@ -255,10 +255,12 @@ def create_app(
     campaign = f"{prefix}/campaigns/{{campaign_id:int(min=1, max={MAX_ID})}}"
     app.add_route(f"{prefix}/openapi.json", OpenApiDocument())
     app.add_route(f"{prefix}/campaigns", api.CampaignCollection(tasks))
-    app.add_route(campaign, api.CampaignItem())
+    app.add_route(campaign, api.CampaignItem(tasks))
+    app.add_route(f"{campaign}/verify", api.CampaignVerify(tasks))
     for action in api.CampaignAction.ACTIONS:
         app.add_route(f"{campaign}/{action}", api.CampaignAction(tasks, action))
     app.add_route(f"{prefix}/contacts/import", api.ContactImport())
+    app.add_route(f"{prefix}/contacts/verify", api.ContactsVerify(tasks))
     app.add_route(f"{prefix}/contacts/{{ref}}", api.ContactItem())
     app.add_route(f"{prefix}/contacts/{{ref}}/opt-out", api.ContactOptOut())
     app.add_route(f"{prefix}/messages", api.MessageCollection())
