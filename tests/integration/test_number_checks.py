@@ -374,3 +374,26 @@ def test_m0009_creates_the_table_on_an_older_database(request, make_config, mode
         assert "number_check_contact_id" in migrated
     finally:
         built.close()
+
+
+def test_a_check_whose_worker_died_is_swept_once_its_lease_runs_out(
+    request, make_config, fake
+):
+    clock = ManualClock(utcnow())
+    built = _pipeline(request, make_config, fake, "sqlite", 600.0, clock)
+    try:
+        (ann,) = seed_contacts(1)
+        service.request_verification(built.tasks, contact_ids=[ann])
+        built.queues.verification.flush()
+        check_id = _check(ann).id
+        # A worker claims it, then dies before recording anything.
+        assert verification.claim(check_id, clock.now, built.tasks.check_lease_s)
+        clock.advance(60)
+        assert built.tasks.sweep_once(now=clock.now)["checks"] == 0  # leased
+        assert built.tasks.verify(check_id) == "another worker has it"
+        clock.advance(built.tasks.check_lease_s)
+        assert built.tasks.sweep_once(now=clock.now)["checks"] == 1
+        assert built.tasks.verify(check_id) == CheckStatus.VALID
+        assert _check(ann).attempts == 2
+    finally:
+        built.close()
