@@ -45,7 +45,13 @@ def test_a_dead_consumers_socket_is_cleared_by_the_next_poke(tmp_path):
     live = Waiter(directory)
     # What a SIGKILL leaves: the file, nobody bound to it.
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    dead.bind(os.path.join(directory, "99999.0"))
+    # Through the directory's fd: a deep tmp_path (pytest-xdist's) can be
+    # longer than a socket address may be.
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        dead.bind(f"/proc/self/fd/{fd}/99999.0")
+    finally:
+        os.close(fd)
     dead.close()
     try:
         assert Poker(directory).poke() == 1
