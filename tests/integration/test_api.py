@@ -15,6 +15,7 @@ from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
 from daemon.store.queue import make_queues
+from tests.send_helpers import mode_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,12 +68,7 @@ class Api:
 @pytest.fixture(params=["sqlite", "cluster"])
 def api(request, make_config):
     extra = {"web": {"api_token": TOKEN}}
-    if request.param == "sqlite":
-        cfg = make_config("sqlite", extra)
-    else:
-        pg = request.getfixturevalue("pg_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        cfg = make_config("cluster", extra, pg=pg, redis=prefix)
+    cfg = mode_config(request, make_config, request.param, extra)
     client = Api(cfg)
     yield client
     client.close()

@@ -12,6 +12,7 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from tests.integration.test_api import TOKEN
 from tests.integration.test_api import Api
+from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
 
@@ -24,12 +25,7 @@ VERIFY = "/api/v1/contacts/verify"
 @pytest.fixture(params=["sqlite", "cluster"])
 def api(request, make_config):
     extra = {"web": {"api_token": TOKEN}, "campaigns": {"verify_per_minute": 60.0}}
-    if request.param == "sqlite":
-        cfg = make_config("sqlite", extra)
-    else:
-        pg = request.getfixturevalue("pg_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        cfg = make_config("cluster", extra, pg=pg, redis=prefix)
+    cfg = mode_config(request, make_config, request.param, extra)
     client = Api(cfg)
     yield client
     client.close()

@@ -23,6 +23,7 @@ from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.queue import make_queues
+from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
 
@@ -73,12 +74,7 @@ class Console:
 @pytest.fixture(params=["sqlite", "cluster"])
 def console(request, make_config):
     extra = {"web": {"api_token": TOKEN}}
-    if request.param == "sqlite":
-        cfg = make_config("sqlite", extra)
-    else:
-        pg = request.getfixturevalue("pg_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        cfg = make_config("cluster", extra, pg=pg, redis=prefix)
+    cfg = mode_config(request, make_config, request.param, extra)
     built = Console(cfg)
     yield built
     built.close()

@@ -35,6 +35,7 @@ from tests.helpers import run_cli
 from tests.integration.test_api import TOKEN
 from tests.integration.test_api import Api
 from tests.send_helpers import member_counts
+from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
 
@@ -121,12 +122,7 @@ def env(request, make_config, fake):
         "provider": {"base_url": fake.url},
         "retry": {"max_attempts": 1},
     }
-    if request.param == "sqlite":
-        cfg = make_config("sqlite", extra)
-    else:
-        pg = request.getfixturevalue("pg_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        cfg = make_config("cluster", extra, pg=pg, redis=prefix)
+    cfg = mode_config(request, make_config, request.param, extra)
     built = Env(cfg)
     yield built
     built.close()

@@ -33,6 +33,7 @@ from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import utcnow
 from daemon.store.queue import make_queues
+from tests.send_helpers import mode_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,12 +45,7 @@ NOON = dt.datetime(2025, 3, 10, 12, 0)
 def env(request, make_config, fake):
     """Tasks on SQLite, or PostgreSQL + Redis, with a real provider client."""
     extra = {"provider": {"base_url": fake.url, "token": "t", "timeout_s": 2.0}}
-    if request.param == "cluster":
-        pg = request.getfixturevalue("pg_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        cfg = make_config("cluster", extra, pg=pg, redis=prefix)
-    else:
-        cfg = make_config("sqlite", extra)
+    cfg = mode_config(request, make_config, request.param, extra)
     db = open_database(cfg, migrate_schema=True)
     queues = make_queues(cfg)
     provider = make_provider(cfg.provider)
