@@ -31,6 +31,8 @@ def masked(cfg: Config) -> dict:
             value = getattr(section, sf.name)
             if sf.metadata.get("secret") and value:
                 value = "***"
+            elif name == "alerts" and sf.name == "command":
+                value = mask_command(value)
             elif isinstance(value, str):
                 value = mask_text(value, whole_url=name == "alerts")
             table[sf.name] = value
@@ -48,6 +50,34 @@ def mask_text(text: str, *, whole_url: bool = False) -> str:
     """`text` with the credentials of every URL (and libpq password) in it masked."""
     text = _CONNINFO_PASSWORD.sub(r"\1***", text)
     return _URL.sub(lambda m: _mask_url(m.group(0), whole_url), text)
+
+
+# In a shell command: an option named like a credential and its value
+# (--token abc, --api-key=abc, -p abc is not caught), an Authorization
+# header's credentials, an environment assignment (SLACK_TOKEN=abc cmd).
+_QUOTED_OR_WORD = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]+)"""
+_SECRET_OPTION = re.compile(
+    r"(--?[A-Za-z0-9_-]*(?:pass|pwd|secret|token|key|auth|cred)[A-Za-z0-9_-]*)"
+    r"(=|\s+)" + _QUOTED_OR_WORD,
+    re.I,
+)
+_AUTH_HEADER = re.compile(
+    r"(Authorization:\s*(?:Bearer\s+|Basic\s+|Token\s+)?)[^'\"\s]+", re.I
+)
+_SECRET_ASSIGNMENT = re.compile(
+    r"(\b[A-Za-z0-9_]*(?:PASS|PWD|SECRET|TOKEN|KEY|AUTH|CRED)[A-Za-z0-9_]*=)"
+    + _QUOTED_OR_WORD,
+    re.I,
+)
+
+
+def mask_command(command: str) -> str:
+    """alerts.command as check-config shows it: URLs shown up to their host
+    (as the alert URLs), and the credentials a command line carries hidden."""
+    command = _AUTH_HEADER.sub(r"\1***", command)
+    command = _SECRET_OPTION.sub(r"\1\2***", command)
+    command = _SECRET_ASSIGNMENT.sub(r"\1***", command)
+    return mask_text(command, whole_url=True)
 
 
 def _mask_url(url: str, whole_url: bool) -> str:

@@ -221,3 +221,38 @@ def test_check_config_masks_passwords_and_tokens_inside_urls(tmp_path):
 )
 def test_mask_text(text, shown):
     assert config_text.mask_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("notify --token abc123 --to ops", "notify --token *** --to ops"),
+        ('notify --api-key="k 1" x', "notify --api-key=*** x"),
+        (
+            'curl -H "Authorization: Bearer xyz" https://a.example/c?x=1',
+            'curl -H "Authorization: Bearer ***" https://a.example/***',
+        ),
+        ("SLACK_TOKEN=abc /usr/bin/alert", "SLACK_TOKEN=*** /usr/bin/alert"),
+        ("mail -s alert ops@example.com", "mail -s alert ops@example.com"),
+    ],
+)
+def test_alert_command_credentials_are_masked(command, shown):
+    assert config_text.mask_command(command) == shown
+
+
+def test_check_config_masks_a_token_given_to_the_alert_command(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        dump_toml(
+            {
+                "daemon": {"data_dir": str(tmp_path / "data")},
+                "alerts": {"command": "/usr/local/bin/page --token pager-secret-1"},
+            }
+        )
+    )
+    proc = _check_config(path)
+    assert proc.returncode == 0, proc.stderr
+    assert "pager-secret-1" not in proc.stdout
+    assert tomllib.loads(proc.stdout)["alerts"]["command"] == (
+        "/usr/local/bin/page --token ***"
+    )
