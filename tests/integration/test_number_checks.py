@@ -376,6 +376,43 @@ def test_m0009_creates_the_table_on_an_older_database(request, make_config, mode
         built.close()
 
 
+@pytest.mark.parametrize("mode", ["sqlite", "postgres"])
+def test_m0009_keeps_what_an_older_version_found(request, make_config, mode):
+    """Checked by an older version (wa_status only): a finished row with that
+    outcome and time after the upgrade, not "never checked"."""
+    extra = {}
+    if mode == "postgres":
+        extra = {"database": {"url": request.getfixturevalue("pg_url")}}
+    built = build_pipeline(make_config("sqlite", extra))
+    try:
+        valid, invalid, unknown = seed_contacts(3)
+        checked = dt.datetime(2026, 11, 2, 9, 30)
+        for contact_id, status in (
+            (valid, WaStatus.VALID),
+            (invalid, WaStatus.INVALID),
+        ):
+            Contact.update(wa_status=status, wa_checked_at=checked).where(
+                Contact.id == contact_id
+            ).execute()
+        database.execute_sql("DROP TABLE number_check")
+        database.execute_sql(
+            "DELETE FROM schema_version WHERE name = 'm0009_number_check'"
+        )
+        assert migrate(database.obj) == ["m0009_number_check"]
+        rows = {
+            row.contact_id: (row.status, row.checked_at) for row in NumberCheck.select()
+        }
+        assert rows == {
+            valid: (CheckStatus.VALID, checked),
+            invalid: (CheckStatus.INVALID, checked),
+        }
+        campaign = new_campaign([valid, invalid, unknown])
+        counts = verification.campaign_counts(campaign.id, 3, 60.0, utcnow())
+        assert (counts["valid"], counts["invalid"], counts["unchecked"]) == (1, 1, 1)
+    finally:
+        built.close()
+
+
 def test_a_check_whose_worker_died_is_swept_once_its_lease_runs_out(
     request, make_config, fake
 ):

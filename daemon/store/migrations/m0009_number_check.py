@@ -9,6 +9,10 @@ m0001 creates the tables from the current models, so a database created by
 this version already has it: create it only when missing. The table is
 declared here as it was at this version (not from models.py), so this
 migration keeps meaning the same thing.
+
+Contacts an older version checked (contact.wa_status valid or invalid, with
+wa_checked_at) get a finished row with that outcome and time, so `campaign
+show` does not count them as never checked after the upgrade.
 """
 
 import peewee as pw
@@ -42,3 +46,10 @@ def up(db):
             indexes = ((("status", "due_at"), False),)
 
     db.create_tables([_NumberCheck])
+    db.execute_sql(
+        "INSERT INTO number_check (contact_id, status, requested_at, due_at,"
+        " attempts, checked_at)"
+        " SELECT id, wa_status, wa_checked_at, wa_checked_at, 1, wa_checked_at"
+        " FROM contact"
+        " WHERE wa_status IN ('valid', 'invalid') AND wa_checked_at IS NOT NULL"
+    )
