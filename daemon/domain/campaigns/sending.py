@@ -12,6 +12,7 @@ import peewee as pw
 
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.store.db import is_postgres
 from daemon.store.models import CampaignContact
 from daemon.store.models import MemberState
 from daemon.store.models import Message
@@ -81,9 +82,8 @@ _AT = dt.datetime(1901, 2, 3, 4, 5, 6, 789)
 _CAMPAIGN_ID, _CONTACT_ID = -90_001, -90_002
 
 
-@functools.lru_cache(maxsize=4)
-def _member_sent_statement(_database_type) -> tuple[str, tuple]:
-    sql, params = member_message1_sent(
+def _member_sent_query(*where):
+    return member_message1_sent(
         _AT,
         CampaignContact.contact == _CONTACT_ID,
         # Found through (contact, state), a few entries: `+ 0` keeps the
@@ -93,8 +93,63 @@ def _member_sent_statement(_database_type) -> tuple[str, tuple]:
         # member of the campaign on each send (W1 cluster ~10 % slower, and
         # O(campaign size) per send).
         (CampaignContact.campaign + pw.SQL("0")) == _CAMPAIGN_ID,
-    ).sql()
+        *where,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _member_sent_statement(_database_type) -> tuple[str, tuple]:
+    sql, params = _member_sent_query().sql()
     return sql, tuple(params)
+
+
+# PostgreSQL records a send in ONE statement, in autocommit: the row's UPDATE
+# is a data-modifying CTE, the member's move another one that finds a row in
+# it only if the row's update matched (the lease still ours), and the answer
+# is how many rows matched. One round trip and the one commit of the statement
+# instead of BEGIN, two UPDATEs and COMMIT; one statement is as atomic as the
+# transaction it replaces. Both parts read one snapshot and write different
+# tables, so neither misses the other's write. SQLite has no data-modifying
+# CTE: it keeps the transaction.
+_RECORD_SENT_ONE_SQL = """
+WITH m AS ({record} RETURNING 1), moved AS ({member})
+SELECT count(*) FROM m
+"""
+_ONLY_IF_RECORDED = pw.SQL("EXISTS (SELECT 1 FROM m)")
+
+
+@functools.lru_cache(maxsize=4)
+def _record_sent_statement(_database_type, kind: int) -> tuple[str, tuple]:
+    """The PostgreSQL record of a sent `kind` message with its member's move:
+    the SQL text and the member's parameters (stand-ins, as above)."""
+    if kind == 1:
+        member = _member_sent_query(_ONLY_IF_RECORDED)
+    else:
+        member = _member_message2_query(
+            _AT,
+            CampaignContact.campaign == _CAMPAIGN_ID,
+            CampaignContact.contact == _CONTACT_ID,
+            _ONLY_IF_RECORDED,
+        )
+    sql, params = member.sql()
+    record = _sql(_RECORD_SENT_SQL).strip()
+    return _RECORD_SENT_ONE_SQL.format(record=record, member=sql), tuple(params)
+
+
+def _record_sent_once(message, owner: str, provider_id, wa_id, now) -> int:
+    """PostgreSQL: the row and its member in one round trip. Returns how
+    many message rows were ours (0 or 1), as the UPDATE's rowcount would."""
+    sql, params = _record_sent_statement(type(database.obj), message.kind)
+    real = {
+        _AT: now,
+        _CAMPAIGN_ID: message.campaign_id,
+        _CONTACT_ID: message.contact_id,
+    }
+    cursor = database.execute_sql(
+        sql,
+        (provider_id, wa_id, now, message.id, owner, *[real.get(p, p) for p in params]),
+    )
+    return cursor.fetchone()[0]
 
 
 def _run_member_sent(now, campaign_id: int, contact_id: int) -> None:
@@ -203,15 +258,18 @@ def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
     now = now or utcnow()
     # The row and its member move together: a kill between two commits
     # would leave the member behind for good (and the campaign open).
-    with database.atomic():
-        cursor = database.execute_sql(
-            _sql(_RECORD_SENT_SQL), (provider_id, wa_id, now, message.id, owner)
-        )
-        if cursor.rowcount and message.kind == 1:
-            _run_member_sent(now, message.campaign_id, message.contact_id)
-        elif cursor.rowcount:
-            _member_message2_sent(message.campaign_id, message.contact_id, now)
-    if cursor.rowcount and message.kind == 2:
+    if is_postgres():
+        recorded = _record_sent_once(message, owner, provider_id, wa_id, now)
+    else:
+        with database.atomic():
+            recorded = database.execute_sql(
+                _sql(_RECORD_SENT_SQL), (provider_id, wa_id, now, message.id, owner)
+            ).rowcount
+            if recorded and message.kind == 1:
+                _run_member_sent(now, message.campaign_id, message.contact_id)
+            elif recorded:
+                _member_message2_sent(message.campaign_id, message.contact_id, now)
+    if recorded and message.kind == 2:
         maybe_complete(message.campaign_id)
 
 
@@ -223,11 +281,18 @@ def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> Non
         maybe_complete(campaign_id)
 
 
+def _member_message2_query(now, *where):
+    """The member's Message 2 went out: interacted -> message_2_sent."""
+    return CampaignContact.update(
+        state=MemberState.MESSAGE_2_SENT, updated_at=now
+    ).where(CampaignContact.state == MemberState.INTERACTED, *where)
+
+
 def _member_message2_sent(campaign_id: int, contact_id: int, now) -> None:
-    CampaignContact.update(state=MemberState.MESSAGE_2_SENT, updated_at=now).where(
+    _member_message2_query(
+        now,
         CampaignContact.campaign == campaign_id,
         CampaignContact.contact == contact_id,
-        CampaignContact.state == MemberState.INTERACTED,
     ).execute()
 
 
