@@ -84,6 +84,10 @@ def test_demo_completes_a_campaign_and_leaves_nothing_running(demo_tmp):
     assert list(demo_tmp.glob("campaignd-demo-*")) == []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LineReader:
     """Collects a child's stdout lines on a thread, so waits have deadlines."""
 
@@ -115,6 +119,9 @@ def test_ctrl_c_mid_run_stops_everything_and_exits_130(demo_tmp):
         env=demo_env(demo_tmp),
         # Its own process group, like a shell job: Ctrl-C signals the group.
         start_new_session=True,
+        # As from a terminal: a runner started without job control (a
+        # script's `cmd &`) ignores SIGINT, and its children inherit that.
+        preexec_fn=_default_sigint,
     )
     try:
         reader = LineReader(demo.stdout)
