@@ -227,3 +227,26 @@ def test_the_one_statement_reads_one_member_without_statistics(db):
             read[node["Relation Name"]] = read.get(node["Relation Name"], 0) + rows
         nodes += node.get("Plans", [])
     assert read == {"message": 1, "campaign_contact": 1}, json.dumps(plan, indent=1)
+
+
+def test_a_failure_moves_its_row_and_member_together_or_neither(db, monkeypatch):
+    """record_failure: the row and its member in one transaction. A fault
+    between the two writes (here the member's update raising, as a kill
+    there would stop it) leaves neither, so the campaign cannot be left with
+    a failed row and a member open for good."""
+    campaign_id, ids = _running_campaign(3, 0)
+    first = campaigns.claim(_message1(campaign_id, ids[0]), OWNER, 60)
+
+    def cut(*args):
+        raise RuntimeError("killed between the two writes")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sending, "member_failed", cut)
+        with pytest.raises(RuntimeError):
+            sending.record_failure(first, OWNER, "131026 not on WhatsApp")
+    assert Message.get_by_id(first.id).status == "sending"
+    assert _states(ids[0]) == {campaign_id: "pending"}
+    # Without the fault both move.
+    assert sending.record_failure(first, OWNER, "131026 not on WhatsApp")
+    assert Message.get_by_id(first.id).status == "failed"
+    assert _states(ids[0]) == {campaign_id: "failed"}

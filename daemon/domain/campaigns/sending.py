@@ -126,10 +126,7 @@ def _record_sent_statement(_database_type, kind: int) -> tuple[str, tuple]:
         member = _member_sent_query(_ONLY_IF_RECORDED)
     else:
         member = _member_message2_query(
-            _AT,
-            CampaignContact.campaign == _CAMPAIGN_ID,
-            CampaignContact.contact == _CONTACT_ID,
-            _ONLY_IF_RECORDED,
+            _AT, _CAMPAIGN_ID, _CONTACT_ID, _ONLY_IF_RECORDED
         )
     sql, params = member.sql()
     record = _sql(_RECORD_SENT_SQL).strip()
@@ -281,19 +278,22 @@ def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> Non
         maybe_complete(campaign_id)
 
 
-def _member_message2_query(now, *where):
-    """The member's Message 2 went out: interacted -> message_2_sent."""
+def _member_message2_query(now, campaign_id, contact_id, *where):
+    """The member's Message 2 went out: interacted -> message_2_sent. Found
+    through (contact, state) like the Message 1 move (`+ 0`: see
+    _member_sent_query), not through an index that starts with the campaign."""
     return CampaignContact.update(
         state=MemberState.MESSAGE_2_SENT, updated_at=now
-    ).where(CampaignContact.state == MemberState.INTERACTED, *where)
+    ).where(
+        CampaignContact.contact == contact_id,
+        CampaignContact.state == MemberState.INTERACTED,
+        (CampaignContact.campaign + pw.SQL("0")) == campaign_id,
+        *where,
+    )
 
 
 def _member_message2_sent(campaign_id: int, contact_id: int, now) -> None:
-    _member_message2_query(
-        now,
-        CampaignContact.campaign == campaign_id,
-        CampaignContact.contact == contact_id,
-    ).execute()
+    _member_message2_query(now, campaign_id, contact_id).execute()
 
 
 def unconfirmed_values(now, error: str) -> dict:
@@ -313,20 +313,25 @@ def unconfirmed_values(now, error: str) -> dict:
 def record_failure(message, owner: str, reason: str, now=None) -> bool:
     """Permanent failure: failed with the provider's reason."""
     now = now or utcnow()
-    updated = (
-        Message.update(
-            status=MessageStatus.FAILED,
-            error=reason[:2000],
-            failed_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            paced_until=None,
+    # The row and its member move together, as in record_sent: a kill
+    # between two commits would leave the member open for good, and its
+    # campaign would never complete.
+    with database.atomic():
+        updated = (
+            Message.update(
+                status=MessageStatus.FAILED,
+                error=reason[:2000],
+                failed_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                paced_until=None,
+            )
+            .where(held_by(message, owner))
+            .execute()
         )
-        .where(held_by(message, owner))
-        .execute()
-    )
+        if updated:
+            member_failed(message.campaign_id, message.contact_id, now, message.kind)
     if updated:
-        member_failed(message.campaign_id, message.contact_id, now, message.kind)
         maybe_complete(message.campaign_id)
     return bool(updated)
 
