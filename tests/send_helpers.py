@@ -29,7 +29,9 @@ from daemon.config import Config
 from daemon.domain import campaigns
 from daemon.providers import make_provider
 from daemon.store.db import open_database
+from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
+from daemon.store.models import CampaignStatus
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
 from daemon.store.models import Message
@@ -88,6 +90,19 @@ def new_campaign(contact_ids, *, name: str = "test", skip_invalid: bool = True):
         contact_ids,
         skip_invalid=skip_invalid,
     )
+
+
+def running_campaign(count: int, start: int = 0) -> tuple[int, list[int]]:
+    """`count` new contacts in a running campaign, fanned out (each member
+    has its queued Message 1): (campaign id, contact ids)."""
+    ids = seed_contacts(count, start=start)
+    campaign = new_campaign(ids)
+    Campaign.update(status=CampaignStatus.RUNNING).where(
+        Campaign.id == campaign.id
+    ).execute()
+    while campaigns.fan_out(campaign.id, 1_000_000):
+        pass
+    return campaign.id, ids
 
 
 def open_db(cfg: Config) -> pw.Database:

@@ -14,18 +14,14 @@ import json
 
 import pytest
 
-from daemon.domain import campaigns
 from daemon.domain.campaigns import sending
-from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
-from daemon.store.models import CampaignStatus
 from daemon.store.models import MemberState
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from tests.send_helpers import close_db
-from tests.send_helpers import new_campaign
 from tests.send_helpers import open_db
-from tests.send_helpers import seed_contacts
+from tests.send_helpers import running_campaign
 
 MEMBERS = 300
 
@@ -42,17 +38,6 @@ def db(request, make_config):
         yield db
     finally:
         close_db(db)
-
-
-def _running_campaign(start: int) -> tuple[int, list[int]]:
-    ids = seed_contacts(MEMBERS, start=start)
-    campaign = new_campaign(ids)
-    Campaign.update(status=CampaignStatus.RUNNING).where(
-        Campaign.id == campaign.id
-    ).execute()
-    while campaigns.fan_out(campaign.id, 1_000_000):
-        pass
-    return campaign.id, ids
 
 
 def _rows_read(campaign_id: int, contact_id: int) -> int:
@@ -86,7 +71,7 @@ def _sqlite_plan() -> str:
 
 def test_the_member_is_found_by_its_contact_without_statistics(db):
     with db.connection_context():
-        first, ids = _running_campaign(0)
+        first, ids = running_campaign(MEMBERS, 0)
         if database.param == "?":
             assert "contact_id=?" in _sqlite_plan(), _sqlite_plan()
             return
@@ -94,14 +79,14 @@ def test_the_member_is_found_by_its_contact_without_statistics(db):
         assert _rows_read(first, ids[MEMBERS // 2]) <= 1
         # Analyzed before the campaign existed.
         db.execute_sql("ANALYZE campaign_contact")
-        second, ids = _running_campaign(MEMBERS)
+        second, ids = running_campaign(MEMBERS, MEMBERS)
         assert _rows_read(second, ids[MEMBERS // 2]) <= 1
 
 
 def test_the_send_moves_exactly_its_member(db):
     with db.connection_context():
-        campaign_id, ids = _running_campaign(0)
-        other_id, _ = _running_campaign(MEMBERS)
+        campaign_id, ids = running_campaign(MEMBERS, 0)
+        other_id, _ = running_campaign(MEMBERS, MEMBERS)
         # The same contact in the other campaign stays pending.
         CampaignContact.insert(
             campaign=other_id, contact=ids[3], state=MemberState.PENDING

@@ -23,9 +23,8 @@ from daemon.store.models import Message
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from tests.send_helpers import close_db
-from tests.send_helpers import new_campaign
 from tests.send_helpers import open_db
-from tests.send_helpers import seed_contacts
+from tests.send_helpers import running_campaign
 
 OWNER = "host:1:abc"
 
@@ -43,17 +42,6 @@ def db(request, make_config):
             yield db
     finally:
         close_db(db)
-
-
-def _running_campaign(count: int, start: int) -> tuple[int, list[int]]:
-    ids = seed_contacts(count, start=start)
-    campaign = new_campaign(ids)
-    Campaign.update(status=CampaignStatus.RUNNING).where(
-        Campaign.id == campaign.id
-    ).execute()
-    while campaigns.fan_out(campaign.id, 1_000_000):
-        pass
-    return campaign.id, ids
 
 
 def _message1(campaign_id: int, contact_id: int) -> int:
@@ -96,8 +84,8 @@ def _record_counting(db, *args) -> list[str]:
 
 
 def test_a_message1_send_is_one_statement_and_moves_its_member_only(db):
-    campaign_id, ids = _running_campaign(5, 0)
-    other_id, _ = _running_campaign(2, 5)
+    campaign_id, ids = running_campaign(5, 0)
+    other_id, _ = running_campaign(2, 5)
     # The same contact in another campaign, pending too: not moved.
     CampaignContact.insert(
         campaign=other_id, contact=ids[2], state=MemberState.PENDING
@@ -127,7 +115,7 @@ def test_a_message1_send_is_one_statement_and_moves_its_member_only(db):
 
 
 def test_a_lost_lease_records_nothing_and_moves_no_member(db):
-    campaign_id, ids = _running_campaign(3, 0)
+    campaign_id, ids = running_campaign(3, 0)
     claimed = campaigns.claim(_message1(campaign_id, ids[0]), OWNER, 60)
     # The sweep took the row away (an expired lease): unconfirmed, no owner.
     Message.update(status="unconfirmed", lease_owner=None).where(
@@ -151,7 +139,7 @@ def test_a_lost_lease_records_nothing_and_moves_no_member(db):
 def test_a_webhook_that_got_further_keeps_its_status(db):
     # A status webhook marked the row delivered while the send was in flight:
     # the record keeps that status and still moves the member (as before).
-    campaign_id, ids = _running_campaign(2, 0)
+    campaign_id, ids = running_campaign(2, 0)
     claimed = campaigns.claim(_message1(campaign_id, ids[1]), OWNER, 60)
     Message.update(status="delivered").where(Message.id == claimed.id).execute()
     campaigns.record_sent(claimed, OWNER, "p-2", "w-2")
@@ -179,9 +167,9 @@ def _message2_claimed(campaign_id: int, contact_id: int):
 
 
 def test_a_message2_send_is_one_statement_and_completes_the_campaign(db):
-    campaign_id, ids = _running_campaign(1, 0)
+    campaign_id, ids = running_campaign(1, 0)
     claimed = _message2_claimed(campaign_id, ids[0])
-    other_id, (other_contact,) = _running_campaign(1, 1)
+    other_id, (other_contact,) = running_campaign(1, 1)
     lost = _message2_claimed(other_id, other_contact)
     Message.update(lease_owner="other:2:x").where(Message.id == lost.id).execute()
     statements = _record_counting(db, claimed, OWNER, "p-3", "w-3")
@@ -203,7 +191,7 @@ def test_the_one_statement_reads_one_member_without_statistics(db):
     # statement alone does (tests/integration/test_send_member_plan.py).
     if database.param != "%s":
         pytest.skip("SQLite records in a transaction: its plan is tested there")
-    campaign_id, ids = _running_campaign(300, 0)
+    campaign_id, ids = running_campaign(300, 0)
     claimed = campaigns.claim(_message1(campaign_id, ids[150]), OWNER, 60)
     sql, params = sending._record_sent_statement(type(database.obj), 1)
     now = utcnow()
@@ -234,7 +222,7 @@ def test_a_failure_moves_its_row_and_member_together_or_neither(db, monkeypatch)
     between the two writes (here the member's update raising, as a kill
     there would stop it) leaves neither, so the campaign cannot be left with
     a failed row and a member open for good."""
-    campaign_id, ids = _running_campaign(3, 0)
+    campaign_id, ids = running_campaign(3, 0)
     first = campaigns.claim(_message1(campaign_id, ids[0]), OWNER, 60)
 
     def cut(*args):
