@@ -121,11 +121,14 @@ def mode_config(request, make_config, mode: str, extra: dict | None = None) -> C
     """A Config for a storage mode; PG/Redis fixtures skip the test without them.
 
     sqlite: embedded (SQLite + SqliteHuey); cluster: PostgreSQL + Redis;
-    pgqueue: PostgreSQL + PostgresHuey.
+    pgqueue: PostgreSQL + PostgresHuey; postgres: a PostgreSQL database with
+    the SQLite queue (tests of the database alone).
     """
     if mode == "sqlite":
         return make_config("sqlite", extra)
     pg = request.getfixturevalue("pg_url")
+    if mode == "postgres":
+        return make_config("sqlite", {**(extra or {}), "database": {"url": pg}})
     if mode == "pgqueue":
         return make_config("pgqueue", extra, pg=pg)
     prefix = request.getfixturevalue("redis_prefix")

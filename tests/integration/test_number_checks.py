@@ -356,10 +356,7 @@ def test_verify_phone_records_the_row_of_a_known_contact(request, make_config, f
 
 @pytest.mark.parametrize("mode", ["sqlite", "postgres"])
 def test_m0009_creates_the_table_on_an_older_database(request, make_config, mode):
-    extra = {}
-    if mode == "postgres":
-        extra = {"database": {"url": request.getfixturevalue("pg_url")}}
-    built = build_pipeline(make_config("sqlite", extra))
+    built = build_pipeline(mode_config(request, make_config, mode))
     try:
         fresh = {i.name: i.columns for i in database.get_indexes("number_check")}
         columns = [c.name for c in database.get_columns("number_check")]
@@ -380,10 +377,7 @@ def test_m0009_creates_the_table_on_an_older_database(request, make_config, mode
 def test_m0009_keeps_what_an_older_version_found(request, make_config, mode):
     """Checked by an older version (wa_status only): a finished row with that
     outcome and time after the upgrade, not "never checked"."""
-    extra = {}
-    if mode == "postgres":
-        extra = {"database": {"url": request.getfixturevalue("pg_url")}}
-    built = build_pipeline(make_config("sqlite", extra))
+    built = build_pipeline(mode_config(request, make_config, mode))
     try:
         valid, invalid, unknown = seed_contacts(3)
         checked = dt.datetime(2026, 11, 2, 9, 30)

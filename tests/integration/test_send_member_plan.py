@@ -20,6 +20,7 @@ from daemon.store.models import MemberState
 from daemon.store.models import database
 from daemon.store.models import utcnow
 from tests.send_helpers import close_db
+from tests.send_helpers import mode_config
 from tests.send_helpers import open_db
 from tests.send_helpers import running_campaign
 
@@ -28,12 +29,7 @@ MEMBERS = 300
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request, make_config):
-    if request.param == "sqlite":
-        cfg = make_config("sqlite")
-    else:
-        pg = request.getfixturevalue("pg_url")
-        cfg = make_config("sqlite", {"database": {"url": pg}})
-    db = open_db(cfg)
+    db = open_db(mode_config(request, make_config, request.param))
     try:
         yield db
     finally:
