@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 
@@ -265,26 +266,35 @@ def test_unknown_campaign_is_one_line(make_config, action):
     assert one_error_line(proc) == "campaignd: error: campaign 42 does not exist"
 
 
-def test_messages_list_shows_a_campaigns_failed_messages(make_config, contacts_csv):
+@contextlib.contextmanager
+def _started_and_fanned_out(cfg, contacts_csv):
+    """Campaign 1 created from the CSV and started by the CLI, then fanned
+    out as a worker would (the fan-out is a worker's job); the database stays
+    open in the block."""
     from daemon.app.tasks import Tasks
     from daemon.store.db import open_database
-    from daemon.store.models import Message
 
-    cfg = make_config("sqlite")
     assert create(cfg, contacts_csv).returncode == EXIT_OK
     assert campaignd(cfg, "campaign", "start", "1").returncode == EXIT_OK
-    # The fan-out is a worker's job: run it as the worker would.
     db = open_database(cfg)
     queues = make_queues(cfg)
     try:
         Tasks(cfg, queues).fan_out(1)
+        yield
+    finally:
+        queues.close()
+        db.close()
+
+
+def test_messages_list_shows_a_campaigns_failed_messages(make_config, contacts_csv):
+    from daemon.store.models import Message
+
+    cfg = make_config("sqlite")
+    with _started_and_fanned_out(cfg, contacts_csv):
         first = Message.select().order_by(Message.id).first()
         Message.update(status="failed", error="HTTP 400: invalid number").where(
             Message.id == first.id
         ).execute()
-    finally:
-        queues.close()
-        db.close()
 
     listed = ok_json(cfg, "messages", "list", "--campaign", "1", "--status", "failed")
     assert [(m["id"], m["status"], m["error"]) for m in listed["messages"]] == [
@@ -319,17 +329,10 @@ def test_show_says_what_is_retrying_what_failed_and_when_it_ends(
 ):
     import datetime as dt
 
-    from daemon.app.tasks import Tasks
-    from daemon.store.db import open_database
     from daemon.store.models import Message
 
     cfg = make_config("sqlite", {"pacing": {"per_minute": 1.0, "daily_cap": 0}})
-    assert create(cfg, contacts_csv).returncode == EXIT_OK
-    assert campaignd(cfg, "campaign", "start", "1").returncode == EXIT_OK
-    db = open_database(cfg)
-    queues = make_queues(cfg)
-    try:
-        Tasks(cfg, queues).fan_out(1)
+    with _started_and_fanned_out(cfg, contacts_csv):
         ann, bob = Message.select().order_by(Message.id)
         failed_at = dt.datetime(2026, 12, 3, 9, 30)
         Message.update(
@@ -339,9 +342,6 @@ def test_show_says_what_is_retrying_what_failed_and_when_it_ends(
         Message.update(failures=2, next_attempt_at=retry_at, error="HTTP 503").where(
             Message.id == bob.id
         ).execute()
-    finally:
-        queues.close()
-        db.close()
 
     shown = campaignd(cfg, "campaign", "show", "1")
     assert shown.returncode == EXIT_OK, shown.stderr
