@@ -56,6 +56,14 @@ def campaign_summary(campaign_id: int) -> dict:
     }
 
 
+# The 0 of a partial index's condition (m0005, m0008), written into the SQL:
+# as a bound parameter, a plan made for any value (psycopg prepares a query
+# run 5 times on one connection; PostgreSQL may then keep a generic plan)
+# cannot prove `failures > $1` implies `failures > 0`, and reads the
+# campaign's whole range instead.
+_ZERO = pw.SQL("0")
+
+
 def _unconfirmed_summary(campaign_id: int, messages: dict) -> dict:
     """Sends whose outcome was unknown: waiting for evidence now, re-sent for
     want of it (each may be a second message on a phone), failed by policy."""
@@ -71,7 +79,7 @@ def _unconfirmed_summary(campaign_id: int, messages: dict) -> dict:
             pw.fn.COALESCE(pw.fn.SUM(Message.resends), 0),
             pw.fn.COUNT(Message.id).filter(by_policy & ~failed_row),
         )
-        .where(ours, Message.resends > 0)
+        .where(ours, Message.resends > _ZERO)
         .tuples()
         .first()
     ) or (0, 0)
@@ -221,7 +229,9 @@ def sending_details(campaign_id: int) -> dict:
     reads a partial index holding only its rows (m0008), not every queued or
     failed row of the campaign."""
     queued = (Message.campaign == campaign_id, Message.status == MessageStatus.QUEUED)
-    retrying = Message.select(Message.id).where(*queued, Message.failures > 0).count()
+    retrying = (
+        Message.select(Message.id).where(*queued, Message.failures > _ZERO).count()
+    )
     next_at = (
         Message.select(pw.fn.MIN(Message.next_attempt_at))
         .where(*queued, Message.next_attempt_at.is_null(False))
