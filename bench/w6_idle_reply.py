@@ -33,7 +33,7 @@ TARGET_P50_MS = 20.0
 # The three legs of a reply, from the rows' timestamps (same host clock).
 STAGES = {
     "stored": "POST -> event row (web)",
-    "processed": "event row -> processed (worker:default)",
+    "processed": "event row -> processed (worker:background)",
     "sent": "processed -> Message 2 accepted (worker:messages)",
 }
 
@@ -158,7 +158,7 @@ def _run(b, fake, mode: str, idle_s: float, replies: int) -> dict:
                 "p50_ms": _percentile(latencies, 0.5),
                 "max_ms": latencies[-1],
                 # Where the time went (medians): the web role stored the
-                # event; a worker:default processed it (Message 2 row made);
+                # event; a worker:background processed it (Message 2 row made);
                 # a worker:messages had it accepted by the provider.
                 **{
                     f"{name}_p50_ms": _percentile(sorted(s[k] for s in stages), 0.5)

@@ -574,7 +574,7 @@ def _w3_cd(b: Bench, fake_url: str, mode: str, kills: int, top_kills: int) -> di
                 out["child_probe_ms"].append(probe_ms)
                 out["child_running_ms"].append(running_ms)
                 b.log(
-                    f"  W3 cd-{mode} kill worker:default #{k + 1}: RUNNING after "
+                    f"  W3 cd-{mode} kill worker:background #{k + 1}: RUNNING after "
                     f"{running_ms:.0f} ms, probe done after {probe_ms:.0f} ms"
                 )
             for k in range(top_kills):
@@ -592,7 +592,7 @@ def _w3_cd(b: Bench, fake_url: str, mode: str, kills: int, top_kills: int) -> di
 def _w3_cd_child_kill(run: cd.CdRun, k: int) -> tuple[float, float]:
     wait_until(run.is_ready, 60, "READY before a kill", interval=0.05)
     time.sleep(1.2)  # past healthy_after_s: the next exit is a "first" one
-    old = run.role(run.status(), "worker:default")["pid"]
+    old = run.role(run.status(), "worker:background")["pid"]
     killed_wall = time.time()
     killed = time.monotonic()
     os.kill(old, signal.SIGKILL)
@@ -601,13 +601,13 @@ def _w3_cd_child_kill(run: cd.CdRun, k: int) -> tuple[float, float]:
 
     def done() -> bool:
         if not running_at:
-            role = run.role(run.status() or {}, "worker:default") or {}
+            role = run.role(run.status() or {}, "worker:background") or {}
             if role.get("pid") not in (None, old) and role.get("state") == "RUNNING":
                 running_at.append(time.monotonic())
         return bool(running_at) and run.event_processed_at(event_id) is not None
 
     wait_until(
-        done, 60, "the probe event processed by the new worker:default", interval=0.01
+        done, 60, "the probe event processed by the new worker:background", interval=0.01
     )
     processed = cd.utc_epoch(run.event_processed_at(event_id))
     return (processed - killed_wall) * 1000, (running_at[0] - killed) * 1000
@@ -748,7 +748,7 @@ def _w3_rows(b: Bench, results: dict) -> None:
                 for s in systems
                 if s != PEER
             ),
-            note="campaignd: SIGKILL worker:default (the only consumer of "
+            note="campaignd: SIGKILL worker:background (the only consumer of "
             "its queue), then a webhook whose processing only the "
             "respawned process can do; peer: SIGKILL one prefork "
             "pool child, probes until one runs in the new child",

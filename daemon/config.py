@@ -150,6 +150,10 @@ class WorkersConfig:
     retry_threads: int = _opt(1, lo=1, hi=64)
     verification_threads: int = _opt(1, lo=1, hi=64)
     default_threads: int = _opt(2, lo=1, hi=64)
+    # One process (worker:background) consumes the default, retry and
+    # verification queues, a thread group each: two interpreters fewer
+    # (docs/benchmarks.md, W5). false: one role per queue.
+    shared_background: bool = _opt(True)
     # Every network call times out below the soft limit; past the hard limit
     # the supervisor kills the child and the message leases bring work back.
     soft_time_limit_s: float = _opt(60.0, lo=1.0, hi=3600.0)

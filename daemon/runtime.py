@@ -6,9 +6,10 @@ with two environment variables:
 - ``CAMPAIGND_SUPERVISOR_PID``: the pid the child must outlive no longer.
 - ``CAMPAIGND_HEARTBEAT_FILE``: a file the child rewrites every heartbeat.
 
-``python -m daemon child --standby -c CONFIG`` is the warm spare (`standby`):
-it imports every role's code, opens nothing, and waits on its stdin (one end
-of a socketpair held by the supervisor) for the role it is to become.
+``python -m daemon child --zygote -c CONFIG`` is the zygote
+(daemon/supervision/zygote.py): it imports every role's code, opens nothing,
+and forks a role whenever the supervisor asks on its stdin (one end of a
+socketpair).
 
 Heartbeat file format (one line, ASCII): ``<oldest_task_started_epoch> <running>``
 where the first field is the wall-clock start time of the oldest task still
@@ -35,8 +36,6 @@ HEARTBEAT_ENV = "CAMPAIGND_HEARTBEAT_FILE"
 SUPERVISOR_PID_ENV = "CAMPAIGND_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-# What a spare imports while it waits: every role's module and the ones the
-# roles import lazily on their first task or request.
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +84,13 @@ def set_process_name(name: str) -> None:
 
 
 def show_role_in_cmdline(role: str) -> bool:
-    """Make `ps` and psutil show ``child ROLE`` instead of ``child --standby``.
+    """Make `ps` and psutil show ``child ROLE`` instead of ``child --zygote``.
 
     The kernel reads /proc/PID/cmdline from our original argv memory, so the
     new words are written there (NUL-padded, never past its end). When the
     role does not fit, argv[0] is shortened to "python"; else it is left.
     """
-    words = [role if w == "--standby" else w for w in sys.orig_argv]
+    words = [role if w == "--zygote" else w for w in sys.orig_argv]
     try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read()

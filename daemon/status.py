@@ -99,11 +99,11 @@ def format_status(answer: dict) -> str:
             f"{(_num(beat, 1) + 's') if beat is not None else '-':>7}"
             f"  {r.get('last_exit') or '-'}"
         )
-    spare = answer.get("spare")
-    if spare:
+    zygote = answer.get("zygote")
+    if zygote:
         lines.append(
-            f"spare {spare.get('state', '?')}, pid {spare.get('pid') or '-'}, "
-            f"roles taken {spare.get('roles_taken', 0)}"
+            f"zygote {zygote.get('state', '?')}, pid {zygote.get('pid') or '-'}, "
+            f"roles forked {zygote.get('roles_forked', 0)}"
         )
     lines.append("")
     queues = answer.get("queues")

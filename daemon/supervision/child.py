@@ -6,9 +6,9 @@ Time is a parameter (`now`, from time.monotonic; `wall` for heartbeat mtimes),
 so tests drive the whole machine without sleeping. The OS is behind a small
 seam (`OsProcesses`: spawn, signal) that unit tests replace.
 
-A spawn first offers the role to the supervisor's warm spare (`spare.take`), a
-process that has imported every role already; only without one is a new
-process exec'ed. Either way the child is STARTING with that pid.
+A spawn first asks the supervisor's zygote to fork the role (`zygote.fork_role`,
+a process that has imported every role already); only without a ready zygote
+is a new process exec'ed. Either way the child is STARTING with that pid.
 
 Respawn policy (design section 6), worked through for the defaults:
 the 1st unexpected exit restarts at once; the 2nd waits 0.1 s, the 3rd 0.2 s,
@@ -183,14 +183,14 @@ class Child:
     """One role instance and everything the supervisor knows about it."""
 
     def __init__(
-        self, spec: RoleSpec, policy: ChildPolicy, heartbeat_path, ops, spare=None
+        self, spec: RoleSpec, policy: ChildPolicy, heartbeat_path, ops, zygote=None
     ):
         self.spec = spec
         self.policy = policy
         self.heartbeat_path = Path(heartbeat_path)
         self.ops = ops
-        # take(role, heartbeat_path, now) -> pid of a warm spare, or None.
-        self.spare = spare
+        # fork_role(role, heartbeat_path, now) -> pid forked by the zygote, or None.
+        self.zygote = zygote
         self.state = ChildState.STOPPED
         self.state_since = 0.0
         self.pid: int | None = None
@@ -331,7 +331,7 @@ class Child:
     # ---------------------------------------------------------------- actions
 
     def spawn(self, now: float, reason: str) -> None:
-        """Start the process (spare or exec); STARTING until its first heartbeat."""
+        """Start the process (fork or exec); STARTING until its first heartbeat."""
         # A heartbeat left by the previous process must not count as this
         # one's first beat.
         self.heartbeat_path.unlink(missing_ok=True)
@@ -345,9 +345,9 @@ class Child:
         self.rss_mb = self.cpu_percent = None
         self._proc = None
         pid = None
-        if self.spare is not None:
-            pid = self.spare.take(self.name, self.heartbeat_path, now)
-        how = f"warm spare pid {pid} took it"
+        if self.zygote is not None:
+            pid = self.zygote.fork_role(self.name, self.heartbeat_path, now)
+        how = f"pid {pid}, forked by the zygote"
         if pid is None:
             try:
                 pid = self.ops.spawn(

@@ -3,7 +3,7 @@ replaced one at a time (SIGHUP, or "reload" on the status socket); and
 `campaignd restart ROLE`, the same replacement for one role.
 
 A mixin of `Supervisor` (daemon/supervision/supervisor.py), whose state it
-uses: cfg, policy, children, retired, spare, reloading, systemd.
+uses: cfg, policy, children, retired, zygote, reloading, systemd.
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ class Reloading:
         self._warn_restart_only_changes(new_cfg)
         self.cfg = new_cfg
         self.policy = ChildPolicy.from_config(new_cfg)
-        self.spare.policy = self.policy
+        self.zygote.policy = self.policy
         self._gatherer = FigureGatherer(new_cfg)
         self.role_alerts.down_after_s = new_cfg.alerts.down_after_s
         self.role_alerts.restarts_per_hour = new_cfg.alerts.restarts_per_hour
         self._sync_roles()
-        # The spare loaded the old config: only a new one may take roles.
-        self.spare.retire(time.monotonic(), "config reloaded")
+        # The zygote loaded the old config: only a new one may fork roles
+        # (until it is ready the replacements are exec'd).
+        self.zygote.retire(time.monotonic(), "config reloaded")
         self.reloading = True
         self._replace = [c.name for c in self.children]
         log.info(

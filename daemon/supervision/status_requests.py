@@ -96,7 +96,7 @@ class StatusRequests:
                 "leader": figures.get("leader"),
             },
             "roles": [c.status(now) for c in self.children],
-            "spare": self.spare.status(now) if self.spare_factory else None,
+            "zygote": self.zygote.status(now) if self.zygote_factory else None,
             "queues": figures.get("queues"),
             "queues_error": figures.get("queues_error")
             or (None if self._figures is not None else "still gathering"),

@@ -22,11 +22,14 @@ dependency alerts), status_requests.py (status socket answers), jobs.py
 (background work), systemd.py (READY, STATUS, WATCHDOG), and hooks.py (what
 it does to the application's rows, wired by the CLI).
 
-Respawns are fast because of the warm spare (`Spare`): once every role has
-run, the supervisor keeps one extra process (``child --standby``) that has
-imported all the roles' code and waits. A dying role is handed to it (one
-line on a socketpair) instead of exec'ing a new Python, and a new spare is
-started behind it.
+Roles are forked, not exec'd, by the zygote (zygote.py): one exec'd process
+(``child --zygote``) that has imported every role's code. The supervisor
+starts it first, lets the first spawns wait for its imports (up to
+zygote.START_WAIT_S), then asks it for each role, at start and at every
+respawn (one line each way on a socketpair, a few ms). The roles share its
+pages copy-on-write and are re-parented to the supervisor, a child subreaper,
+which reaps them like any child. Without a ready zygote (starting, dead,
+broken) a role is exec'd as before.
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ from daemon.supervision.jobs import thread_pool
 from daemon.supervision.reload import Reloading
 from daemon.supervision.role_alerts import DependencyAlerts
 from daemon.supervision.role_alerts import RoleAlerts
-from daemon.supervision.spare import Spare
 from daemon.supervision.states import ChildState
 from daemon.supervision.status import AlreadyRunning
 from daemon.supervision.status import FigureGatherer
@@ -76,6 +78,8 @@ from daemon.supervision.systemd import SYSTEMD_ENV
 from daemon.supervision.systemd import Notifier
 from daemon.supervision.systemd import SystemdReporting
 from daemon.supervision.waiting import wait_for_database
+from daemon.supervision.zygote import Zygote
+from daemon.supervision.zygote import become_subreaper
 
 log = logging.getLogger("daemon.supervision.supervisor")
 
@@ -89,22 +93,27 @@ METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 def default_roles(cfg: config_mod.Config, config_path: str) -> list[RoleSpec]:
     """The real roles, in start order (design section 1)."""
-    names = ["web", "worker:default"]
+    shared = cfg.workers.shared_background
+    names = ["web", "worker:background" if shared else "worker:default"]
     names += [f"worker:messages#{i + 1}" for i in range(cfg.workers.messages_processes)]
-    names += ["worker:retry", "worker:verification", "scheduler"]
+    names += [] if shared else ["worker:retry", "worker:verification"]
+    names += ["scheduler"]
     tail = ["-c", config_path] if config_path else []
     base = [sys.executable, "-m", "daemon", "child"]
     return [RoleSpec(name, tuple(base + [name] + tail)) for name in names]
 
 
-def default_spare(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
-    """The warm spare's argv: a child that becomes whichever role it is sent."""
+def default_zygote(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
+    """The zygote's argv: a child that imports every role and forks them."""
     tail = ["-c", config_path] if config_path else []
-    return tuple([sys.executable, "-m", "daemon", "child", "--standby"] + tail)
+    return tuple([sys.executable, "-m", "daemon", "child", "--zygote"] + tail)
 
 
 def main(
-    cfg: config_mod.Config, roles=None, hooks: SupervisorHooks | None = None
+    cfg: config_mod.Config,
+    roles=None,
+    hooks: SupervisorHooks | None = None,
+    zygote=None,
 ) -> int:
     """`campaignd run`: migrate once, then supervise until told to stop.
 
@@ -122,7 +131,7 @@ def main(
         return EXIT_OK
     _close_db(db)
     try:
-        supervisor = Supervisor(cfg, roles, hooks=hooks)
+        supervisor = Supervisor(cfg, roles, hooks=hooks, zygote=zygote)
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -158,14 +167,14 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         cfg: config_mod.Config,
         roles=None,
         env=None,
-        spare=None,
+        zygote=None,
         hooks: SupervisorHooks | None = None,
     ):
         env = dict(os.environ if env is None else env)
         self.role_factory = roles or default_roles
-        # The spare runs the real roles: none for other role factories
+        # The zygote runs the real roles: none for other role factories
         # (tests' fixture roles) unless one is given.
-        self.spare_factory = spare or (None if roles else default_spare)
+        self.zygote_factory = zygote or (None if roles else default_zygote)
         self.host = socket.gethostname()
         run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         self.run_dir = Path(run_base) if run_base else cfg.data_path / "run"
@@ -190,8 +199,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         self.children: list[Child] = []
         self.retired: list[Child] = []  # roles gone from the config, stopping
         self.selector = selectors.DefaultSelector()
-        self.spare = Spare(self.ops, self.selector, self.policy)
-        self.started_up = False  # every role has been RUNNING once
+        self.zygote = Zygote(self.ops, self.selector, self.policy)
+        self._subreaper = False  # set by start(): forking needs it
         self._signals: list[int] = []
         self._jobs: list[tuple[concurrent.futures.Future, object]] = []
         self._db_pool = thread_pool("supervisor-db")
@@ -279,6 +288,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         ):
             signal.signal(sig, self._record_signal)
         self.status_server.register(self.selector)
+        # Forked roles are re-parented to us when their intermediate exits.
+        self._subreaper = become_subreaper()
         self.children = [self._new_child(s) for s in self._role_specs()]
         self._submit(
             self._db_pool,
@@ -316,7 +327,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
 
     def next_wakeup(self, now: float) -> float | None:
         candidates = [c.next_deadline(now) for c in self.children + self.retired]
-        candidates.append(self.spare.next_deadline(now))
+        candidates.append(self.zygote.next_deadline(now))
         if any(c.alive for c in self.children + self.retired):
             candidates.append(self._next_beat_check)
             candidates.append(self._next_resource_check)
@@ -337,7 +348,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         if self.stopping_since is None:
             return False
         alive = [c for c in self.children + self.retired if c.alive]
-        if not alive and not self.spare.alive:
+        if not alive and not self.zygote.alive:
             return True
         if now > self.stop_deadline + KILL_WAIT_S:
             log.critical("giving up on %s: not reaped after SIGKILL", alive)
@@ -372,8 +383,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         now = time.monotonic()
         for child in self.children:
             log.info("status: %s", child.status(now))
-        if self.spare_factory is not None:
-            log.info("status: spare %s", self.spare.status(now))
+        if self.zygote_factory is not None:
+            log.info("status: zygote %s", self.zygote.status(now))
 
     def begin_stop(self, reason: str, exit_code: int = 0) -> None:
         if self.stopping_since is not None:
@@ -392,13 +403,13 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         self.systemd.notify("STOPPING=1", f"STATUS=stopping: {reason}")
         for child in self.children + self.retired:
             child.stop(now, f"daemon stopping ({reason})", grace, restart=False)
-        self.spare.retire(now, "daemon stopping")
+        self.zygote.retire(now, "daemon stopping")
 
     def _kill_all(self, reason: str) -> None:
         now = time.monotonic()
         for child in self.children + self.retired:
             child.kill(now, reason, restart=False)
-        self.spare.retire(now, reason)
+        self.zygote.retire(now, reason)
 
     # ------------------------------------------------------------- children
 
@@ -416,8 +427,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             )
             if child is not None:
                 self._child_gone(child, status)
-            elif self.spare.owns(pid):
-                self.spare.finish(pid, status, time.monotonic())
+            elif self.zygote.owns(pid):
+                self.zygote.finish(pid, status, time.monotonic())
                 _mark_metrics_dead(pid, self.metrics_dir)
             elif pid in self._helpers:
                 what, _ = self._helpers.pop(pid)
@@ -471,15 +482,20 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
     def manage_children(self, now: float) -> None:
         """Apply the respawn policy, roll replacements, end stray helpers."""
         respawn = self.stopping_since is None
+        if respawn:
+            self._keep_zygote(now)
+        # The first spawns wait for the first zygote's imports: exec'ing
+        # them meanwhile would import the same modules on the same CPUs.
+        hold = self.zygote.holds_first_start(now)
         for child in self.children:
-            child.transition(now, respawn)
+            if not (hold and child.state is ChildState.STOPPED):
+                child.transition(now, respawn)
         for child in list(self.retired):
             child.transition(now, respawn=False)
             if not child.alive:
                 self.retired.remove(child)
         if respawn:
             self._replace_next(now)
-            self._keep_spare(now)
         if any(c.state is ChildState.STARTING for c in self.children):
             # A child just (re)spawned: poll for its first beat from now on,
             # not from the next regular heartbeat check (up to 1 s away).
@@ -490,18 +506,13 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
                 self.ops.signal(pid, signal.SIGKILL)
                 self._helpers[pid] = (what, now + KILL_WAIT_S)
 
-    def _keep_spare(self, now: float) -> None:
-        """Start a spare when there is none, once start-up is over."""
-        if self.spare_factory is None:
+    def _keep_zygote(self, now: float) -> None:
+        """Exec a zygote when there is none (and the backoff allows)."""
+        if self.zygote_factory is None or not self._subreaper:
             return
-        if not self.started_up:
-            # Start-up imports already load both CPUs: a spare now would
-            # only delay READY.
-            if not all(c.state is ChildState.RUNNING for c in self.children):
-                return
-            self.started_up = True
-        if self.spare.due(now):
-            self.spare.start(now, self.spare_factory(self.cfg, self.config_path))
+        self.zygote.check(now)
+        if self.zygote.due(now):
+            self.zygote.start(now, self.zygote_factory(self.cfg, self.config_path))
 
     def _child(self, name: str) -> Child | None:
         return next((c for c in self.children if c.name == name), None)
@@ -513,7 +524,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             self.policy,
             self.run_dir / f"{safe}.heartbeat",
             self.ops,
-            spare=self.spare,
+            zygote=self.zygote,
         )
         child.down_since = time.monotonic()
         return child
@@ -533,7 +544,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
 
     def close(self) -> None:
         self.status_server.close()
-        self.spare.close_channel()
+        self.zygote.close_channel()
         signal.set_wakeup_fd(-1)
         for pool in (self._figures_pool, self._db_pool, self._notify_pool):
             pool.shutdown(wait=False)

@@ -221,7 +221,7 @@ class DaemonUnderTest:
         return wait_until(self.all_running, timeout, 0.1, "every role RUNNING")
 
     def children(self) -> list[int]:
-        """Pids of the supervisor's live children (roles and the warm spare)."""
+        """Pids of the supervisor's live children (roles and the zygote)."""
         pid = self.supervisor_pid
         if pid is None:
             return []
@@ -233,10 +233,9 @@ class DaemonUnderTest:
     def running_roles(self) -> dict[int, str]:
         """pid -> role of the children the supervisor reports RUNNING.
 
-        From the status socket: the argv does not say the role (a warm spare
-        takes it after exec). RUNNING means the child has beaten its
-        heartbeat: one still starting has taken no work yet, so killing it
-        proves nothing about the work.
+        From the status socket, which names each role's pid. RUNNING means
+        the child has beaten its heartbeat: one still starting has taken no
+        work yet, so killing it proves nothing about the work.
         """
         answer = self.status(timeout=2.0) or {}
         kids = set(self.children())

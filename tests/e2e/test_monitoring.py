@@ -54,11 +54,9 @@ SECRET = "monitoring-secret"
 CONTACTS = 30
 ROLES = (
     "web",
-    "worker:default",
+    "worker:background",
     "worker:messages#1",
     "worker:messages#2",
-    "worker:retry",
-    "worker:verification",
     "scheduler",
 )
 # A metric name in PromQL: an identifier followed by `{`, `[`, whitespace,
@@ -227,8 +225,9 @@ def test_a_running_daemon_exports_what_the_rules_and_dashboard_read(daemon):
     campaign_id = run_campaign(d)
     # One role dies and is started again: its restart count shows.
     before = d.all_running()
-    retry_pid = next(r["pid"] for r in before["roles"] if r["name"] == "worker:retry")
-    os.kill(retry_pid, signal.SIGKILL)
+    killed = "worker:background"
+    old_pid = next(r["pid"] for r in before["roles"] if r["name"] == killed)
+    os.kill(old_pid, signal.SIGKILL)
 
     def back_and_measured():
         # The supervisor measures a new process at its next check: until
@@ -237,12 +236,12 @@ def test_a_running_daemon_exports_what_the_rules_and_dashboard_read(daemon):
         roles = {r["name"]: r for r in (answer or {}).get("roles", [])}
         return (
             roles
-            and roles["worker:retry"]["pid"] != retry_pid
+            and roles[killed]["pid"] != old_pid
             and all(r["rss_mb"] is not None for r in roles.values())
             and all(r["heartbeat_age_s"] is not None for r in roles.values())
         )
 
-    wait_for(back_and_measured, timeout=30, what="worker:retry back and measured")
+    wait_for(back_and_measured, timeout=30, what=f"{killed} back and measured")
     alerts.record_raised("test:monitoring", "raised by the test", severity="warning")
     holder = wait_for(
         lambda: leader.current_holder(d.cfg), timeout=30, what="a scheduler leader"
@@ -266,7 +265,7 @@ def test_a_running_daemon_exports_what_the_rules_and_dashboard_read(daemon):
     for role in ROLES:
         assert got[f'campaignd_role_up{{role="{role}"}}'] == 1, role
         restarts = got[f'campaignd_role_restarts_total{{role="{role}"}}']
-        assert restarts == (1 if role == "worker:retry" else 0), (role, restarts)
+        assert restarts == (1 if role == killed else 0), (role, restarts)
         assert got[f'campaignd_role_rss_bytes{{role="{role}"}}'] > 10_000_000, role
         assert 0 <= got[f'campaignd_role_heartbeat_age_seconds{{role="{role}"}}'] < 30
     for (kind, status), n in rows.items():

@@ -190,7 +190,8 @@ def test_a_lost_queue_entry_is_swept_and_the_check_completes(pipeline, fake, tmp
     pipeline.tasks.enqueue_checks(
         [(_check(people["ann"]).id, utcnow()), (_check(people["cid"]).id, utcnow())]
     )
-    with running_workers(pipeline.cfg, ["verification"], tmp_path) as workers:
+    # worker:background, the supervisor's consumer of the verification queue
+    with running_workers(pipeline.cfg, ["background"], tmp_path) as workers:
         wait_with_logs(
             lambda: _finished(people["ann"], people["cid"]),
             workers,

@@ -304,7 +304,7 @@ def test_retry_worker_sends_after_retry_after_without_the_sweeper(
     try:
         campaign, ids = running_campaign(pipeline, 20)
         pipeline.tasks.enqueue_sends(ids)
-        with running_workers(cfg, ["messages", "retry"], tmp_path / "logs") as ws:
+        with running_workers(cfg, ["messages", "background"], tmp_path / "logs") as ws:
             wait_with_logs(
                 lambda: fake.stats()["failures_429"] >= len(ids),
                 ws,

@@ -1,8 +1,9 @@
 """A 1,000-contact campaign completes in every storage mode, each contact once.
 
-Real `campaignd worker` subprocesses (one per queue, reading a config file)
-consume the real queues: embedded (SQLite + SqliteHuey), cluster (PostgreSQL
-+ Redis) and PostgreSQL + PostgresHuey. The provider is the fake Wassenger
+Real `campaignd worker` subprocesses (messages, and background for the other
+three queues, reading a config file) consume the real queues: embedded
+(SQLite + SqliteHuey), cluster (PostgreSQL + Redis) and PostgreSQL +
+PostgresHuey. The provider is the fake Wassenger
 server, which counts what it accepted per reference.
 """
 
@@ -15,7 +16,6 @@ from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
 from daemon.store.models import MemberState
 from daemon.store.models import Message
-from daemon.store.queue import QUEUE_NAMES
 from tests.send_helpers import assert_each_reference_once
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import member_counts
@@ -43,7 +43,10 @@ def test_campaign_of_1000_sends_message_1_once_to_everyone(
         pipeline = build_pipeline(cfg)
         try:
             campaign = new_campaign(seed_contacts(CONTACTS))
-            with running_workers(cfg, list(QUEUE_NAMES), tmp_path / "logs") as workers:
+            # As the supervisor runs them: messages, and the other three
+            # queues in one worker:background process.
+            roles = ["messages", "background"]
+            with running_workers(cfg, roles, tmp_path / "logs") as workers:
                 campaigns.start_campaign(campaign.id, pipeline.tasks)
                 try:
                     wait_all_sent(campaign.id, CONTACTS, timeout=90)

@@ -198,7 +198,7 @@ def test_sigkill_mid_send_no_phone_gets_message_1_twice(
         request, make_config, tmp_path, mode, options, extra
     )
     logs = tmp_path / "logs"
-    with running_workers(cfg, ["messages", "retry", "default"], logs) as workers:
+    with running_workers(cfg, ["messages", "background"], logs) as workers:
         campaigns.start_campaign(campaign.id, pipeline.tasks)
         on_wire, never_left = kill_mid_send(cfg, pipeline, campaign.id, workers)
         killed_at = time.monotonic()
@@ -265,7 +265,7 @@ def test_sigkill_mid_send_with_statuses_that_never_come(
         request, make_config, tmp_path, mode, options, extra
     )
     logs = tmp_path / "logs"
-    with running_workers(cfg, ["messages", "retry", "default"], logs) as workers:
+    with running_workers(cfg, ["messages", "background"], logs) as workers:
         campaigns.start_campaign(campaign.id, pipeline.tasks)
         on_wire, never_left = kill_mid_send(cfg, pipeline, campaign.id, workers)
         killed_at = time.monotonic()

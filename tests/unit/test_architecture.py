@@ -55,7 +55,7 @@ RANK = {
 SUPERVISOR_MODULES = (
     "daemon.supervision.supervisor",
     "daemon.supervision.child",
-    "daemon.supervision.spare",
+    "daemon.supervision.zygote",
     "daemon.supervision.hooks",
     "daemon.supervision.role_alerts",
     "daemon.supervision.systemd",

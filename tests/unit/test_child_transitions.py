@@ -443,25 +443,25 @@ def test_describe_exit(status, words):
     assert describe_exit(status)[0] == words
 
 
-class FakeSpare:
-    """A warm spare seam: hands out its pid once, then is gone."""
+class FakeZygote:
+    """A zygote seam: forks `pid` once, then is not ready."""
 
     def __init__(self, pid: int | None):
         self.pid = pid
-        self.taken: list[tuple[str, str, float]] = []
+        self.forked: list[tuple[str, str, float]] = []
 
-    def take(self, role, heartbeat_path, now) -> int | None:
+    def fork_role(self, role, heartbeat_path, now) -> int | None:
         pid, self.pid = self.pid, None
         if pid is not None:
-            self.taken.append((role, str(heartbeat_path), now))
+            self.forked.append((role, str(heartbeat_path), now))
         return pid
 
 
-def test_respawn_adopts_the_warm_spare_instead_of_exec(make_child, ops):
-    """Verify that a respawn takes the spare's pid (no exec) and is STARTING
-    until its first beat, like an exec'ed child."""
+def test_respawn_is_forked_by_the_zygote_instead_of_exec(make_child, ops):
+    """Verify that a respawn takes the pid the zygote forked (no exec) and is
+    STARTING until its first beat, like an exec'ed child."""
     child = running_child(make_child)
-    child.spare = FakeSpare(4242)
+    child.zygote = FakeZygote(4242)
     child.finish(killed(signal.SIGKILL), 5.0)
     child.transition(5.0)
     assert child.state is S.STARTING
@@ -469,7 +469,7 @@ def test_respawn_adopts_the_warm_spare_instead_of_exec(make_child, ops):
     assert child.spawned_at == 5.0
     assert child.restarts == 1
     assert len(ops.spawned) == 1  # only the first start was exec'ed
-    assert child.spare.taken == [("web", str(child.heartbeat_path), 5.0)]
+    assert child.zygote.forked == [("web", str(child.heartbeat_path), 5.0)]
     assert not child.heartbeat_path.exists()  # the old beat does not count
     beat(child)
     child.check_heartbeat(5.05, WALL)
@@ -481,10 +481,10 @@ def test_respawn_adopts_the_warm_spare_instead_of_exec(make_child, ops):
     ]
 
 
-def test_without_a_spare_the_respawn_is_exec_ed(make_child, ops):
-    """Verify the fallback: no spare ready -> a normal exec spawn."""
+def test_without_a_ready_zygote_the_respawn_is_exec_ed(make_child, ops):
+    """Verify the fallback: no zygote ready -> a normal exec spawn."""
     child = running_child(make_child)
-    child.spare = FakeSpare(None)
+    child.zygote = FakeZygote(None)
     child.finish(killed(signal.SIGKILL), 5.0)
     child.transition(5.0)
     assert child.state is S.STARTING

@@ -1,0 +1,392 @@
+"""The zygote: one exec'd process that imports every role once and forks them.
+
+`Zygote` is the supervisor's side; `serve` is the zygote process's body.
+
+Every role used to be its own exec'd interpreter importing the same libraries
+(20-40 MB and half a second of CPU each). The zygote imports them once,
+freezes what it imported out of the garbage collector's reach (`gc.freeze`,
+so collections in the children do not write to, and copy, the shared pages),
+and forks a role whenever the supervisor asks: the roles share its pages
+copy-on-write and start without importing anything.
+
+Each role is forked twice (zygote -> intermediate -> role) and the
+intermediate exits at once, so the role is re-parented to the supervisor,
+which is a child subreaper (PR_SET_CHILD_SUBREAPER): the supervisor reaps it
+with waitpid like any exec'd child, reads its exit status, and the role's
+parent-death signal is tied to the supervisor, not to the zygote. A role in
+its own process group, with /dev/null as stdin, is indistinguishable from an
+exec'd one except for its memory.
+
+The zygote holds nothing (no thread, socket, database connection or file
+other than its channel), so a fork is safe. When it is not READY (starting,
+dead, broken) the supervisor exec's roles as before: the zygote makes the
+tree lighter and faster to start, never a condition for running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import gc
+import importlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+
+from daemon.runtime import HEARTBEAT_ENV
+from daemon.runtime import SUPERVISOR_PID_ENV
+from daemon.runtime import die_with_parent
+from daemon.runtime import role_tag
+from daemon.runtime import set_process_name
+from daemon.runtime import setup_logging
+from daemon.runtime import show_role_in_cmdline
+from daemon.runtime import skip_unused_drivers
+from daemon.supervision.child import ChildPolicy
+from daemon.supervision.child import OsProcesses
+from daemon.supervision.child import describe_exit
+
+log = logging.getLogger("daemon.supervision.supervisor")
+
+ZYGOTE_READY = b"ready\n"
+_CHANNEL_FD = 0
+_PR_SET_CHILD_SUBREAPER = 36
+# A fork answers in a few ms; past this the zygote is taken for hung.
+FORK_ANSWER_S = 5.0
+# At start-up roles wait this long for the zygote's imports before being
+# exec'd: an exec would import the same modules, on the same CPUs.
+START_WAIT_S = 10.0
+# How long a forked role waits to be re-parented to the supervisor.
+_REPARENT_WAIT_S = 2.0
+
+
+class ZygoteState(enum.Enum):
+    NONE = "none"  # no zygote process (not started yet, or dead)
+    STARTING = "starting"  # exec'd, still importing
+    READY = "ready"  # imported everything, forks roles on request
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants (the forked roles) our children; False if not Linux."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Zygote:
+    """The supervisor's handle on the zygote process.
+
+    It is exec'd like a child (``child --zygote``, own process group) with one
+    end of a socketpair as its stdin; it writes ``ready`` there once its
+    imports are done. Then each `fork_role` is one JSON line out and one back
+    (``{"pid": N}``), answered in a few ms. A zygote that dies is re-exec'd
+    after the children's backoff delays; meanwhile `fork_role` returns None
+    and the child is exec'd.
+    """
+
+    def __init__(
+        self, ops: OsProcesses, selector: selectors.BaseSelector, policy: ChildPolicy
+    ):
+        self.ops = ops
+        self.policy = policy  # its backoff delays and start timeout apply too
+        self.selector = selector
+        self.state = ZygoteState.NONE
+        self.state_since = 0.0
+        self.pid: int | None = None
+        self.channel: socket.socket | None = None
+        self.retired: set[int] = set()  # killed, not reaped yet
+        self.failures = 0  # deaths in a row before reaching READY
+        self.retry_at = 0.0
+        self.started_at: float | None = None  # of the first zygote
+        self.forks = 0  # roles forked
+        self.last_exit = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None or bool(self.retired)
+
+    def owns(self, pid: int) -> bool:
+        return pid == self.pid or pid in self.retired
+
+    def change_state(
+        self, new: ZygoteState, reason: str, now: float, level: int = logging.INFO
+    ) -> None:
+        old, self.state, self.state_since = self.state, new, now
+        log.log(level, "zygote: %s -> %s (%s)", old.name, new.name, reason)
+
+    def due(self, now: float) -> bool:
+        return self.state is ZygoteState.NONE and now >= self.retry_at
+
+    def holds_first_start(self, now: float) -> bool:
+        """True while the first zygote imports: the first spawns wait for it."""
+        return (
+            self.state is ZygoteState.STARTING
+            and self.forks == 0
+            and self.started_at is not None
+            and now - self.started_at < START_WAIT_S
+        )
+
+    def next_deadline(self, now: float) -> float | None:
+        if self.state is ZygoteState.NONE and self.retry_at > now:
+            return self.retry_at
+        if self.state is ZygoteState.STARTING:
+            # The start timeout, and the end of the first spawns' wait.
+            ends = [self.state_since + self.policy.start_timeout_s]
+            if self.holds_first_start(now):
+                ends.append(self.started_at + START_WAIT_S)
+            return min(ends)
+        return None
+
+    def check(self, now: float) -> None:
+        """A zygote that imports for longer than the start timeout is hung."""
+        if (
+            self.state is ZygoteState.STARTING
+            and now - self.state_since >= self.policy.start_timeout_s
+        ):
+            self.retire(now, "not ready within supervisor.start_timeout_s")
+            self._failed(now, "start timeout")
+
+    def start(self, now: float, argv: tuple[str, ...]) -> None:
+        """Exec a new zygote; NONE -> STARTING."""
+        ours, theirs = socket.socketpair()
+        try:
+            pid = self.ops.spawn(argv, {}, stdin=theirs.fileno())
+        except OSError as exc:
+            ours.close()
+            self._failed(now, f"spawn failed: {exc}")
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+        self.selector.register(ours, selectors.EVENT_READ, self._on_channel)
+        self.pid = pid
+        if self.started_at is None:
+            self.started_at = now
+        self.change_state(ZygoteState.STARTING, f"pid {pid}", now)
+
+    def _on_channel(self, _mask: int) -> None:
+        try:
+            data = self.channel.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the zygote died: the reaper records it
+            self.close_channel()
+        elif self.state is ZygoteState.STARTING and data == ZYGOTE_READY:
+            self.failures = 0
+            self.change_state(
+                ZygoteState.READY,
+                f"pid {self.pid} imported every role",
+                time.monotonic(),
+            )
+
+    def fork_role(self, role: str, heartbeat_path, now: float) -> int | None:
+        """Have the zygote fork `role`: its pid, or None (then exec it)."""
+        if self.state is not ZygoteState.READY or self.channel is None:
+            return None
+        order = json.dumps({"role": role, "heartbeat": str(heartbeat_path)}) + "\n"
+        try:
+            self.channel.setblocking(True)
+            self.channel.settimeout(FORK_ANSWER_S)
+            self.channel.sendall(order.encode())
+            answer = _recv_line(self.channel)
+        except OSError as exc:  # dead, or hung past FORK_ANSWER_S
+            self.retire(now, f"cannot fork {role}: {exc}")
+            return None
+        finally:
+            if self.channel is not None:
+                self.channel.setblocking(False)
+        try:
+            pid = int(json.loads(answer)["pid"])
+        except (ValueError, KeyError, TypeError):
+            words = answer.decode(errors="replace").strip() or "no answer"
+            log.warning("zygote: could not fork %s (%s): exec'ing it", role, words)
+            return None
+        self.forks += 1
+        return pid
+
+    def retire(self, now: float, reason: str) -> None:
+        """Kill the zygote (it holds nothing; the roles it forked live on)."""
+        self.close_channel()
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        self.retired.add(pid)
+        self.ops.signal(pid, signal.SIGKILL, group=True)
+        self.change_state(ZygoteState.NONE, f"{reason}: SIGKILL pid {pid}", now)
+
+    def finish(self, pid: int, status: int, now: float) -> None:
+        """Record a reaped zygote; one that died on its own is re-exec'd later."""
+        if pid in self.retired:
+            self.retired.discard(pid)
+            log.info("zygote: pid %s %s", pid, describe_exit(status, True)[0])
+            return
+        self.pid = None
+        self.close_channel()
+        self._failed(now, f"pid {pid} {describe_exit(status)[0]}")
+
+    def _failed(self, now: float, words: str) -> None:
+        self.failures += 1
+        self.last_exit = words
+        self.retry_at = now + self.policy.backoff_delay(self.failures)
+        self.change_state(
+            ZygoteState.NONE,
+            f"{words}; roles are exec'd until the next zygote, "
+            f"in {self.retry_at - now:.2f}s",
+            now,
+            logging.WARNING,
+        )
+
+    def close_channel(self) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.selector.unregister(self.channel)
+        except (KeyError, ValueError):
+            pass
+        self.channel.close()
+        self.channel = None
+
+    def status(self, now: float) -> dict:
+        """The zygote as the status socket shows it (not a role)."""
+        return {
+            "state": self.state.value,
+            "pid": self.pid,
+            "state_for_s": round(now - self.state_since, 2),
+            "roles_forked": self.forks,
+            "last_exit": self.last_exit or None,
+        }
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# ------------------------------------------------------------ zygote process
+
+
+def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
+    """The zygote's body: import every role, then fork one per request.
+
+    `run_role(cfg, role)` and the modules to import come from the CLI, which
+    knows the roles (this layer does not import them). EOF on the channel
+    (the supervisor closed it or died) ends the zygote. In a forked role this
+    function returns the role's `run_role`, so the role leaves through the
+    CLI and the interpreter's normal exit (atexit, threads joined), as an
+    exec'd role does.
+    """
+    die_with_parent()
+    setup_logging(cfg.daemon.log_level, "zygote")
+    set_process_name("cd-zygote")
+    skip_unused_drivers(cfg)
+    for module in imports:
+        importlib.import_module(module)
+    if cfg.database_url.startswith(("postgresql:", "postgres:")):
+        importlib.import_module("playhouse.postgres_ext")
+    if threading.active_count() > 1:
+        # Forking a process with threads copies locks they may hold.
+        log.error("zygote: an import started a thread: cannot fork safely")
+        return 1
+    # Objects that exist now are never collected: the children's collections
+    # then leave the shared pages alone instead of copying them.
+    gc.collect()
+    gc.freeze()
+    channel = socket.socket(fileno=os.dup(_CHANNEL_FD))
+    _stdin_from_devnull()  # no role keeps the channel as its stdin
+    try:
+        channel.sendall(ZYGOTE_READY)
+        reader = channel.makefile("rb")
+        for line in reader:
+            order = json.loads(line)
+            try:
+                role_pid = _fork_twice()
+            except OSError as exc:  # EAGAIN (a pids limit), ENOMEM
+                answer = {"error": str(exc)}
+            else:
+                if role_pid == 0:
+                    break  # we are the role
+                answer = {"pid": role_pid}
+            channel.sendall(json.dumps(answer).encode() + b"\n")
+        else:
+            return 0
+    except (OSError, ValueError) as exc:
+        log.info("zygote: channel closed (%s): exiting", exc)
+        return 0
+    reader.close()
+    channel.close()
+    return _run_forked_role(cfg, run_role, order)
+
+
+def _stdin_from_devnull() -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, _CHANNEL_FD)
+    os.close(null)
+
+
+def _fork_twice() -> int:
+    """Fork the role through an intermediate that exits at once.
+
+    Returns 0 in the role and the role's pid in the zygote. The intermediate
+    never returns: it must not run a line of the zygote's code.
+    """
+    pid_r, pid_w = os.pipe()
+    intermediate = os.fork()
+    if intermediate == 0:
+        os.close(pid_r)
+        try:
+            role_pid = os.fork()
+        except OSError:
+            os._exit(1)
+        if role_pid == 0:
+            os.close(pid_w)
+            os.setpgid(0, 0)
+            return 0
+        try:
+            # Also from this side: the supervisor may signal the group as
+            # soon as it has the pid, before the role has run a line.
+            try:
+                os.setpgid(role_pid, role_pid)
+            except OSError:
+                pass
+            os.write(pid_w, str(role_pid).encode())
+        finally:
+            os._exit(0)
+    os.close(pid_w)
+    with os.fdopen(pid_r, "rb") as reader:
+        role_pid = int(reader.read() or b"0")
+    os.waitpid(intermediate, 0)
+    if not role_pid:
+        raise OSError("the intermediate process died before forking the role")
+    return role_pid
+
+
+def _run_forked_role(cfg, run_role, order: dict) -> int:
+    # The role's parent-death signal and its parent check (die_with_parent,
+    # in every role's main) must name the supervisor: set while the
+    # intermediate still lives they would name it and fire when it exits,
+    # microseconds from now.
+    supervisor = int(os.environ.get(SUPERVISOR_PID_ENV, "0"))
+    deadline = time.monotonic() + _REPARENT_WAIT_S
+    while supervisor and os.getppid() != supervisor:
+        if time.monotonic() > deadline:
+            return 1  # the supervisor is gone: so are we
+        time.sleep(0.0005)
+    os.environ[HEARTBEAT_ENV] = order["heartbeat"]
+    role = order["role"]
+    set_process_name(role_tag(role))
+    show_role_in_cmdline(role)
+    return run_role(cfg, role)
