@@ -542,7 +542,7 @@ class Report:
         self.rows.append(row)
         return row
 
-    def render(self, peer: str = "peer") -> str:
+    def _cells(self, peer: str) -> tuple[list[str], list[list[str]]]:
         head = ["workload", "metric"] + self.systems
         ratio_systems = [s for s in self.systems if s != peer and s != "ceiling"]
         head += [f"{s}/peer" for s in ratio_systems] + ["target", "verdict"]
@@ -555,6 +555,39 @@ class Report:
                 cells.append(_ratio(row, system, peer))
             cells += [row.target, row.verdict]
             lines.append(cells)
+        return head, lines
+
+    def markdown(self, peer: str = "peer") -> str:
+        """The table as docs/benchmarks.md shows it, then the rows' notes."""
+        head, lines = self._cells(peer)
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cells in lines:
+            text = [c.replace("|", "/") for c in map(str, cells)]
+            out.append("| " + " | ".join(text) + " |")
+        notes = [f"- {r.workload} {r.metric}: {r.note}" for r in self.rows if r.note]
+        notes += [f"- {n}" for n in self.notes]
+        return "\n".join(out + ([""] + notes if notes else []))
+
+    @classmethod
+    def from_json(cls, data: dict) -> Report:
+        report = cls(list(data["systems"]), notes=list(data.get("notes", [])))
+        for r in data["rows"]:
+            report.add(
+                Row(
+                    r["workload"],
+                    r["metric"],
+                    r["runs"],
+                    fmt=r.get("fmt", "{:.0f}"),
+                    ratio=r.get("ratio", True),
+                    target=r["target"],
+                    verdict=r["verdict"],
+                    note=r["note"],
+                )
+            )
+        return report
+
+    def render(self, peer: str = "peer") -> str:
+        head, lines = self._cells(peer)
         cols = zip(head, *lines, strict=True)
         widths = [max(len(str(x)) for x in col) for col in cols]
         out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
@@ -578,6 +611,8 @@ class Report:
                     "metric": r.metric,
                     "runs": r.values,
                     "median": {s: r.med(s) for s in self.systems},
+                    "fmt": r.fmt,
+                    "ratio": r.ratio,
                     "target": r.target,
                     "verdict": r.verdict,
                     "note": r.note,
