@@ -226,7 +226,9 @@ class SupervisorConfig:
     crash_loop_exits: int = _opt(10, lo=1, hi=1000)
     crash_loop_window_s: float = _opt(300.0, lo=1.0, hi=86400.0)
     fatal_cooldown_s: float = _opt(300.0, lo=0.1, hi=86400.0)
-    heartbeat_interval_s: float = _opt(1.0, lo=0.05, hi=60.0)
+    # Each beat wakes every child (the web role checks itself over HTTP):
+    # 5 s leaves six beats inside the timeout and keeps an idle tree idle.
+    heartbeat_interval_s: float = _opt(5.0, lo=0.05, hi=60.0)
     heartbeat_timeout_s: float = _opt(30.0, lo=0.5, hi=3600.0)
     check_interval_s: float = _opt(5.0, lo=0.1, hi=300.0)
     # How long children get to start before READY=1 is held back as failed.

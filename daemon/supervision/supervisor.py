@@ -335,7 +335,10 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             candidates.append(self._next_watchdog)
         if self.stopping_since is None:
             candidates.append(self.role_alerts.next_deadline(self.children))
-            candidates.append(self._figures_at + DEPENDENCY_CHECK_S)
+            if self._figures_job is None or self._figures_job.done():
+                # While a refresh runs its end wakes us (the jobs pipe): its
+                # past-due deadline would make the loop spin until then.
+                candidates.append(self._figures_at + DEPENDENCY_CHECK_S)
             candidates.append(self.next_ping())
         else:
             candidates.append(self.stop_deadline + KILL_WAIT_S)
