@@ -106,7 +106,7 @@ def _interval(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from daemon.store.models import MessageStatus
+    from daemon.store.statuses import MessageStatus
 
     config_help = (
         "TOML config file (default: $CAMPAIGND_CONFIG, then "
@@ -285,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contacts", type=int, default=200, help="campaign size")
     p.add_argument("--keep", action="store_true", help="keep the data dir")
 
-    p = sub.add_parser("fake-provider", help="run the local fake provider")
-    _fake_provider().add_arguments(p)
+    # Its flags are parsed by its own parser when it runs: building them here
+    # would import the fake's server (asyncio and all) into every command,
+    # the supervisor and `campaignd status` included.
+    sub.add_parser("fake-provider", help="run the local fake provider", add_help=False)
     return parser
 
 
@@ -295,7 +297,11 @@ def _fake_provider():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Only fake-provider takes flags the parser does not know (its own).
+    args, args.extra = parser.parse_known_args(argv)
+    if args.extra and args.command != "fake-provider":
+        parser.error(f"unrecognized arguments: {' '.join(args.extra)}")
     try:
         return dispatch(args)
     except ConfigError as exc:
@@ -316,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
 def _without_config(args) -> int | None:
     """The commands that load no Config (or only part of it)."""
     if args.command == "fake-provider":
-        return _fake_provider().main(args)
+        fake = _fake_provider()
+        parser = _Parser(prog="campaignd fake-provider")
+        fake.add_arguments(parser)
+        return fake.main(parser.parse_args(args.extra))
     if args.command == "demo":
         return importlib.import_module("daemon.demo").main(args)
     if args.command == "alert":
