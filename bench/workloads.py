@@ -607,7 +607,10 @@ def _w3_cd_child_kill(run: cd.CdRun, k: int) -> tuple[float, float]:
         return bool(running_at) and run.event_processed_at(event_id) is not None
 
     wait_until(
-        done, 60, "the probe event processed by the new worker:background", interval=0.01
+        done,
+        60,
+        "the probe event processed by the new worker:background",
+        interval=0.01,
     )
     processed = cd.utc_epoch(run.event_processed_at(event_id))
     return (processed - killed_wall) * 1000, (running_at[0] - killed) * 1000

@@ -75,9 +75,15 @@ class Tasks(EventTasks, VerifyTasks):
             cfg.retry.base_s, cfg.retry.factor, cfg.retry.cap_s, cfg.retry.jitter
         )
         # The lease outlives every path that can still be sending: the hard
-        # time limit, then a draining worker's stop timeout, plus a margin.
-        # An expired lease never belongs to a live send.
-        self.lease_s = cfg.workers.hard_time_limit_s + cfg.daemon.stop_timeout_s + 30.0
+        # time limit, seen up to a heartbeat late, then a draining worker's
+        # stop timeout, plus a margin. An expired lease never belongs to a
+        # live send.
+        self.lease_s = (
+            cfg.workers.hard_time_limit_s
+            + cfg.supervisor.heartbeat_interval_s
+            + cfg.daemon.stop_timeout_s
+            + 30.0
+        )
         self._inflight: InFlight | None = None
         # Set when this worker stops (hard limit, recycling, shutdown): deliver
         # claims nothing more (daemon/roles/worker.py sets it).

@@ -62,6 +62,7 @@ class ChildPolicy:
     crash_loop_window_s: float
     fatal_cooldown_s: float
     start_timeout_s: float
+    heartbeat_interval_s: float
     heartbeat_timeout_s: float
     # Drain time for graceful stops (recycle, restart, shutdown).
     stop_timeout_s: float
@@ -81,6 +82,7 @@ class ChildPolicy:
             crash_loop_window_s=sup.crash_loop_window_s,
             fatal_cooldown_s=sup.fatal_cooldown_s,
             start_timeout_s=sup.start_timeout_s,
+            heartbeat_interval_s=sup.heartbeat_interval_s,
             heartbeat_timeout_s=sup.heartbeat_timeout_s,
             stop_timeout_s=cfg.daemon.stop_timeout_s,
             unhealthy_grace_s=min(5.0, cfg.daemon.stop_timeout_s),
@@ -498,12 +500,19 @@ class Child:
     def _check_stopping_task(self, wall: float) -> None:
         """A draining child still obeys the hard limit: no task may outlive
         the hard limit plus one stop timeout (what a message lease covers),
-        whatever grace the stop was given."""
+        whatever grace the stop was given. Plus one heartbeat interval: a
+        task is seen at the first beat after it started, so the drain may
+        begin up to that late, and must still get its whole stop timeout."""
         beat = read_beat(self.heartbeat_path, wall)
         if beat is None or not beat.oldest_task_started:
             return
         task_age = wall - beat.oldest_task_started
-        limit = self.policy.hard_time_limit_s + self.policy.stop_timeout_s
+        policy = self.policy
+        limit = (
+            policy.hard_time_limit_s
+            + policy.stop_timeout_s
+            + policy.heartbeat_interval_s
+        )
         if task_age > limit:
             self._sigkill(
                 f"task running for {task_age:.1f}s while stopping, past the hard "

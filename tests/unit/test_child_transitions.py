@@ -60,6 +60,7 @@ def make_policy(**overrides) -> ChildPolicy:
         crash_loop_window_s=300.0,
         fatal_cooldown_s=300.0,
         start_timeout_s=30.0,
+        heartbeat_interval_s=5.0,
         heartbeat_timeout_s=30.0,
         stop_timeout_s=20.0,
         unhealthy_grace_s=5.0,
@@ -351,15 +352,16 @@ def test_stuck_worker_past_the_hard_limit_is_killed_at_the_stop_timeout(
 
 def test_hard_limit_holds_while_stopping_with_a_long_grace(make_child, ops):
     """Verify a STOPPING child whose task outlives the hard limit plus one stop
-    timeout (what a lease covers) is SIGKILLed, whatever its stop grace."""
+    timeout and one heartbeat interval (a lease covers them) is SIGKILLed,
+    whatever its stop grace."""
     child = running_child(make_child, hard_time_limit_s=90.0, stop_timeout_s=20.0)
     beat(child, oldest=WALL - 60.0, running=1)
     child.stop(0.0, "daemon stopping", grace_s=600.0, restart=False)
     assert child.state is S.STOPPING and not child.killed
-    beat(child, oldest=WALL - 109.0, running=1)
+    beat(child, oldest=WALL - 114.0, running=1)
     child.check_heartbeat(5.0, WALL)
     assert not child.killed
-    beat(child, oldest=WALL - 111.0, running=1)
+    beat(child, oldest=WALL - 116.0, running=1)
     child.check_heartbeat(6.0, WALL)
     assert child.killed
     assert ops.signals[-1][1] == signal.SIGKILL
