@@ -113,6 +113,13 @@ def role_tag(role: str) -> str:
     return f"cd-{short}"[:15]
 
 
+def supervised() -> bool:
+    """True in a child of `campaignd run`, which migrated the schema before
+    starting any role: a role need not check it again (a connection and a
+    lock on every respawn)."""
+    return SUPERVISOR_PID_ENV in os.environ
+
+
 def parent_alive() -> bool:
     expected = os.environ.get(SUPERVISOR_PID_ENV)
     return not expected or os.getppid() == int(expected)

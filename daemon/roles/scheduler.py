@@ -50,6 +50,7 @@ from daemon.runtime import Heartbeat
 from daemon.runtime import die_with_parent
 from daemon.runtime import parent_alive
 from daemon.runtime import setup_logging
+from daemon.runtime import supervised
 from daemon.store.db import db_session
 from daemon.store.db import open_database
 from daemon.store.models import JobRun
@@ -319,7 +320,8 @@ def main(cfg: Config) -> int:
     # The supervisor replaces children on reload; a HUP reaching us directly
     # (a terminal hang-up in the foreground) must not kill the leader.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    open_database(cfg, migrate_schema=True)
+    # The supervisor has migrated already; a standalone scheduler may not have.
+    open_database(cfg, migrate_schema=not supervised())
     if cfg.daemon.log_level != "debug":
         # APScheduler logs two lines per run at INFO: the heartbeat alone
         # would write them every second.

@@ -38,6 +38,7 @@ from daemon.runtime import TaskClock
 from daemon.runtime import die_with_parent
 from daemon.runtime import parent_alive
 from daemon.runtime import setup_logging
+from daemon.runtime import supervised
 from daemon.store.db import open_database
 from daemon.store.queue import listen_for_wakeups
 from daemon.store.queue import make_queues
@@ -230,7 +231,7 @@ def main(cfg: Config, queues: tuple[str, ...]) -> int:
     )
     die_with_parent()
     # Idempotent and locked: a standalone worker may be the first to start.
-    open_database(cfg, migrate_schema=True)
+    open_database(cfg, migrate_schema=not supervised())
     if cfg.daemon.log_level != "debug":
         # Huey logs a line per task at INFO: 20 % of the send path's CPU.
         logging.getLogger("huey").setLevel(logging.WARNING)

@@ -29,15 +29,25 @@ SECRET = "hook-secret"
 
 
 class Roles:
-    """Role processes started like the supervisor does (exec, parent pid env)."""
+    """Role processes started like the supervisor does (exec, parent pid env,
+    the schema migrated first), or standalone (`supervised=False`)."""
 
     def __init__(self, cfg, tmp_path):
         self.cfg = cfg
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen] = []
+        self.migrated = False
 
-    def start(self, *args: str, heartbeat: str | None = None) -> subprocess.Popen:
-        env = subprocess_env(**{SUPERVISOR_PID_ENV: str(os.getpid())})
+    def start(
+        self, *args: str, heartbeat: str | None = None, supervised: bool = True
+    ) -> subprocess.Popen:
+        env = subprocess_env()
+        if supervised:
+            env[SUPERVISOR_PID_ENV] = str(os.getpid())
+            if not self.migrated:  # what `campaignd run` does before any role
+                open_database(self.cfg, migrate_schema=True)
+                database.close()
+                self.migrated = True
         if heartbeat:
             env[HEARTBEAT_ENV] = heartbeat
         log = open(self.tmp_path / f"{'-'.join(args)}.log", "wb")  # noqa: SIM115
@@ -93,7 +103,7 @@ def test_standalone_web_migrates_beats_and_exits_0_on_sigterm(
         "sqlite", {"web": {"port": port}, "supervisor": {"heartbeat_interval_s": 0.1}}
     )
     beat_file = tmp_path / "web.beat"
-    web = roles(cfg).start("web", heartbeat=str(beat_file))
+    web = roles(cfg).start("web", heartbeat=str(beat_file), supervised=False)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: healthy(url), timeout=30, what="web /healthz")
     # The fresh data dir was migrated by the web role itself.

@@ -416,9 +416,9 @@ def main(cfg: Config) -> int:
     from daemon.store.db import open_database
     from daemon.store.queue import make_queues
 
-    # The supervisor has migrated already; standalone `campaignd web` has not.
-    # Migrating is idempotent and locked, so doing it here is harmless.
-    open_database(cfg, migrate_schema=True)
+    # The supervisor has migrated already; standalone `campaignd web` has not
+    # (migrating is idempotent and locked).
+    open_database(cfg, migrate_schema=not runtime.supervised())
     database.close()
     tasks = Tasks(cfg, make_queues(cfg))
     try:
