@@ -225,10 +225,8 @@ def build_consumers(
 
 
 def main(cfg: Config, queues: tuple[str, ...]) -> int:
-    names = "+".join(queues)
-    setup_logging(
-        cfg.daemon.log_level, f"worker:{names if len(queues) == 1 else 'background'}"
-    )
+    tag = queues[0] if len(queues) == 1 else "background"
+    setup_logging(cfg.daemon.log_level, f"worker:{tag}")
     die_with_parent()
     # Idempotent and locked: a standalone worker may be the first to start.
     open_database(cfg, migrate_schema=not supervised())

@@ -190,8 +190,6 @@ def test_reload_replaces_the_zygote(make_config):
             return b if not old_roles & {r["pid"] for r in b["roles"]} else None
 
         a = wait_for(reloaded, timeout=90, what="every role replaced, a new zygote")
-        # The new zygote is a new process: its count starts again.
-        assert a["zygote"]["roles_forked"] >= 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
