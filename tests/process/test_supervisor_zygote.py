@@ -5,6 +5,7 @@ serves, every role exec'd."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -91,6 +92,19 @@ def daemon_config(make_config, sock: Path, port: int, **workers):
     )
 
 
+@contextlib.contextmanager
+def running(sock: Path, argv: list[str]):
+    """The daemon started with `argv`, killed if the test leaves it running."""
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=subprocess_env())
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.unlink(missing_ok=True)
+
+
 def stop_cleanly(proc: subprocess.Popen, tree: list[int]) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -105,12 +119,9 @@ def test_zygote_forks_every_role_and_their_respawns(make_config):
     no role moves; SIGTERM of the supervisor leaves no process behind."""
     sock = Path(tempfile.mkdtemp(prefix="cdzyg", dir="/tmp")) / "s.sock"
     cfg = daemon_config(make_config, sock, free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "-c", cfg.source],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-    )
-    try:
+    with running(
+        sock, [sys.executable, "-m", "daemon", "run", "-c", cfg.source]
+    ) as proc:
         a = wait_for(lambda: ready_zygote(sock), timeout=60, what="roles + zygote")
         zygote_pid = a["zygote"]["pid"]
         zygote = psutil.Process(zygote_pid)
@@ -158,11 +169,6 @@ def test_zygote_forks_every_role_and_their_respawns(make_config):
         tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert a["zygote"]["pid"] in tree
         stop_cleanly(proc, tree)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.unlink(missing_ok=True)
 
 
 @pytest.mark.timeout(150)
@@ -171,12 +177,9 @@ def test_reload_replaces_the_zygote(make_config):
     every role is replaced and comes up, then forked by the new zygote."""
     sock = Path(tempfile.mkdtemp(prefix="cdzyg", dir="/tmp")) / "s.sock"
     cfg = daemon_config(make_config, sock, free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "-c", cfg.source],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-    )
-    try:
+    with running(
+        sock, [sys.executable, "-m", "daemon", "run", "-c", cfg.source]
+    ) as proc:
         a = wait_for(lambda: ready_zygote(sock), timeout=60, what="roles + zygote")
         old_zygote = a["zygote"]["pid"]
         old_roles = {r["pid"] for r in a["roles"]}
@@ -192,11 +195,6 @@ def test_reload_replaces_the_zygote(make_config):
         a = wait_for(reloaded, timeout=90, what="every role replaced, a new zygote")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.unlink(missing_ok=True)
 
 
 @pytest.mark.timeout(150)
@@ -208,12 +206,7 @@ def test_daemon_runs_and_serves_when_the_zygote_cannot_start(make_config):
     sock = Path(tempfile.mkdtemp(prefix="cdzyg", dir="/tmp")) / "s.sock"
     port = free_port()
     cfg = daemon_config(make_config, sock, port, shared_background=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BROKEN_ZYGOTE_RUN, cfg.source],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-    )
-    try:
+    with running(sock, [sys.executable, "-c", BROKEN_ZYGOTE_RUN, cfg.source]) as proc:
         a = wait_for(lambda: all_running(sock), timeout=60, what="every role")
         assert [r["name"] for r in a["roles"]] == [
             "web",
@@ -247,8 +240,3 @@ def test_daemon_runs_and_serves_when_the_zygote_cannot_start(make_config):
         a = wait_for(respawned, timeout=60, what="worker respawned by exec")
         tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         stop_cleanly(proc, tree)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.unlink(missing_ok=True)
