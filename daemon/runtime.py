@@ -34,6 +34,9 @@ import time
 
 HEARTBEAT_ENV = "CAMPAIGND_HEARTBEAT_FILE"
 SUPERVISOR_PID_ENV = "CAMPAIGND_SUPERVISOR_PID"
+# A child sends this to the supervisor after its first heartbeat, so a
+# (re)spawn is seen RUNNING at once instead of at the next poll of the files.
+FIRST_BEAT_SIGNAL = signal.SIGUSR2
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
@@ -118,6 +121,19 @@ def supervised() -> bool:
     starting any role: a role need not check it again (a connection and a
     lock on every respawn)."""
     return SUPERVISOR_PID_ENV in os.environ
+
+
+def announce_first_beat() -> None:
+    """Tell the supervisor our first heartbeat is written (FIRST_BEAT_SIGNAL).
+
+    Only to our parent, and only when it is the supervisor named in the
+    environment: a pid from the environment alone may have been reused.
+    """
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    parent = os.getppid()
+    if expected and parent == int(expected):
+        with contextlib.suppress(OSError):
+            os.kill(parent, FIRST_BEAT_SIGNAL)
 
 
 def parent_alive() -> bool:
@@ -222,6 +238,7 @@ class Heartbeat:
     def __init__(self, path: str):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self._announced = False
 
     @classmethod
     def from_env(cls) -> Heartbeat | None:
@@ -234,6 +251,9 @@ class Heartbeat:
         # new inode, one syscall pair per beat.
         os.pwrite(self._fd, line, 0)
         os.ftruncate(self._fd, len(line))
+        if not self._announced:
+            self._announced = True
+            announce_first_beat()
 
     def close(self) -> None:
         os.close(self._fd)

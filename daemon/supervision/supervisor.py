@@ -50,6 +50,7 @@ from daemon.domain import alerts
 from daemon.errors import EXIT_CONFIG
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
+from daemon.runtime import FIRST_BEAT_SIGNAL
 from daemon.runtime import SUPERVISOR_PID_ENV
 from daemon.runtime import inflight_dir
 from daemon.runtime import setup_logging
@@ -83,9 +84,10 @@ from daemon.supervision.zygote import become_subreaper
 
 log = logging.getLogger("daemon.supervision.supervisor")
 
-# While a child is STARTING its first heartbeat is polled this often, so a
-# respawn is seen RUNNING within a few tens of ms, not a heartbeat interval.
-STARTING_POLL_S = 0.025
+# A child signals its first heartbeat (runtime.FIRST_BEAT_SIGNAL), so a
+# respawn is seen RUNNING at once. While a child is STARTING its heartbeat
+# file is also polled this often, in case a signal could not be sent.
+STARTING_POLL_S = 0.1
 # After the stop deadline's SIGKILLs, how long to wait for the reaping.
 KILL_WAIT_S = 5.0
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -285,6 +287,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             signal.SIGINT,
             signal.SIGHUP,
             signal.SIGUSR1,
+            FIRST_BEAT_SIGNAL,
         ):
             signal.signal(sig, self._record_signal)
         self.status_server.register(self.selector)
@@ -388,6 +391,11 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             log.info("status: %s", child.status(now))
         if self.zygote_factory is not None:
             log.info("status: zygote %s", self.zygote.status(now))
+
+    def handle_usr2(self) -> None:
+        """A child wrote its first heartbeat (FIRST_BEAT_SIGNAL): read the
+        heartbeat files now; STARTING_POLL_S is only the fallback."""
+        self._next_beat_check = 0.0
 
     def begin_stop(self, reason: str, exit_code: int = 0) -> None:
         if self.stopping_since is not None:
