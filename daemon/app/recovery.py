@@ -89,9 +89,10 @@ class LeaseReleaser:
         self.host = socket.gethostname()
         self._tasks = None
 
-    def release(self, pid: int) -> tuple[int, int, int]:
-        """(pid, rows queued again, rows unconfirmed)."""
+    def release(self, pid: int) -> tuple[int, int, int, int]:
+        """(pid, rows queued again, rows unconfirmed, tasks the queues lost)."""
         in_flight = read_inflight(self.inflight_directory, pid)
+        replayed = 0
         with db_session(close_idle=True):
             try:
                 if self._tasks is None:
@@ -102,9 +103,10 @@ class LeaseReleaser:
 
                     self._tasks = Tasks(self.cfg, make_queues(self.cfg))
                 released = self._tasks.release_dead_worker(self.host, pid, in_flight)
+                replayed = sum(self._tasks.replay_after_death())
             except Exception:  # noqa: BLE001 - the queue may be down
                 # The rows are still released; the sweeper enqueues them.
                 log.warning("could not enqueue worker %s's rows; the sweeper will", pid)
                 released = unconfirmed.release_dead_process(self.host, pid, in_flight)
         clear_inflight(self.inflight_directory, pid)
-        return pid, len(released.requeued), released.unconfirmed
+        return pid, len(released.requeued), released.unconfirmed, replayed

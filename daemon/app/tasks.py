@@ -407,6 +407,34 @@ class Tasks(EventTasks, VerifyTasks):
             metrics.UNCONFIRMED.labels(outcome="recorded").inc(released.unconfirmed)
         return released
 
+    def replay_after_death(self, now=None) -> tuple[int, int]:
+        """A consumer died: re-enqueue at once what its queues lost with it.
+
+        Huey drops a task once popped, and Redis may even hand one to the
+        connection of a process being killed. The sweeper finds such rows
+        after its grace (30-60 s): a reply would wait that long for its
+        Message 2. When a queue is drained, every row still due is lost, so
+        it is enqueued again now; a row also in flight elsewhere is harmless
+        (the claim lets one send through, events are processed once). With
+        a backlog the sweeper stays in charge, as in `sweep_once`.
+        (messages, events) enqueued again.
+        """
+        sends_drained = not (
+            self.queues.messages.pending_count() or self.queues.retry.pending_count()
+        )
+        events_drained = not self.queues.default.pending_count()
+        if not (sends_drained or events_drained):
+            return 0, 0
+        found = campaigns.sweep(
+            now or self.clock(), grace_s=0, include_queued=sends_drained
+        )
+        for message_id, priority in found.messages:
+            self.send_single_message(message_id, priority=priority)
+        events = found.events if events_drained else []
+        for event_id in events:
+            self.process_webhook_event(event_id)
+        return len(found.messages), len(events)
+
     def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
         """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
         # Rows waiting in a long backlog are not lost: re-enqueueing them on

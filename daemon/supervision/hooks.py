@@ -17,8 +17,9 @@ log = logging.getLogger("daemon.supervision.supervisor")
 
 
 class LeaseReleaser(Protocol):
-    def release(self, pid: int) -> tuple[int, int, int]:
-        """Release dead worker `pid`'s leases: (pid, rows queued, unconfirmed)."""
+    def release(self, pid: int) -> tuple[int, int, int, int]:
+        """Release dead worker `pid`'s leases: (pid, rows queued, unconfirmed,
+        tasks its queues lost, enqueued again)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ def lease_releaser(
     return hooks.lease_releaser(cfg, inflight_directory)
 
 
-def log_released(result: tuple[int, int, int] | None) -> None:
+def log_released(result: tuple[int, int, int, int] | None) -> None:
     """After `LeaseReleaser.release` (on the loop): say what it did, if anything."""
-    if result and (result[1] or result[2]):
-        log.info("worker %s died: %d rows queued again, %d unconfirmed", *result)
+    if result and any(result[1:]):
+        log.info(
+            "worker %s died: %d rows queued again, %d unconfirmed, "
+            "%d lost tasks enqueued again",
+            *result,
+        )

@@ -15,7 +15,10 @@ contacts' phones show), never the requests made:
   re-sent once ("resend") or failed ("fail");
 - (d) one send stuck past `workers.hard_time_limit_s`: the worker drains
   (SIGTERM, not SIGKILL); the other threads' sends complete and are recorded
-  once, and the stuck one ends sent by its status webhook, not re-sent.
+  once, and the stuck one ends sent by its status webhook, not re-sent;
+- (e) a reply whose processing task is handed to worker:background as it is
+  SIGKILLed (Redis gives a blocked pop the entry, the process dies with it):
+  Message 2 goes out once, at once, not after the sweeper's 30 s grace.
 
 (d) needs a thread stuck beyond every timeout of ours: the HTTP client's
 deadline makes a send at the fake end at `provider.timeout_s`, below the
@@ -490,4 +493,68 @@ def test_hard_limit_drains_one_stuck_send(run_daemon, tmp_path, mode):
     assert not stuck[0].resends  # confirmed by its status, not re-sent
     m1 = per_phone(fake)
     assert {m1.get(p, 0) for p in phones} == {1}, m1
+    assert fake.duplicates() == {}
+
+
+# ---------------------------------------------------------------- (e)
+
+
+@pytest.mark.parametrize("mode", [params(m) for m in MODES])
+@pytest.mark.timeout(90)
+def test_a_reply_lost_with_a_killed_worker_is_answered_at_once(run_daemon, mode):
+    """(e) the reply's task dies with worker:background: Message 2 anyway,
+    once, within seconds."""
+    import json
+    import urllib.request
+
+    from daemon.store.queue import make_queues
+    from tests.event_helpers import wassenger_reply
+
+    options = FakeOptions(latency_ms=5.0, reply_share=0.0)
+    daemon, cfg, fake = run_daemon(mode, options, {})
+    phone = ch.contact_phones(1, invalid_every=0)[0]
+    campaign_id = ch.seed_campaign(cfg, [phone])
+    wait(
+        lambda: [r.status for r in rows(campaign_id, 1)] in (["sent"], ["delivered"]),
+        30,
+        "Message 1 sent",
+        daemon,
+    )
+    background = next(
+        pid
+        for pid, role in daemon.running_roles().items()
+        if role == "worker:background"
+    )
+    # Stopped, its consumer threads stay blocked on the queue: Redis hands
+    # the next entry to one of them, which will never read it.
+    os.kill(background, signal.SIGSTOP)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{cfg.web.port}/webhooks/wassenger",
+            data=json.dumps(wassenger_reply(phone, "yes please")).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "X-Webhook-Secret": ch.WEBHOOK_SECRET,
+            },
+        )
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.status == 200
+        if mode == "cluster":
+            default = make_queues(cfg).default
+            ch.wait_until(
+                lambda: default.pending_count() == 0,
+                10,
+                0.02,
+                "the reply's task handed to the stopped worker",
+            )
+    finally:
+        os.kill(background, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait(lambda: per_phone(fake, "m2").get(phone), 15, "Message 2 sent", daemon)
+    took = time.monotonic() - killed_at
+    print(f"{mode}: Message 2 {took:.1f}s after the kill")
+    # Well inside the sweeper's grace (30 s): the death replayed the task.
+    assert took < 10, took
+    wait(sweeps_after(utcnow(), 2), 30, "two more sweeps", daemon)
+    assert per_phone(fake, "m2") == {phone: 1}
     assert fake.duplicates() == {}
