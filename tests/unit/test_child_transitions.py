@@ -492,3 +492,44 @@ def test_without_a_ready_zygote_the_respawn_is_exec_ed(make_child, ops):
     assert child.state is S.STARTING
     assert child.pid == 1002
     assert len(ops.spawned) == 2
+
+
+BEAT_TWICE = """
+import sys
+from daemon.runtime import Heartbeat
+hb = Heartbeat(sys.argv[1])
+hb.beat()
+hb.beat()
+"""
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["supervisor", "other-pid"])
+def test_the_first_beat_signals_the_parent_only_if_it_is_the_supervisor(
+    tmp_path, named
+):
+    """A child's first heartbeat sends FIRST_BEAT_SIGNAL to its parent once;
+    never when the parent is not the supervisor its environment names (a pid
+    from the environment alone may belong to anyone by now)."""
+    import subprocess
+    import sys
+
+    from daemon.runtime import FIRST_BEAT_SIGNAL
+    from daemon.runtime import SUPERVISOR_PID_ENV
+
+    received = []
+    previous = signal.signal(FIRST_BEAT_SIGNAL, lambda *_: received.append(1))
+    try:
+        env = {
+            **os.environ,
+            HEARTBEAT_ENV: "",
+            SUPERVISOR_PID_ENV: str(os.getpid() if named else os.getppid()),
+        }
+        subprocess.run(
+            [sys.executable, "-c", BEAT_TWICE, str(tmp_path / "hb")],
+            env=env,
+            check=True,
+            timeout=30,
+        )
+    finally:
+        signal.signal(FIRST_BEAT_SIGNAL, previous)
+    assert received == ([1] if named else [])
