@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench import common
 from bench import harness
 from bench import workloads
 
@@ -87,10 +88,10 @@ def main(argv=None) -> int:
     harness.compile_bytecode()
     base = Path(tempfile.mkdtemp(prefix="cdbench-"))
     redis = harness.PrivateRedis(base / "logs")
-    peers = [] if args.no_peer else ["ceiling", workloads.PEER]
+    peers = [] if args.no_peer else ["ceiling", common.PEER]
     systems = peers + [f"cd-{m}" for m in modes]
     report = harness.Report(systems)
-    bench = workloads.Bench(
+    bench = common.Bench(
         base,
         uuid.uuid4().hex[:6],
         redis,

@@ -4,8 +4,9 @@
     .venv/bin/python -m bench.w1_ab --other /tmp/w1-before [--rounds 3] [-n 5000]
 
 Each round runs the other tree, then this one (each: embedded then cluster,
-`bench.workloads._w1_cd` of that tree: n Message 1 sends queued first, the
-real `campaignd worker` processes, msgs/s from the provider's first to last
+`_w1_cd` of that tree, in bench/w1_dispatch.py or, before the split, in
+bench/workloads.py: n Message 1 sends queued first, the real `campaignd
+worker` processes, msgs/s from the provider's first to last
 acceptance). Only campaignd runs: the peer is not needed to compare two
 versions of campaignd. Every run of both trees talks to one fake provider,
 this tree's, started once: the comparison is of the daemon, not of the fake.
@@ -36,7 +37,11 @@ CHILD = r"""
 import json, sys, tempfile, time, uuid
 from pathlib import Path
 import daemon
-from bench import harness, workloads
+from bench import harness
+try:
+    from bench import common, w1_dispatch
+except ImportError:  # a tree from before bench/workloads.py was split
+    from bench import workloads as common, workloads as w1_dispatch
 
 url, n, modes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 
@@ -52,12 +57,12 @@ fake = Fake(url)
 base = Path(tempfile.mkdtemp(prefix="w1ab-"))
 redis = harness.PrivateRedis(base / "logs")
 try:
-    b = workloads.Bench(base, uuid.uuid4().hex[:6], redis, False, 1, modes, log,
+    b = common.Bench(base, uuid.uuid4().hex[:6], redis, False, 1, modes, log,
                         harness.Report([]))
     out = {}
     for mode in modes:
         fake.reset()
-        out[mode] = workloads._w1_cd(b, fake, mode, n)
+        out[mode] = w1_dispatch._w1_cd(b, fake, mode, n)
 finally:
     redis.close()
 print(json.dumps({"daemon": daemon.__file__, "results": out}))

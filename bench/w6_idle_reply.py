@@ -20,6 +20,9 @@ from datetime import UTC
 from datetime import datetime
 
 from bench import campaignd_side as cd
+from bench.common import collect
+from bench.common import column
+from bench.common import med
 from bench.harness import BenchError
 from bench.harness import FakeProviderProcess
 from bench.harness import Row
@@ -39,10 +42,6 @@ STAGES = {
 
 
 def workload(b) -> None:
-    from bench.workloads import _med
-    from bench.workloads import collect
-    from bench.workloads import column
-
     idle_s = 2.0 if b.quick else 5.0
     replies = 5 if b.quick else 10
     b.log(
@@ -69,7 +68,7 @@ def workload(b) -> None:
             ratio=False,
             target=f"< {TARGET_P50_MS:g} ms",
             verdict=" ".join(
-                _verdict(_med(p50[s])) for s in b.cd_systems() if s in results
+                _verdict(med(p50[s])) for s in b.cd_systems() if s in results
             ),
             note=f"a reply webhook after {idle_s:g}s idle until the fake provider "
             f"accepted its Message 2; {replies} replies a run, median of runs",
