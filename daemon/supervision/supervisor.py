@@ -81,6 +81,7 @@ from daemon.supervision.systemd import SystemdReporting
 from daemon.supervision.waiting import wait_for_database
 from daemon.supervision.zygote import Zygote
 from daemon.supervision.zygote import become_subreaper
+from daemon.supervision.zygote import stray_roles
 
 log = logging.getLogger("daemon.supervision.supervisor")
 
@@ -489,6 +490,25 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             if child.inspect(now) == "zombie":
                 log.warning("%s: pid %s is a zombie: reaping", child.name, child.pid)
                 self.reap_children()
+        self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        """SIGKILL roles forked by the zygote whose pid never reached us."""
+        if self.zygote_factory is None:
+            return
+        tracked = self.children + self.retired
+        known = {c.pid for c in tracked if c.pid is not None}
+        known |= {p for p in (self.zygote.pid, *self.zygote.retired) if p is not None}
+        known |= set(self._helpers)
+        for pid, role in stray_roles(known, {c.name for c in tracked}):
+            log.warning(
+                "pid %s runs %s but was never reported forked (a lost zygote "
+                "answer): SIGKILL, the tracked %s stays",
+                pid,
+                role,
+                role,
+            )
+            self.ops.signal(pid, signal.SIGKILL)
 
     def manage_children(self, now: float) -> None:
         """Apply the respawn policy, roll replacements, end stray helpers."""

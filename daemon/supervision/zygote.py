@@ -266,6 +266,38 @@ class Zygote:
         }
 
 
+def stray_roles(known_pids: set[int], role_names: set[str]) -> list[tuple[int, str]]:
+    """Our direct children that run a role but that nobody tracks: (pid, role).
+
+    A fork whose answer never reached the supervisor (the zygote hung after
+    forking, or died between the fork and its answer) leaves the role running,
+    re-parented to the supervisor, while the role is exec'd a second time.
+    Every fork and exec the supervisor makes is tracked before its loop runs
+    another step, so any child showing ``child ROLE`` that it does not know
+    is such a role. Other untracked children (orphans of an alert command)
+    are not ours to kill.
+    """
+    import psutil
+
+    strays = []
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return []
+    for child in children:
+        if child.pid in known_pids:
+            continue
+        try:
+            words = child.cmdline()
+        except psutil.Error:
+            continue
+        for word, following in zip(words, words[1:], strict=False):
+            if word == "child" and following in role_names:
+                strays.append((child.pid, following))
+                break
+    return strays
+
+
 def _recv_line(sock: socket.socket) -> bytes:
     data = b""
     while not data.endswith(b"\n"):

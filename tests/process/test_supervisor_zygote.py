@@ -44,6 +44,41 @@ broken = lambda cfg, path: (sys.executable, "-c", "raise SystemExit(3)")
 sys.exit(supervisor.main(cfg, hooks=supervisor_hooks(), zygote=broken))
 """
 
+# A zygote that forks the first role it is asked for (a stand-in process
+# whose argv shows `child ROLE`, as a forked role's does) and never answers,
+# as a zygote hung between its fork and its answer would; once that is
+# done (the marker file), it answers every order with an error, so the
+# roles are exec'd.
+MUTE_ZYGOTE = """
+import json, os, socket, sys
+marker = sys.argv[1]
+channel = socket.socket(fileno=os.dup(0))
+channel.sendall(b"ready\\n")
+for line in channel.makefile("rb"):
+    role = json.loads(line)["role"]
+    if os.path.exists(marker):
+        channel.sendall(b'{"error": "test: exec it"}\\n')
+        continue
+    open(marker, "w").close()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            os.setpgid(0, 0)
+            sleeper = "import time; time.sleep(600)"
+            os.execv(sys.executable, [sys.executable, "-c", sleeper, "child", role])
+        os._exit(0)
+    os.wait()
+"""
+MUTE_ZYGOTE_RUN = """
+import sys
+from daemon import config
+from daemon.cli import supervisor_hooks
+from daemon.supervision import supervisor
+
+cfg = config.load(sys.argv[1])
+mute = lambda cfg, path: (sys.executable, "-c", sys.argv[2], sys.argv[3])
+sys.exit(supervisor.main(cfg, hooks=supervisor_hooks(), zygote=mute))
+"""
+
 
 @pytest.fixture(autouse=True)
 def _real_roles():
@@ -238,5 +273,37 @@ def test_daemon_runs_and_serves_when_the_zygote_cannot_start(make_config):
             return b if b and role(b, name)["pid"] != old_pid else None
 
         a = wait_for(respawned, timeout=60, what="worker respawned by exec")
+        tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        stop_cleanly(proc, tree)
+
+
+@pytest.mark.timeout(150)
+def test_a_role_forked_without_an_answer_is_killed(make_config, tmp_path):
+    """Verify that when the zygote forks a role and its answer never comes,
+    the role is exec'd and the forked copy, which nobody tracks, is SIGKILLed:
+    one process per role, every one the supervisor's."""
+    sock = Path(tempfile.mkdtemp(prefix="cdzyg", dir="/tmp")) / "s.sock"
+    cfg = daemon_config(make_config, sock, free_port())
+    marker = tmp_path / "forked-once"
+    argv = [sys.executable, "-c", MUTE_ZYGOTE_RUN, cfg.source, MUTE_ZYGOTE, str(marker)]
+    with running(sock, argv) as proc:
+
+        def stray() -> list[psutil.Process]:
+            return [
+                p
+                for p in psutil.Process(proc.pid).children()
+                if "import time; time.sleep(600)" in p.cmdline()
+            ]
+
+        forked = wait_for(stray, timeout=30, what="the unanswered fork")
+        a = wait_for(lambda: all_running(sock), timeout=60, what="every role")
+        wait_for(lambda: not alive([p.pid for p in forked]), timeout=30, what="killed")
+        tracked = {r["pid"] for r in a["roles"]}
+        for r in a["roles"]:
+            assert psutil.Process(r["pid"]).ppid() == proc.pid, r["name"]
+        others = {
+            p.pid for p in psutil.Process(proc.pid).children() if p.pid not in tracked
+        }
+        assert others <= {a["zygote"]["pid"]}, others
         tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         stop_cleanly(proc, tree)
