@@ -143,6 +143,10 @@ def parent_alive() -> bool:
 
 INFLIGHT_DIR_NAME = "inflight"
 _INFLIGHT_RECORD = 24  # bytes: a message id, space padded, then a newline
+# The second record of each file: the task the thread took, "m<id>" (a send)
+# or "e<id>" (an event), from before its claim until it returns.
+_TAKEN_AT = _INFLIGHT_RECORD
+_BLANK = b" " * (_INFLIGHT_RECORD - 1) + b"\n"
 
 
 def inflight_dir(data_path, env=None) -> str:
@@ -188,7 +192,18 @@ class InFlight:
         os.pwrite(self._fd(), record, 0)
 
     def end(self) -> None:
-        os.pwrite(self._fd(), b" " * (_INFLIGHT_RECORD - 1) + b"\n", 0)
+        os.pwrite(self._fd(), _BLANK, 0)
+
+    def take(self, kind: str, task_id: int) -> None:
+        """This thread took the task for send (kind "m") or event ("e")
+        `task_id`: if the process dies before `untake`, the queue entry died
+        with it (Huey drops a task once popped), and the supervisor enqueues
+        it again when its row still waits (`read_taken`)."""
+        record = f"{kind}{task_id}".ljust(_INFLIGHT_RECORD - 1).encode() + b"\n"
+        os.pwrite(self._fd(), record, _TAKEN_AT)
+
+    def untake(self) -> None:
+        os.pwrite(self._fd(), _BLANK, _TAKEN_AT)
 
     def keep(self) -> None:
         """The outcome could not be recorded (the database failed): leave the
@@ -202,22 +217,35 @@ class InFlight:
 
 def read_inflight(directory: str, pid: int) -> set[int]:
     """Message ids the threads of `pid` had begun and not ended."""
-    found: set[int] = set()
+    return {int(text) for text, _ in _records_of(directory, pid) if text.isdigit()}
+
+
+def read_taken(directory: str, pid: int) -> set[tuple[str, int]]:
+    """(kind, id) of the tasks the threads of `pid` had taken and not finished."""
+    found = set()
+    for _, text in _records_of(directory, pid):
+        if text[:1] in (b"m", b"e") and text[1:].isdigit():
+            found.add((text[:1].decode(), int(text[1:])))
+    return found
+
+
+def _records_of(directory: str, pid: int) -> list[tuple[bytes, bytes]]:
+    """(in-flight record, taken record) of each file of `pid`, stripped."""
+    out = []
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return found
+        return out
     for name in names:
         if not name.startswith(f"{pid}."):
             continue
         try:
             with open(os.path.join(directory, name), "rb") as f:
-                text = f.read(_INFLIGHT_RECORD).strip()
+                data = f.read(2 * _INFLIGHT_RECORD)
         except OSError:
             continue
-        if text.isdigit():
-            found.add(int(text))
-    return found
+        out.append((data[:_TAKEN_AT].strip(), data[_TAKEN_AT:].strip()))
+    return out
 
 
 def clear_inflight(directory: str, pid: int) -> None:

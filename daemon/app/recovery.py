@@ -15,6 +15,7 @@ from daemon.domain import unconfirmed
 from daemon.runtime import clear_inflight
 from daemon.runtime import inflight_dir
 from daemon.runtime import read_inflight
+from daemon.runtime import read_taken
 from daemon.store.db import db_session
 from daemon.store.db import is_postgres
 from daemon.store.models import database
@@ -92,6 +93,7 @@ class LeaseReleaser:
     def release(self, pid: int) -> tuple[int, int, int, int]:
         """(pid, rows queued again, rows unconfirmed, tasks the queues lost)."""
         in_flight = read_inflight(self.inflight_directory, pid)
+        taken = read_taken(self.inflight_directory, pid)
         replayed = 0
         with db_session(close_idle=True):
             try:
@@ -103,7 +105,9 @@ class LeaseReleaser:
 
                     self._tasks = Tasks(self.cfg, make_queues(self.cfg))
                 released = self._tasks.release_dead_worker(self.host, pid, in_flight)
-                replayed = sum(self._tasks.replay_after_death())
+                skip = in_flight | {m for m, _ in released.requeued}
+                replayed = self._tasks.resume_taken(taken, skip)
+                replayed += sum(self._tasks.replay_after_death())
             except Exception:  # noqa: BLE001 - the queue may be down
                 # The rows are still released; the sweeper enqueues them.
                 log.warning("could not enqueue worker %s's rows; the sweeper will", pid)

@@ -26,6 +26,7 @@ from daemon.app.event_tasks import pause_quietly
 from daemon.app.verify_tasks import VerifyTasks
 from daemon.config import Config
 from daemon.domain import campaigns
+from daemon.domain import events
 from daemon.domain import unconfirmed
 from daemon.domain.pacing import Pacer
 from daemon.owners import lease_owner
@@ -44,6 +45,7 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import PRIORITY_HIGH
 from daemon.store.queue import Queues
+from daemon.store.statuses import MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +117,14 @@ class Tasks(EventTasks, VerifyTasks):
     def _register(self, queue: str, name: str, func: Callable):
         """A Huey task `name` on `queue` running `func`, timed and tracked."""
         duration = metrics.TASK_SECONDS.labels(task=name)
+        kind = _TAKEN_KINDS.get(name)
 
         @functools.wraps(func)
         def tracked(*args, **kwargs):
             self.task_clock.started()
             started = time.monotonic()
+            if kind:
+                self.inflight.take(kind, args[0])
             try:
                 return func(*args, **kwargs)
             except (pw.OperationalError, pw.InterfaceError):
@@ -130,6 +135,8 @@ class Tasks(EventTasks, VerifyTasks):
                 _drop_connection()
                 raise
             finally:
+                if kind:
+                    self.inflight.untake()
                 duration.observe(time.monotonic() - started)
                 self.task_clock.finished()
 
@@ -407,6 +414,26 @@ class Tasks(EventTasks, VerifyTasks):
             metrics.UNCONFIRMED.labels(outcome="recorded").inc(released.unconfirmed)
         return released
 
+    def resume_taken(self, taken: set[tuple[str, int]], skip: set[int]) -> int:
+        """A dead worker's taken tasks (runtime.read_taken) whose rows still
+        wait, enqueued again; `skip`: message ids its release dealt with.
+        How many were enqueued."""
+        message_ids = [i for kind, i in taken if kind == "m" and i not in skip]
+        event_ids = [i for kind, i in taken if kind == "e"]
+        count = 0
+        if message_ids:
+            waiting = Message.select(Message.id, Message.priority).where(
+                Message.id.in_(message_ids), Message.status == MessageStatus.QUEUED
+            )
+            for message_id, priority in waiting.tuples():
+                self.send_single_message(message_id, priority=priority)
+                count += 1
+        if event_ids:
+            for event_id in events.unprocessed(event_ids):
+                self.process_webhook_event(event_id)
+                count += 1
+        return count
+
     def replay_after_death(self, now=None) -> tuple[int, int]:
         """A consumer died: re-enqueue at once what its queues lost with it.
 
@@ -430,10 +457,10 @@ class Tasks(EventTasks, VerifyTasks):
         )
         for message_id, priority in found.messages:
             self.send_single_message(message_id, priority=priority)
-        events = found.events if events_drained else []
-        for event_id in events:
+        event_ids = found.events if events_drained else []
+        for event_id in event_ids:
             self.process_webhook_event(event_id)
-        return len(found.messages), len(events)
+        return len(found.messages), len(event_ids)
 
     def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
         """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
@@ -472,6 +499,15 @@ class Tasks(EventTasks, VerifyTasks):
             "unconfirmed_failed": settled.failed,
             "checks": checks,
         }
+
+
+# Tasks whose queue entry dies with the thread that took it: the thread
+# notes it (runtime.InFlight.take) so that a death enqueues it again.
+_TAKEN_KINDS = {
+    "send_single_message": "m",
+    "retry_failed_message": "m",
+    "process_webhook_event": "e",
+}
 
 
 def _which(message) -> str:

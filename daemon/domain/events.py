@@ -77,6 +77,18 @@ def record_failure(
     return attempts, dead
 
 
+def unprocessed(event_ids: list[int]) -> list[int]:
+    """Those of `event_ids` still waiting for processing (not dead letters)."""
+    return [
+        e.id
+        for e in InboundEvent.select(InboundEvent.id).where(
+            InboundEvent.id.in_(event_ids),
+            InboundEvent.processed_at.is_null(),
+            InboundEvent.dead_at.is_null(),
+        )
+    ]
+
+
 def dead_count() -> int:
     return InboundEvent.select().where(InboundEvent.dead_at.is_null(False)).count()
 

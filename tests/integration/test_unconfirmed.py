@@ -298,6 +298,59 @@ def test_a_dead_workers_rows_split_by_its_in_flight_records(pipeline_for, fake):
     assert pipeline.tasks.deliver(ids[0]) == "not claimable"
 
 
+def run_queue(huey) -> None:
+    """Run every task waiting in `huey`, as a consumer would."""
+    while (task := huey.dequeue()) is not None:
+        huey.execute(task)
+
+
+def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
+    """A worker killed after taking a task and before claiming its row: the
+    queue entry died with it. The taken records it left bring the send and
+    the event back when the supervisor releases it, even behind a backlog
+    (where the sweeper would wait out its 30 s grace)."""
+    import threading
+
+    from daemon.app.recovery import LeaseReleaser
+    from daemon.runtime import inflight_dir
+    from daemon.store.models import InboundEvent
+    from tests.send_helpers import phone_for
+
+    pipeline = pipeline_for()
+    contact_ids = seed_contacts(3)
+    campaign = new_campaign(contact_ids)
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    ids = campaigns.fan_out(campaign.id)
+    run_queue(pipeline.queues.messages)  # whatever the fan-out enqueued: lost
+    for message_id in ids[1:]:  # the backlog; ids[0]'s entry was taken
+        pipeline.tasks.send_single_message(message_id)
+    events = Events(pipeline.tasks)
+    taken_event = events.store("wassenger", wassenger_reply(phone_for(90), "hi"))[0]
+    other_event = events.store("wassenger", wassenger_reply(phone_for(91), "yo"))[0]
+    while pipeline.queues.default.dequeue() is not None:
+        pass  # whatever the ingest enqueued: lost
+    pipeline.tasks.process_webhook_event(other_event)  # the backlog
+
+    directory = inflight_dir(pipeline.cfg.data_path)
+    dead = InFlight(directory, pid=DEAD_PID)
+    dead.take("m", ids[0])
+    # Another thread of the dead worker (one record file per thread).
+    thread = threading.Thread(target=dead.take, args=("e", taken_event))
+    thread.start()
+    thread.join()
+
+    released = LeaseReleaser(pipeline.cfg, directory).release(DEAD_PID)
+
+    assert released[3] == 2, released
+    run_queue(pipeline.queues.messages)
+    run_queue(pipeline.queues.default)
+    phones = [Contact.get_by_id(c).phone for c in contact_ids]
+    assert [phone_shows(fake, p)["m1"] for p in phones] == [1, 1, 1]
+    for event_id in (taken_event, other_event):
+        assert InboundEvent.get_by_id(event_id).processed_at is not None
+    assert read_inflight(directory, DEAD_PID) == set()  # cleared
+
+
 def test_in_flight_records_survive_a_sigkill(tmp_path):
     directory = str(tmp_path / "inflight")
     script = textwrap.dedent(
