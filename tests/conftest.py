@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,6 +23,7 @@ import pytest
 from daemon import config as config_mod
 from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
+from daemon.runtime import FIRST_BEAT_SIGNAL
 from tests.helpers import merge
 from tests.helpers import require
 from tests.helpers import write_config
@@ -32,6 +34,17 @@ PG_URL = os.environ.get(
 REDIS_URL = os.environ.get("CAMPAIGND_TEST_REDIS", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:8]
 _counter = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _take_first_beat_signals():
+    """Tests that start a role naming this process as its supervisor get the
+    role's first-beat signal (runtime.FIRST_BEAT_SIGNAL), whose default
+    action would end the test run. A Python handler, not SIG_IGN: ignored
+    signals stay ignored across exec, handlers do not."""
+    previous = signal.signal(FIRST_BEAT_SIGNAL, lambda *_: None)
+    yield
+    signal.signal(FIRST_BEAT_SIGNAL, previous)
 
 
 def _missing(service: str, why: str):
