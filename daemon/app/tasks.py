@@ -123,7 +123,7 @@ class Tasks(EventTasks, VerifyTasks):
         def tracked(*args, **kwargs):
             self.task_clock.started()
             started = time.monotonic()
-            if kind:
+            if kind and args:
                 self.inflight.take(kind, args[0])
             try:
                 return func(*args, **kwargs)
