@@ -304,6 +304,12 @@ def run_queue(huey) -> None:
         huey.execute(task)
 
 
+def drop_queue(huey) -> None:
+    """Drop every task waiting in `huey`, as a killed consumer would."""
+    while huey.dequeue() is not None:
+        pass
+
+
 def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
     """A worker killed after taking a task and before claiming its row: the
     queue entry died with it. The taken records it left bring the send and
@@ -321,14 +327,13 @@ def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
     campaign = new_campaign(contact_ids)
     campaigns.start_campaign(campaign.id, pipeline.tasks)
     ids = campaigns.fan_out(campaign.id)
-    run_queue(pipeline.queues.messages)  # whatever the fan-out enqueued: lost
+    drop_queue(pipeline.queues.messages)  # whatever the fan-out enqueued: lost
     for message_id in ids[1:]:  # the backlog; ids[0]'s entry was taken
         pipeline.tasks.send_single_message(message_id)
     events = Events(pipeline.tasks)
     taken_event = events.store("wassenger", wassenger_reply(phone_for(90), "hi"))[0]
     other_event = events.store("wassenger", wassenger_reply(phone_for(91), "yo"))[0]
-    while pipeline.queues.default.dequeue() is not None:
-        pass  # whatever the ingest enqueued: lost
+    drop_queue(pipeline.queues.default)  # whatever the ingest enqueued: lost
     pipeline.tasks.process_webhook_event(other_event)  # the backlog
 
     directory = inflight_dir(pipeline.cfg.data_path)
