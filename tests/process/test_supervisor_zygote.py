@@ -63,8 +63,8 @@ for line in channel.makefile("rb"):
     if os.fork() == 0:
         if os.fork() == 0:
             os.setpgid(0, 0)
-            sleeper = "import time; time.sleep(600)"
-            os.execv(sys.executable, [sys.executable, "-c", sleeper, "child", role])
+            idle = "import signal; signal.pause()"
+            os.execv(sys.executable, [sys.executable, "-c", idle, "child", role])
         os._exit(0)
     os.wait()
 """
@@ -292,7 +292,7 @@ def test_a_role_forked_without_an_answer_is_killed(make_config, tmp_path):
             return [
                 p
                 for p in psutil.Process(proc.pid).children()
-                if "import time; time.sleep(600)" in p.cmdline()
+                if "import signal; signal.pause()" in p.cmdline()
             ]
 
         forked = wait_for(stray, timeout=30, what="the unanswered fork")
