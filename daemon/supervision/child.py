@@ -564,7 +564,8 @@ class Child:
             "state": self.state.name,
             "pid": self.pid,
             "uptime_s": _round(now - self.spawned_at if self.pid else None),
-            "state_for_s": _round(now - self.state_since),
+            # Milliseconds: when a respawned child became RUNNING.
+            "state_for_s": round(now - self.state_since, 3),
             "restarts": self.restarts,
             "last_exit": self.last_exit or None,
             "rss_mb": _round(self.rss_mb),

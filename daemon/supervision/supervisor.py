@@ -218,6 +218,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             hooks or SupervisorHooks(), self.cfg, inflight_dir(self.cfg.data_path, env)
         )
         self._parked: list[tuple[object, float]] = []
+        self._to_release: list[int] = []  # dead workers' pids
         self.role_alerts = RoleAlerts(
             self.host, self.cfg.alerts.down_after_s, self.cfg.alerts.restarts_per_hour
         )
@@ -453,12 +454,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         child.finish(status, time.monotonic())
         _mark_metrics_dead(pid, self.metrics_dir)
         if child.name.startswith("worker:") and self._requeuer is not None:
-            self._submit(
-                self._db_pool,
-                self._requeuer.release,
-                pid,
-                on_done=log_released,
-            )
+            self._to_release.append(pid)
         if (
             child.state is ChildState.EXITED
             and child.last_exit_code == EXIT_CONFIG
@@ -527,6 +523,13 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
                 self.retired.remove(child)
         if respawn:
             self._replace_next(now)
+        # Only now, after the respawn: the release's thread would hold the
+        # GIL while the replacement is asked of the zygote (~15 ms later).
+        while self._to_release:
+            pid = self._to_release.pop(0)
+            self._submit(
+                self._db_pool, self._requeuer.release, pid, on_done=log_released
+            )
         if any(c.state is ChildState.STARTING for c in self.children):
             # A child just (re)spawned: poll for its first beat from now on,
             # not from the next regular heartbeat check (up to 1 s away).
