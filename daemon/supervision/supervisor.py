@@ -268,10 +268,6 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         return self.exit_code
 
     def start(self) -> None:
-        # Imported now, not at the first child death, where it would add
-        # tens of ms to that respawn.
-        from prometheus_client import multiprocess  # noqa: F401
-
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         # prometheus_client multiprocess files of a previous run would be
@@ -442,7 +438,6 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
                 self._child_gone(child, status)
             elif self.zygote.owns(pid):
                 self.zygote.finish(pid, status, time.monotonic())
-                _mark_metrics_dead(pid, self.metrics_dir)
             elif pid in self._helpers:
                 what, _ = self._helpers.pop(pid)
                 log.info("%s %s", what, describe_exit(status)[0])
@@ -452,7 +447,6 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
     def _child_gone(self, child: Child, status: int) -> None:
         pid = child.pid
         child.finish(status, time.monotonic())
-        _mark_metrics_dead(pid, self.metrics_dir)
         if child.name.startswith("worker:") and self._requeuer is not None:
             self._to_release.append(pid)
         if (
@@ -585,14 +579,3 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         self.selector.close()
         for fd in (self._sig_r, self._sig_w, self._jobs_r, self._jobs_w):
             os.close(fd)
-
-
-def _mark_metrics_dead(pid: int | None, metrics_dir: Path) -> None:
-    if pid is None:
-        return
-    try:
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, str(metrics_dir))
-    except Exception as exc:  # noqa: BLE001 - metrics must not break supervision
-        log.debug("mark_process_dead(%s) failed: %s", pid, exc)

@@ -325,6 +325,10 @@ def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
     setup_logging(cfg.daemon.log_level, "zygote")
     set_process_name("cd-zygote")
     skip_unused_drivers(cfg)
+    # No collection while importing: it would free objects between the ones
+    # that stay, and each role's new objects would fill those holes, copying
+    # the shared pages they sit on (the gc.freeze() recipe).
+    gc.disable()
     for module in imports:
         importlib.import_module(module)
     if cfg.database_url.startswith(("postgresql:", "postgres:")):
@@ -335,7 +339,6 @@ def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
         return 1
     # Objects that exist now are never collected: the children's collections
     # then leave the shared pages alone instead of copying them.
-    gc.collect()
     gc.freeze()
     channel = socket.socket(fileno=os.dup(_CHANNEL_FD))
     _stdin_from_devnull()  # no role keeps the channel as its stdin
@@ -419,6 +422,7 @@ def _run_forked_role(cfg, run_role, order: dict) -> int:
         time.sleep(0.0005)
     os.environ[HEARTBEAT_ENV] = order["heartbeat"]
     role = order["role"]
+    gc.enable()
     set_process_name(role_tag(role))
     show_role_in_cmdline(role)
     return run_role(cfg, role)
