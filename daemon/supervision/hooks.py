@@ -17,6 +17,9 @@ log = logging.getLogger("daemon.supervision.supervisor")
 
 
 class LeaseReleaser(Protocol):
+    def prepare(self) -> None:
+        """Load what `release` needs, off the loop, before any death."""
+
     def release(self, pid: int) -> tuple[int, int, int, int]:
         """Release dead worker `pid`'s leases: (pid, rows queued, unconfirmed,
         tasks its queues lost, enqueued again)."""

@@ -292,6 +292,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         # Forked roles are re-parented to us when their intermediate exits.
         self._subreaper = become_subreaper()
         self.children = [self._new_child(s) for s in self._role_specs()]
+        if self._requeuer is not None:
+            self._submit(self._db_pool, self._requeuer.prepare)
         self._submit(
             self._db_pool,
             alerts.active_keys,
