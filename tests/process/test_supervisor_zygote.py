@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -307,3 +309,60 @@ def test_a_role_forked_without_an_answer_is_killed(make_config, tmp_path):
         assert others <= {a["zygote"]["pid"]}, others
         tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         stop_cleanly(proc, tree)
+
+
+# The zygote's body with a role that reports its garbage collector.
+GC_REPORTING_ZYGOTE = """
+import gc, json, sys
+from daemon import config
+from daemon.supervision.zygote import serve
+
+cfg = config.load(sys.argv[1])
+
+def run_role(cfg, role):
+    with open(sys.argv[2], "w") as out:
+        seen = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+        json.dump(dict(seen, role=role), out)
+    return 0
+
+sys.exit(serve(cfg, run_role, ("daemon.roles.worker",)))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_role_collects_garbage_and_leaves_the_shared_imports_alone(
+    make_config, tmp_path
+):
+    """Verify that the zygote imports with the collector off and freezes what
+    it imported, and that the role it forks has the collector on again (a
+    role without it would never free a reference cycle)."""
+    cfg = make_config("sqlite")
+    report = tmp_path / "gc.json"
+    ours, theirs = socket.socketpair()
+    env = {k: v for k, v in subprocess_env().items() if k != "CAMPAIGND_SUPERVISOR_PID"}
+    argv = [sys.executable, "-c", GC_REPORTING_ZYGOTE, cfg.source, str(report)]
+    zygote = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=theirs)
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        reader = ours.makefile("rb")
+        assert reader.readline() == b"ready\n"
+        order = {"role": "worker:background", "heartbeat": str(tmp_path / "beat")}
+        ours.sendall(json.dumps(order).encode() + b"\n")
+        assert "pid" in json.loads(reader.readline())
+        wait_for(
+            lambda: report.exists() and report.stat().st_size, 20, what="the report"
+        )
+        seen = json.loads(report.read_text())
+        assert seen["role"] == "worker:background"
+        assert seen["enabled"] is True
+        # Everything the zygote imported (thousands of objects) is frozen.
+        assert seen["frozen"] > 10_000
+        reader.close()
+        ours.close()  # EOF: the zygote exits
+        assert zygote.wait(timeout=20) == 0
+    finally:
+        ours.close()
+        if zygote.poll() is None:
+            zygote.kill()
+            zygote.wait()
