@@ -82,8 +82,9 @@ class LeaseReleaser:
 
     Its queues and tasks are built by `prepare`, which the supervisor runs in
     that thread at start: built at the first death instead, their imports
-    (3-4 MB, tens of ms holding the GIL) slowed the first respawn. Building
-    them opens no connection: that waits for a death.
+    (3-4 MB, tens of ms holding the GIL) slowed the first respawn. A SQLite
+    or PostgreSQL queue opens its connection then (Huey creates its tables
+    when the queue is built); a Redis queue connects at the first death.
     """
 
     def __init__(self, cfg, inflight_directory: str):
@@ -93,7 +94,7 @@ class LeaseReleaser:
         self._tasks = None
 
     def prepare(self) -> None:
-        """Build the queues and tasks a release uses (no connection opened)."""
+        """Build the queues and tasks a release uses."""
         if self._tasks is None:
             # Imported here: the supervisor imports no task code at module level.
             from daemon.app.tasks import Tasks

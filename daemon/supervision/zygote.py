@@ -410,7 +410,7 @@ def _fork_twice() -> tuple[int, int]:
     try:
         # One short write, read as soon as it is made: reading to EOF would
         # also wait for the intermediate's exit and the role's first run
-        # (it holds the pipe until it closes it), 5-8 ms of each respawn.
+        # (it holds the pipe until it closes it), 1-3 ms of each respawn.
         role_pid = int(os.read(pid_r, 32) or b"0")
     finally:
         os.close(pid_r)
