@@ -33,9 +33,10 @@ def w3_respawn(b: Bench) -> None:
     fake = FakeProviderProcess(b.log_dir)
     results: dict[str, dict] = {}
     try:
-        results[PEER] = (
-            b.attempt("W3 peer", _w3_peer, b, fake.url, kills, top_kills) or {}
-        )
+        if b.peer:  # not with --no-peer
+            results[PEER] = (
+                b.attempt("W3 peer", _w3_peer, b, fake.url, kills, top_kills) or {}
+            )
         for mode in b.modes:
             if b.quick and mode != "embedded":
                 continue
