@@ -520,7 +520,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         if respawn:
             self._replace_next(now)
         # Only now, after the respawn: the release's thread would hold the
-        # GIL while the replacement is asked of the zygote (~15 ms later).
+        # GIL while the replacement is asked of the zygote (3-8 ms later).
         while self._to_release:
             pid = self._to_release.pop(0)
             self._submit(
