@@ -11,11 +11,11 @@ registers them, and each process gets its own copy after exec.
 
 Counters and histograms only, no Gauge: a dead process's counter files must
 stay (its counts still count), and no live gauge file needs removing when a
-process dies, so the supervisor never calls `mark_process_dead` (and does
-not import prometheus_client at start, 4.5 MB of its memory; the task code
-its first release of a dead worker's leases loads brings it in). A
-live-mode Gauge added here would need that call back in
-`Supervisor._child_gone`.
+process dies, so the supervisor never calls `mark_process_dead`. A live-mode
+Gauge added here would need that call back in `Supervisor._child_gone`. The
+supervisor counts too (the rows a dead worker's lease release makes
+unconfirmed): `campaignd run` sets PROMETHEUS_MULTIPROC_DIR in its own
+environment before the task code that counts is imported.
 
 A full disk must not kill a process through its metrics. prometheus_client
 grows those files with truncate() (a sparse file) and writes to them through

@@ -106,6 +106,15 @@ def default_roles(cfg: config_mod.Config, config_path: str) -> list[RoleSpec]:
     return [RoleSpec(name, tuple(base + [name] + tail)) for name in names]
 
 
+def metrics_directory(cfg: config_mod.Config, env) -> Path:
+    """Where every process of the tree writes its prometheus_client files."""
+    # The files are memory-mapped: on a full disk a write to them is a
+    # SIGBUS that kills the web child over and over. Under systemd they live
+    # on the runtime directory (tmpfs) instead.
+    run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(run_base) / "metrics" if run_base else cfg.data_path / "metrics"
+
+
 def default_zygote(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
     """The zygote's argv: a child that imports every role and forks them."""
     tail = ["-c", config_path] if config_path else []
@@ -125,6 +134,11 @@ def main(
     """
     hooks = hooks or SupervisorHooks()
     setup_logging(cfg.daemon.log_level, "supervisor")
+    # Set before anything imports prometheus_client (it picks its storage at
+    # import): the releases of dead workers' leases count unconfirmed rows in
+    # this process, and only a file in the children's directory reaches
+    # /metrics. Here, not in Supervisor: tests build those in their process.
+    os.environ[METRICS_ENV] = str(metrics_directory(cfg, os.environ))
     try:
         db = wait_for_database(cfg, lambda: _migrate(cfg, hooks))
     except AlreadyRunning as exc:
@@ -181,12 +195,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         self.host = socket.gethostname()
         run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         self.run_dir = Path(run_base) if run_base else cfg.data_path / "run"
-        # The prometheus files are memory-mapped: on a full disk a write to
-        # them is a SIGBUS that kills the web child over and over. Under
-        # systemd they live on the runtime directory (tmpfs) instead.
-        self.metrics_dir = (
-            Path(run_base) / "metrics" if run_base else cfg.data_path / "metrics"
-        )
+        self.metrics_dir = metrics_directory(cfg, env)
         self.config_path = ""
         # Bound first: AlreadyRunning must stop us before we touch run_dir.
         self.status_server = StatusServer(

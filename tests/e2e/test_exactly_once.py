@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import tempfile
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -319,6 +321,20 @@ def test_sigkill_of_a_worker_with_sends_in_flight(run_daemon, mode):
     assert len(waiting) <= extra["workers"]["messages_threads"], waiting
     assert fake.duplicates() == {}
     assert not any(r.resends for r in done)
+    # What Prometheus sees: each row made unconfirmed is counted once, the
+    # kill's too (the supervisor's release counts them in its own process).
+    assert unconfirmed_recorded(cfg) == len(confirmed)
+
+
+def unconfirmed_recorded(cfg) -> float:
+    """campaignd_unconfirmed_sends_total{outcome="recorded"} on GET /metrics."""
+    url = f"http://127.0.0.1:{cfg.web.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        scrape = answer.read().decode()
+    found = re.search(
+        r'^campaignd_unconfirmed_sends_total\{outcome="recorded"\} (\S+)$', scrape, re.M
+    )
+    return float(found.group(1)) if found else 0.0
 
 
 # ---------------------------------------------------------------- (c)
