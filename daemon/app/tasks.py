@@ -244,6 +244,26 @@ class Tasks(EventTasks, VerifyTasks):
             self._inflight = InFlight(inflight_dir(self.cfg.data_path))
         return self._inflight
 
+    def taken_noter(self, queue: str) -> Callable[[bytes], None]:
+        """What a consumer of `queue` calls with each task it takes off the
+        queue (store.queue.tell_taken), before Huey, which drops a popped
+        task, even decodes it: the thread notes the task as taken (the
+        wrapper of `_register` does it again, then clears it), so that its
+        death between the pop and the task's first line replays the task
+        at once instead of after the sweeper's grace."""
+        huey = self.queues.get(queue)
+
+        def note(data: bytes) -> None:
+            try:
+                message = huey.serializer.deserialize(data)
+                kind = _TAKEN_KINDS.get(message.name.rpartition(".")[2])
+                if kind and message.args:
+                    self.inflight.take(kind, int(message.args[0]))
+            except Exception:  # noqa: BLE001 - never in the way of the task
+                log.debug("could not note a task taken off %s", queue, exc_info=True)
+
+        return note
+
     def _send_claimed(self, message, owner: str) -> str:
         try:
             result = self.provider.send(

@@ -42,6 +42,7 @@ from daemon.runtime import supervised
 from daemon.store.db import open_database
 from daemon.store.queue import listen_for_wakeups
 from daemon.store.queue import make_queues
+from daemon.store.queue import tell_taken
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ def build_consumer(
     # SQLite: idle threads wait for an enqueue's poke, polling every
     # queue.idle_poll_s only as a fallback (Redis and PostgreSQL block already).
     listen_for_wakeups(huey, cfg.queue.idle_poll_s)
+    # Noted before Huey runs anything: a death after the pop replays it.
+    tell_taken(huey, tasks.taken_noter(queue))
     return HeartbeatConsumer(
         huey,
         heartbeat,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -87,6 +88,10 @@ class WakingSqliteStorage(SqliteStorage):
     Redis's BZPOPMIN). Any other dequeue (tests, tools) returns at once.
     """
 
+    # Set on a consumer's queue (`tell_taken`): called with each task's data
+    # inside the transaction that takes it off the queue.
+    on_taken: Callable[[bytes], None] | None = None
+
     def __init__(self, name="huey", filename="huey.db", **kwargs):
         super().__init__(name, filename=filename, **kwargs)
         self.poker = Poker(wake_dir(filename, name))
@@ -110,22 +115,47 @@ class WakingSqliteStorage(SqliteStorage):
 
     def dequeue(self):
         if not self.blocking:
-            return super().dequeue()
+            return self._take()
         try:
             waiter = self._waiter()
         except OSError as exc:
             # No socket, no wake-up: Huey polls as it would without us.
             log.warning("queue %s: no wake socket (%s); polling", self.name, exc)
             self.blocking = False
-            return super().dequeue()
+            return self._take()
         # Drained before the look, so a task committed after it leaves a
         # poke that ends the wait below at once.
         waiter.drain()
-        data = super().dequeue()
+        data = self._take()
         if data is None and not self._stopping:
             if not waiter.wait(self._fallback_s) and not waiter.bound():
                 self.close_waiter()  # its socket was removed: a new one next time
         return data
+
+    def _take(self):
+        """SqliteStorage.dequeue (the same statements), telling `on_taken`
+        before the commit: a process killed at any point either leaves the
+        task in the queue or has noted that it took it."""
+        if not self.on_taken:
+            return super().dequeue()
+        if not self.sql(
+            "select 1 from task where queue = ? limit 1", (self.name,), results=True
+        ):
+            return None
+        with self.db(commit=True) as curs:
+            curs.execute(
+                "select id, data from task where queue = ? "
+                "order by priority desc, id limit 1",
+                (self.name,),
+            )
+            row = curs.fetchone()
+            if row is None:
+                return None
+            curs.execute("delete from task where id = ?", (row[0],))
+            if curs.rowcount != 1:
+                return None
+            self.on_taken(row[1])
+            return row[1]
 
     def _waiter(self) -> Waiter:
         waiter = getattr(self._local, "waiter", None)
@@ -157,12 +187,41 @@ class _SqliteHuey(_NoRevocation, SqliteHuey):
     storage_class = WakingSqliteStorage
 
 
-class _PriorityRedisHuey(_NoRevocation, PriorityRedisHuey):
+class _TellsTaken:
+    """A Huey whose consumers tell `on_taken` each task's data as soon as the
+    backend hands it over (Redis, PostgreSQL: the pop is already committed
+    there, so a process killed before this call loses the task to the
+    sweeper; the window is a few microseconds, not the task's start-up)."""
+
+    on_taken: Callable[[bytes], None] | None = None
+
+    def dequeue(self):
+        data = self.storage.dequeue()
+        if data is None:
+            return None
+        if self.on_taken:
+            self.on_taken(data)
+        return self.deserialize_task(data)
+
+
+class _PriorityRedisHuey(_TellsTaken, _NoRevocation, PriorityRedisHuey):
     pass
 
 
-class _PostgresHuey(_NoRevocation, PostgresHuey):
+class _PostgresHuey(_TellsTaken, _NoRevocation, PostgresHuey):
     pass
+
+
+def tell_taken(huey: Huey, on_taken: Callable[[bytes], None]) -> None:
+    """Have this process's consumers of `huey` call `on_taken(data)` with each
+    task they take off the queue, in the thread that will run it: inside the
+    transaction that takes it (SQLite), else as soon as it arrives. Huey
+    drops a popped task; the caller notes it so a death can replay it.
+    `on_taken` must not raise (SQLite would give the task back, forever)."""
+    if isinstance(huey.storage, WakingSqliteStorage):
+        huey.storage.on_taken = on_taken
+    else:
+        huey.on_taken = on_taken
 
 
 def listen_for_wakeups(huey: Huey, fallback_s: float) -> bool:

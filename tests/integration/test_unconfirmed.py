@@ -356,6 +356,65 @@ def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
     assert read_inflight(directory, DEAD_PID) == set()  # cleared
 
 
+def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
+    pipeline_for, fake
+):
+    """The consumer notes a task as taken when it pops it (inside the
+    dequeue's transaction on SQLite), before Huey decodes it: a worker
+    SIGKILLed right after the pop, behind a backlog, has its task enqueued
+    again by the supervisor's release, not after the sweeper's grace."""
+    from daemon.app.recovery import LeaseReleaser
+    from daemon.runtime import inflight_dir
+
+    pipeline = pipeline_for()
+    contact_ids = seed_contacts(3)
+    campaign = new_campaign(contact_ids)
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    ids = campaigns.fan_out(campaign.id)
+    drop_queue(pipeline.queues.messages)  # the start's fan-out task
+    for message_id in ids:
+        pipeline.tasks.send_single_message(message_id)
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        from daemon import config
+        from daemon.app.tasks import Tasks
+        from daemon.store.db import open_database
+        from daemon.store.queue import make_queues, tell_taken
+        cfg = config.load(sys.argv[1])
+        open_database(cfg)
+        tasks = Tasks(cfg, make_queues(cfg))
+        huey = tasks.queues.get("messages")
+        tell_taken(huey, tasks.taken_noter("messages"))
+        task = huey.dequeue()                 # a consumer thread's pop...
+        print(task.args[0], flush=True)
+        threading.Event().wait()              # ...and the SIGKILL
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, pipeline.cfg.source],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        popped = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert popped == ids[0]
+    assert Message.get_by_id(popped).status == "queued"  # its entry is gone
+    directory = inflight_dir(pipeline.cfg.data_path)
+
+    released = LeaseReleaser(pipeline.cfg, directory).release(proc.pid)
+
+    assert released[3] == 1, released  # the backlog was not drained
+    run_queue(pipeline.queues.messages)
+    phones = [Contact.get_by_id(c).phone for c in contact_ids]
+    assert [phone_shows(fake, p)["m1"] for p in phones] == [1, 1, 1]
+
+
 def test_in_flight_records_survive_a_sigkill(tmp_path):
     directory = str(tmp_path / "inflight")
     script = textwrap.dedent(
