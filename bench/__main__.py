@@ -28,6 +28,7 @@ from pathlib import Path
 from bench import common
 from bench import harness
 from bench import workloads
+from bench.report import Report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     redis = harness.PrivateRedis(base / "logs")
     peers = [] if args.no_peer else ["ceiling", common.PEER]
     systems = peers + [f"cd-{m}" for m in modes]
-    report = harness.Report(systems)
+    report = Report(systems)
     bench = common.Bench(
         base,
         uuid.uuid4().hex[:6],

@@ -20,7 +20,7 @@ from dataclasses import field
 from pathlib import Path
 
 from bench.harness import PrivateRedis
-from bench.harness import Report
+from bench.report import Report
 
 PEER = "peer"
 MB = 2**20

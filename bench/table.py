@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.harness import Report
+from bench.report import Report
 
 BEGIN = "<!-- bench-table:begin -->"
 END = "<!-- bench-table:end -->"

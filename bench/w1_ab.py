@@ -42,6 +42,10 @@ try:
     from bench import common, w1_dispatch
 except ImportError:  # a tree from before bench/workloads.py was split
     from bench import workloads as common, workloads as w1_dispatch
+try:
+    from bench.report import Report
+except ImportError:  # a tree from before bench/harness.py was split
+    from bench.harness import Report
 
 url, n, modes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 
@@ -58,7 +62,7 @@ base = Path(tempfile.mkdtemp(prefix="w1ab-"))
 redis = harness.PrivateRedis(base / "logs")
 try:
     b = common.Bench(base, uuid.uuid4().hex[:6], redis, False, 1, modes, log,
-                        harness.Report([]))
+                        Report([]))
     out = {}
     for mode in modes:
         fake.reset()

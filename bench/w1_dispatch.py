@@ -16,10 +16,10 @@ from bench.common import column
 from bench.common import compare
 from bench.common import med
 from bench.harness import FakeProviderProcess
-from bench.harness import Row
 from bench.harness import TreeMeter
 from bench.harness import reap_quietly
 from bench.harness import wait_until
+from bench.report import Row
 
 
 def w1_dispatch(b: Bench) -> None:

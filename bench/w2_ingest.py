@@ -21,7 +21,6 @@ from bench.common import med
 from bench.harness import MAIN_PYTHON
 from bench.harness import ROOT
 from bench.harness import BenchError
-from bench.harness import Row
 from bench.harness import Spawned
 from bench.harness import TreeMeter
 from bench.harness import free_port
@@ -29,6 +28,7 @@ from bench.harness import http_ok
 from bench.harness import reap_quietly
 from bench.harness import spawn
 from bench.harness import wait_until
+from bench.report import Row
 
 
 def w2_ingest(b: Bench) -> None:

@@ -17,10 +17,10 @@ from bench.common import compare
 from bench.common import med
 from bench.harness import BenchError
 from bench.harness import FakeProviderProcess
-from bench.harness import Row
 from bench.harness import Spawned
 from bench.harness import tree
 from bench.harness import wait_until
+from bench.report import Row
 
 
 def w3_respawn(b: Bench) -> None:

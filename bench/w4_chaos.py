@@ -25,9 +25,9 @@ from bench.common import compare
 from bench.common import med
 from bench.harness import BenchError
 from bench.harness import FakeProviderProcess
-from bench.harness import Row
 from bench.harness import reap_quietly
 from bench.harness import wait_until
+from bench.report import Row
 
 
 def w4_chaos(b: Bench) -> None:

@@ -15,7 +15,6 @@ from bench.common import column
 from bench.common import compare
 from bench.common import med
 from bench.harness import FakeProviderProcess
-from bench.harness import Row
 from bench.harness import Spawned
 from bench.harness import cpu_of
 from bench.harness import http_ok
@@ -23,6 +22,7 @@ from bench.harness import memory_of
 from bench.harness import reap_quietly
 from bench.harness import tree
 from bench.harness import wait_until
+from bench.report import Row
 
 # W5's idle figures: the tree first finishes what starting left (imports of
 # the spare, the first scheduler jobs, SQLite checkpoints), unmeasured, then

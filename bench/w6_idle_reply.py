@@ -25,11 +25,11 @@ from bench.common import column
 from bench.common import med
 from bench.harness import BenchError
 from bench.harness import FakeProviderProcess
-from bench.harness import Row
 from bench.harness import cpu_of
 from bench.harness import tree
 from bench.harness import wait_until
 from bench.loadgen import _TEMPLATE
+from bench.report import Row
 from daemon.store.models import InboundEvent
 
 TARGET_P50_MS = 20.0

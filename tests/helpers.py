@@ -1,17 +1,27 @@
-"""Shared test helpers: configs on disk, waiting on conditions, free ports."""
+"""Shared test helpers: configs on disk, waiting on conditions, free ports,
+a loopback webhook receiver and one-request calls to the fake provider."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from daemon import config_text
 from daemon.testing import free_port as free_port  # one definition, re-exported
+
+if TYPE_CHECKING:
+    from daemon.providers.fake import FakeProvider
 
 # Set by CI (.ci/run): a missing prerequisite is then a broken machine, and the
 # tests that need it fail instead of being skipped (a skip is easy to miss).
@@ -96,3 +106,64 @@ def run_cli(
         cwd=cwd or ROOT,
         **popen,
     )
+
+
+# ---------------------------------------------------------------- fake provider
+
+# The fake provider's sent/delivered/read ack delays (ms), short for a test.
+FAST_ACKS = (5.0, 10.0, 15.0)
+
+
+class Receiver:
+    """A loopback webhook endpoint; answers 500 to the first ``fail_first`` posts."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.events: list[dict] = []
+        self.raw: list[tuple[dict, bytes]] = []  # (headers, body) of every post
+        self.fail_first = fail_first
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    receiver.raw.append((dict(self.headers), body))
+                    failing = len(receiver.raw) <= receiver.fail_first
+                    if not failing:
+                        receiver.events.append(json.loads(body))
+                status = 500 if failing else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks?t=1"
+        threading.Thread(
+            target=self._server.serve_forever, args=(0.01,), daemon=True
+        ).start()
+
+    def of(self, event: str) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events if e.get("event") == event]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def call(fake: FakeProvider, method: str, path: str, body=None, headers=None):
+    """One request on a fresh connection: (status, headers, parsed JSON)."""
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, data, headers or {})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), json.loads(raw) if raw else None

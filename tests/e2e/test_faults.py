@@ -1,18 +1,20 @@
-"""Service faults against the real daemon: it bends, reports, and loses nothing.
+"""Service faults against the real daemon, embedded (SQLite): it bends,
+reports, and loses nothing.
 
-Two timelines, each run once per module by a fixture that records what it
-observes, then judged by the tests below (so one slow daemon run serves many
-small verdicts):
-
-- embedded (SQLite): the provider down for a while (every call 503), then the
-  disk full (the data dir is a small tmpfs, filled up);
-- cluster (our own PostgreSQL and Redis on free ports): Redis killed (its
-  queues are lost) and restarted empty, then PostgreSQL stopped and started.
+One timeline, run once per module by a fixture that records what it observes,
+then judged by the tests below (so one slow daemon run serves many small
+verdicts): the provider down for a while (every call 503), then the disk full
+(the data dir is a small tmpfs, filled up).
 
 During each fault: the supervisor and its roles stay up (no FATAL exit),
 /readyz says what is missing, `campaignd status` shows it, a webhook that
 cannot be stored gets a 503 (the provider retries), alerts fire. After it:
 the campaign completes with nothing lost or sent twice.
+
+Also here: prometheus files on a full disk (no SIGBUS), and a reply received
+in time but processed after the window closed. The cluster timeline (Redis
+and PostgreSQL down) is in test_faults_cluster.py; the helpers both use are
+in tests/fault_helpers.py.
 """
 
 from __future__ import annotations
@@ -29,119 +31,24 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from daemon import testing as ch
-from daemon.providers.fake import FakeOptions
 from daemon.providers.fake import FakeProvider
+from tests.fault_helpers import CONTACTS
+from tests.fault_helpers import SETTLE_S
+from tests.fault_helpers import brief
+from tests.fault_helpers import fake_options
+from tests.fault_helpers import hold_outage
+from tests.fault_helpers import observe
+from tests.fault_helpers import settle
+from tests.fault_helpers import tables_for
 from tests.helpers import require
 from tests.process.fixture_roles import AlertReceiver
 
 pytestmark = [pytest.mark.slow]
 
-OUTAGE_S = 5.0
-CONTACTS = 20
-REPLY_WINDOW_S = 15.0
-SETTLE_S = 60.0
 
-
-def fake_options(web_port: int) -> FakeOptions:
-    return FakeOptions(
-        latency_ms=10.0,
-        webhook_url=f"http://127.0.0.1:{web_port}/webhooks/wassenger",
-        webhook_secret=ch.WEBHOOK_SECRET,
-        webhook_retries=12,
-        webhook_backoff_ms=250.0,
-        reply_share=0.3,
-        reply_delay_ms=2000.0,
-        # The audit counts a send re-sent after an outage under its reference
-        # as absorbed: that needs a deduping provider (not the fake's default).
-        dedupe=True,
-    )
-
-
-def tables_for(
-    workdir: Path,
-    fake_url: str,
-    web_port: int,
-    alert_url: str,
-    extra: dict | None = None,
-) -> dict:
-    tables = ch.fast_tables(workdir, fake_url, web_port)
-    return ch.merge_tables(
-        tables,
-        {
-            "campaigns": {"reply_window_h": REPLY_WINDOW_S / 3600.0},
-            # A provider outage must not use up the attempts of the rows it hits.
-            "retry": {"max_attempts": 30},
-            "database": {"busy_timeout_s": 1.0},
-            # Short, so that an outage held for OUTAGE_S raises its alert.
-            "alerts": {"webhook_url": alert_url, "down_after_s": 3.0},
-            **(extra or {}),
-        },
-    )
-
-
-def campaignd_status(cfg) -> tuple[int, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon", "status", "-c", cfg.source],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ch.ROOT,
-        env={k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"},
-    )
-    return done.returncode, done.stdout + done.stderr
-
-
-def post_reply(web_port: int, msg_id: str, phone: str = "+33619999999"):
-    raw = json.dumps(
-        {
-            "event": "message:in:new",
-            "id": msg_id,
-            "data": {"id": msg_id, "fromNumber": phone, "body": "oui"},
-        }
-    )
-    try:
-        return requests.post(
-            f"http://127.0.0.1:{web_port}/webhooks/wassenger",
-            data=raw,
-            timeout=20,
-            headers={"X-Webhook-Secret": ch.WEBHOOK_SECRET},
-        ).status_code
-    except requests.RequestException:
-        return 0
-
-
-def observe(daemon, cfg, web_port: int, tag: str) -> dict:
-    """Everything an operator (or a provider) would see right now."""
-    status = daemon.status() or {}
-    rc, text = campaignd_status(cfg)
-    ready_code, ready = ch.http_get(f"http://127.0.0.1:{web_port}/readyz", timeout=10)
-    return {
-        "supervisor_alive": daemon.supervisor_pid is not None,
-        "supervisor_starts": daemon.starts,
-        "roles": {r["name"]: r["state"] for r in status.get("roles", [])},
-        "state": (status.get("daemon") or {}).get("state"),
-        "db_error": status.get("db_error"),
-        "queues_error": status.get("queues_error"),
-        "alerts": [a["key"] for a in status.get("alerts") or []],
-        "status_rc": rc,
-        "status_text": text,
-        "readyz": ready_code,
-        "readyz_body": ready,
-        "webhook": post_reply(web_port, f"fault-{tag}-{time.monotonic_ns()}"),
-    }
-
-
-def hold_outage(condition, what: str, started: float) -> None:
-    """Keep the fault on until `condition` holds and OUTAGE_S has passed."""
-    ch.wait_until(
-        lambda: condition() and time.monotonic() - started >= OUTAGE_S,
-        OUTAGE_S * 4,
-        0.2,
-        what,
-    )
+# ------------------------------------------------------------------ embedded
 
 
 def role_state(daemon, name: str) -> str | None:
@@ -152,23 +59,6 @@ def role_state(daemon, name: str) -> str | None:
 def role_restarts(daemon, name: str) -> int:
     roles = (daemon.status() or {}).get("roles") or []
     return next((r["restarts"] for r in roles if r["name"] == name), -1)
-
-
-def settle(campaign_id: int, fake, timeout: float) -> bool:
-    """True once the campaign is completed and nothing is left in flight."""
-
-    def done():
-        state = ch.campaign_state(campaign_id)
-        return ch.settled(state, fake) and state["status"] == "completed"
-
-    try:
-        ch.wait_until(done, timeout, 0.25, "campaign settled")
-    except AssertionError:
-        return False
-    return True
-
-
-# ------------------------------------------------------------------ embedded
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
@@ -382,10 +272,6 @@ def test_provider_back_completes_the_campaign_without_loss(embedded_run):
     assert embedded_run["provider_resolved_sent"], "no recovery notice sent"
 
 
-def _brief(seen: dict) -> dict:
-    return {k: v for k, v in seen.items() if k != "status_text"}
-
-
 def _needs_tmpfs(run):
     # CI runs as root and may mount: fail there rather than skip.
     require(run["tmpfs"], "cannot mount a tmpfs here (needs root)")
@@ -397,7 +283,7 @@ def test_disk_full_keeps_the_daemon_up(embedded_run):
     for phase in ("disk_full", "disk_full_later"):
         seen = embedded_run[phase]
         assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1, phase
-        assert "FATAL" not in seen["roles"].values(), _brief(seen)
+        assert "FATAL" not in seen["roles"].values(), brief(seen)
     assert embedded_run["disk_back"]["webhook"] == 200
 
 
@@ -407,7 +293,7 @@ def test_disk_full_refuses_webhooks_with_503(embedded_run):
     for phase in ("disk_full", "disk_full_later"):
         seen = embedded_run[phase]
         # Not stored, so not acknowledged: the provider will retry.
-        assert seen["webhook"] == 503, (phase, _brief(seen))
+        assert seen["webhook"] == 503, (phase, brief(seen))
     assert embedded_run["web_restarts_disk_full"] == 0
 
 
@@ -432,179 +318,6 @@ def test_embedded_faults_end_with_a_clean_stop(embedded_run):
     assert embedded_run["exits"] == []  # the supervisor never died
     assert embedded_run["exit_code"] == 0
     assert "-> FATAL" not in embedded_run["log"]
-
-
-# ------------------------------------------------------------------- cluster
-
-
-@pytest.fixture(scope="module")
-def cluster_run():
-    # CI installs both (.ci/run starts them): fail there rather than skip.
-    require(
-        ch.OwnPostgres.available() and ch.OwnRedis.available(),
-        "needs redis-server and PostgreSQL binaries",
-    )
-    work = Path(tempfile.mkdtemp(prefix="faults-cl-", dir="/tmp"))
-    facts: dict = {}
-    pg = redis = daemon = None
-    try:
-        pg = ch.OwnPostgres().start()
-        redis = ch.OwnRedis(work / "redis").start()
-        web_port = ch.free_port()
-        options = fake_options(web_port)
-        with AlertReceiver() as alerts, FakeProvider(options) as fake:
-            extra = {
-                "database": {"url": pg.url},
-                "queue": {"backend": "redis", "url": redis.url},
-            }
-            cfg = ch.write_config(
-                work, tables_for(work, fake.url, web_port, alerts.url, extra)
-            )
-            daemon = ch.DaemonUnderTest(cfg, work).start()
-            daemon.wait_ready(90)
-            phones = ch.contact_phones(CONTACTS * 2, 0)
-
-            # 1. Redis gone (with every queued task), then back empty.
-            campaign1 = ch.seed_campaign(cfg, phones[:CONTACTS])
-            started = time.monotonic()
-            redis.kill()
-            facts["redis_down"] = observe(daemon, cfg, web_port, "redis")
-            # The status figures are refreshed off-loop (and Redis connects
-            # are retried), so the error shows after a few seconds.
-            hold_outage(
-                lambda: (daemon.status() or {}).get("queues_error"),
-                "queues_error on the status socket",
-                started,
-            )
-            # The supervisor alerts once the outage lasts alerts.down_after_s.
-            with contextlib.suppress(AssertionError):
-                ch.wait_until(lambda: alerts.received, 30, 0.2, "a queue alert")
-            facts["redis_down_later"] = observe(daemon, cfg, web_port, "redis2")
-            facts["redis_alerts_sent"] = list(alerts.received)
-            redis.start()
-            facts["redis_settled"] = settle(campaign1, fake, SETTLE_S)
-            facts["redis_audit"] = ch.audit(campaign1, fake, options)
-
-            # 2. PostgreSQL stopped (connections cut), then started again.
-            campaign2 = ch.seed_campaign(cfg, phones[CONTACTS:])
-            started = time.monotonic()
-            pg.stop(mode="fast")
-            facts["pg_down"] = observe(daemon, cfg, web_port, "pg")
-            hold_outage(
-                lambda: (daemon.status() or {}).get("db_error"),
-                "db_error on the status socket",
-                started,
-            )
-            seen_before = len(alerts.received)
-            with contextlib.suppress(AssertionError):
-                ch.wait_until(
-                    lambda: len(alerts.received) > seen_before,
-                    30,
-                    0.2,
-                    "a database alert",
-                )
-            facts["pg_down_later"] = observe(daemon, cfg, web_port, "pg2")
-            facts["pg_alerts_sent"] = [
-                a for a in alerts.received if a not in facts["redis_alerts_sent"]
-            ]
-            pg.start()
-            facts["pg_back"] = observe(daemon, cfg, web_port, "pgback")
-            facts["pg_settled"] = settle(campaign2, fake, SETTLE_S)
-            with contextlib.suppress(Exception):
-                facts["pg_audit"] = ch.audit(campaign2, fake, options)
-            facts["exit_code"] = daemon.stop()
-            facts["exits"] = list(daemon.exits)
-            facts["log"] = daemon.log_text()
-    finally:
-        if daemon is not None:
-            daemon.close()
-        for service in (redis, pg):
-            if service is not None:
-                service.close()
-        shutil.rmtree(work, ignore_errors=True)
-    return facts
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_redis_down_is_reported_and_webhooks_still_stored(cluster_run):
-    for phase in ("redis_down", "redis_down_later"):
-        seen = cluster_run[phase]
-        assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1, phase
-        assert set(seen["roles"].values()) == {"RUNNING"}, seen["roles"]
-    seen = cluster_run["redis_down_later"]
-    assert seen["readyz"] == 503, _brief(seen)
-    assert "queue" in seen["readyz_body"]["checks"]["failed"], _brief(seen)
-    # The database can store it, so it is acknowledged; the sweeper replays
-    # it once the queue is back.
-    assert seen["webhook"] == 200
-    assert seen["queues_error"] and "queues: " in seen["status_text"]
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_redis_down_raises_an_alert(cluster_run):
-    seen = cluster_run["redis_down_later"]
-    assert seen["status_rc"] != 0
-    assert cluster_run["redis_alerts_sent"]
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_redis_back_empty_the_sweeper_recovers_everything(cluster_run):
-    assert cluster_run["redis_settled"]
-    audit = cluster_run["redis_audit"]
-    assert audit.message1_accepted == CONTACTS
-    assert audit.lost == 0 and audit.duplicate_deliveries == 0, audit
-    assert audit.message2_missing == 0 and audit.message2_extra == 0, audit
-    assert audit.unprocessed_events == 0
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_postgres_down_refuses_webhooks_and_stays_up(cluster_run):
-    for phase in ("pg_down", "pg_down_later"):
-        seen = cluster_run[phase]
-        assert seen["supervisor_alive"] and seen["supervisor_starts"] == 1, phase
-        assert "FATAL" not in seen["roles"].values(), seen["roles"]
-        assert seen["webhook"] == 503, (phase, seen["webhook"])
-    seen = cluster_run["pg_down_later"]
-    assert seen["readyz"] == 503, _brief(seen)
-    assert "database" in seen["readyz_body"]["checks"]["failed"], _brief(seen)
-    assert seen["db_error"]
-    assert cluster_run["pg_back"]["webhook"] == 200
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_postgres_down_raises_an_alert(cluster_run):
-    seen = cluster_run["pg_down_later"]
-    assert seen["status_rc"] != 0 and "database" in seen["status_text"]
-    assert cluster_run["pg_alerts_sent"]
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_postgres_back_completes_the_campaign_without_loss(cluster_run):
-    assert cluster_run["pg_settled"]
-    audit = cluster_run["pg_audit"]
-    assert audit.lost == 0 and audit.duplicate_deliveries == 0, audit
-    assert audit.message2_missing == 0 and audit.unprocessed_events == 0
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.timeout(300)
-def test_cluster_faults_never_kill_the_supervisor(cluster_run):
-    assert cluster_run["exits"] == []
-    assert cluster_run["exit_code"] == 0
-    assert "-> FATAL" not in cluster_run["log"]
 
 
 # ------------------------------------------------------------ reply vs expiry
