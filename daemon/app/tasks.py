@@ -257,7 +257,10 @@ class Tasks(EventTasks, VerifyTasks):
             try:
                 message = huey.serializer.deserialize(data)
                 kind = _TAKEN_KINDS.get(message.name.rpartition(".")[2])
-                if kind and message.args:
+                # A delayed task (a retry's backoff) only passes through on
+                # its way to Huey's schedule, where it stays safe: not taken.
+                due = message.eta is None or message.eta <= _huey_now()
+                if kind and message.args and due:
                     self.inflight.take(kind, int(message.args[0]))
             except Exception:  # noqa: BLE001 - never in the way of the task
                 log.debug("could not note a task taken off %s", queue, exc_info=True)
@@ -528,6 +531,11 @@ _TAKEN_KINDS = {
     "retry_failed_message": "m",
     "process_webhook_event": "e",
 }
+
+
+def _huey_now() -> dt.datetime:
+    """Now as our queues' Huey compares etas (utc=True: naive UTC)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def _which(message) -> str:

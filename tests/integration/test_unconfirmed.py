@@ -415,6 +415,29 @@ def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
     assert [phone_shows(fake, p)["m1"] for p in phones] == [1, 1, 1]
 
 
+def test_a_delayed_task_passing_through_to_the_schedule_is_not_noted(pipeline_for):
+    """A retry's backoff: Huey pops the task and puts it in its schedule
+    (still safe there), it does not run it; a taken record would outlive it."""
+    from daemon.runtime import clear_inflight
+    from daemon.runtime import inflight_dir
+    from daemon.runtime import read_taken
+    from daemon.store.queue import tell_taken
+
+    pipeline = pipeline_for()
+    huey = pipeline.queues.messages
+    tell_taken(huey, pipeline.tasks.taken_noter("messages"))
+    directory = inflight_dir(pipeline.cfg.data_path)
+    try:
+        pipeline.tasks.send_single_message.schedule((41,), delay=600)
+        pipeline.tasks.send_single_message(42)
+        assert huey.dequeue().args == (41,)
+        assert read_taken(directory, os.getpid()) == set()
+        assert huey.dequeue().args == (42,)
+        assert read_taken(directory, os.getpid()) == {("m", 42)}
+    finally:
+        clear_inflight(directory, os.getpid())
+
+
 def test_in_flight_records_survive_a_sigkill(tmp_path):
     directory = str(tmp_path / "inflight")
     script = textwrap.dedent(
