@@ -214,9 +214,13 @@ class Tasks(EventTasks, VerifyTasks):
             if decision.wait_s > 0:
                 self.sleep(decision.wait_s)
         inflight = self.inflight
-        inflight.begin(message.id)
         try:
-            outcome = self._send_claimed(message, owner)
+            # Noted by the provider's client once connected, right before
+            # the request's first byte can leave (Provider.send): a death
+            # during a connect or TLS handshake re-sends the row at once.
+            outcome = self._send_claimed(
+                message, owner, on_write=lambda: inflight.begin(message.id)
+            )
         except BaseException:
             # Not recorded (database down?): the request may have left, and
             # the row is still ours. Keep the record, so that if this worker
@@ -267,7 +271,7 @@ class Tasks(EventTasks, VerifyTasks):
 
         return note
 
-    def _send_claimed(self, message, owner: str) -> str:
+    def _send_claimed(self, message, owner: str, on_write: Callable[[], None]) -> str:
         try:
             result = self.provider.send(
                 message.phone,
@@ -275,6 +279,7 @@ class Tasks(EventTasks, VerifyTasks):
                 message.idempotency_key,
                 kind=message.kind,
                 variables=self._variables(message),
+                on_write=on_write,
             )
         except UnconfirmedError as exc:
             return self._after_unconfirmed(message, owner, exc.reason)

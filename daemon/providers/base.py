@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
@@ -115,7 +116,14 @@ class Provider(Protocol):
         *,
         kind: int,
         variables: dict[str, str],
-    ) -> SendResult: ...
+        on_write: Callable[[], None] | None = None,
+    ) -> SendResult:
+        """Send one message. `on_write()` must be called right before the
+        request's first byte can leave (after connecting), and again before
+        any write of it again: the caller notes the send as possibly on the
+        wire there (runtime.InFlight), so a death before it re-sends the row
+        at once and a death after it waits for evidence."""
+        ...
 
     def check_number(self, phone: str) -> NumberCheck: ...
 

@@ -43,6 +43,7 @@ import time
 import urllib.parse
 import urllib.request
 from base64 import b64encode
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,32 +115,26 @@ class HttpClient:
         *,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        on_write: Callable[[], None] | None = None,
     ) -> Response:
-        """Send one request and read the whole answer; raise RetryableError on I/O."""
-        target = (self._prefix + path) or "/"
-        if self._query:
-            target += ("&" if "?" in path else "?") + self._query
-        all_headers = {**self._headers, **headers} if headers else self._headers
-        if self._absolute:
-            target = self.origin + target
-            all_headers = {**all_headers, **self._proxy.headers}
+        """Send one request and read the whole answer; raise RetryableError on I/O.
+
+        `on_write()` is called once the connection is up (TCP, TLS, a proxy's
+        CONNECT), right before each write of the request: from then on the
+        request may reach the server. A send noted there as possibly on the
+        wire no longer includes a handshake that cannot have sent anything.
+        """
+        target, all_headers = self._target(path, headers)
         read_timeout = self._read_timeout if timeout is None else timeout
         deadline = time.monotonic() + read_timeout
-        conn = getattr(self._local, "conn", None)
-        reused = False
-        if conn is not None and conn.sock is not None:
-            reused = True
-            if _peer_closed(conn.sock):
-                # Server closed the idle connection: nothing sent yet, reconnect.
-                conn.close()
-                reused = False
-        if conn is None:
-            conn = self._new_connection()
+        conn, reused = self._thread_connection()
         while True:
             if conn.sock is None:
                 self._connect(conn, deadline)
             try:
                 conn.sock.settimeout(_remaining(deadline))
+                if on_write is not None:
+                    on_write()
                 conn.request(method, target, body, all_headers)
             except TimeoutError as exc:
                 conn.close()
@@ -175,6 +170,33 @@ class HttpClient:
                 conn.close()
             names = {k.lower(): v for k, v in resp.getheaders()}
             return Response(resp.status, names, data)
+
+    def _target(
+        self, path: str, headers: Mapping[str, str] | None
+    ) -> tuple[str, Mapping[str, str]]:
+        """The request target and headers (absolute, with the proxy's
+        headers, through a plain HTTP proxy)."""
+        target = (self._prefix + path) or "/"
+        if self._query:
+            target += ("&" if "?" in path else "?") + self._query
+        all_headers = {**self._headers, **headers} if headers else self._headers
+        if self._absolute:
+            target = self.origin + target
+            all_headers = {**all_headers, **self._proxy.headers}
+        return target, all_headers
+
+    def _thread_connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it is an open one reused."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return self._new_connection(), False
+        if conn.sock is None:
+            return conn, False
+        if _peer_closed(conn.sock):
+            # Server closed the idle connection: nothing sent yet, reconnect.
+            conn.close()
+            return conn, False
+        return conn, True
 
     def close(self) -> None:
         """Close every thread's connection; later requests reconnect."""

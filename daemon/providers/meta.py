@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from daemon.config import ProviderConfig
@@ -143,11 +144,15 @@ class MetaProvider:
         *,
         kind: int = KIND_FIRST,
         variables: dict[str, str] | None = None,
+        on_write: Callable[[], None] | None = None,
     ) -> SendResult:
         """POST /{version}/{phone_number_id}/messages."""
         payload = self.message_payload(phone, body, reference, kind, variables or {})
         resp = self._http.request(
-            "POST", f"{self._base}/messages", json.dumps(payload).encode()
+            "POST",
+            f"{self._base}/messages",
+            json.dumps(payload).encode(),
+            on_write=on_write,
         )
         if 200 <= resp.status < 300:
             data = as_dict(resp.json())

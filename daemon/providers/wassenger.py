@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from daemon.config import ProviderConfig
@@ -77,6 +78,7 @@ class WassengerProvider:
         *,
         kind: int = 1,
         variables: dict[str, str] | None = None,
+        on_write: Callable[[], None] | None = None,
     ) -> SendResult:
         """POST /v1/messages; Wassenger always gets the rendered text."""
         payload: dict[str, Any] = {"phone": phone, "message": body}
@@ -84,7 +86,9 @@ class WassengerProvider:
             payload["device"] = self._cfg.device
         if reference:
             payload["reference"] = reference
-        resp = self._http.request("POST", "/v1/messages", json.dumps(payload).encode())
+        resp = self._http.request(
+            "POST", "/v1/messages", json.dumps(payload).encode(), on_write=on_write
+        )
         if resp.status in (200, 201):
             # A 2xx means accepted: never resend it, even without an id
             # (status webhooks still match on our reference).

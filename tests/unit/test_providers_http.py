@@ -191,6 +191,35 @@ def test_connection_refused(make_client):
         client.request("POST", "/x", b"{}")
 
 
+def test_on_write_comes_after_the_connect_and_before_the_request_leaves(
+    serve, make_client
+):
+    """What the sender notes as possibly on the wire (runtime.InFlight) starts
+    here: a refused connect never calls it, and the server never sees a
+    request before it was called."""
+    calls: list[float] = []
+    seen_at_server: list[int] = []
+
+    def script(conn: int, n: int, method: str) -> str:
+        seen_at_server.append(len(calls))
+        return "answer-close"
+
+    refused = make_client(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RetryableError, match="cannot connect"):
+        refused.request("POST", "/x", b"{}", on_write=lambda: calls.append(1))
+    assert calls == []
+
+    server = serve(script)
+    client = make_client(server.url)
+    assert client.request("POST", "/x", b"{}", on_write=lambda: calls.append(1))
+    assert (calls, seen_at_server) == ([1], [1])
+    # The server closed the idle connection: reconnected first, noted once.
+    wait_for(lambda: server.closed == 1)
+    assert client.request("POST", "/x", b"{}", on_write=lambda: calls.append(1))
+    assert (calls, seen_at_server) == ([1, 1], [1, 2])
+    assert server.connections == 2
+
+
 def test_one_connection_per_thread_and_close_reaches_all(serve, make_client):
     server = serve(lambda conn, n, method: "answer")
     client = make_client(server.url)
