@@ -31,6 +31,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterable
 
 HEARTBEAT_ENV = "CAMPAIGND_HEARTBEAT_FILE"
 SUPERVISOR_PID_ENV = "CAMPAIGND_SUPERVISOR_PID"
@@ -144,9 +145,12 @@ def parent_alive() -> bool:
 INFLIGHT_DIR_NAME = "inflight"
 _INFLIGHT_RECORD = 24  # bytes: a message id, space padded, then a newline
 # The second record of each file: the task the thread took, "m<id>" (a send)
-# or "e<id>" (an event), from before its claim until it returns.
+# or "e<id>,<id>..." (events: the web role enqueues them in chunks), from
+# its pop until it returns.
 _TAKEN_AT = _INFLIGHT_RECORD
+_TAKEN_RECORD = 256  # bytes: room for a chunk of event ids
 _BLANK = b" " * (_INFLIGHT_RECORD - 1) + b"\n"
+_BLANK_TAKEN = b" " * (_TAKEN_RECORD - 1) + b"\n"
 
 
 def inflight_dir(data_path, env=None) -> str:
@@ -194,16 +198,21 @@ class InFlight:
     def end(self) -> None:
         os.pwrite(self._fd(), _BLANK, 0)
 
-    def take(self, kind: str, task_id: int) -> None:
-        """This thread took the task for send (kind "m") or event ("e")
-        `task_id`: if the process dies before `untake`, the queue entry died
+    def take(self, kind: str, task_ids: int | Iterable[int]) -> None:
+        """This thread took the task for send (kind "m") or event(s) ("e")
+        `task_ids`: if the process dies before `untake`, the queue entry died
         with it (Huey drops a task once popped), and the supervisor enqueues
-        it again when its row still waits (`read_taken`)."""
-        record = f"{kind}{task_id}".ljust(_INFLIGHT_RECORD - 1).encode() + b"\n"
+        it again when its row still waits (`read_taken`). Ids that do not
+        fit the record are left to the sweeper (a chunk is 8 events)."""
+        ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        text = kind + ",".join(str(int(i)) for i in ids)
+        if len(text) >= _TAKEN_RECORD:
+            text = text[: text.rfind(",", 0, _TAKEN_RECORD - 1)]
+        record = text.ljust(_TAKEN_RECORD - 1).encode() + b"\n"
         os.pwrite(self._fd(), record, _TAKEN_AT)
 
     def untake(self) -> None:
-        os.pwrite(self._fd(), _BLANK, _TAKEN_AT)
+        os.pwrite(self._fd(), _BLANK_TAKEN, _TAKEN_AT)
 
     def keep(self) -> None:
         """The outcome could not be recorded (the database failed): leave the
@@ -224,8 +233,9 @@ def read_taken(directory: str, pid: int) -> set[tuple[str, int]]:
     """(kind, id) of the tasks the threads of `pid` had taken and not finished."""
     found = set()
     for _, text in _records_of(directory, pid):
-        if text[:1] in (b"m", b"e") and text[1:].isdigit():
-            found.add((text[:1].decode(), int(text[1:])))
+        kind, ids = text[:1], text[1:].split(b",")
+        if kind in (b"m", b"e") and all(i.isdigit() for i in ids):
+            found.update((kind.decode(), int(i)) for i in ids)
     return found
 
 
@@ -241,7 +251,7 @@ def _records_of(directory: str, pid: int) -> list[tuple[bytes, bytes]]:
             continue
         try:
             with open(os.path.join(directory, name), "rb") as f:
-                data = f.read(2 * _INFLIGHT_RECORD)
+                data = f.read(_INFLIGHT_RECORD + _TAKEN_RECORD)
         except OSError:
             continue
         out.append((data[:_TAKEN_AT].strip(), data[_TAKEN_AT:].strip()))

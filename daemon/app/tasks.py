@@ -265,7 +265,7 @@ class Tasks(EventTasks, VerifyTasks):
                 # its way to Huey's schedule, where it stays safe: not taken.
                 due = message.eta is None or message.eta <= _huey_now()
                 if kind and message.args and due:
-                    self.inflight.take(kind, int(message.args[0]))
+                    self.inflight.take(kind, message.args[0])
             except Exception:  # noqa: BLE001 - never in the way of the task
                 log.debug("could not note a task taken off %s", queue, exc_info=True)
 
@@ -535,6 +535,7 @@ _TAKEN_KINDS = {
     "send_single_message": "m",
     "retry_failed_message": "m",
     "process_webhook_event": "e",
+    "process_webhook_events": "e",  # a chunk of ids, as the web role enqueues
 }
 
 

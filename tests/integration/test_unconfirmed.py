@@ -332,6 +332,7 @@ def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
         pipeline.tasks.send_single_message(message_id)
     events = Events(pipeline.tasks)
     taken_event = events.store("wassenger", wassenger_reply(phone_for(90), "hi"))[0]
+    chunk_event = events.store("wassenger", wassenger_reply(phone_for(92), "ok"))[0]
     other_event = events.store("wassenger", wassenger_reply(phone_for(91), "yo"))[0]
     drop_queue(pipeline.queues.default)  # whatever the ingest enqueued: lost
     pipeline.tasks.process_webhook_event(other_event)  # the backlog
@@ -339,19 +340,20 @@ def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
     directory = inflight_dir(pipeline.cfg.data_path)
     dead = InFlight(directory, pid=DEAD_PID)
     dead.take("m", ids[0])
-    # Another thread of the dead worker (one record file per thread).
-    thread = threading.Thread(target=dead.take, args=("e", taken_event))
+    # Another thread of the dead worker (one record file per thread), in a
+    # chunk of events as the web role enqueues them.
+    thread = threading.Thread(target=dead.take, args=("e", [taken_event, chunk_event]))
     thread.start()
     thread.join()
 
     released = LeaseReleaser(pipeline.cfg, directory).release(DEAD_PID)
 
-    assert released[3] == 2, released
+    assert released[3] == 3, released
     run_queue(pipeline.queues.messages)
     run_queue(pipeline.queues.default)
     phones = [Contact.get_by_id(c).phone for c in contact_ids]
     assert [phone_shows(fake, p)["m1"] for p in phones] == [1, 1, 1]
-    for event_id in (taken_event, other_event):
+    for event_id in (taken_event, chunk_event, other_event):
         assert InboundEvent.get_by_id(event_id).processed_at is not None
     assert read_inflight(directory, DEAD_PID) == set()  # cleared
 
@@ -436,6 +438,22 @@ def test_a_delayed_task_passing_through_to_the_schedule_is_not_noted(pipeline_fo
         assert read_taken(directory, os.getpid()) == {("m", 42)}
     finally:
         clear_inflight(directory, os.getpid())
+
+
+def test_taken_records_hold_a_chunk_of_ids_and_are_cleared(tmp_path):
+    from daemon.runtime import read_taken
+
+    directory = str(tmp_path / "inflight")
+    record = InFlight(directory, pid=DEAD_PID)
+    record.take("e", [10**9 + i for i in range(8)])  # a web chunk, long ids
+    assert read_taken(directory, DEAD_PID) == {("e", 10**9 + i) for i in range(8)}
+    record.take("m", 7)  # the thread's next task replaces the record whole
+    assert read_taken(directory, DEAD_PID) == {("m", 7)}
+    record.take("e", range(100))  # more than fits: the first ones, whole
+    taken = read_taken(directory, DEAD_PID)
+    assert taken and taken == {("e", i) for i in range(len(taken))}
+    record.untake()
+    assert read_taken(directory, DEAD_PID) == set()
 
 
 def test_in_flight_records_survive_a_sigkill(tmp_path):
