@@ -424,8 +424,20 @@ def supervisor_hooks():
     from daemon.app import recovery
     from daemon.supervision.hooks import SupervisorHooks
 
+    # What the start finds of a previous run is enqueued once the releaser
+    # has built its queues.
+    left = recovery.LeftBehind()
+
+    def on_start(cfg) -> None:
+        found = recovery.release_at_start(cfg)
+        left.requeued += found.requeued
+        left.taken |= found.taken
+
     return SupervisorHooks(
-        on_start=recovery.release_at_start, lease_releaser=recovery.LeaseReleaser
+        on_start=on_start,
+        lease_releaser=lambda cfg, directory: recovery.LeaseReleaser(
+            cfg, directory, left
+        ),
     )
 
 

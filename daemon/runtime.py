@@ -258,6 +258,15 @@ def _records_of(directory: str, pid: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def recorded_pids(directory: str) -> set[int]:
+    """The pids that have record files in `directory` (live or dead)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    return {int(n.split(".", 1)[0]) for n in names if n.split(".", 1)[0].isdigit()}
+
+
 def clear_inflight(directory: str, pid: int) -> None:
     """Forget a dead process's records (after its rows were dealt with)."""
     try:

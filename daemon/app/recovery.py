@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
+from dataclasses import field
 
 from daemon.domain import unconfirmed
 from daemon.runtime import clear_inflight
 from daemon.runtime import inflight_dir
 from daemon.runtime import read_inflight
 from daemon.runtime import read_taken
+from daemon.runtime import recorded_pids
 from daemon.store.db import db_session
 from daemon.store.db import is_postgres
 from daemon.store.models import database
@@ -24,35 +27,52 @@ from daemon.store.models import database
 log = logging.getLogger("daemon.supervision.supervisor")
 
 
-def release_at_start(cfg) -> None:
+@dataclass
+class LeftBehind:
+    """What the workers of a previous run (killed with its supervisor) left
+    for this run to enqueue: their rows that never left, queued again, and
+    the tasks their threads had taken off the queues (runtime.read_taken)."""
+
+    requeued: list[tuple[int, int]] = field(default_factory=list)  # (id, priority)
+    taken: set[tuple[str, int]] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.taken)
+
+
+def release_at_start(cfg) -> LeftBehind:
     """Release the leases this host's dead processes (a previous run) left.
 
     Workers SIGKILLed with the daemon left leases that would otherwise hold
     their rows until the lease expires; their in-flight records tell which
-    requests may have left.
+    requests may have left. Runs before any child starts, so no pid of a
+    record file can belong to this run. What is to be enqueued again is
+    returned: the queues are built later (`LeaseReleaser.prepare`).
     """
     import psutil
 
     directory = inflight_dir(cfg.data_path)
-    seen: list[int] = []
-
-    def in_flight_of(pid: int) -> set[int]:
-        seen.append(pid)
-        return read_inflight(directory, pid)
-
     for warning in durability_warnings():
         log.warning("%s", warning)
     released = unconfirmed.release_dead_processes(
-        socket.gethostname(), psutil.pid_exists, in_flight_of
+        socket.gethostname(),
+        psutil.pid_exists,
+        lambda pid: read_inflight(directory, pid),
     )
-    for pid in seen:
-        clear_inflight(directory, pid)
-    if released.requeued or released.unconfirmed:
+    left = LeftBehind(requeued=list(released.requeued))
+    for pid in recorded_pids(directory):
+        if not psutil.pid_exists(pid):
+            left.taken |= read_taken(directory, pid)
+            clear_inflight(directory, pid)
+    if released.requeued or released.unconfirmed or left.taken:
         log.info(
-            "dead processes' leases: %d rows queued again, %d unconfirmed",
+            "dead processes of a previous run: %d rows queued again, "
+            "%d unconfirmed, %d tasks they had taken",
             len(released.requeued),
             released.unconfirmed,
+            len(left.taken),
         )
+    return left
 
 
 # PostgreSQL settings under which a server crash undoes commits it had
@@ -87,20 +107,46 @@ class LeaseReleaser:
     when the queue is built); a Redis queue connects at the first death.
     """
 
-    def __init__(self, cfg, inflight_directory: str):
+    def __init__(self, cfg, inflight_directory: str, left: LeftBehind | None = None):
         self.cfg = cfg
         self.inflight_directory = inflight_directory
         self.host = socket.gethostname()
         self._tasks = None
+        self._left = left if left is not None else LeftBehind()
 
     def prepare(self) -> None:
-        """Build the queues and tasks a release uses."""
+        """Build the queues and tasks a release uses, then enqueue what a
+        previous run left (`release_at_start`) at once, not after the
+        sweeper's grace."""
         if self._tasks is None:
             # Imported here: the supervisor imports no task code at module level.
             from daemon.app.tasks import Tasks
             from daemon.store.queue import make_queues
 
             self._tasks = Tasks(self.cfg, make_queues(self.cfg))
+        if self._left:
+            left, self._left = self._left, LeftBehind()
+            self._enqueue_left_behind(left)
+
+    def _enqueue_left_behind(self, left: LeftBehind) -> None:
+        try:
+            with db_session(close_idle=True):
+                for message_id, priority in left.requeued:
+                    self._tasks.send_single_message(message_id, priority=priority)
+                skip = {m for m, _ in left.requeued}
+                resumed = self._tasks.resume_taken(left.taken, skip)
+                # What Redis handed to the dying processes' pops.
+                replayed = sum(self._tasks.replay_after_death())
+        except Exception:  # noqa: BLE001 - the queue may be down
+            log.warning("could not enqueue the previous run's rows; the sweeper will")
+            return
+        log.info(
+            "previous run: %d rows and %d taken tasks enqueued again, "
+            "%d more replayed from drained queues",
+            len(left.requeued),
+            resumed,
+            replayed,
+        )
 
     def release(self, pid: int) -> tuple[int, int, int, int]:
         """(pid, rows queued again, rows unconfirmed, tasks the queues lost)."""

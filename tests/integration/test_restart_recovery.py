@@ -1,0 +1,89 @@
+"""A start after the whole tree died (its supervisor SIGKILLed with it).
+
+The previous run's workers left rows leased to them and record files: the
+rows they had on the wire become unconfirmed, the others never left; and
+the tasks their threads had popped died with them. The new supervisor
+releases the leases before any child starts (`recovery.release_at_start`)
+and enqueues the rest as soon as its queues exist (`LeaseReleaser.prepare`),
+behind a backlog too, instead of leaving them to the sweeper's 30 s grace.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import psutil
+import pytest
+
+from daemon.app import recovery
+from daemon.domain import campaigns
+from daemon.providers.fake import FakeOptions
+from daemon.runtime import InFlight
+from daemon.runtime import inflight_dir
+from daemon.runtime import recorded_pids
+from daemon.store.models import Contact
+from daemon.store.models import Message
+from daemon.store.models import utcnow
+from tests.send_helpers import build_pipeline
+from tests.send_helpers import mode_config
+from tests.send_helpers import new_campaign
+from tests.send_helpers import seed_contacts
+
+pytestmark = pytest.mark.timeout(60)
+
+DEAD_PID = 999_999
+
+
+@pytest.fixture
+def fake_options():
+    return FakeOptions(ack_delays_ms=(), dedupe=False)
+
+
+@pytest.fixture(params=["sqlite", "cluster"])
+def pipeline(request, make_config, fake):
+    cfg = mode_config(
+        request, make_config, request.param, {"provider": {"base_url": fake.url}}
+    )
+    built = build_pipeline(cfg)
+    yield built
+    built.close()
+
+
+def run_queue(huey) -> None:
+    while (task := huey.dequeue()) is not None:
+        huey.execute(task)
+
+
+def m1_on_phones(fake, contact_ids) -> list[int]:
+    counts = fake.phone_counts()
+    phones = [Contact.get_by_id(c).phone for c in contact_ids]
+    return [counts.get(p, {}).get("m1", 0) for p in phones]
+
+
+def test_a_start_enqueues_what_the_dead_tree_left_behind_a_backlog(pipeline, fake):
+    if psutil.pid_exists(DEAD_PID):
+        pytest.skip(f"pid {DEAD_PID} is alive on this machine")
+    contact_ids = seed_contacts(4)
+    campaign = new_campaign(contact_ids)
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    never_left, on_wire, popped, backlog = campaigns.fan_out(campaign.id)
+    while pipeline.queues.messages.dequeue() is not None:
+        pass  # the fan-out's entries: popped by the dead workers, or lost
+    pipeline.tasks.send_single_message(backlog)  # still in the queue
+    owner = f"{socket.gethostname()}:{DEAD_PID}:abcd"
+    for message_id in (never_left, on_wire):
+        assert campaigns.claim(message_id, owner, 600, utcnow()) is not None
+    directory = inflight_dir(pipeline.cfg.data_path)
+    dead = InFlight(directory, pid=DEAD_PID)
+    dead.begin(on_wire)  # its request may have left
+    dead.take("m", popped)  # popped by a thread that never claimed it
+
+    left = recovery.release_at_start(pipeline.cfg)
+    recovery.LeaseReleaser(pipeline.cfg, directory, left).prepare()
+
+    assert DEAD_PID not in recorded_pids(directory)
+    run_queue(pipeline.queues.messages)
+    # What the phones show: the row that never left and the popped one are
+    # sent now, the backlog once; the one on the wire waits for evidence.
+    assert m1_on_phones(fake, contact_ids) == [1, 0, 1, 1]
+    assert Message.get_by_id(on_wire).status == "unconfirmed"
