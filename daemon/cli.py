@@ -429,9 +429,7 @@ def supervisor_hooks():
     left = recovery.LeftBehind()
 
     def on_start(cfg) -> None:
-        found = recovery.release_at_start(cfg)
-        left.requeued += found.requeued
-        left.taken |= found.taken
+        left.add(recovery.release_at_start(cfg))
 
     return SupervisorHooks(
         on_start=on_start,

@@ -35,9 +35,15 @@ class LeftBehind:
 
     requeued: list[tuple[int, int]] = field(default_factory=list)  # (id, priority)
     taken: set[tuple[str, int]] = field(default_factory=set)
+    unconfirmed: int = 0  # rows made unconfirmed: counted once metrics can be
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.taken)
+        return bool(self.requeued or self.taken or self.unconfirmed)
+
+    def add(self, other: LeftBehind) -> None:
+        self.requeued += other.requeued
+        self.taken |= other.taken
+        self.unconfirmed += other.unconfirmed
 
 
 def release_at_start(cfg) -> LeftBehind:
@@ -59,7 +65,9 @@ def release_at_start(cfg) -> LeftBehind:
         psutil.pid_exists,
         lambda pid: read_inflight(directory, pid),
     )
-    left = LeftBehind(requeued=list(released.requeued))
+    left = LeftBehind(
+        requeued=list(released.requeued), unconfirmed=released.unconfirmed
+    )
     for pid in recorded_pids(directory):
         if not psutil.pid_exists(pid):
             left.taken |= read_taken(directory, pid)
@@ -129,6 +137,13 @@ class LeaseReleaser:
             self._enqueue_left_behind(left)
 
     def _enqueue_left_behind(self, left: LeftBehind) -> None:
+        # Counted here, not in release_at_start: the supervisor empties the
+        # metrics directory between the two. Imported here: prometheus_client
+        # must first see PROMETHEUS_MULTIPROC_DIR, which supervisor.main sets
+        # after the CLI has imported this module.
+        from daemon import metrics
+
+        metrics.UNCONFIRMED.labels(outcome="recorded").inc(left.unconfirmed)
         try:
             with db_session(close_idle=True):
                 for message_id, priority in left.requeued:

@@ -14,6 +14,7 @@ import socket
 
 import psutil
 import pytest
+from prometheus_client import REGISTRY
 
 from daemon.app import recovery
 from daemon.domain import campaigns
@@ -54,6 +55,14 @@ def run_queue(huey) -> None:
         huey.execute(task)
 
 
+def unconfirmed_recorded() -> float:
+    """campaignd_unconfirmed_sends_total{outcome="recorded"} in this process."""
+    value = REGISTRY.get_sample_value(
+        "campaignd_unconfirmed_sends_total", {"outcome": "recorded"}
+    )
+    return value or 0.0
+
+
 def m1_on_phones(fake, contact_ids) -> list[int]:
     counts = fake.phone_counts()
     phones = [Contact.get_by_id(c).phone for c in contact_ids]
@@ -78,8 +87,12 @@ def test_a_start_enqueues_what_the_dead_tree_left_behind_a_backlog(pipeline, fak
     dead.begin(on_wire)  # its request may have left
     dead.take("m", popped)  # popped by a thread that never claimed it
 
+    unconfirmed_before = unconfirmed_recorded()
+
     left = recovery.release_at_start(pipeline.cfg)
     recovery.LeaseReleaser(pipeline.cfg, directory, left).prepare()
+
+    assert unconfirmed_recorded() - unconfirmed_before == 1
 
     assert DEAD_PID not in recorded_pids(directory)
     run_queue(pipeline.queues.messages)
