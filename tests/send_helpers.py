@@ -375,3 +375,15 @@ def wait_with_logs(predicate, workers: list[Worker], timeout: float, what: str):
 
 def worker_logs(workers: list[Worker]) -> str:
     return "\n".join(f"--- {w.queue} pid {w.pid}\n{w.log()}" for w in workers)
+
+
+def run_queue(huey) -> None:
+    """Run every task waiting in `huey`, as a consumer would."""
+    while (task := huey.dequeue()) is not None:
+        huey.execute(task)
+
+
+def drop_queue(huey) -> None:
+    """Drop every task waiting in `huey`, as a killed consumer would."""
+    while huey.dequeue() is not None:
+        pass

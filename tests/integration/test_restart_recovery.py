@@ -26,8 +26,10 @@ from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import utcnow
 from tests.send_helpers import build_pipeline
+from tests.send_helpers import drop_queue
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
+from tests.send_helpers import run_queue
 from tests.send_helpers import seed_contacts
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,11 +50,6 @@ def pipeline(request, make_config, fake):
     built = build_pipeline(cfg)
     yield built
     built.close()
-
-
-def run_queue(huey) -> None:
-    while (task := huey.dequeue()) is not None:
-        huey.execute(task)
 
 
 def unconfirmed_recorded() -> float:
@@ -76,8 +73,8 @@ def test_a_start_enqueues_what_the_dead_tree_left_behind_a_backlog(pipeline, fak
     campaign = new_campaign(contact_ids)
     campaigns.start_campaign(campaign.id, pipeline.tasks)
     never_left, on_wire, popped, backlog = campaigns.fan_out(campaign.id)
-    while pipeline.queues.messages.dequeue() is not None:
-        pass  # the fan-out's entries: popped by the dead workers, or lost
+    # The fan-out's entries: popped by the dead workers, or lost.
+    drop_queue(pipeline.queues.messages)
     pipeline.tasks.send_single_message(backlog)  # still in the queue
     owner = f"{socket.gethostname()}:{DEAD_PID}:abcd"
     for message_id in (never_left, on_wire):

@@ -34,8 +34,10 @@ from tests.event_helpers import wassenger_status
 from tests.helpers import wait_for
 from tests.send_helpers import ManualClock
 from tests.send_helpers import build_pipeline
+from tests.send_helpers import drop_queue
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
+from tests.send_helpers import run_queue
 from tests.send_helpers import seed_contacts
 
 T0 = utcnow().replace(microsecond=0)
@@ -296,18 +298,6 @@ def test_a_dead_workers_rows_split_by_its_in_flight_records(pipeline_for, fake):
     for message_id in ids[1:]:
         assert pipeline.tasks.deliver(message_id) == "sent"
     assert pipeline.tasks.deliver(ids[0]) == "not claimable"
-
-
-def run_queue(huey) -> None:
-    """Run every task waiting in `huey`, as a consumer would."""
-    while (task := huey.dequeue()) is not None:
-        huey.execute(task)
-
-
-def drop_queue(huey) -> None:
-    """Drop every task waiting in `huey`, as a killed consumer would."""
-    while huey.dequeue() is not None:
-        pass
 
 
 def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):

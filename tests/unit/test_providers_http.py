@@ -197,7 +197,7 @@ def test_on_write_comes_after_the_connect_and_before_the_request_leaves(
     """What the sender notes as possibly on the wire (runtime.InFlight) starts
     here: a refused connect never calls it, and the server never sees a
     request before it was called."""
-    calls: list[float] = []
+    calls: list[int] = []
     seen_at_server: list[int] = []
 
     def script(conn: int, n: int, method: str) -> str:
