@@ -19,6 +19,7 @@ second while fresh queue depths are gathered off the loop).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ CLIENT_TIMEOUT_S = 5.0
 MAX_CLIENTS = 64
 # How long the listener rests after accept() fails (e.g. out of descriptors).
 ACCEPT_PAUSE_S = 1.0
+# In the data dir, locked by the running supervisor (hold_data_dir).
+LOCK_FILE = "campaignd.lock"
 # sockaddr_un.sun_path is 108 bytes including the final NUL.
 MAX_SOCKET_PATH = 107
 
@@ -54,6 +57,32 @@ def _max_clients() -> int:
 
 class AlreadyRunning(DaemonError):
     """Another supervisor answers on the status socket."""
+
+
+def hold_data_dir(data_path) -> int:
+    """Lock ``<data_dir>/campaignd.lock`` for this supervisor's life; its fd.
+
+    Taken before anything else at start: a second `campaignd run` on the
+    same data dir must not release the leases of "dead" workers (the first
+    daemon's, reaped a moment ago) before it finds out it is not alone. The
+    status socket cannot tell that early: it is bound after the database
+    opens. flock is dropped by the kernel when the process dies, however it
+    dies; the fd is close-on-exec, so no child holds it.
+    """
+    path = Path(data_path) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another campaignd (pid {holder}) runs on the data dir {path.parent}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Connection:

@@ -74,6 +74,7 @@ from daemon.supervision.states import ChildState
 from daemon.supervision.status import AlreadyRunning
 from daemon.supervision.status import FigureGatherer
 from daemon.supervision.status import StatusServer
+from daemon.supervision.status import hold_data_dir
 from daemon.supervision.status_requests import StatusRequests
 from daemon.supervision.systemd import SYSTEMD_ENV
 from daemon.supervision.systemd import Notifier
@@ -139,6 +140,18 @@ def main(
     # this process, and only a file in the children's directory reaches
     # /metrics. Here, not in Supervisor: tests build those in their process.
     os.environ[METRICS_ENV] = str(metrics_directory(cfg, os.environ))
+    try:
+        lock = hold_data_dir(cfg.data_path)
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    try:
+        return _supervise(cfg, roles, hooks, zygote)
+    finally:
+        os.close(lock)
+
+
+def _supervise(cfg, roles, hooks: SupervisorHooks, zygote) -> int:
     try:
         db = wait_for_database(cfg, lambda: _migrate(cfg, hooks))
     except AlreadyRunning as exc:

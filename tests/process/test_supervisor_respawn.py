@@ -12,6 +12,9 @@ import time
 
 import pytest
 
+from daemon.runtime import InFlight
+from daemon.runtime import inflight_dir
+from daemon.runtime import read_inflight
 from tests.helpers import run_cli
 from tests.helpers import wait_for
 from tests.process.fixture_roles import REPO_ROOT
@@ -131,8 +134,14 @@ def test_status_and_restart_commands(daemon):
 
 @pytest.mark.timeout(30)
 def test_second_daemon_on_the_same_socket_refuses(daemon):
-    """Verify a live status socket is never unlinked by a second daemon."""
+    """Verify a second daemon on the same data dir refuses before it touches
+    anything: the live status socket stays, and so do the records of a dead
+    worker that only the running daemon may release."""
     daemon.start()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    records = inflight_dir(daemon.cfg.data_path, daemon.env)
+    InFlight(records, pid=dead.pid).begin(4242)
     second = subprocess.run(
         [
             sys.executable,
@@ -149,5 +158,9 @@ def test_second_daemon_on_the_same_socket_refuses(daemon):
         timeout=20,
     )
     assert second.returncode == 1
-    assert "another campaignd answers" in second.stderr
+    assert f"another campaignd (pid {daemon.proc.pid}) runs on the data dir" in (
+        second.stderr
+    )
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert read_inflight(records, dead.pid) == {4242}
     wait_for(daemon.try_status, timeout=5)
