@@ -36,9 +36,7 @@ def fake_options(web_port: int) -> FakeOptions:
         webhook_backoff_ms=250.0,
         reply_share=0.3,
         reply_delay_ms=2000.0,
-        # The audit counts a send re-sent after an outage under its reference
-        # as absorbed: that needs a deduping provider (not the fake's default).
-        dedupe=True,
+        dedupe=False,
     )
 
 
