@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.config import is_loopback
+from daemon.config_senders import is_loopback
 from daemon.errors import ConfigError
 from daemon.providers.base import RetryableError
 from daemon.providers.base import UnconfirmedError

@@ -79,6 +79,8 @@ from daemon.supervision.status_requests import StatusRequests
 from daemon.supervision.systemd import SYSTEMD_ENV
 from daemon.supervision.systemd import Notifier
 from daemon.supervision.systemd import SystemdReporting
+from daemon.supervision.waiting import close_database
+from daemon.supervision.waiting import open_and_migrate
 from daemon.supervision.waiting import wait_for_database
 from daemon.supervision.zygote import Zygote
 from daemon.supervision.zygote import become_subreaper
@@ -153,40 +155,19 @@ def main(
 
 def _supervise(cfg, roles, hooks: SupervisorHooks, zygote) -> int:
     try:
-        db = wait_for_database(cfg, lambda: _migrate(cfg, hooks))
+        db = wait_for_database(cfg, lambda: open_and_migrate(cfg, hooks.on_start))
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
     if db is None:  # told to stop while waiting
         return EXIT_OK
-    _close_db(db)
+    close_database(db)
     try:
         supervisor = Supervisor(cfg, roles, hooks=hooks, zygote=zygote)
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
     return supervisor.run()
-
-
-def _migrate(cfg, hooks: SupervisorHooks):
-    from daemon.store.db import open_database
-
-    db = open_database(cfg, migrate_schema=True)
-    # Workers of a previous run of this daemon (SIGKILLed with it) left
-    # leases that would otherwise hold their rows until the lease expires.
-    if hooks.on_start is not None:
-        hooks.on_start(cfg)
-    return db
-
-
-def _close_db(db) -> None:
-    # Pooled PostgreSQL keeps idle connections: drop them too, so nothing is
-    # held while children are spawned.
-    if not db.is_closed():
-        db.close()
-    close_all = getattr(db, "close_all", None)
-    if close_all:
-        close_all()
 
 
 class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdReporting):

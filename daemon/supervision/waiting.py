@@ -33,6 +33,28 @@ FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
 
 
+def open_and_migrate(cfg, on_start=None):
+    """Open the database and migrate its schema, then `on_start(cfg)`: the
+    start's release of the leases a previous run's dead workers left, which
+    would otherwise hold their rows until they expire."""
+    from daemon.store.db import open_database
+
+    db = open_database(cfg, migrate_schema=True)
+    if on_start is not None:
+        on_start(cfg)
+    return db
+
+
+def close_database(db) -> None:
+    """Close it before the children are spawned, so nothing is held then;
+    pooled PostgreSQL keeps idle connections: they are dropped too."""
+    if not db.is_closed():
+        db.close()
+    close_all = getattr(db, "close_all", None)
+    if close_all:
+        close_all()
+
+
 def wait_for_database(cfg, connect):
     """`connect()` (open and migrate) until it works; its result, or None if
     the daemon was told to stop meanwhile. ConfigError is not retried."""

@@ -23,9 +23,9 @@ from waitress.server import create_server
 
 from daemon import metrics
 from daemon import runtime
-from daemon.config import WEBHOOK_SENDER_KEYS
 from daemon.config import Config
-from daemon.config import webhook_route_served
+from daemon.config_senders import WEBHOOK_SENDER_KEYS
+from daemon.config_senders import webhook_route_served
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
