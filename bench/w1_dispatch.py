@@ -4,7 +4,10 @@ whole campaign with the workers up (the fan-out inside the span).
 
 from __future__ import annotations
 
+import os
 import time
+
+import psutil
 
 from bench import campaignd_side as cd
 from bench import peer_side as peer
@@ -23,7 +26,7 @@ from bench.report import Row
 
 
 def w1_dispatch(b: Bench) -> None:
-    n = 1000 if b.quick else 5000
+    n = 1000 if b.quick else int(os.environ.get("CAMPAIGND_BENCH_W1_SENDS", 5000))
     b.log(f"W1 dispatch: {n} Message 1 sends, 4 workers, fake provider at 0 ms")
     fake = FakeProviderProcess(b.log_dir)
     systems = [PEER, *b.cd_systems()]
@@ -104,16 +107,33 @@ def _w1_measure(fake, roots, services, n: int, sent_rows) -> dict:
     """
     wait_until(lambda: fake.accepted() >= 1, 120, "the first send", interval=0.005)
     meter = TreeMeter(roots, extra=services).start()
+    fake_process = psutil.Process(fake.spawned.proc.pid)
+    fake_cpu, machine = _cpu_s(fake_process), psutil.cpu_times()
     wait_until(lambda: fake.accepted() >= n, 30 + n / 50, "every send", interval=0.02)
     wait_until(lambda: sent_rows() >= n, 60, "rows marked sent", interval=0.02)
     meter.stop()
+    fake_cpu = _cpu_s(fake_process) - fake_cpu
     first, last = _accept_span(fake.messages())
     return {
         "msgs_s": (n - 1) / max(last - first, 1e-3),
         "cpu_ms_msg": meter.cpu_s / n * 1000,
         "svc_cpu_ms_msg": meter.extra_cpu_s / n * 1000,
+        "fake_cpu_ms_msg": fake_cpu / n * 1000,
+        "machine_busy_pct": _busy_pct(machine, psutil.cpu_times()),
         "peak_rss_mb": meter.peak_rss / MB,
     }
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _busy_pct(before, after) -> float:
+    """Share of all the machine's cores busy between two psutil.cpu_times()."""
+    total = sum(after) - sum(before)
+    idle = (after.idle + after.iowait) - (before.idle + before.iowait)
+    return 100.0 * (total - idle) / total if total > 0 else 0.0
 
 
 def _accept_span(messages: list[dict]) -> tuple[float, float]:
@@ -212,6 +232,25 @@ def _w1_rows(b: Bench, results: dict, fanout: dict) -> None:
     )
     b.report.add(
         Row("W1", "CPU ms/msg (Redis+PG)", column(results, "svc_cpu_ms_msg"), "{:.2f}")
+    )
+    b.report.add(
+        Row(
+            "W1",
+            "CPU ms/msg (fake provider)",
+            column(results, "fake_cpu_ms_msg"),
+            "{:.2f}",
+            note="the same fake serves every system, on the same 2 cores",
+        )
+    )
+    b.report.add(
+        Row(
+            "W1",
+            "machine CPU busy %",
+            column(results, "machine_busy_pct"),
+            "{:.0f}",
+            note="all cores, from the first send to the last row marked sent: "
+            "near 100 %, the run is bound by the machine's CPU",
+        )
     )
     b.report.add(
         Row("W1", "peak RSS MB (workers)", column(results, "peak_rss_mb"), "{:.0f}")

@@ -12,11 +12,17 @@ the webhook writer's SQLite connection, in the same run: NORMAL (what a 2xx
 meant before: a power cut could undo it) against FULL (the default now: one
 fsync of the WAL per group commit). Ignored with --database-url.
 
+--store db,handoff,none takes the real server apart, to see what each part
+costs (the default, db, is the real thing): `handoff` keeps the writer
+thread and its answers to the request threads but touches no database;
+`none` answers every request as if it had been stored, with no writer
+thread. Neither stores anything: they are measurements, not modes.
+
 Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
 when it is installed, else a multi-process Python keep-alive client.
 
     .venv/bin/python bench/webhook_ingest.py [--seconds 10] [--connections 32]
-        [--synchronous normal,full]
+        [--synchronous normal,full] [--store db,handoff,none]
 """
 
 from __future__ import annotations
@@ -136,12 +142,27 @@ def serve_hello(port: int, threads: int) -> None:
     server.serve()
 
 
-def serve_campaignd(config_path: str, synchronous: str) -> int:
-    """`campaignd web`, with the webhook writer's PRAGMA synchronous set."""
+STORES = {
+    "db": "",
+    "handoff": "hand-off only, no database",
+    "none": "nothing stored, no writer",
+}
+
+
+def serve_campaignd(config_path: str, synchronous: str, store: str = "db") -> int:
+    """`campaignd web`, with the webhook writer's PRAGMA synchronous set, and
+    with a part of the writer taken out (`store`, see the module's text)."""
+    import contextlib
+
     from daemon.cli import run_role
     from daemon.roles.web import webhooks
 
     webhooks.EventWriter.sqlite_synchronous = synchronous
+    if store == "handoff":
+        webhooks.EventWriter._connection = lambda self: contextlib.nullcontext()
+        webhooks.EventWriter._insert = lambda self, rows: {}
+    elif store == "none":
+        webhooks.EventWriter.store = lambda self, rows: []
     return run_role(config_mod.load(config_path), "web")
 
 
@@ -316,8 +337,10 @@ def load(url: str, args, run_id: str) -> dict:
     return run_python_client(url, args.seconds, args.connections)
 
 
-def bench_campaignd(args, workdir: Path, synchronous: str) -> tuple[dict, int]:
-    workdir = workdir / synchronous
+def bench_campaignd(
+    args, workdir: Path, synchronous: str, store: str = "db"
+) -> tuple[dict, int]:
+    workdir = workdir / f"{synchronous}-{store}"
     workdir.mkdir()
     port = free_port()
     data = {
@@ -337,6 +360,8 @@ def bench_campaignd(args, workdir: Path, synchronous: str) -> tuple[dict, int]:
             str(cfg_path),
             "--synchronous",
             synchronous,
+            "--store",
+            store,
         ],
         env=env,
         cwd=ROOT,
@@ -399,6 +424,12 @@ def main() -> int:
         help="SQLite PRAGMA synchronous of the webhook writer; a comma-separated "
         "list (normal,full) measures each in this run (default: full)",
     )
+    parser.add_argument(
+        "--store",
+        default="db",
+        help="what the webhook writer does: db (the real thing), handoff, none; "
+        "a comma-separated list measures each (handoff and none store nothing)",
+    )
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-campaignd", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -406,10 +437,17 @@ def main() -> int:
         serve_hello(args.serve_hello, args.threads)
         return 0
     if args.serve_campaignd:
-        return serve_campaignd(args.serve_campaignd, args.synchronous)
+        return serve_campaignd(args.serve_campaignd, args.synchronous, args.store)
     levels = [level.strip().lower() for level in args.synchronous.split(",")]
     if args.database_url:
         levels = levels[:1]
+    stores = [store.strip().lower() for store in args.store.split(",")]
+    unknown = sorted(set(stores) - set(STORES))
+    if unknown:
+        parser.error(f"--store: unknown {', '.join(unknown)} (db, handoff, none)")
+    # The real writer at each synchronous level, the parts taken out at the first.
+    variants = [(level, "db") for level in levels if "db" in stores]
+    variants += [(levels[0], store) for store in stores if store != "db"]
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
     body_size = len(sample_body("ACB19255F805BFD6139C144316DE574F").encode())
@@ -421,23 +459,26 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="campaignd-bench-"))
     try:
         hello = bench_hello(args)
-        reals = {level: bench_campaignd(args, workdir, level) for level in levels}
+        reals = {v: bench_campaignd(args, workdir, *v) for v in variants}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [("hello-world falcon (ceiling)", hello)]
-    for level, (real, _) in reals.items():
-        name = "campaignd web" if args.database_url else f"campaignd web, {level}"
-        rows.append((name, real))
-    print(f"{'server':<32}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for (level, store), (real, _) in reals.items():
+        parts = [] if args.database_url else [level]
+        rows.append(
+            (", ".join(["campaignd web", *parts, *filter(None, [STORES[store]])]), real)
+        )
+    print(f"{'server':<50}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for name, r in rows:
         print(
-            f"{name:<32}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{name:<50}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
             f"{r['errors']:>8}"
         )
-    for level, (real, stored) in reals.items():
+    for (level, store), (real, stored) in reals.items():
         print(
-            f"{level}: ratio campaignd / ceiling {real['rps'] / hello['rps']:.2f}, "
-            f"events stored {stored} (the warm-up included)"
+            f"{level}, {store}: ratio campaignd / ceiling "
+            f"{real['rps'] / hello['rps']:.2f}, events stored {stored} "
+            "(the warm-up included)"
         )
     return 0
 
