@@ -120,9 +120,10 @@ class HttpClient:
         """Send one request and read the whole answer; raise RetryableError on I/O.
 
         `on_write()` is called once the connection is up (TCP, TLS, a proxy's
-        CONNECT), right before each write of the request: from then on the
-        request may reach the server. A send noted there as possibly on the
-        wire no longer includes a handshake that cannot have sent anything.
+        CONNECT) and the request is built and checked, right before each
+        write of its first bytes: from then on it may reach the server. A
+        send noted there as possibly on the wire includes neither a handshake
+        nor the building of the request, which cannot have sent anything.
         """
         target, all_headers = self._target(path, headers)
         read_timeout = self._read_timeout if timeout is None else timeout
@@ -133,8 +134,7 @@ class HttpClient:
                 self._connect(conn, deadline)
             try:
                 conn.sock.settimeout(_remaining(deadline))
-                if on_write is not None:
-                    on_write()
+                conn.before_send = on_write
                 conn.request(method, target, body, all_headers)
             except TimeoutError as exc:
                 conn.close()
@@ -148,6 +148,12 @@ class HttpClient:
                     reused = False
                     continue
                 raise RetryableError(f"sending to {self.origin} failed: {exc}") from exc
+            except BaseException:
+                # A request refused while being built (a bad header) leaves
+                # the connection "Request-started": every later request of
+                # this thread would fail on it with CannotSendRequest.
+                conn.close()
+                raise
             try:
                 conn.response_class = _deadline_response(deadline)
                 resp = conn.getresponse()
@@ -185,7 +191,7 @@ class HttpClient:
             all_headers = {**all_headers, **self._proxy.headers}
         return target, all_headers
 
-    def _thread_connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _thread_connection(self) -> tuple[_Connection | _TlsConnection, bool]:
         """This thread's connection, and whether it is an open one reused."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -206,20 +212,20 @@ class HttpClient:
         for conn in conns:
             conn.close()
 
-    def _new_connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
+    def _new_connection(self) -> _Connection | _TlsConnection:
+        conn: _Connection | _TlsConnection
         host, port = self._host, self._port
         if self._proxy:
             host, port = self._proxy.host, self._proxy.port
         if self._https:
-            conn = http.client.HTTPSConnection(
+            conn = _TlsConnection(
                 host, port, timeout=self._connect_timeout, context=self._ssl
             )
             if self._proxy:
                 # connect() sends CONNECT, then TLS with the origin's name.
                 conn.set_tunnel(self._host, self._port, self._proxy.headers)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+            conn = _Connection(host, port, timeout=self._connect_timeout)
         self._local.conn = conn
         with self._lock:
             for thread, old in self._conns:
@@ -242,6 +248,31 @@ class HttpClient:
             raise RetryableError(
                 f"cannot connect to {self.origin}{self._via}: {exc}"
             ) from exc
+
+
+class _NotesBeforeSend:
+    """Calls `before_send` (then forgets it) right before a request's first
+    bytes go to the socket: http.client has built the request line and the
+    headers by then, and checked them (a bad header raises before this), so
+    the window in which a killed worker's send is noted but never left
+    shrinks to one `sendall` call. A proxy's CONNECT, sent while connecting,
+    comes before `before_send` is set."""
+
+    before_send: Callable[[], None] | None = None
+
+    def send(self, data) -> None:
+        hook, self.before_send = self.before_send, None
+        if hook is not None:
+            hook()
+        super().send(data)
+
+
+class _Connection(_NotesBeforeSend, http.client.HTTPConnection):
+    pass
+
+
+class _TlsConnection(_NotesBeforeSend, http.client.HTTPSConnection):
+    pass
 
 
 @dataclass(frozen=True)

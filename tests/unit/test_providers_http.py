@@ -220,6 +220,28 @@ def test_on_write_comes_after_the_connect_and_before_the_request_leaves(
     assert server.connections == 2
 
 
+def test_on_write_waits_until_the_request_is_built_and_checked(serve, make_client):
+    """A request http.client refuses to build (a header that would split
+    the request) never reaches the server, so it is not noted as possibly
+    on the wire: the note comes right before the first bytes leave. And the
+    thread's connection still serves the next request."""
+    calls: list[int] = []
+    server = serve(lambda conn, n, method: "answer")
+    client = make_client(server.url)
+    with pytest.raises(ValueError, match="Invalid header value"):
+        client.request(
+            "POST",
+            "/x",
+            b"{}",
+            headers={"X-Reference": "a\r\nX-Injected: 1"},
+            on_write=lambda: calls.append(1),
+        )
+    assert calls == []
+    assert server.requests == []
+    assert client.request("POST", "/x", b"{}", on_write=lambda: calls.append(1))
+    assert calls == [1]
+
+
 def test_one_connection_per_thread_and_close_reaches_all(serve, make_client):
     server = serve(lambda conn, n, method: "answer")
     client = make_client(server.url)
