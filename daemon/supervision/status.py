@@ -56,7 +56,7 @@ def _max_clients() -> int:
 
 
 class AlreadyRunning(DaemonError):
-    """Another supervisor answers on the status socket."""
+    """Another supervisor holds this data dir or answers on the status socket."""
 
 
 def hold_data_dir(data_path) -> int:
