@@ -36,6 +36,8 @@ def fake_options(web_port: int) -> FakeOptions:
         webhook_backoff_ms=250.0,
         reply_share=0.3,
         reply_delay_ms=2000.0,
+        # As at Wassenger and Meta: a repeated request is a second message,
+        # which the audit's duplicate counts would show.
         dedupe=False,
     )
 
