@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -151,6 +152,7 @@ _TAKEN_AT = _INFLIGHT_RECORD
 _TAKEN_RECORD = 256  # bytes: room for a chunk of event ids
 _BLANK = b" " * (_INFLIGHT_RECORD - 1) + b"\n"
 _BLANK_TAKEN = b" " * (_TAKEN_RECORD - 1) + b"\n"
+_RECORDS = _INFLIGHT_RECORD + _TAKEN_RECORD
 
 
 def inflight_dir(data_path, env=None) -> str:
@@ -166,9 +168,13 @@ def inflight_dir(data_path, env=None) -> str:
 class InFlight:
     """The message each sending thread of this process may have on the wire.
 
-    `begin(id)` runs before the request is written and `end()` once its
-    outcome is recorded: one pwrite of a fixed-size record each, in a file
-    per thread (``<pid>.<thread id>``). No fsync: a SIGKILL does not lose
+    `begin(id)` runs right before the request's first bytes are written
+    and `end()` once its outcome is recorded: a fixed-size record each, in a
+    file per thread (``<pid>.<thread id>``) mapped into memory. A record is
+    a memory write, not a system call: the thread keeps the GIL from the
+    note to the request's `sendall`, so a kill between the two, which would
+    re-send a row the provider never had only after the confirm window,
+    has next to no time to strike. No fsync: a SIGKILL does not lose
     page-cache writes, and that is the failure this serves. After a worker
     died, `read_inflight` tells the supervisor which of its leased rows may
     have reached the provider (unconfirmed) and which provably did not.
@@ -181,22 +187,30 @@ class InFlight:
         self._files = itertools.count()
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
-    def _fd(self) -> int:
-        fd = getattr(self._local, "fd", None)
-        if fd is None:
+    def _records(self) -> mmap.mmap:
+        records = getattr(self._local, "records", None)
+        if records is None:
             name = f"{self.pid}.{threading.get_native_id()}.{next(self._files)}"
             fd = os.open(
-                os.path.join(self.directory, name), os.O_WRONLY | os.O_CREAT, 0o600
+                os.path.join(self.directory, name), os.O_RDWR | os.O_CREAT, 0o600
             )
-            self._local.fd = fd
-        return fd
+            try:
+                # The blocks are reserved now: a full disk (or tmpfs) is an
+                # OSError here, never a SIGBUS at a later write to the map.
+                os.posix_fallocate(fd, 0, _RECORDS)
+                records = mmap.mmap(fd, _RECORDS)
+            finally:
+                os.close(fd)
+            records[:] = _BLANK + _BLANK_TAKEN
+            self._local.records = records
+        return records
 
     def begin(self, message_id: int) -> None:
         record = str(message_id).ljust(_INFLIGHT_RECORD - 1).encode() + b"\n"
-        os.pwrite(self._fd(), record, 0)
+        self._records()[:_INFLIGHT_RECORD] = record
 
     def end(self) -> None:
-        os.pwrite(self._fd(), _BLANK, 0)
+        self._records()[:_INFLIGHT_RECORD] = _BLANK
 
     def take(self, kind: str, task_ids: int | Iterable[int]) -> None:
         """This thread took the task for send (kind "m") or event(s) ("e")
@@ -209,19 +223,19 @@ class InFlight:
         if len(text) >= _TAKEN_RECORD:
             text = text[: text.rfind(",", 0, _TAKEN_RECORD - 1)]
         record = text.ljust(_TAKEN_RECORD - 1).encode() + b"\n"
-        os.pwrite(self._fd(), record, _TAKEN_AT)
+        self._records()[_TAKEN_AT:] = record
 
     def untake(self) -> None:
-        os.pwrite(self._fd(), _BLANK_TAKEN, _TAKEN_AT)
+        self._records()[_TAKEN_AT:] = _BLANK_TAKEN
 
     def keep(self) -> None:
         """The outcome could not be recorded (the database failed): leave the
         record for the supervisor to read if this process dies, and give this
         thread a fresh file for its next send."""
-        fd = getattr(self._local, "fd", None)
-        if fd is not None:
-            os.close(fd)
-            self._local.fd = None
+        records = getattr(self._local, "records", None)
+        if records is not None:
+            records.close()  # the file keeps what was written
+            self._local.records = None
 
 
 def read_inflight(directory: str, pid: int) -> set[int]:

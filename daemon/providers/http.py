@@ -134,7 +134,7 @@ class HttpClient:
                 self._connect(conn, deadline)
             try:
                 conn.sock.settimeout(_remaining(deadline))
-                conn.before_send = on_write
+                conn.prepare_send(on_write, body_follows=bool(body))
                 conn.request(method, target, body, all_headers)
             except TimeoutError as exc:
                 conn.close()
@@ -251,16 +251,41 @@ class HttpClient:
 
 
 class _NotesBeforeSend:
-    """Calls `before_send` (then forgets it) right before a request's first
-    bytes go to the socket: http.client has built the request line and the
-    headers by then, and checked them (a bad header raises before this), so
-    the window in which a killed worker's send is noted but never left
-    shrinks to one `sendall` call. A proxy's CONNECT, sent while connecting,
-    comes before `before_send` is set."""
+    """Writes a request whole, in one `sendall`, and calls `before_send`
+    (then forgets it) right before.
+
+    http.client sends the head and the body in two writes: a worker killed
+    between them (the second waits for the GIL, which the process's other
+    sending thread may hold) leaves the provider half a request, which it
+    drops, while the send is noted as possibly on the wire: that row is
+    re-sent only after the confirm window. So the head is held until the
+    body comes (`prepare_send(..., body_follows=True)`). By the time of the
+    write http.client has built the request and checked its headers (a bad
+    header raises before this). A proxy's CONNECT, sent while connecting,
+    goes out at once.
+    """
 
     before_send: Callable[[], None] | None = None
+    body_follows = False
+    _head: bytes | None = None
+
+    def prepare_send(
+        self, before_send: Callable[[], None] | None, body_follows: bool
+    ) -> None:
+        self.before_send = before_send
+        self.body_follows = body_follows
+        self._head = None
+
+    def connect(self) -> None:
+        self.prepare_send(None, False)
+        super().connect()
 
     def send(self, data) -> None:
+        if self.body_follows and self._head is None:
+            self._head = bytes(data)
+            return
+        if self._head is not None:
+            data, self._head, self.body_follows = self._head + bytes(data), None, False
         hook, self.before_send = self.before_send, None
         if hook is not None:
             hook()

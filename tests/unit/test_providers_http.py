@@ -17,6 +17,7 @@ import pytest
 
 from daemon.providers.base import RetryableError
 from daemon.providers.http import HttpClient
+from daemon.providers.http import _Connection
 from tests.helpers import free_port
 from tests.helpers import wait_for
 
@@ -240,6 +241,37 @@ def test_on_write_waits_until_the_request_is_built_and_checked(serve, make_clien
     assert server.requests == []
     assert client.request("POST", "/x", b"{}", on_write=lambda: calls.append(1))
     assert calls == [1]
+
+
+class _CountingSocket(socket.socket):
+    """A real socket that remembers its writes (and what was noted before)."""
+
+    def sendall(self, data, *args):
+        self.writes.append((list(self.notes), bytes(data)))
+        return super().sendall(data, *args)
+
+
+def test_a_request_leaves_in_one_write_right_after_its_note():
+    """http.client writes a request's head and body apart: a worker killed
+    between the two would leave the provider half a request (dropped) while
+    the send is noted as possibly on the wire. Ours go out whole, in one
+    write, with the note right before it."""
+    ours, theirs = socket.socketpair()
+    conn = _Connection("127.0.0.1", 9)
+    conn.sock = _CountingSocket(fileno=ours.detach())
+    conn.sock.writes, conn.sock.notes = [], []
+    body = b'{"phone": "+33612345678", "message": "Bonjour"}'
+    try:
+        conn.prepare_send(lambda: conn.sock.notes.append("noted"), body_follows=True)
+        conn.request("POST", "/v1/messages", body, {"Token": "t"})
+        ((noted_before, data),) = conn.sock.writes
+        assert noted_before == ["noted"]
+        assert data.startswith(b"POST /v1/messages HTTP/1.1\r\n")
+        assert data.endswith(b"\r\n\r\n" + body)
+        assert theirs.recv(65536) == data
+    finally:
+        conn.close()
+        theirs.close()
 
 
 def test_one_connection_per_thread_and_close_reaches_all(serve, make_client):
