@@ -107,7 +107,9 @@ def _w1_measure(fake, roots, services, n: int, sent_rows) -> dict:
     """
     wait_until(lambda: fake.accepted() >= 1, 120, "the first send", interval=0.005)
     meter = TreeMeter(roots, extra=services).start()
-    fake_process = psutil.Process(fake.spawned.proc.pid)
+    # bench.w1_ab's fake runs in its parent process: no CPU figure then.
+    spawned = getattr(fake, "spawned", None)
+    fake_process = psutil.Process(spawned.proc.pid) if spawned else None
     fake_cpu, machine = _cpu_s(fake_process), psutil.cpu_times()
     wait_until(lambda: fake.accepted() >= n, 30 + n / 50, "every send", interval=0.02)
     wait_until(lambda: sent_rows() >= n, 60, "rows marked sent", interval=0.02)
@@ -118,13 +120,15 @@ def _w1_measure(fake, roots, services, n: int, sent_rows) -> dict:
         "msgs_s": (n - 1) / max(last - first, 1e-3),
         "cpu_ms_msg": meter.cpu_s / n * 1000,
         "svc_cpu_ms_msg": meter.extra_cpu_s / n * 1000,
-        "fake_cpu_ms_msg": fake_cpu / n * 1000,
+        "fake_cpu_ms_msg": None if fake_process is None else fake_cpu / n * 1000,
         "machine_busy_pct": _busy_pct(machine, psutil.cpu_times()),
         "peak_rss_mb": meter.peak_rss / MB,
     }
 
 
-def _cpu_s(process: psutil.Process) -> float:
+def _cpu_s(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
     times = process.cpu_times()
     return times.user + times.system
 
