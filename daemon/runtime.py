@@ -171,11 +171,12 @@ class InFlight:
     `begin(id)` runs right before the request's first bytes are written
     and `end()` once its outcome is recorded: a fixed-size record each, in a
     file per thread (``<pid>.<thread id>``) mapped into memory. A record is
-    a memory write, not a system call: the thread keeps the GIL from the
-    note to the request's `sendall`, so a kill between the two, which would
-    re-send a row the provider never had only after the confirm window,
-    has next to no time to strike. No fsync: a SIGKILL does not lose
-    page-cache writes, and that is the failure this serves. After a worker
+    a memory write, not a system call that gives up the GIL: from the note
+    to the request's `sendall` the thread runs a few lines of Python, so a
+    kill between the two, which would re-send a row the provider never had
+    only after the confirm window, has next to no time to strike. No
+    fsync: a SIGKILL does not lose page-cache writes, and that is the
+    failure this serves. After a worker
     died, `read_inflight` tells the supervisor which of its leased rows may
     have reached the provider (unconfirmed) and which provably did not.
     """
