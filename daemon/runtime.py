@@ -176,9 +176,9 @@ class InFlight:
     kill between the two, which would re-send a row the provider never had
     only after the confirm window, has next to no time to strike. No
     fsync: a SIGKILL does not lose page-cache writes, and that is the
-    failure this serves. After a worker
-    died, `read_inflight` tells the supervisor which of its leased rows may
-    have reached the provider (unconfirmed) and which provably did not.
+    failure this serves. After a worker died, `read_inflight` tells the
+    supervisor which of its leased rows may have reached the provider
+    (unconfirmed) and which provably did not.
     """
 
     def __init__(self, directory: str, pid: int | None = None):
