@@ -359,8 +359,10 @@ def dispatch(args) -> int:
         # SQLite daemon, ~6 MB and 0.1 s of start-up carried for nothing.
         skip_unused_drivers(cfg)
         from daemon.supervision import supervisor
+        from daemon.supervision.zygote import RoleCode
 
-        return supervisor.main(cfg, hooks=supervisor_hooks())
+        code = RoleCode(run_role, ZYGOTE_IMPORTS)
+        return supervisor.main(cfg, hooks=supervisor_hooks(), role_code=code)
     if command == "child" and args.zygote:
         from daemon.supervision.zygote import serve
 

@@ -89,27 +89,44 @@ def set_process_name(name: str) -> None:
 
 
 def show_role_in_cmdline(role: str) -> bool:
-    """Make `ps` and psutil show ``child ROLE`` instead of ``child --zygote``.
+    """Make `ps` and psutil show ``child ROLE`` instead of ``child --zygote``."""
+    return show_in_cmdline([role if w == "--zygote" else w for w in sys.orig_argv])
+
+
+def show_in_cmdline(words: list[str]) -> bool:
+    """Make `ps` and psutil show `words` as our command line.
 
     The kernel reads /proc/PID/cmdline from our original argv memory, so the
-    new words are written there (NUL-padded, never past its end). When the
-    role does not fit, argv[0] is shortened to "python"; else it is left.
+    new words are written there (NUL-padded, never past its end). When they
+    do not fit, argv[0] is shortened to "python"; else it is left.
     """
-    words = [role if w == "--zygote" else w for w in sys.orig_argv]
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        # Fields after "pid (comm) " start at field 3; arg_start is field 48.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        start, end = int(fields[45]), int(fields[46])
-    except (OSError, ValueError, IndexError):
+    area = _argv_area()
+    if area is None:
         return False
+    start, end = area
     for candidate in (words, ["python"] + words[1:]):
         new = b"\0".join(w.encode() for w in candidate) + b"\0"
         if len(new) <= end - start:
             ctypes.memmove(start, new.ljust(end - start, b"\0"), end - start)
             return True
     return False
+
+
+def cmdline_room() -> int:
+    """How many bytes `show_in_cmdline` can write (0 if it cannot)."""
+    area = _argv_area()
+    return 0 if area is None else area[1] - area[0]
+
+
+def _argv_area() -> tuple[int, int] | None:
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        # Fields after "pid (comm) " start at field 3; arg_start is field 48.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return int(fields[45]), int(fields[46])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def role_tag(role: str) -> str:

@@ -102,7 +102,8 @@ def format_status(answer: dict) -> str:
     zygote = answer.get("zygote")
     if zygote:
         lines.append(
-            f"zygote {zygote.get('state', '?')}, pid {zygote.get('pid') or '-'}, "
+            f"zygote {zygote.get('state', '?')}, pid {zygote.get('pid') or '-'}"
+            f" ({zygote.get('started') or 'not started'}), "
             f"roles forked {zygote.get('roles_forked', 0)}"
         )
     lines.append("")

@@ -40,7 +40,6 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -51,7 +50,6 @@ from daemon.errors import EXIT_CONFIG
 from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.runtime import FIRST_BEAT_SIGNAL
-from daemon.runtime import SUPERVISOR_PID_ENV
 from daemon.runtime import inflight_dir
 from daemon.runtime import setup_logging
 from daemon.supervision.alerting import DEPENDENCY_CHECK_S
@@ -76,14 +74,22 @@ from daemon.supervision.status import FigureGatherer
 from daemon.supervision.status import StatusServer
 from daemon.supervision.status import hold_data_dir
 from daemon.supervision.status_requests import StatusRequests
-from daemon.supervision.systemd import SYSTEMD_ENV
 from daemon.supervision.systemd import Notifier
 from daemon.supervision.systemd import SystemdReporting
+from daemon.supervision.tree import METRICS_ENV
+from daemon.supervision.tree import children_environment
+from daemon.supervision.tree import default_roles
+from daemon.supervision.tree import default_zygote
+from daemon.supervision.tree import metrics_directory
 from daemon.supervision.waiting import close_database
 from daemon.supervision.waiting import open_and_migrate
 from daemon.supervision.waiting import wait_for_database
+from daemon.supervision.zygote import Preforked
+from daemon.supervision.zygote import RoleCode
 from daemon.supervision.zygote import Zygote
 from daemon.supervision.zygote import become_subreaper
+from daemon.supervision.zygote import prefork
+from daemon.supervision.zygote import serve
 from daemon.supervision.zygote import stray_roles
 
 log = logging.getLogger("daemon.supervision.supervisor")
@@ -94,34 +100,6 @@ log = logging.getLogger("daemon.supervision.supervisor")
 STARTING_POLL_S = 0.1
 # After the stop deadline's SIGKILLs, how long to wait for the reaping.
 KILL_WAIT_S = 5.0
-METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def default_roles(cfg: config_mod.Config, config_path: str) -> list[RoleSpec]:
-    """The real roles, in start order (design section 1)."""
-    shared = cfg.workers.shared_background
-    names = ["web", "worker:background" if shared else "worker:default"]
-    names += [f"worker:messages#{i + 1}" for i in range(cfg.workers.messages_processes)]
-    names += [] if shared else ["worker:retry", "worker:verification"]
-    names += ["scheduler"]
-    tail = ["-c", config_path] if config_path else []
-    base = [sys.executable, "-m", "daemon", "child"]
-    return [RoleSpec(name, tuple(base + [name] + tail)) for name in names]
-
-
-def metrics_directory(cfg: config_mod.Config, env) -> Path:
-    """Where every process of the tree writes its prometheus_client files."""
-    # The files are memory-mapped: on a full disk a write to them is a
-    # SIGBUS that kills the web child over and over. Under systemd they live
-    # on the runtime directory (tmpfs) instead.
-    run_base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return Path(run_base) / "metrics" if run_base else cfg.data_path / "metrics"
-
-
-def default_zygote(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
-    """The zygote's argv: a child that imports every role and forks them."""
-    tail = ["-c", config_path] if config_path else []
-    return tuple([sys.executable, "-m", "daemon", "child", "--zygote"] + tail)
 
 
 def main(
@@ -129,11 +107,14 @@ def main(
     roles=None,
     hooks: SupervisorHooks | None = None,
     zygote=None,
+    role_code: RoleCode | None = None,
 ) -> int:
     """`campaignd run`: migrate once, then supervise until told to stop.
 
     `hooks` carries what the supervisor does to the application's rows (the
     leases of dead workers) without importing it; the CLI wires them.
+    `role_code` (from the CLI too) lets it fork the first zygote from itself
+    (zygote.prefork); without it the zygote is exec'd.
     """
     hooks = hooks or SupervisorHooks()
     setup_logging(cfg.daemon.log_level, "supervisor")
@@ -147,13 +128,15 @@ def main(
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    me = os.getpid()
     try:
-        return _supervise(cfg, roles, hooks, zygote)
+        return _supervise(cfg, roles, hooks, zygote, role_code, lock)
     finally:
-        os.close(lock)
+        if os.getpid() == me:  # the zygote and its roles closed it at fork
+            os.close(lock)
 
 
-def _supervise(cfg, roles, hooks: SupervisorHooks, zygote) -> int:
+def _supervise(cfg, roles, hooks: SupervisorHooks, zygote, role_code, lock) -> int:
     try:
         db = wait_for_database(cfg, lambda: open_and_migrate(cfg, hooks.on_start))
     except AlreadyRunning as exc:
@@ -162,8 +145,17 @@ def _supervise(cfg, roles, hooks: SupervisorHooks, zygote) -> int:
     if db is None:  # told to stop while waiting
         return EXIT_OK
     close_database(db)
+    first = None
+    if role_code is not None and zygote is None and roles is None:
+        # After the migration: the objects it left are shared pages too.
+        env = children_environment(cfg, os.environ)
+        first = prefork(cfg, role_code.imports, env, close=(lock,))
+        if first is not None and first.pid == 0:  # we are the zygote
+            return serve(cfg, role_code.run_role, role_code.imports, first.channel)
     try:
-        supervisor = Supervisor(cfg, roles, hooks=hooks, zygote=zygote)
+        supervisor = Supervisor(
+            cfg, roles, hooks=hooks, zygote=zygote, first_zygote=first
+        )
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -180,6 +172,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         env=None,
         zygote=None,
         hooks: SupervisorHooks | None = None,
+        first_zygote: Preforked | None = None,
     ):
         env = dict(os.environ if env is None else env)
         self.role_factory = roles or default_roles
@@ -197,15 +190,13 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         )
         self.cfg = self._snapshot_config(cfg)
         self.policy = ChildPolicy.from_config(self.cfg)
-        child_env = {k: v for k, v in env.items() if k not in SYSTEMD_ENV}
-        child_env[SUPERVISOR_PID_ENV] = str(os.getpid())
-        child_env[METRICS_ENV] = str(self.metrics_dir)
-        self.ops = OsProcesses(child_env)
+        self.ops = OsProcesses(children_environment(cfg, env))
         self.systemd = Notifier(env)
         self.children: list[Child] = []
         self.retired: list[Child] = []  # roles gone from the config, stopping
         self.selector = selectors.DefaultSelector()
         self.zygote = Zygote(self.ops, self.selector, self.policy)
+        self._first_zygote = first_zygote
         self._subreaper = False  # set by start(): forking needs it
         self._signals: list[int] = []
         self._jobs: list[tuple[concurrent.futures.Future, object]] = []
@@ -294,6 +285,12 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         self.status_server.register(self.selector)
         # Forked roles are re-parented to us when their intermediate exits.
         self._subreaper = become_subreaper()
+        if self._first_zygote is not None:
+            now = time.monotonic()
+            self.zygote.adopt(self._first_zygote, now)
+            self._first_zygote = None
+            if not self._subreaper:
+                self.zygote.retire(now, "no subreaper to adopt its roles")
         self.children = [self._new_child(s) for s in self._role_specs()]
         if self._requeuer is not None:
             self._submit(self._db_pool, self._requeuer.prepare)

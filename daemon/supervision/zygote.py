@@ -25,7 +25,9 @@ tree lighter and faster to start, never a condition for running.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import enum
 import gc
 import importlib
@@ -35,15 +37,19 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 from daemon.runtime import HEARTBEAT_ENV
 from daemon.runtime import SUPERVISOR_PID_ENV
+from daemon.runtime import cmdline_room
 from daemon.runtime import die_with_parent
 from daemon.runtime import role_tag
 from daemon.runtime import set_process_name
 from daemon.runtime import setup_logging
+from daemon.runtime import show_in_cmdline
 from daemon.runtime import show_role_in_cmdline
 from daemon.runtime import skip_unused_drivers
 from daemon.supervision.child import ChildPolicy
@@ -106,6 +112,7 @@ class Zygote:
         self.started_at: float | None = None  # of the first zygote
         self.forks = 0  # roles forked
         self.last_exit = ""
+        self.how = ""  # "exec'd", or "forked by the supervisor" (prefork)
 
     @property
     def alive(self) -> bool:
@@ -163,13 +170,22 @@ class Zygote:
             return
         finally:
             theirs.close()
-        ours.setblocking(False)
-        self.channel = ours
-        self.selector.register(ours, selectors.EVENT_READ, self._on_channel)
+        self._track(pid, ours, now, "exec'd")
+
+    def adopt(self, first: Preforked, now: float) -> None:
+        """Take on the zygote `prefork` made; NONE -> STARTING (it is ready
+        as soon as it reads its channel: it has nothing left to import)."""
+        self._track(first.pid, first.channel, now, "forked by the supervisor")
+
+    def _track(self, pid: int, channel: socket.socket, now: float, how: str) -> None:
+        self.how = how
+        channel.setblocking(False)
+        self.channel = channel
+        self.selector.register(channel, selectors.EVENT_READ, self._on_channel)
         self.pid = pid
         if self.started_at is None:
             self.started_at = now
-        self.change_state(ZygoteState.STARTING, f"pid {pid}", now)
+        self.change_state(ZygoteState.STARTING, f"pid {pid}, {how}", now)
 
     def _on_channel(self, _mask: int) -> None:
         try:
@@ -261,6 +277,7 @@ class Zygote:
             "state": self.state.value,
             "pid": self.pid,
             "state_for_s": round(now - self.state_since, 2),
+            "started": self.how or None,
             "roles_forked": self.forks,
             "last_exit": self.last_exit or None,
         }
@@ -311,12 +328,15 @@ def _recv_line(sock: socket.socket) -> bytes:
 # ------------------------------------------------------------ zygote process
 
 
-def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
+def serve(
+    cfg, run_role, imports: tuple[str, ...], channel: socket.socket | None = None
+) -> int:
     """The zygote's body: import every role, then fork one per request.
 
     `run_role(cfg, role)` and the modules to import come from the CLI, which
-    knows the roles (this layer does not import them). EOF on the channel
-    (the supervisor closed it or died) ends the zygote. In a forked role this
+    knows the roles (this layer does not import them). The channel is stdin
+    in an exec'd zygote, or given by `prefork`. EOF on the channel (the
+    supervisor closed it or died) ends the zygote. In a forked role this
     function returns the role's `run_role`, so the role leaves through the
     CLI and the interpreter's normal exit (atexit, threads joined), as an
     exec'd role does.
@@ -329,10 +349,7 @@ def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
     # that stay, and each role's new objects would fill those holes, copying
     # the shared pages they sit on (the gc.freeze() recipe).
     gc.disable()
-    for module in imports:
-        importlib.import_module(module)
-    if cfg.database_url.startswith(("postgresql:", "postgres:")):
-        importlib.import_module("playhouse.postgres_ext")
+    import_roles(cfg, imports)
     if threading.active_count() > 1:
         # Forking a process with threads copies locks they may hold.
         log.error("zygote: an import started a thread: cannot fork safely")
@@ -340,8 +357,9 @@ def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
     # Objects that exist now are never collected: the children's collections
     # then leave the shared pages alone instead of copying them.
     gc.freeze()
-    channel = socket.socket(fileno=os.dup(_CHANNEL_FD))
-    _stdin_from_devnull()  # no role keeps the channel as its stdin
+    if channel is None:
+        channel = socket.socket(fileno=os.dup(_CHANNEL_FD))
+    _stdin_from_devnull()  # no role keeps the channel or a terminal as stdin
     try:
         channel.sendall(ZYGOTE_READY)
         reader = channel.makefile("rb")
@@ -369,6 +387,90 @@ def serve(cfg, run_role, imports: tuple[str, ...]) -> int:
     reader.close()
     channel.close()
     return _run_forked_role(cfg, run_role, order)
+
+
+def import_roles(cfg, imports: tuple[str, ...]) -> None:
+    """What the zygote holds: every role's modules and the database driver."""
+    for module in imports:
+        importlib.import_module(module)
+    if cfg.database_url.startswith(("postgresql:", "postgres:")):
+        importlib.import_module("playhouse.postgres_ext")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleCode:
+    """What the CLI hands the supervisor so it can fork the first zygote:
+    how a forked role runs, and the modules the zygote imports."""
+
+    run_role: Callable
+    imports: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preforked:
+    """The first zygote, forked by `prefork`: its pid (0 in the zygote
+    itself) and this side's end of the channel."""
+
+    pid: int
+    channel: socket.socket
+
+
+# Room `campaignd run`'s argv must leave for a forked role's command line
+# (``python -m daemon child worker:messages#12``): with less, prefork is
+# skipped, since `ps` and the stray-role check must see the role.
+_ARGV_ROOM = 48
+
+
+def prefork(
+    cfg, imports: tuple[str, ...], env: dict[str, str], close: tuple[int, ...] = ()
+) -> Preforked | None:
+    """Import every role in this process, then fork the first zygote from it.
+
+    The supervisor then shares the pages of what it imports (psycopg,
+    redis-py, peewee, huey: some 30 MB of Python objects) with the zygote
+    and every role, instead of holding a private copy of its own: the
+    tree's PSS (W5). Only at start, before any thread, socket or database
+    connection exists; a later zygote is exec'd (the supervisor has threads
+    by then). The zygote's environment becomes `env` (the children's), and
+    it closes the fds in `close` (the data directory's lock). None when it
+    cannot be forked (a thread runs, an import fails, no argv room): the
+    supervisor exec's the zygote as before.
+    """
+    if threading.active_count() > 1 or cmdline_room() < _ARGV_ROOM:
+        return None
+    gc.disable()
+    try:
+        import_roles(cfg, imports)
+    except Exception:  # noqa: BLE001 - the exec'd zygote will say what broke
+        log.warning("zygote: the roles do not import here: exec'ing it", exc_info=True)
+        gc.enable()
+        return None
+    gc.freeze()
+    ours, theirs = socket.socketpair()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log.warning("zygote: cannot fork it (%s): exec'ing it", exc)
+        ours.close()
+        theirs.close()
+        gc.enable()
+        return None
+    if pid == 0:
+        ours.close()
+        for fd in close:
+            os.close(fd)
+        os.setpgid(0, 0)
+        os.environ.clear()
+        os.environ.update(env)
+        # As an exec'd zygote's argv reads: each role shows itself there.
+        sys.orig_argv = [sys.executable, "-m", "daemon", "child", "--zygote"]
+        show_in_cmdline(sys.orig_argv)
+        return Preforked(0, theirs)
+    theirs.close()
+    with contextlib.suppress(OSError):  # also from this side, as for roles
+        os.setpgid(pid, pid)
+    gc.enable()
+    return Preforked(pid, ours)
 
 
 def _stdin_from_devnull() -> None:

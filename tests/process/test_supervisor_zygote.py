@@ -165,6 +165,11 @@ def test_zygote_forks_every_role_and_their_respawns(make_config):
         assert zygote.ppid() == proc.pid
         assert "--zygote" in zygote.cmdline()
         assert zygote.name() == "cd-zygote"
+        # The first zygote is forked by the supervisor, which then shares
+        # its imports with every role instead of holding them alone.
+        assert a["zygote"]["started"] == "forked by the supervisor"
+        supervisor = psutil.Process(proc.pid).memory_full_info()
+        assert supervisor.pss < 0.75 * supervisor.rss, supervisor
         assert a["zygote"]["roles_forked"] == len(a["roles"])
         for r in a["roles"]:
             p = psutil.Process(r["pid"])
@@ -202,6 +207,7 @@ def test_zygote_forks_every_role_and_their_respawns(make_config):
         )
         assert {r["name"]: r["pid"] for r in a["roles"]} == roles_before
         assert "SIGKILL" in (a["zygote"]["last_exit"] or "")
+        assert a["zygote"]["started"] == "exec'd"
 
         tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert a["zygote"]["pid"] in tree
