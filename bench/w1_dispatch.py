@@ -110,25 +110,26 @@ def _w1_measure(fake, roots, services, n: int, sent_rows) -> dict:
     # bench.w1_ab's fake runs in its parent process: no CPU figure then.
     spawned = getattr(fake, "spawned", None)
     fake_process = psutil.Process(spawned.proc.pid) if spawned else None
-    fake_cpu, machine = _cpu_s(fake_process), psutil.cpu_times()
+    fake_cpu_at_first = _cpu_s(fake_process) if fake_process else None
+    machine = psutil.cpu_times()
     wait_until(lambda: fake.accepted() >= n, 30 + n / 50, "every send", interval=0.02)
     wait_until(lambda: sent_rows() >= n, 60, "rows marked sent", interval=0.02)
     meter.stop()
-    fake_cpu = _cpu_s(fake_process) - fake_cpu
+    fake_cpu_ms_msg = None
+    if fake_process is not None:
+        fake_cpu_ms_msg = (_cpu_s(fake_process) - fake_cpu_at_first) / n * 1000
     first, last = _accept_span(fake.messages())
     return {
         "msgs_s": (n - 1) / max(last - first, 1e-3),
         "cpu_ms_msg": meter.cpu_s / n * 1000,
         "svc_cpu_ms_msg": meter.extra_cpu_s / n * 1000,
-        "fake_cpu_ms_msg": None if fake_process is None else fake_cpu / n * 1000,
+        "fake_cpu_ms_msg": fake_cpu_ms_msg,
         "machine_busy_pct": _busy_pct(machine, psutil.cpu_times()),
         "peak_rss_mb": meter.peak_rss / MB,
     }
 
 
-def _cpu_s(process: psutil.Process | None) -> float:
-    if process is None:
-        return 0.0
+def _cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
 

@@ -250,7 +250,7 @@ class HttpClient:
             ) from exc
 
 
-class _NotesBeforeSend:
+class _WholeRequestAfterNote:
     """Writes a request whole, in one `sendall`, and calls `before_send`
     (then forgets it) right before.
 
@@ -292,11 +292,11 @@ class _NotesBeforeSend:
         super().send(data)
 
 
-class _Connection(_NotesBeforeSend, http.client.HTTPConnection):
+class _Connection(_WholeRequestAfterNote, http.client.HTTPConnection):
     pass
 
 
-class _TlsConnection(_NotesBeforeSend, http.client.HTTPSConnection):
+class _TlsConnection(_WholeRequestAfterNote, http.client.HTTPSConnection):
     pass
 
 

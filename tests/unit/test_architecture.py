@@ -56,6 +56,7 @@ SUPERVISOR_MODULES = (
     "daemon.supervision.supervisor",
     "daemon.supervision.child",
     "daemon.supervision.zygote",
+    "daemon.supervision.tree",
     "daemon.supervision.hooks",
     "daemon.supervision.role_alerts",
     "daemon.supervision.systemd",
