@@ -9,9 +9,11 @@ durable (synchronous=FULL) while the rest of the process keeps NORMAL.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import peewee as pw
 import pytest
 
 from daemon.domain import campaigns
@@ -205,3 +207,42 @@ def test_the_writer_connection_commits_with_its_own_synchronous_level(
     # Other connections of the process keep the default.
     with database.connection_context():
         assert database.execute_sql("PRAGMA synchronous").fetchone()[0] == SQLITE_NORMAL
+
+
+@pytest.mark.parametrize("count", [12, 450], ids=["one statement", "three chunks"])
+def test_a_request_gets_the_ids_of_its_new_events_and_none_of_known_ones(db, count):
+    """The writer answers a request with those of its events that were new,
+    under the ids and types the database holds (on SQLite found after an
+    INSERT without RETURNING), whether they fit in one INSERT or not."""
+
+    class Null:
+        def process_webhook_events(self, event_ids):
+            pass
+
+    def row(key: str) -> dict:
+        return {
+            "provider": "meta",
+            "dedupe_key": key,
+            "event_type": f"status:{key[-1]}",
+            "payload": json.dumps({"key": key}),
+            "received_at": utcnow(),
+            "attempts": 0,
+        }
+
+    writer = EventWriter(Null())
+    keys = [f"key-{i}-{'abc'[i % 3]}" for i in range(count)]
+    known = keys[::3]
+    assert len(writer.store([row(k) for k in known])) == len(known)
+    with database.connection_context():
+        last_known = InboundEvent.select(pw.fn.MAX(InboundEvent.id)).scalar()
+
+    answer = writer.store([row(k) for k in keys])  # known and new, interleaved
+
+    with database.connection_context():
+        added = {
+            e.dedupe_key: (e.id, e.event_type)
+            for e in InboundEvent.select().where(InboundEvent.id > last_known)
+        }
+    new = [k for k in keys if k not in known]
+    assert sorted(added) == sorted(new)
+    assert sorted(answer) == sorted(added.values())
