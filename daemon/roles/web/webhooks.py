@@ -92,8 +92,9 @@ def _insert_sqlite(chunk: list[dict], params: list) -> list:
     row of JSON. Python's sqlite3 gives up the GIL on every step, that is on
     every row RETURNING hands back, and under a load of request threads the
     writer waits to take it back each time (profiled at most of its time).
-    The INSERT runs in one step; inside the writer's transaction the rows it
-    added have the ids right below the last one (rowid = max + 1)."""
+    The INSERT runs in one step, and the rows one INSERT adds get
+    consecutive ids ending at the last one (rowid = max + 1, under the write
+    lock the statement holds)."""
     sql = _insert_sql(len(chunk), "?").rsplit(" RETURNING ", 1)[0]
     cursor = database.execute_sql(sql, params)
     added, last = cursor.rowcount, cursor.lastrowid
