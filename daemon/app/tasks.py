@@ -45,6 +45,7 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import PRIORITY_HIGH
 from daemon.store.queue import Queues
+from daemon.store.queue import waiting_ids
 from daemon.store.statuses import MessageStatus
 
 log = logging.getLogger(__name__)
@@ -466,26 +467,35 @@ class Tasks(EventTasks, VerifyTasks):
         """A consumer died: re-enqueue at once what its queues lost with it.
 
         Huey drops a task once popped, and Redis may even hand one to the
-        connection of a process being killed. The sweeper finds such rows
-        after its grace (30-60 s): a reply would wait that long for its
-        Message 2. When a queue is drained, every row still due is lost, so
-        it is enqueued again now; a row also in flight elsewhere is harmless
-        (the claim lets one send through, events are processed once). With
-        a backlog the sweeper stays in charge, as in `sweep_once`.
+        connection of a process being killed, which never reads it (so no
+        taken record names it). The sweeper would find such rows after its
+        grace (30-60 s): a reply would wait that long for its Message 2.
+        Every row still due that no entry of its queues names is lost: it
+        is enqueued again now. One also in flight elsewhere is harmless (the
+        claim lets one send through, events are processed once). Queues
+        too long to read (REPLAY_SCAN_LIMIT) stay with the sweeper.
         (messages, events) enqueued again.
         """
-        sends_drained = not (
-            self.queues.messages.pending_count() or self.queues.retry.pending_count()
+        queues = self.queues
+        waiting_sends = waiting_ids(
+            (queues.messages, queues.retry), _TAKEN_KINDS, "m", REPLAY_SCAN_LIMIT
         )
-        events_drained = not self.queues.default.pending_count()
-        if not (sends_drained or events_drained):
+        waiting_events = waiting_ids(
+            (queues.default,), _TAKEN_KINDS, "e", REPLAY_SCAN_LIMIT
+        )
+        if waiting_sends is None and waiting_events is None:
             return 0, 0
         found = campaigns.sweep(
-            now or self.clock(), grace_s=0, include_queued=sends_drained
+            now or self.clock(),
+            grace_s=0,
+            include_queued=waiting_sends is not None,
+            in_queue=waiting_sends or (),
         )
         for message_id, priority in found.messages:
             self.send_single_message(message_id, priority=priority)
-        event_ids = found.events if events_drained else []
+        event_ids = []
+        if waiting_events is not None:
+            event_ids = [e for e in found.events if e not in waiting_events]
         for event_id in event_ids:
             self.process_webhook_event(event_id)
         return len(found.messages), len(event_ids)
@@ -528,6 +538,10 @@ class Tasks(EventTasks, VerifyTasks):
             "checks": checks,
         }
 
+
+# Above this many entries waiting in a queue, a death does not read them to
+# find what it lost (replay_after_death): the sweeper does, after its grace.
+REPLAY_SCAN_LIMIT = 5000
 
 # Tasks whose queue entry dies with the thread that took it: the thread
 # notes it (runtime.InFlight.take) so that a death enqueues it again.

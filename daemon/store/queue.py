@@ -16,6 +16,7 @@ import logging
 import threading
 import zlib
 from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -234,6 +235,31 @@ def listen_for_wakeups(huey: Huey, fallback_s: float) -> bool:
     # Huey runs shutdown hooks in each worker thread as it exits.
     huey.on_shutdown("campaignd:wake-socket")(storage.close_waiter)
     return True
+
+
+def waiting_ids(
+    hueys: Iterable[Huey], kinds: dict[str, str], kind: str, limit: int
+) -> set[int] | None:
+    """The ids that the entries waiting in `hueys` (queued or scheduled) name
+    for tasks of `kind` (`kinds` maps a task's function name to its kind; its
+    first argument is an id or a list of ids). None when the queues hold more
+    than `limit` entries: reading them all on every death would cost more
+    than the sweeper's grace saves."""
+    ids: set[int] = set()
+    for huey in hueys:
+        if huey.pending_count() + huey.scheduled_count() > limit:
+            return None
+        storage = huey.storage
+        for data in [*storage.enqueued_items(), *storage.scheduled_items()]:
+            try:
+                message = huey.serializer.deserialize(data)
+            except Exception:  # noqa: BLE001 - not ours to judge: skip it
+                continue
+            if kinds.get(message.name.rpartition(".")[2]) != kind or not message.args:
+                continue
+            first = message.args[0]
+            ids.update([first] if isinstance(first, int) else first)
+    return ids
 
 
 def make_queues(cfg: Config) -> Queues:

@@ -348,6 +348,45 @@ def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
     assert read_inflight(directory, DEAD_PID) == set()  # cleared
 
 
+def test_a_death_replays_what_no_queue_entry_names_behind_a_backlog(pipeline_for, fake):
+    """Redis can hand a task to the connection of a worker being killed,
+    which never reads it: no taken record names it. Its release enqueues
+    again every due row and unprocessed event that no waiting entry names,
+    even behind a backlog (a late status's task queued after the reply's),
+    and does not double the ones still waiting."""
+    from daemon.app.recovery import LeaseReleaser
+    from daemon.runtime import inflight_dir
+    from daemon.store.models import InboundEvent
+    from tests.send_helpers import phone_for
+
+    pipeline = pipeline_for()
+    contact_ids = seed_contacts(3)
+    campaign = new_campaign(contact_ids)
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    ids = campaigns.fan_out(campaign.id)
+    drop_queue(pipeline.queues.messages)  # ids[0]'s entry: handed, never read
+    for message_id in ids[1:]:
+        pipeline.tasks.send_single_message(message_id)  # the backlog
+    events = Events(pipeline.tasks)
+    lost_event = events.store("wassenger", wassenger_reply(phone_for(90), "hi"))[0]
+    waiting_event = events.store("wassenger", wassenger_reply(phone_for(91), "yo"))[0]
+    drop_queue(pipeline.queues.default)  # the reply's entry: handed, never read
+    pipeline.tasks.process_webhook_event(waiting_event)  # queued after it
+
+    directory = inflight_dir(pipeline.cfg.data_path)
+    released = LeaseReleaser(pipeline.cfg, directory).release(DEAD_PID)
+
+    assert released[3] == 2, released  # ids[0] and lost_event, nothing else
+    assert pipeline.queues.messages.pending_count() == 3
+    assert pipeline.queues.default.pending_count() == 2
+    run_queue(pipeline.queues.messages)
+    run_queue(pipeline.queues.default)
+    phones = [Contact.get_by_id(c).phone for c in contact_ids]
+    assert [phone_shows(fake, p)["m1"] for p in phones] == [1, 1, 1]
+    for event_id in (lost_event, waiting_event):
+        assert InboundEvent.get_by_id(event_id).processed_at is not None
+
+
 def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
     pipeline_for, fake
 ):

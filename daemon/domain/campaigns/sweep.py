@@ -4,6 +4,7 @@ messages, interactions past the reply window."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import peewee as pw
@@ -34,13 +35,18 @@ class SweepResult:
 
 
 def sweep(
-    now=None, grace_s: float = 30.0, limit: int = 5000, include_queued: bool = True
+    now=None,
+    grace_s: float = 30.0,
+    limit: int = 5000,
+    include_queued: bool = True,
+    in_queue: Collection[int] = (),
 ) -> SweepResult:
     """Rows the queue may have lost: due and not enqueued lately.
 
     Marks them enqueued now; the caller enqueues them. A row that is still in
-    the queue as well is harmless: the claim lets one send through. Rows
-    abandoned in `sending` (lease expired) become unconfirmed here.
+    the queue as well is harmless: the claim lets one send through; rows the
+    caller saw waiting there (`in_queue`) are left out. Rows abandoned in
+    `sending` (lease expired) become unconfirmed here.
     """
     now = now or utcnow()
     stale = now - dt.timedelta(seconds=grace_s)
@@ -65,7 +71,7 @@ def sweep(
         ).where(abandoned).execute()
     messages = []
     if include_queued:
-        messages = _take_lost(due & not_recent, running, now, limit)
+        messages = _take_lost(due & not_recent, running, now, limit, in_queue)
     events = [
         e.id
         for e in InboundEvent.select(InboundEvent.id)
@@ -96,8 +102,10 @@ def sweep(
     return SweepResult(messages=messages, events=events, campaigns=campaigns)
 
 
-def _take_lost(lost, running, now, limit: int) -> list[tuple[int, int]]:
-    """(id, priority) of lost rows, marked enqueued now."""
+def _take_lost(
+    lost, running, now, limit: int, in_queue: Collection[int]
+) -> list[tuple[int, int]]:
+    """(id, priority) of lost rows not `in_queue`, marked enqueued now."""
     with database.atomic():
         query = (
             Message.select(Message.id, Message.priority)
@@ -109,7 +117,7 @@ def _take_lost(lost, running, now, limit: int) -> list[tuple[int, int]]:
             # Two leaders for a moment (lease handover) must not both take
             # the same batch.
             query = query.for_update(skip_locked=True)
-        messages = list(query.tuples())
+        messages = [m for m in query.tuples() if m[0] not in in_queue]
         ids = [m[0] for m in messages]
         for start in range(0, len(ids), _CHUNK):
             Message.update(enqueued_at=now).where(
