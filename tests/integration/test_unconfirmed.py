@@ -348,6 +348,13 @@ def test_a_dead_workers_taken_tasks_are_enqueued_again(pipeline_for, fake):
     assert read_inflight(directory, DEAD_PID) == set()  # cleared
 
 
+def event_ids_queued(pipeline) -> set[int]:
+    from daemon.store.queue import waiting_ids
+
+    kinds = {"process_webhook_events": "e", "process_webhook_event": "e"}
+    return waiting_ids((pipeline.queues.default,), kinds, "e", 1000)
+
+
 def test_a_death_replays_what_no_queue_entry_names_behind_a_backlog(pipeline_for, fake):
     """Redis can hand a task to the connection of a worker being killed,
     which never reads it: no taken record names it. Its release enqueues
@@ -370,6 +377,11 @@ def test_a_death_replays_what_no_queue_entry_names_behind_a_backlog(pipeline_for
     events = Events(pipeline.tasks)
     lost_event = events.store("wassenger", wassenger_reply(phone_for(90), "hi"))[0]
     waiting_event = events.store("wassenger", wassenger_reply(phone_for(91), "yo"))[0]
+    # The ingest enqueues from its own thread: let it, then lose the entries.
+    wait_for(
+        lambda: {lost_event, waiting_event} <= event_ids_queued(pipeline),
+        what="the ingest's entries",
+    )
     drop_queue(pipeline.queues.default)  # the reply's entry: handed, never read
     pipeline.tasks.process_webhook_event(waiting_event)  # queued after it
 
