@@ -95,6 +95,9 @@ class Tasks(EventTasks, VerifyTasks):
         self.send_single_message = self._register(
             "messages", "send_single_message", self.deliver
         )
+        self.send_messages = self._register(
+            "messages", "send_messages", self.deliver_all
+        )
         self.send_campaign_messages = self._register(
             "messages", "send_campaign_messages", self.fan_out
         )
@@ -159,6 +162,14 @@ class Tasks(EventTasks, VerifyTasks):
         for message_id in ids:
             self.send_single_message(message_id, priority=priority)
 
+    def enqueue_message1(self, ids: list[int]) -> None:
+        """A fan-out batch's Message 1 sends: one task per SEND_CHUNK rows
+        (deliver_all), all in one round trip."""
+        from daemon.store.queue_bulk import enqueue_many
+
+        chunks = [ids[i : i + SEND_CHUNK] for i in range(0, len(ids), SEND_CHUNK)]
+        enqueue_many(self.send_messages, [(chunk,) for chunk in chunks])
+
     def enqueue_fanout(
         self, campaign_id: int, after: int = 0, until: int | None = None
     ) -> None:
@@ -187,13 +198,44 @@ class Tasks(EventTasks, VerifyTasks):
 
     def deliver(self, message_id: int) -> str:
         """Claim -> pacing -> provider -> record. Returns what happened."""
-        if self.draining.is_set():
-            return self._leave_queued(message_id)
+        return self._deliver(message_id, None, None)[0]
+
+    def deliver_all(self, message_ids: list[int]) -> list[str]:
+        """A chunk of Message 1 sends, one after the other, each with the
+        whole time limit. The fan-out enqueues them in chunks: one queue
+        entry per SEND_CHUNK rows instead of one per row, and the record of
+        each send claims the next row in the same transaction on SQLite
+        (campaigns.record_sent): one write transaction a send, not two."""
+        outcomes = []
+        claimed = None
+        for index, message_id in enumerate(message_ids):
+            if index:
+                self.task_clock.started()
+            following = message_ids[index + 1] if index + 1 < len(message_ids) else None
+            outcome, claimed = self._deliver(message_id, claimed, following)
+            outcomes.append(outcome)
+        return outcomes
+
+    def _deliver(
+        self, message_id: int, claimed, claim_next: int | None
+    ) -> tuple[str, campaigns.ClaimedMessage | None]:
+        """deliver, for a row already `claimed` (by the previous send's
+        record) or not; the row `claim_next`, when given, is claimed by this
+        send's record if it can be, and handed back."""
         owner = lease_owner()
+        if self.draining.is_set():
+            if claimed is not None:
+                campaigns.release(claimed, owner, None)
+            return self._leave_queued(message_id), None
         now = self.clock()
-        message = campaigns.claim(message_id, owner, self.lease_s, now)
+        message = claimed or campaigns.claim(message_id, owner, self.lease_s, now)
         if message is None:
-            return self._not_claimed(message_id, now)
+            return self._not_claimed(message_id, now), None
+        outcome = self._deliver_claimed(message, owner, now, claim_next)
+        # Only a recorded send can hand back the next row (see _send_claimed).
+        return (outcome, None) if isinstance(outcome, str) else outcome
+
+    def _deliver_claimed(self, message, owner: str, now, claim_next: int | None):
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
@@ -220,7 +262,7 @@ class Tasks(EventTasks, VerifyTasks):
             # the request's first byte can leave (Provider.send): a death
             # during a connect or TLS handshake re-sends the row at once.
             outcome = self._send_claimed(
-                message, owner, on_write=lambda: inflight.begin(message.id)
+                message, owner, lambda: inflight.begin(message.id), claim_next
             )
         except BaseException:
             # Not recorded (database down?): the request may have left, and
@@ -272,7 +314,11 @@ class Tasks(EventTasks, VerifyTasks):
 
         return note
 
-    def _send_claimed(self, message, owner: str, on_write: Callable[[], None]) -> str:
+    def _send_claimed(
+        self, message, owner: str, on_write: Callable[[], None], claim_next=None
+    ):
+        """Send a claimed row and record the outcome: what happened, or
+        ("sent", the row `claim_next` claimed by the record, or None)."""
         try:
             result = self.provider.send(
                 message.phone,
@@ -305,9 +351,14 @@ class Tasks(EventTasks, VerifyTasks):
             # so a bug can neither lose the row nor send it twice.
             log.exception("unexpected error sending message %s", message.id)
             return self._after_unconfirmed(message, owner, f"internal error: {exc}")
-        campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
+        following = None
+        if claim_next is not None:
+            following = campaigns.NextClaim(claim_next, self.lease_s, self.clock())
+        next_message = campaigns.record_sent(
+            message, owner, result.provider_id, result.wa_id, claim_next=following
+        )
         _count_send(message.kind, "sent")
-        return "sent"
+        return "sent", next_message
 
     @staticmethod
     def _session_closed(message, now) -> bool:
@@ -395,8 +446,6 @@ class Tasks(EventTasks, VerifyTasks):
         dead worker is found by the sweeper (running campaign, pending members
         without a Message 1), which starts the chain again from 0.
         """
-        from daemon.store.queue_bulk import enqueue_many
-
         batch = self.cfg.campaigns.fanout_batch
         if after == 0 and until is None:
             # The first link (or a chain started again by the sweep): a big
@@ -418,7 +467,7 @@ class Tasks(EventTasks, VerifyTasks):
             # this one enqueues the sends.
             self.enqueue_fanout(campaign_id, next_after, until)
         # One round trip for the whole batch (Huey would make one per send).
-        enqueue_many(self.send_single_message, [(i,) for i in ids])
+        self.enqueue_message1(ids)
         if next_after is None:
             campaigns.maybe_complete(campaign_id)
         return len(ids)
@@ -539,6 +588,9 @@ class Tasks(EventTasks, VerifyTasks):
         }
 
 
+# Message 1 rows per send task from the fan-out.
+SEND_CHUNK = 8
+
 # Above this many entries waiting in a queue, a death does not read them to
 # find what it lost (replay_after_death): the sweeper does, after its grace.
 REPLAY_SCAN_LIMIT = 5000
@@ -548,6 +600,7 @@ REPLAY_SCAN_LIMIT = 5000
 _TAKEN_KINDS = {
     "send_single_message": "m",
     "retry_failed_message": "m",
+    "send_messages": "m",  # a chunk of Message 1 ids, as the fan-out enqueues
     "process_webhook_event": "e",
     "process_webhook_events": "e",  # a chunk of ids, as the web role enqueues
 }

@@ -121,6 +121,54 @@ def test_deliver_called_concurrently_sends_once(pipeline_for, fake):
     assert_each_reference_once(fake.stats(), fake.messages(), len(ids))
 
 
+def test_a_chunk_sends_each_row_once_past_one_it_cannot_send(pipeline_for, fake):
+    """The fan-out enqueues Message 1 in chunks (Tasks.deliver_all): each
+    row goes out once, and a row that can no longer go (its contact opted
+    out after the fan-out) neither stops the chunk nor goes out."""
+    pipeline = pipeline_for()
+    _, ids = running_campaign(pipeline, 4)
+    campaigns.opt_out_contact(Contact.get_by_id(row(ids[2]).contact_id), "STOP")
+
+    outcomes = pipeline.tasks.deliver_all(ids)
+
+    assert [outcomes[i] for i in (0, 1, 3)] == ["sent"] * 3, outcomes
+    assert [row(i).status for i in ids] == ["sent", "sent", "cancelled", "sent"]
+    assert [row(i).attempts for i in ids] == [1, 1, 0, 1]
+    assert_each_reference_once(fake.stats(), fake.messages(), 3)
+    assert row(ids[2]).phone not in {m["phone"] for m in fake.messages()}
+
+
+def test_a_chunk_stopped_by_draining_gives_its_rows_back(pipeline_for, fake):
+    """A worker told to drain in the middle of a chunk sends nothing more:
+    the row the last record had already claimed is handed back unclaimed
+    (queued, no attempt counted) and, like the rest of the chunk, enqueued
+    again for another worker."""
+    pipeline = pipeline_for()
+    _, ids = running_campaign(pipeline, 3)
+    tasks = pipeline.tasks
+    clock = tasks.clock
+
+    def drain_after_the_first_claim():
+        tasks.draining.set()  # read once, as the first row is delivered
+        return clock()
+
+    tasks.clock = drain_after_the_first_claim
+    pipeline.queues.messages.flush()
+
+    outcomes = tasks.deliver_all(ids)
+
+    assert outcomes == ["sent"] + ["draining: left for another worker"] * 2
+    assert [(row(i).status, row(i).attempts) for i in ids] == [
+        ("sent", 1),
+        ("queued", 0),
+        ("queued", 0),
+    ]
+    assert all(row(i).lease_owner is None for i in ids)
+    queued = [t.args for t in pipeline.queues.messages.pending()]
+    assert sorted(queued) == [(ids[1],), (ids[2],)]
+    assert fake.stats()["sends_accepted"] == 1
+
+
 @pytest.mark.timeout(60)
 def test_task_enqueued_three_times_is_sent_once_by_a_worker(
     make_config, fake, tmp_path

@@ -250,9 +250,35 @@ def held_by(message, owner: str):
     )
 
 
-def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
-    """The provider accepted the message: sent (unless a webhook got further)."""
+@dataclass(frozen=True)
+class NextClaim:
+    """A row to claim together with the record of a send (record_sent)."""
+
+    message_id: int
+    lease_s: float
+    now: dt.datetime
+
+    def run(self, owner: str) -> ClaimedMessage | None:
+        return claim(self.message_id, owner, self.lease_s, self.now)
+
+
+def record_sent(
+    message,
+    owner: str,
+    provider_id,
+    wa_id,
+    now=None,
+    claim_next: NextClaim | None = None,
+) -> ClaimedMessage | None:
+    """The provider accepted the message: sent (unless a webhook got further).
+
+    `claim_next`: claim that row for `owner` as well, and return it (None if
+    it cannot be claimed). On SQLite the claim
+    rides in the record's transaction: one write transaction instead of two,
+    and SQLite's single writer is what limits a send's rate there.
+    """
     now = now or utcnow()
+    claimed = None
     # The row and its member move together: a kill between two commits
     # would leave the member behind for good (and the campaign open).
     if is_postgres():
@@ -266,8 +292,14 @@ def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
                 _run_member_sent(now, message.campaign_id, message.contact_id)
             elif recorded:
                 _member_message2_sent(message.campaign_id, message.contact_id, now)
+            if claim_next is not None:
+                claimed = claim_next.run(owner)
     if recorded and message.kind == 2:
         maybe_complete(message.campaign_id)
+    if claim_next is not None and is_postgres():
+        # One statement in autocommit there: a transaction would add trips.
+        claimed = claim_next.run(owner)
+    return claimed
 
 
 def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
