@@ -242,9 +242,9 @@ def waiting_ids(
 ) -> set[int] | None:
     """The ids that the entries waiting in `hueys` (queued or scheduled) name
     for tasks of `kind` (`kinds` maps a task's function name to its kind; its
-    first argument is an id or a list of ids). None when the queues hold more
-    than `limit` entries: reading them all on every death would cost more
-    than the sweeper's grace saves."""
+    first argument is an id or a list of ids). None when one of them holds
+    more than `limit` entries: reading them all on every death would cost
+    more than the sweeper's grace saves."""
     ids: set[int] = set()
     for huey in hueys:
         if huey.pending_count() + huey.scheduled_count() > limit:
