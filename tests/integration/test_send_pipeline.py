@@ -149,7 +149,7 @@ def test_a_chunk_stopped_by_draining_gives_its_rows_back(pipeline_for, fake):
     clock = tasks.clock
 
     def drain_after_the_first_claim():
-        tasks.draining.set()  # read once, as the first row is delivered
+        tasks.draining.set()  # first read as the first row is claimed
         return clock()
 
     tasks.clock = drain_after_the_first_claim
