@@ -169,6 +169,39 @@ def test_a_chunk_stopped_by_draining_gives_its_rows_back(pipeline_for, fake):
     assert fake.stats()["sends_accepted"] == 1
 
 
+def test_a_slow_chunk_hands_the_rest_of_its_rows_on(pipeline_for, fake):
+    """With a slow provider a chunk sends no more than its time budget
+    allows (tasks.CHUNK_BUDGET_S): the rest goes back to the queue as a new
+    chunk, unclaimed (the row its last record had claimed released, no
+    attempt counted), so idle threads and a Message 2 need not wait behind
+    it. Each row is still sent once."""
+    from daemon.app.tasks import CHUNK_BUDGET_S
+    from daemon.app.tasks import HANDED_ON
+
+    pipeline = pipeline_for()
+    _, ids = running_campaign(pipeline, 3)
+    pipeline.queues.messages.flush()
+    fake.configure(latency_ms=CHUNK_BUDGET_S * 1000 + 50)
+
+    outcomes = pipeline.tasks.deliver_all(ids)
+
+    assert outcomes == ["sent", HANDED_ON, HANDED_ON]
+    assert [(row(i).status, row(i).attempts) for i in ids] == [
+        ("sent", 1),
+        ("queued", 0),
+        ("queued", 0),
+    ]
+    assert all(row(i).lease_owner is None for i in ids[1:])
+    (task,) = pipeline.queues.messages.pending()
+    assert (task.name, task.args) == ("send_messages", (ids[1:],))
+    fake.configure(latency_ms=0)
+    assert pipeline.queues.messages.execute(pipeline.queues.messages.dequeue()) == [
+        "sent",
+        "sent",
+    ]
+    assert_each_reference_once(fake.stats(), fake.messages(), 3)
+
+
 @pytest.mark.timeout(60)
 def test_task_enqueued_three_times_is_sent_once_by_a_worker(
     make_config, fake, tmp_path

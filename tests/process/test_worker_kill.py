@@ -37,6 +37,7 @@ from daemon.roles.web.app import WebServer
 from daemon.roles.web.app import create_app
 from daemon.runtime import inflight_dir
 from daemon.runtime import read_inflight
+from daemon.runtime import read_taken
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
 from daemon.store.models import Message
@@ -129,6 +130,10 @@ def kill_mid_send(cfg, pipeline, campaign_id, workers):
     wire = read_inflight(directory, victim.pid)
     host = victim.lease_owner.split(":")[0]
     released = pipeline.tasks.release_dead_worker(host, victim.pid, wire)
+    # As the supervisor's release goes on (recovery.LeaseReleaser): the rest
+    # of the chunks its threads had taken, not claimed yet, enqueued again.
+    skip = wire | {m for m, _ in released.requeued}
+    pipeline.tasks.resume_taken(read_taken(directory, victim.pid), skip)
     on_wire = sorted(set(held) & wire)
     never_left = sorted(set(held) - wire)
     # A status webhook may confirm a row on the wire before the release

@@ -301,8 +301,9 @@ def record_sent(
     """The provider accepted the message: sent (unless a webhook got further).
 
     `claim_next`: claim that row for `owner` as well, and return it (None if
-    it cannot be claimed), in the record's one statement (PostgreSQL) or
-    its transaction (SQLite): one round trip and one commit instead of two.
+    it cannot be claimed): on PostgreSQL in the record's one statement (one
+    round trip and one commit instead of two), on SQLite right after the
+    record's commit.
     """
     now = now or utcnow()
     claimed = None
@@ -321,8 +322,11 @@ def record_sent(
                 _run_member_sent(now, message.campaign_id, message.contact_id)
             elif recorded:
                 _member_message2_sent(message.campaign_id, message.contact_id, now)
-            if claim_next is not None:
-                claimed = claim_next.run(owner)
+        if claim_next is not None:
+            # After the record's commit, not inside its transaction: a claim
+            # there left, now and then, the next row claimed and its own
+            # record lost in W1 embedded (not understood yet; see the notes).
+            claimed = claim_next.run(owner)
     if recorded and message.kind == 2:
         maybe_complete(message.campaign_id)
     return claimed
