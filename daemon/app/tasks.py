@@ -23,11 +23,10 @@ import peewee as pw
 from daemon import metrics
 from daemon.app.event_tasks import EventTasks
 from daemon.app.event_tasks import pause_quietly
-from daemon.app.recovery_tasks import TAKEN_KINDS
-from daemon.app.recovery_tasks import RecoveryTasks
 from daemon.app.verify_tasks import VerifyTasks
 from daemon.config import Config
 from daemon.domain import campaigns
+from daemon.domain import events
 from daemon.domain import unconfirmed
 from daemon.domain.pacing import Pacer
 from daemon.owners import lease_owner
@@ -46,6 +45,8 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import PRIORITY_HIGH
 from daemon.store.queue import Queues
+from daemon.store.queue import waiting_ids
+from daemon.store.statuses import MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 FANOUT_CHAINS = 2
 
 
-class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
+class Tasks(EventTasks, VerifyTasks):
     def __init__(
         self,
         cfg: Config,
@@ -94,9 +95,6 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
         self.send_single_message = self._register(
             "messages", "send_single_message", self.deliver
         )
-        self.send_messages = self._register(
-            "messages", "send_messages", self.deliver_all
-        )
         self.send_campaign_messages = self._register(
             "messages", "send_campaign_messages", self.fan_out
         )
@@ -120,7 +118,7 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
     def _register(self, queue: str, name: str, func: Callable):
         """A Huey task `name` on `queue` running `func`, timed and tracked."""
         duration = metrics.TASK_SECONDS.labels(task=name)
-        kind = TAKEN_KINDS.get(name)
+        kind = _TAKEN_KINDS.get(name)
 
         @functools.wraps(func)
         def tracked(*args, **kwargs):
@@ -161,14 +159,6 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
         for message_id in ids:
             self.send_single_message(message_id, priority=priority)
 
-    def enqueue_message1(self, ids: list[int]) -> None:
-        """A fan-out batch's Message 1 sends: one task per SEND_CHUNK rows
-        (deliver_all), all in one round trip."""
-        from daemon.store.queue_bulk import enqueue_many
-
-        chunks = [ids[i : i + SEND_CHUNK] for i in range(0, len(ids), SEND_CHUNK)]
-        enqueue_many(self.send_messages, [(chunk,) for chunk in chunks])
-
     def enqueue_fanout(
         self, campaign_id: int, after: int = 0, until: int | None = None
     ) -> None:
@@ -197,67 +187,13 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
 
     def deliver(self, message_id: int) -> str:
         """Claim -> pacing -> provider -> record. Returns what happened."""
-        return self._deliver(message_id, None, None)[0]
-
-    def deliver_all(self, message_ids: list[int]) -> list[str]:
-        """A chunk of Message 1 sends, one after the other, each with the
-        whole time limit. The fan-out enqueues them in chunks: one queue
-        entry per SEND_CHUNK rows instead of one per row. The record of each
-        send claims the next row (campaigns.record_sent): on PostgreSQL in
-        the record's one statement, one round trip a send instead of two.
-        A chunk slower than CHUNK_BUDGET_S hands the rest on (_hand_on)."""
-        outcomes = []
-        claimed = None
-        started = time.monotonic()
-        for index, message_id in enumerate(message_ids):
-            if index:
-                self.task_clock.started()
-                if time.monotonic() - started > CHUNK_BUDGET_S:
-                    # Released first, or the new chunk's claim would find
-                    # the row held and drop it.
-                    if claimed is not None:
-                        campaigns.release(claimed, lease_owner(), None)
-                        claimed = None
-                    if self._hand_on(message_ids[index:]):
-                        outcomes += [HANDED_ON] * (len(message_ids) - index)
-                        break
-            following = message_ids[index + 1] if index + 1 < len(message_ids) else None
-            outcome, claimed = self._deliver(message_id, claimed, following)
-            outcomes.append(outcome)
-        return outcomes
-
-    def _hand_on(self, rest: list[int]) -> bool:
-        """A slow chunk (a slow provider) gives the rest of its rows back to
-        the queue as a new chunk: idle threads take them, and a Message 2
-        does not wait behind eight slow sends. False if the queue refused:
-        this thread goes on with them."""
-        try:
-            self.send_messages(rest)
-        except Exception:  # noqa: BLE001 - the queue may be down
-            log.warning("could not hand on %d rows of a chunk; sending them", len(rest))
-            return False
-        return True
-
-    def _deliver(
-        self, message_id: int, claimed, claim_next: int | None
-    ) -> tuple[str, campaigns.ClaimedMessage | None]:
-        """deliver, for a row already `claimed` (by the previous send's
-        record) or not; the row `claim_next`, when given, is claimed by this
-        send's record if it can be, and handed back."""
-        owner = lease_owner()
         if self.draining.is_set():
-            if claimed is not None:
-                campaigns.release(claimed, owner, None)
-            return self._leave_queued(message_id), None
+            return self._leave_queued(message_id)
+        owner = lease_owner()
         now = self.clock()
-        message = claimed or campaigns.claim(message_id, owner, self.lease_s, now)
+        message = campaigns.claim(message_id, owner, self.lease_s, now)
         if message is None:
-            return self._not_claimed(message_id, now), None
-        outcome = self._deliver_claimed(message, owner, now, claim_next)
-        # Only a recorded send can hand back the next row (see _send_claimed).
-        return (outcome, None) if isinstance(outcome, str) else outcome
-
-    def _deliver_claimed(self, message, owner: str, now, claim_next: int | None):
+            return self._not_claimed(message_id, now)
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
@@ -284,7 +220,7 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
             # the request's first byte can leave (Provider.send): a death
             # during a connect or TLS handshake re-sends the row at once.
             outcome = self._send_claimed(
-                message, owner, lambda: inflight.begin(message.id), claim_next
+                message, owner, on_write=lambda: inflight.begin(message.id)
             )
         except BaseException:
             # Not recorded (database down?): the request may have left, and
@@ -325,7 +261,7 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
         def note(data: bytes) -> None:
             try:
                 message = huey.serializer.deserialize(data)
-                kind = TAKEN_KINDS.get(message.name.rpartition(".")[2])
+                kind = _TAKEN_KINDS.get(message.name.rpartition(".")[2])
                 # A delayed task (a retry's backoff) only passes through on
                 # its way to Huey's schedule, where it stays safe: not taken.
                 due = message.eta is None or message.eta <= _huey_now()
@@ -336,11 +272,7 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
 
         return note
 
-    def _send_claimed(
-        self, message, owner: str, on_write: Callable[[], None], claim_next=None
-    ):
-        """Send a claimed row and record the outcome: what happened, or
-        ("sent", the row `claim_next` claimed by the record, or None)."""
+    def _send_claimed(self, message, owner: str, on_write: Callable[[], None]) -> str:
         try:
             result = self.provider.send(
                 message.phone,
@@ -373,14 +305,9 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
             # so a bug can neither lose the row nor send it twice.
             log.exception("unexpected error sending message %s", message.id)
             return self._after_unconfirmed(message, owner, f"internal error: {exc}")
-        following = None
-        if claim_next is not None:
-            following = campaigns.NextClaim(claim_next, self.lease_s, self.clock())
-        next_message = campaigns.record_sent(
-            message, owner, result.provider_id, result.wa_id, claim_next=following
-        )
+        campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
         _count_send(message.kind, "sent")
-        return "sent", next_message
+        return "sent"
 
     @staticmethod
     def _session_closed(message, now) -> bool:
@@ -468,6 +395,8 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
         dead worker is found by the sweeper (running campaign, pending members
         without a Message 1), which starts the chain again from 0.
         """
+        from daemon.store.queue_bulk import enqueue_many
+
         batch = self.cfg.campaigns.fanout_batch
         if after == 0 and until is None:
             # The first link (or a chain started again by the sweep): a big
@@ -489,7 +418,7 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
             # this one enqueues the sends.
             self.enqueue_fanout(campaign_id, next_after, until)
         # One round trip for the whole batch (Huey would make one per send).
-        self.enqueue_message1(ids)
+        enqueue_many(self.send_single_message, [(i,) for i in ids])
         if next_after is None:
             campaigns.maybe_complete(campaign_id)
         return len(ids)
@@ -502,14 +431,126 @@ class Tasks(EventTasks, VerifyTasks, RecoveryTasks):
 
         return jobs.run(name, self, self.clock())
 
+    def release_dead_worker(
+        self, host: str, pid: int, in_flight: set[int]
+    ) -> unconfirmed.Released:
+        """A worker died: its rows on the wire (`in_flight`) become
+        unconfirmed; the others never left and are enqueued at once."""
+        released = unconfirmed.release_dead_process(host, pid, in_flight)
+        for message_id, priority in released.requeued:
+            self.send_single_message(message_id, priority=priority)
+        if released.unconfirmed:
+            metrics.UNCONFIRMED.labels(outcome="recorded").inc(released.unconfirmed)
+        return released
 
-# Message 1 rows per send task from the fan-out.
-SEND_CHUNK = 8
-# A chunk goes on to its next row only while it has taken less than this
-# (Tasks._hand_on): chunks pay off when sends are fast, not when each waits
-# hundreds of ms for the provider.
-CHUNK_BUDGET_S = 0.1
-HANDED_ON = "handed on: sent by another task"
+    def resume_taken(self, taken: set[tuple[str, int]], skip: set[int]) -> int:
+        """A dead worker's taken tasks (runtime.read_taken) whose rows still
+        wait, enqueued again; `skip`: message ids its release dealt with.
+        How many were enqueued."""
+        message_ids = [i for kind, i in taken if kind == "m" and i not in skip]
+        event_ids = [i for kind, i in taken if kind == "e"]
+        count = 0
+        if message_ids:
+            waiting = Message.select(Message.id, Message.priority).where(
+                Message.id.in_(message_ids), Message.status == MessageStatus.QUEUED
+            )
+            for message_id, priority in waiting.tuples():
+                self.send_single_message(message_id, priority=priority)
+                count += 1
+        if event_ids:
+            for event_id in events.unprocessed(event_ids):
+                self.process_webhook_event(event_id)
+                count += 1
+        return count
+
+    def replay_after_death(self, now=None) -> tuple[int, int]:
+        """A consumer died: re-enqueue at once what its queues lost with it.
+
+        Huey drops a task once popped, and Redis may even hand one to the
+        connection of a process being killed, which never reads it (so no
+        taken record names it). The sweeper would find such rows after its
+        grace (30-60 s): a reply would wait that long for its Message 2.
+        Every row still due that no entry of its queues names is lost: it
+        is enqueued again now. One also in flight elsewhere is harmless (the
+        claim lets one send through, events are processed once). Queues
+        too long to read (REPLAY_SCAN_LIMIT) stay with the sweeper.
+        (messages, events) enqueued again.
+        """
+        queues = self.queues
+        waiting_sends = waiting_ids(
+            (queues.messages, queues.retry), _TAKEN_KINDS, "m", REPLAY_SCAN_LIMIT
+        )
+        waiting_events = waiting_ids(
+            (queues.default,), _TAKEN_KINDS, "e", REPLAY_SCAN_LIMIT
+        )
+        if waiting_sends is None and waiting_events is None:
+            return 0, 0
+        found = campaigns.sweep(
+            now or self.clock(),
+            grace_s=0,
+            include_queued=waiting_sends is not None,
+            in_queue=waiting_sends or (),
+        )
+        for message_id, priority in found.messages:
+            self.send_single_message(message_id, priority=priority)
+        event_ids = []
+        if waiting_events is not None:
+            event_ids = [e for e in found.events if e not in waiting_events]
+        for event_id in event_ids:
+            self.process_webhook_event(event_id)
+        return len(found.messages), len(event_ids)
+
+    def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
+        """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
+        # Rows waiting in a long backlog are not lost: re-enqueueing them on
+        # every sweep would only fill the queue with duplicates. Once the
+        # send queues are drained, a due row that is still queued is lost.
+        drained = not (
+            self.queues.messages.pending_count() or self.queues.retry.pending_count()
+        )
+        found = campaigns.sweep(
+            now or self.clock(), grace_s=grace_s, include_queued=drained
+        )
+        for message_id, priority in found.messages:
+            self.send_single_message(message_id, priority=priority)
+        settled = unconfirmed.settle(
+            self.cfg.provider.confirm_window_s,
+            self.cfg.provider.unconfirmed,
+            now or self.clock(),
+        )
+        for message_id, priority in settled.resent:
+            self.send_single_message(message_id, priority=priority)
+        if settled.resent:
+            metrics.UNCONFIRMED.labels(outcome="resent").inc(len(settled.resent))
+        if settled.failed:
+            metrics.UNCONFIRMED.labels(outcome="failed").inc(settled.failed)
+        for event_id in found.events:
+            self.process_webhook_event(event_id)
+        for campaign_id in found.campaigns:
+            self.enqueue_fanout(campaign_id)
+        checks = self.sweep_checks(now or self.clock(), grace_s)
+        return {
+            "messages": len(found.messages),
+            "events": len(found.events),
+            "campaigns": len(found.campaigns),
+            "unconfirmed_resent": len(settled.resent),
+            "unconfirmed_failed": settled.failed,
+            "checks": checks,
+        }
+
+
+# Above this many entries waiting in a queue, a death does not read them to
+# find what it lost (replay_after_death): the sweeper does, after its grace.
+REPLAY_SCAN_LIMIT = 5000
+
+# Tasks whose queue entry dies with the thread that took it: the thread
+# notes it (runtime.InFlight.take) so that a death enqueues it again.
+_TAKEN_KINDS = {
+    "send_single_message": "m",
+    "retry_failed_message": "m",
+    "process_webhook_event": "e",
+    "process_webhook_events": "e",  # a chunk of ids, as the web role enqueues
+}
 
 
 def _huey_now() -> dt.datetime:

@@ -18,7 +18,6 @@ from daemon.domain.campaigns import sending
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
 from daemon.store.models import CampaignStatus
-from daemon.store.models import Contact
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import database
@@ -111,52 +110,6 @@ def test_a_message1_send_is_one_statement_and_moves_its_member_only(db):
     assert pending.count() == 4
 
 
-def _as_claimed(row: Message) -> campaigns.ClaimedMessage:
-    return campaigns.ClaimedMessage(
-        row.id,
-        row.campaign_id,
-        row.contact_id,
-        row.kind,
-        row.phone,
-        row.body,
-        row.attempts,
-        row.failures,
-        row.idempotency_key,
-    )
-
-
-def test_a_record_claims_the_next_row_of_its_chunk_in_the_same_statement(db):
-    """A chunk's send records its row and claims the next one together
-    (NextClaim): one statement on PostgreSQL; the next row comes back
-    claimed for the same owner, or None when it cannot be claimed (its
-    contact opted out), and the record holds either way."""
-    campaign_id, ids = running_campaign(3, 0)
-    first, second, third = (_message1(campaign_id, c) for c in ids)
-    claimed = campaigns.claim(first, OWNER, 60)
-    now = utcnow()
-    following = campaigns.NextClaim(second, 60.0, now)
-    statements = _record_counting(db, claimed, OWNER, "p-1", None, now, following)
-    if database.param == "%s":
-        assert statements == ["WITH"]
-    assert Message.get_by_id(first).status == "sent"
-    row = Message.get_by_id(second)
-    assert (row.status, row.lease_owner, row.attempts) == ("sending", OWNER, 1)
-
-    # The next row's contact opted out: no claim, and the record holds.
-    Contact.update(opted_out_at=now).where(Contact.id == ids[2]).execute()
-    second_claimed = campaigns.record_sent(
-        _as_claimed(Message.get_by_id(second)),
-        OWNER,
-        "p-2",
-        None,
-        now,
-        campaigns.NextClaim(third, 60.0, now),
-    )
-    assert second_claimed is None
-    assert Message.get_by_id(second).status == "sent"
-    assert Message.get_by_id(third).status == "queued"
-
-
 def test_a_lost_lease_records_nothing_and_moves_no_member(db):
     campaign_id, ids = running_campaign(3, 0)
     claimed = campaigns.claim(_message1(campaign_id, ids[0]), OWNER, 60)
@@ -236,7 +189,7 @@ def test_the_one_statement_reads_one_member_without_statistics(db):
         pytest.skip("SQLite records in a transaction: its plan is tested there")
     campaign_id, ids = running_campaign(300, 0)
     claimed = campaigns.claim(_message1(campaign_id, ids[150]), OWNER, 60)
-    sql, params = sending._record_sent_statement(type(database.obj), 1, False)
+    sql, params = sending._record_sent_statement(type(database.obj), 1)
     now = utcnow()
     real = {
         sending._AT: now,

@@ -25,7 +25,7 @@ from tests.send_helpers import seed_contacts
 
 BATCH = 5
 FANOUT = "send_campaign_messages"
-SEND = "send_messages"  # a chunk of Message 1 ids
+SEND = "send_single_message"
 
 
 @pytest.fixture(params=["sqlite", "cluster"])
@@ -55,10 +55,8 @@ def drain(pipeline, *, drop_fanout_after: int | None = None) -> dict:
                 dropped += 1
                 continue
             ran.append(huey.execute(task))
-        elif task.name == SEND:
-            sends.update(task.args[0])
-        else:  # a row enqueued alone (a resume, the sweep)
-            assert task.name == "send_single_message", task.name
+        else:
+            assert task.name == SEND
             sends[task.args[0]] += 1
     return {"links": ran, "sends": sends, "dropped": dropped}
 
@@ -103,8 +101,7 @@ def test_the_next_link_runs_before_the_sends_already_queued(pipeline):
         order.append(task.name)
         if task.name == FANOUT:
             huey.execute(task)
-    # Batches of 5, 5 and 2: one chunk of sends each.
-    assert order == [FANOUT] * 3 + [SEND] * 3
+    assert order == [FANOUT] * 3 + [SEND] * 12
 
 
 def test_a_lost_link_is_started_again_by_the_sweep(pipeline):

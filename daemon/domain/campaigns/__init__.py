@@ -51,7 +51,6 @@ from daemon.domain.campaigns.replies import is_opt_out
 from daemon.domain.campaigns.replies import opt_out_contact
 from daemon.domain.campaigns.sending import Backoff
 from daemon.domain.campaigns.sending import ClaimedMessage
-from daemon.domain.campaigns.sending import NextClaim
 from daemon.domain.campaigns.sending import cancel_if_opted_out
 from daemon.domain.campaigns.sending import cancel_unclaimable_opted_out
 from daemon.domain.campaigns.sending import claim
@@ -107,7 +106,6 @@ __all__ = [
     "fan_out_batch",
     "fanout_ranges",
     "ClaimedMessage",
-    "NextClaim",
     "claim",
     "cancel_if_opted_out",
     "cancel_unclaimable_opted_out",

@@ -115,22 +115,13 @@ _RECORD_SENT_ONE_SQL = """
 WITH m AS ({record} RETURNING 1), moved AS ({member})
 SELECT count(*) FROM m
 """
-# The same with the claim of the chunk's next row (NextClaim) as a third
-# part: a different row, so the snapshot they share changes nothing for it.
-_RECORD_SENT_AND_CLAIM_SQL = """
-WITH m AS ({record} RETURNING 1), moved AS ({member}), c AS ({claim})
-SELECT (SELECT count(*) FROM m), c.* FROM (SELECT 1) AS one LEFT JOIN c ON true
-"""
 _ONLY_IF_RECORDED = pw.SQL("EXISTS (SELECT 1 FROM m)")
 
 
-@functools.lru_cache(maxsize=8)
-def _record_sent_statement(
-    _database_type, kind: int, with_claim: bool
-) -> tuple[str, tuple]:
-    """The PostgreSQL record of a sent `kind` message with its member's move
-    (and the claim of another row): the SQL text and the member's
-    parameters (stand-ins, as above)."""
+@functools.lru_cache(maxsize=4)
+def _record_sent_statement(_database_type, kind: int) -> tuple[str, tuple]:
+    """The PostgreSQL record of a sent `kind` message with its member's move:
+    the SQL text and the member's parameters (stand-ins, as above)."""
     if kind == 1:
         member = _member_sent_query(_ONLY_IF_RECORDED)
     else:
@@ -138,34 +129,24 @@ def _record_sent_statement(
             _AT, _CAMPAIGN_ID, _CONTACT_ID, _ONLY_IF_RECORDED
         )
     sql, params = member.sql()
-    parts = {"record": _sql(_RECORD_SENT_SQL).strip(), "member": sql}
-    if with_claim:
-        parts["claim"] = _sql(_CLAIM_SQL).strip()
-        return _RECORD_SENT_AND_CLAIM_SQL.format(**parts), tuple(params)
-    return _RECORD_SENT_ONE_SQL.format(**parts), tuple(params)
+    record = _sql(_RECORD_SENT_SQL).strip()
+    return _RECORD_SENT_ONE_SQL.format(record=record, member=sql), tuple(params)
 
 
-def _record_sent_once(
-    message, owner: str, provider_id, wa_id, now, claim_next: NextClaim | None
-) -> tuple[int, ClaimedMessage | None]:
-    """PostgreSQL: the row and its member (and the next row's claim) in one
-    round trip. Returns how many message rows were ours (0 or 1), as the
-    UPDATE's rowcount would, and the row claimed."""
-    with_claim = claim_next is not None
-    sql, params = _record_sent_statement(type(database.obj), message.kind, with_claim)
+def _record_sent_once(message, owner: str, provider_id, wa_id, now) -> int:
+    """PostgreSQL: the row and its member in one round trip. Returns how
+    many message rows were ours (0 or 1), as the UPDATE's rowcount would."""
+    sql, params = _record_sent_statement(type(database.obj), message.kind)
     real = {
         _AT: now,
         _CAMPAIGN_ID: message.campaign_id,
         _CONTACT_ID: message.contact_id,
     }
-    values = [provider_id, wa_id, now, message.id, owner]
-    values += [real.get(p, p) for p in params]
-    if with_claim:
-        values += claim_next.parameters(owner)
-    row = database.execute_sql(sql, values).fetchone()
-    if not with_claim or row[1] is None:
-        return row[0], None
-    return row[0], _claimed_message(row[1:])
+    cursor = database.execute_sql(
+        sql,
+        (provider_id, wa_id, now, message.id, owner, *[real.get(p, p) for p in params]),
+    )
+    return cursor.fetchone()[0]
 
 
 def _run_member_sent(now, campaign_id: int, contact_id: int) -> None:
@@ -181,18 +162,12 @@ def claim(
 ) -> ClaimedMessage | None:
     """Take the row for sending, or None if someone else has it or it is not due."""
     now = now or utcnow()
-    values = _claim_parameters(message_id, owner, lease_s, now)
-    row = database.execute_sql(_sql(_CLAIM_SQL), values).fetchone()
-    return None if row is None else _claimed_message(row)
-
-
-def _claim_parameters(message_id: int, owner: str, lease_s: float, now) -> list:
-    return [owner, now + dt.timedelta(seconds=lease_s), message_id, now]
-
-
-def _claimed_message(row) -> ClaimedMessage:
-    """A claim's RETURNING row. SQLite hands back the stored text: parse it
-    as peewee would."""
+    expires = now + dt.timedelta(seconds=lease_s)
+    cursor = database.execute_sql(_sql(_CLAIM_SQL), (owner, expires, message_id, now))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    # SQLite hands back the stored text: parse it as peewee would.
     return ClaimedMessage(
         *row[:-2],
         Message.paced_until.python_value(row[-2]),
@@ -275,44 +250,13 @@ def held_by(message, owner: str):
     )
 
 
-@dataclass(frozen=True)
-class NextClaim:
-    """A row to claim together with the record of a send (record_sent)."""
-
-    message_id: int
-    lease_s: float
-    now: dt.datetime
-
-    def run(self, owner: str) -> ClaimedMessage | None:
-        return claim(self.message_id, owner, self.lease_s, self.now)
-
-    def parameters(self, owner: str) -> list:
-        return _claim_parameters(self.message_id, owner, self.lease_s, self.now)
-
-
-def record_sent(
-    message,
-    owner: str,
-    provider_id,
-    wa_id,
-    now=None,
-    claim_next: NextClaim | None = None,
-) -> ClaimedMessage | None:
-    """The provider accepted the message: sent (unless a webhook got further).
-
-    `claim_next`: claim that row for `owner` as well, and return it (None if
-    it cannot be claimed): on PostgreSQL in the record's one statement (one
-    round trip and one commit instead of two), on SQLite right after the
-    record's commit.
-    """
+def record_sent(message, owner: str, provider_id, wa_id, now=None) -> None:
+    """The provider accepted the message: sent (unless a webhook got further)."""
     now = now or utcnow()
-    claimed = None
     # The row and its member move together: a kill between two commits
     # would leave the member behind for good (and the campaign open).
     if is_postgres():
-        recorded, claimed = _record_sent_once(
-            message, owner, provider_id, wa_id, now, claim_next
-        )
+        recorded = _record_sent_once(message, owner, provider_id, wa_id, now)
     else:
         with database.atomic():
             recorded = database.execute_sql(
@@ -322,14 +266,8 @@ def record_sent(
                 _run_member_sent(now, message.campaign_id, message.contact_id)
             elif recorded:
                 _member_message2_sent(message.campaign_id, message.contact_id, now)
-        if claim_next is not None:
-            # After the record's commit, not inside its transaction: a claim
-            # there left, now and then, the next row claimed and its own
-            # record lost in W1 embedded (not understood yet; see the notes).
-            claimed = claim_next.run(owner)
     if recorded and message.kind == 2:
         maybe_complete(message.campaign_id)
-    return claimed
 
 
 def _member_after_send(campaign_id: int, contact_id: int, kind: int, now) -> None:
