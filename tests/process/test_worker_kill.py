@@ -130,8 +130,8 @@ def kill_mid_send(cfg, pipeline, campaign_id, workers):
     wire = read_inflight(directory, victim.pid)
     host = victim.lease_owner.split(":")[0]
     released = pipeline.tasks.release_dead_worker(host, victim.pid, wire)
-    # As the supervisor's release goes on (recovery.LeaseReleaser): the rest
-    # of the chunks its threads had taken, not claimed yet, enqueued again.
+    # As the supervisor's release goes on (recovery.LeaseReleaser): the
+    # tasks its threads had taken, rows not claimed yet, enqueued again.
     skip = wire | {m for m, _ in released.requeued}
     pipeline.tasks.resume_taken(read_taken(directory, victim.pid), skip)
     on_wire = sorted(set(held) & wire)
