@@ -140,7 +140,8 @@ class CdRun:
         campaigns.start_campaign(campaign_id, self.tasks)
 
     def create_rows_and_enqueue(self, campaign_id: int) -> list[int]:
-        """Do the fan-out here (rows + one send task each), not in a worker."""
+        """Do the fan-out here (rows and their send tasks, as the fan-out task
+        enqueues them), not in a worker."""
         Campaign.update(status=CampaignStatus.RUNNING, started_at=utcnow()).where(
             Campaign.id == campaign_id
         ).execute()
@@ -149,7 +150,7 @@ class CdRun:
         # made (see docs/benchmarks.md), and this is set-up, not measured.
         while batch := campaigns.fan_out(campaign_id, 1_000_000):
             ids += batch
-        self.tasks.enqueue_sends(ids)
+        self.tasks.enqueue_message1(ids)
         return ids
 
     def sent_count(self, campaign_id: int) -> int:

@@ -291,7 +291,7 @@ def one_run(mode: str, args, work: Path) -> RunResult:
         if args.fanout == "before":
             # Dispatch alone: rows and queue entries exist before any worker.
             queues.messages.flush()
-            tasks.enqueue_sends(campaigns.fan_out(campaign.id, args.messages))
+            tasks.enqueue_message1(campaigns.fan_out(campaign.id, args.messages))
         started = time.monotonic()
         workers, cpu_before = start_workers(cfg_path, args.processes, work)
         try:

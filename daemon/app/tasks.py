@@ -21,12 +21,15 @@ from collections.abc import Iterable
 import peewee as pw
 
 from daemon import metrics
+from daemon.app.batch_tasks import LEFT_FOR_ANOTHER
+from daemon.app.batch_tasks import BatchSendTasks
 from daemon.app.event_tasks import EventTasks
 from daemon.app.event_tasks import pause_quietly
+from daemon.app.recovery_tasks import TAKEN_KINDS
+from daemon.app.recovery_tasks import RecoveryTasks
 from daemon.app.verify_tasks import VerifyTasks
 from daemon.config import Config
 from daemon.domain import campaigns
-from daemon.domain import events
 from daemon.domain import unconfirmed
 from daemon.domain.pacing import Pacer
 from daemon.owners import lease_owner
@@ -38,6 +41,7 @@ from daemon.providers.base import UnconfirmedError
 from daemon.runtime import InFlight
 from daemon.runtime import TaskClock
 from daemon.runtime import inflight_dir
+from daemon.store.db import drop_connection
 from daemon.store.db import is_postgres
 from daemon.store.models import Contact
 from daemon.store.models import Message
@@ -45,7 +49,6 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import PRIORITY_HIGH
 from daemon.store.queue import Queues
-from daemon.store.queue import waiting_ids
 from daemon.store.statuses import MessageStatus
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 FANOUT_CHAINS = 2
 
 
-class Tasks(EventTasks, VerifyTasks):
+class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
     def __init__(
         self,
         cfg: Config,
@@ -95,6 +98,9 @@ class Tasks(EventTasks, VerifyTasks):
         self.send_single_message = self._register(
             "messages", "send_single_message", self.deliver
         )
+        self.send_messages = self._register(
+            "messages", "send_messages", self.deliver_all
+        )
         self.send_campaign_messages = self._register(
             "messages", "send_campaign_messages", self.fan_out
         )
@@ -118,7 +124,7 @@ class Tasks(EventTasks, VerifyTasks):
     def _register(self, queue: str, name: str, func: Callable):
         """A Huey task `name` on `queue` running `func`, timed and tracked."""
         duration = metrics.TASK_SECONDS.labels(task=name)
-        kind = _TAKEN_KINDS.get(name)
+        kind = TAKEN_KINDS.get(name)
 
         @functools.wraps(func)
         def tracked(*args, **kwargs):
@@ -133,7 +139,7 @@ class Tasks(EventTasks, VerifyTasks):
                 # drop it so the next task reconnects instead of failing on
                 # "the connection is closed" forever. The row is unchanged
                 # (or leased), so the sweeper brings this task's work back.
-                _drop_connection()
+                drop_connection()
                 raise
             finally:
                 if kind:
@@ -194,6 +200,24 @@ class Tasks(EventTasks, VerifyTasks):
         message = campaigns.claim(message_id, owner, self.lease_s, now)
         if message is None:
             return self._not_claimed(message_id, now)
+        return self._deliver_claimed(message, owner, now)
+
+    def _enqueue_again(self, message_ids: list[int]) -> None:
+        """Rows that wait again (handed back, or a task this worker will not
+        run): one task each. Rows no longer queued (sent, cancelled, taken
+        by another worker) are left out; if the queue fails, the sweeper
+        finds the rows."""
+        waiting = Message.select(Message.id, Message.priority).where(
+            Message.id.in_(message_ids), Message.status == MessageStatus.QUEUED
+        )
+        try:
+            for message_id, priority in waiting.tuples():
+                self.send_single_message(message_id, priority=priority)
+        except Exception:  # noqa: BLE001 - the queue (or database) may be down
+            log.warning("could not enqueue %d messages again", len(message_ids))
+
+    def _deliver_claimed(self, message, owner: str, now) -> str:
+        """deliver, past the claim: pacing -> provider -> record."""
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
@@ -234,13 +258,9 @@ class Tasks(EventTasks, VerifyTasks):
     def _leave_queued(self, message_id: int) -> str:
         """A draining worker takes no new send: the row stays as it is, and
         its queue entry, which dies with this process, is enqueued again for
-        another worker (if that fails, the sweeper finds the row)."""
-        row = Message.select(Message.priority).where(Message.id == message_id).first()
-        try:
-            self.send_single_message(message_id, priority=row.priority if row else 0)
-        except Exception:  # noqa: BLE001 - the queue may be down: the sweeper
-            log.warning("draining: could not enqueue message %s again", message_id)
-        return "draining: left for another worker"
+        another worker."""
+        self._enqueue_again([message_id])
+        return LEFT_FOR_ANOTHER
 
     @property
     def inflight(self) -> InFlight:
@@ -261,7 +281,7 @@ class Tasks(EventTasks, VerifyTasks):
         def note(data: bytes) -> None:
             try:
                 message = huey.serializer.deserialize(data)
-                kind = _TAKEN_KINDS.get(message.name.rpartition(".")[2])
+                kind = TAKEN_KINDS.get(message.name.rpartition(".")[2])
                 # A delayed task (a retry's backoff) only passes through on
                 # its way to Huey's schedule, where it stays safe: not taken.
                 due = message.eta is None or message.eta <= _huey_now()
@@ -395,7 +415,6 @@ class Tasks(EventTasks, VerifyTasks):
         dead worker is found by the sweeper (running campaign, pending members
         without a Message 1), which starts the chain again from 0.
         """
-        from daemon.store.queue_bulk import enqueue_many
 
         batch = self.cfg.campaigns.fanout_batch
         if after == 0 and until is None:
@@ -418,7 +437,7 @@ class Tasks(EventTasks, VerifyTasks):
             # this one enqueues the sends.
             self.enqueue_fanout(campaign_id, next_after, until)
         # One round trip for the whole batch (Huey would make one per send).
-        enqueue_many(self.send_single_message, [(i,) for i in ids])
+        self.enqueue_message1(ids)
         if next_after is None:
             campaigns.maybe_complete(campaign_id)
         return len(ids)
@@ -430,127 +449,6 @@ class Tasks(EventTasks, VerifyTasks):
         from daemon.app import jobs
 
         return jobs.run(name, self, self.clock())
-
-    def release_dead_worker(
-        self, host: str, pid: int, in_flight: set[int]
-    ) -> unconfirmed.Released:
-        """A worker died: its rows on the wire (`in_flight`) become
-        unconfirmed; the others never left and are enqueued at once."""
-        released = unconfirmed.release_dead_process(host, pid, in_flight)
-        for message_id, priority in released.requeued:
-            self.send_single_message(message_id, priority=priority)
-        if released.unconfirmed:
-            metrics.UNCONFIRMED.labels(outcome="recorded").inc(released.unconfirmed)
-        return released
-
-    def resume_taken(self, taken: set[tuple[str, int]], skip: set[int]) -> int:
-        """A dead worker's taken tasks (runtime.read_taken) whose rows still
-        wait, enqueued again; `skip`: message ids its release dealt with.
-        How many were enqueued."""
-        message_ids = [i for kind, i in taken if kind == "m" and i not in skip]
-        event_ids = [i for kind, i in taken if kind == "e"]
-        count = 0
-        if message_ids:
-            waiting = Message.select(Message.id, Message.priority).where(
-                Message.id.in_(message_ids), Message.status == MessageStatus.QUEUED
-            )
-            for message_id, priority in waiting.tuples():
-                self.send_single_message(message_id, priority=priority)
-                count += 1
-        if event_ids:
-            for event_id in events.unprocessed(event_ids):
-                self.process_webhook_event(event_id)
-                count += 1
-        return count
-
-    def replay_after_death(self, now=None) -> tuple[int, int]:
-        """A consumer died: re-enqueue at once what its queues lost with it.
-
-        Huey drops a task once popped, and Redis may even hand one to the
-        connection of a process being killed, which never reads it (so no
-        taken record names it). The sweeper would find such rows after its
-        grace (30-60 s): a reply would wait that long for its Message 2.
-        Every row still due that no entry of its queues names is lost: it
-        is enqueued again now. One also in flight elsewhere is harmless (the
-        claim lets one send through, events are processed once). Queues
-        too long to read (REPLAY_SCAN_LIMIT) stay with the sweeper.
-        (messages, events) enqueued again.
-        """
-        queues = self.queues
-        waiting_sends = waiting_ids(
-            (queues.messages, queues.retry), _TAKEN_KINDS, "m", REPLAY_SCAN_LIMIT
-        )
-        waiting_events = waiting_ids(
-            (queues.default,), _TAKEN_KINDS, "e", REPLAY_SCAN_LIMIT
-        )
-        if waiting_sends is None and waiting_events is None:
-            return 0, 0
-        found = campaigns.sweep(
-            now or self.clock(),
-            grace_s=0,
-            include_queued=waiting_sends is not None,
-            in_queue=waiting_sends or (),
-        )
-        for message_id, priority in found.messages:
-            self.send_single_message(message_id, priority=priority)
-        event_ids = []
-        if waiting_events is not None:
-            event_ids = [e for e in found.events if e not in waiting_events]
-        for event_id in event_ids:
-            self.process_webhook_event(event_id)
-        return len(found.messages), len(event_ids)
-
-    def sweep_once(self, now=None, grace_s: float = 30.0) -> dict:
-        """Re-enqueue what the queue may have lost (see campaigns.sweep)."""
-        # Rows waiting in a long backlog are not lost: re-enqueueing them on
-        # every sweep would only fill the queue with duplicates. Once the
-        # send queues are drained, a due row that is still queued is lost.
-        drained = not (
-            self.queues.messages.pending_count() or self.queues.retry.pending_count()
-        )
-        found = campaigns.sweep(
-            now or self.clock(), grace_s=grace_s, include_queued=drained
-        )
-        for message_id, priority in found.messages:
-            self.send_single_message(message_id, priority=priority)
-        settled = unconfirmed.settle(
-            self.cfg.provider.confirm_window_s,
-            self.cfg.provider.unconfirmed,
-            now or self.clock(),
-        )
-        for message_id, priority in settled.resent:
-            self.send_single_message(message_id, priority=priority)
-        if settled.resent:
-            metrics.UNCONFIRMED.labels(outcome="resent").inc(len(settled.resent))
-        if settled.failed:
-            metrics.UNCONFIRMED.labels(outcome="failed").inc(settled.failed)
-        for event_id in found.events:
-            self.process_webhook_event(event_id)
-        for campaign_id in found.campaigns:
-            self.enqueue_fanout(campaign_id)
-        checks = self.sweep_checks(now or self.clock(), grace_s)
-        return {
-            "messages": len(found.messages),
-            "events": len(found.events),
-            "campaigns": len(found.campaigns),
-            "unconfirmed_resent": len(settled.resent),
-            "unconfirmed_failed": settled.failed,
-            "checks": checks,
-        }
-
-
-# Above this many entries waiting in a queue, a death does not read them to
-# find what it lost (replay_after_death): the sweeper does, after its grace.
-REPLAY_SCAN_LIMIT = 5000
-
-# Tasks whose queue entry dies with the thread that took it: the thread
-# notes it (runtime.InFlight.take) so that a death enqueues it again.
-_TAKEN_KINDS = {
-    "send_single_message": "m",
-    "retry_failed_message": "m",
-    "process_webhook_event": "e",
-    "process_webhook_events": "e",  # a chunk of ids, as the web role enqueues
-}
 
 
 def _huey_now() -> dt.datetime:
@@ -587,14 +485,3 @@ def _retry_label(exc: RetryableError) -> str:
     if "connect" in lowered:
         return "connection"
     return "other"
-
-
-def _drop_connection() -> None:
-    try:
-        manual_close = getattr(database.obj, "manual_close", None)
-        if manual_close is not None:
-            manual_close()  # a pooled connection: closed, not returned
-        else:
-            database.close()
-    except Exception:  # noqa: BLE001 - it is already broken
-        log.debug("dropping a broken connection failed", exc_info=True)

@@ -228,3 +228,17 @@ def db_session(close_idle: bool = False):
             idle = getattr(database.obj, "close_idle", None) if close_idle else None
             if idle:
                 idle()
+
+
+def drop_connection() -> None:
+    """This thread's connection, which the database broke (a restart, a cut):
+    closed, so that its next query reconnects instead of failing on "the
+    connection is closed" forever."""
+    try:
+        manual_close = getattr(database.obj, "manual_close", None)
+        if manual_close is not None:
+            manual_close()  # a pooled connection: closed, not returned
+        else:
+            database.close()
+    except Exception:  # noqa: BLE001 - it is already broken
+        log.debug("dropping a broken connection failed", exc_info=True)

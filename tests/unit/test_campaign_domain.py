@@ -132,8 +132,11 @@ def test_start_fans_out_one_message_1_per_member(pipeline):
     assert pipeline.tasks.fan_out(campaign.id) == 7
     assert pipeline.tasks.fan_out(campaign.id) == 0
     assert message_counts(campaign.id) == {"queued": 7}
-    # 1 fan-out task + one send per message.
-    assert pipeline.queues.messages.pending_count() == 8
+    # 1 fan-out task + one send task per chunk of 8 messages.
+    assert pipeline.queues.messages.pending_count() == 2
+    pending = pipeline.queues.messages.pending()
+    (chunk,) = [t.args[0] for t in pending if t.name == "send_messages"]
+    assert sorted(chunk) == message_ids(campaign)
     with pytest.raises(StateError, match="it is running"):
         campaigns.start_campaign(campaign.id, pipeline.tasks)
 

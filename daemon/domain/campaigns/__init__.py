@@ -54,7 +54,9 @@ from daemon.domain.campaigns.sending import ClaimedMessage
 from daemon.domain.campaigns.sending import cancel_if_opted_out
 from daemon.domain.campaigns.sending import cancel_unclaimable_opted_out
 from daemon.domain.campaigns.sending import claim
+from daemon.domain.campaigns.sending import claim_many
 from daemon.domain.campaigns.sending import expire_message2
+from daemon.domain.campaigns.sending import hand_back
 from daemon.domain.campaigns.sending import held_by
 from daemon.domain.campaigns.sending import held_by_process
 from daemon.domain.campaigns.sending import member_failed
@@ -63,6 +65,7 @@ from daemon.domain.campaigns.sending import record_retryable
 from daemon.domain.campaigns.sending import record_sent
 from daemon.domain.campaigns.sending import release
 from daemon.domain.campaigns.sending import release_leases
+from daemon.domain.campaigns.sending import still_sendable
 from daemon.domain.campaigns.sending import unconfirmed_values
 from daemon.domain.campaigns.sweep import SweepResult
 from daemon.domain.campaigns.sweep import expire_interactions
@@ -107,6 +110,9 @@ __all__ = [
     "fanout_ranges",
     "ClaimedMessage",
     "claim",
+    "claim_many",
+    "still_sendable",
+    "hand_back",
     "cancel_if_opted_out",
     "cancel_unclaimable_opted_out",
     "release",

@@ -13,7 +13,9 @@ import peewee as pw
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.lifecycle import maybe_complete
 from daemon.store.db import is_postgres
+from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
+from daemon.store.models import CampaignStatus
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
@@ -52,6 +54,14 @@ UPDATE message SET status = 'sending', lease_owner = {p}, lease_expires_at = {p}
                       AND contact.opted_out_at IS NOT NULL)
 RETURNING id, campaign_id, contact_id, kind, phone, body, attempts, failures,
           idempotency_key, paced_until, created_at
+"""
+_STILL_SENDABLE_SQL = """
+SELECT 1 FROM message
+ WHERE id = {p} AND lease_owner = {p} AND status = 'sending'
+   AND EXISTS (SELECT 1 FROM campaign WHERE id = {p} AND status = 'running')
+   AND NOT EXISTS (SELECT 1 FROM contact
+                    WHERE contact.id = message.contact_id
+                      AND contact.opted_out_at IS NOT NULL)
 """
 _RECORD_SENT_SQL = """
 UPDATE message SET status = CASE WHEN status = 'sending' THEN 'sent' ELSE status END,
@@ -165,14 +175,96 @@ def claim(
     expires = now + dt.timedelta(seconds=lease_s)
     cursor = database.execute_sql(_sql(_CLAIM_SQL), (owner, expires, message_id, now))
     row = cursor.fetchone()
-    if row is None:
-        return None
+    return None if row is None else _claimed(row)
+
+
+def claim_many(
+    message_ids: list[int], owner: str, lease_s: float, now=None
+) -> dict[int, ClaimedMessage]:
+    """Take several rows in one statement, each as `claim` would take it: a
+    batch of Message 1 sends costs one write transaction instead of one a
+    row. The rows returned are ours; the caller sends each after checking
+    it again (`still_sendable`) or gives it back (`hand_back`)."""
+    if not message_ids:
+        return {}
+    now = now or utcnow()
+    expires = now + dt.timedelta(seconds=lease_s)
+    marks = ", ".join([database.param] * len(message_ids))
+    sql = _sql(_CLAIM_SQL).replace(
+        f"WHERE id = {database.param}", f"WHERE id IN ({marks})", 1
+    )
+    # Read to the end: the statement (and on SQLite its implicit
+    # transaction) is over before the rows are used.
+    rows = database.execute_sql(sql, (owner, expires, *message_ids, now)).fetchall()
+    return {row[0]: _claimed(row) for row in rows}
+
+
+def _claimed(row) -> ClaimedMessage:
     # SQLite hands back the stored text: parse it as peewee would.
     return ClaimedMessage(
         *row[:-2],
         Message.paced_until.python_value(row[-2]),
         Message.created_at.python_value(row[-1]),
     )
+
+
+def still_sendable(message: ClaimedMessage, owner: str) -> bool:
+    """A row claimed with others (`claim_many`), right before its send: still
+    ours, its campaign still running and its contact not opted out. The
+    same conditions as the claim's, read again, so that a STOP or a pause
+    that came in while the rows before it were sent is obeyed: the window
+    between the last check and the request is the lone claim's."""
+    cursor = database.execute_sql(
+        _sql(_STILL_SENDABLE_SQL), (message.id, owner, message.campaign_id)
+    )
+    return cursor.fetchone() is not None
+
+
+def hand_back(message_ids: list[int], owner: str) -> int:
+    """Rows of ours claimed in a batch and never sent (the batch was cut
+    short, or a row's check failed): queued again, the attempt not counted.
+    Cancelled instead when the contact opted out or the campaign was
+    cancelled meanwhile. How many went back to the queue (the caller
+    enqueues them)."""
+    held = (
+        Message.id.in_(message_ids)
+        & (Message.lease_owner == owner)
+        & (Message.status == MessageStatus.SENDING)
+    )
+    cancelled_campaign = Message.campaign.in_(
+        Campaign.select(Campaign.id).where(Campaign.status == CampaignStatus.CANCELLED)
+    )
+    with database.atomic():
+        of_rows = Message.select(Message.campaign).where(held).tuples()
+        campaign_ids = {campaign_id for (campaign_id,) in of_rows}
+        # No request left for these rows: the claim's attempt is not counted.
+        Message.update(attempts=Message.attempts - 1).where(held).execute()
+        cancelled = _cancel_opted_out(held)
+        cancelled += (
+            Message.update(
+                status=MessageStatus.CANCELLED,
+                lease_owner=None,
+                lease_expires_at=None,
+                paced_until=None,
+            )
+            .where(held, cancelled_campaign)
+            .execute()
+        )
+        queued = (
+            Message.update(
+                status=MessageStatus.QUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                paced_until=None,
+                enqueued_at=utcnow(),
+            )
+            .where(held)
+            .execute()
+        )
+    if cancelled:
+        for campaign_id in campaign_ids:
+            maybe_complete(campaign_id)
+    return queued
 
 
 def _cancel_opted_out(*where) -> int:

@@ -1,0 +1,137 @@
+"""Message 1 in batches: the fan-out's send_messages task.
+
+`BatchSendTasks` is a mixin of `daemon.app.tasks.Tasks` (it uses its
+draining flag, pacer, clock, lease, task clock, and the single-row send path
+`_not_claimed` / `_deliver_claimed` / `_enqueue_again`).
+
+Why batches: a lone send costs a queue entry, a claim and a record, each a
+write transaction on SQLite (a round trip on PostgreSQL). A batch of
+SEND_BATCH rows is one queue entry and one claim (campaigns.claim_many),
+then a record per send. Only when sends are not paced: the pacer decides
+send by send and may wait, which a batch would do holding its other rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from daemon.domain import campaigns
+from daemon.owners import lease_owner
+from daemon.store.db import drop_connection
+
+log = logging.getLogger(__name__)
+
+# Message 1 rows a send_messages task carries.
+SEND_BATCH = 8
+# Past this, a batch hands the rest of its rows back: with a slow provider
+# the first send alone uses it up, and the rest go out one task a row.
+BATCH_BUDGET_S = 0.25
+LEFT_FOR_ANOTHER = "draining: left for another worker"
+HANDED_BACK = "not sendable any more: handed back"
+
+
+class BatchSendTasks:
+    def enqueue_message1(self, ids: list[int]) -> None:
+        """A fan-out batch's Message 1 sends, in one round trip: SEND_BATCH
+        rows a task (deliver_all), or a task a row when sends are paced."""
+        from daemon.store.queue_bulk import enqueue_many
+
+        if not self.pacer.unlimited:
+            enqueue_many(self.send_single_message, [(i,) for i in ids])
+            return
+        batches = [ids[i : i + SEND_BATCH] for i in range(0, len(ids), SEND_BATCH)]
+        enqueue_many(self.send_messages, [(batch,) for batch in batches])
+
+    def deliver_all(self, message_ids: list[int]) -> list[str]:
+        """A batch of Message 1 sends; what happened to each row, in order.
+
+        The rows are claimed in one statement, then sent one after the
+        other, each checked again right before its send
+        (campaigns.still_sendable) and each with the whole time limit. What
+        stops a batch early hands the rest back, queued again as one task a
+        row: a draining worker, sends that became paced, a batch past
+        BATCH_BUDGET_S (a slow provider: idle threads share the rest, and a
+        Message 2 does not wait behind a whole batch), and an error (the
+        database gone: see _give_back_unsent). A worker killed mid-batch
+        leaves its rows leased: the supervisor's release queues again every
+        one not on the wire.
+        """
+        if self.draining.is_set() or not self.pacer.unlimited:
+            self._enqueue_again(message_ids)
+            return [LEFT_FOR_ANOTHER] * len(message_ids)
+        owner = lease_owner()
+        now = self.clock()
+        claimed = campaigns.claim_many(message_ids, owner, self.lease_s, now)
+        order = [i for i in message_ids if i in claimed]
+        # Claimed rows no request was made for: what an error gives back.
+        unsent = set(order)
+        try:
+            outcomes = {
+                i: self._not_claimed(i, now) for i in message_ids if i not in claimed
+            }
+            self._send_in_turn(order, claimed, owner, now, outcomes, unsent)
+        except BaseException:
+            if unsent:
+                self._give_back_unsent(sorted(unsent), owner)
+            raise
+        return [outcomes[i] for i in message_ids]
+
+    def _send_in_turn(self, order, claimed, owner, now, outcomes, unsent) -> None:
+        started = time.monotonic()
+        for index, message_id in enumerate(order):
+            if index:
+                if self._cut_short(started):
+                    rest = order[index:]
+                    self._hand_back(rest, owner, unsent)
+                    outcomes.update(dict.fromkeys(rest, LEFT_FOR_ANOTHER))
+                    return
+                self.task_clock.started()
+                if not campaigns.still_sendable(claimed[message_id], owner):
+                    self._hand_back([message_id], owner, unsent)
+                    outcomes[message_id] = HANDED_BACK
+                    continue
+                now = self.clock()
+            unsent.discard(message_id)
+            outcomes[message_id] = self._deliver_claimed(
+                claimed[message_id], owner, now
+            )
+
+    def _cut_short(self, started: float) -> bool:
+        return (
+            self.draining.is_set()
+            or not self.pacer.unlimited
+            or time.monotonic() - started > BATCH_BUDGET_S
+        )
+
+    def _hand_back(self, message_ids: list[int], owner: str, unsent: set) -> None:
+        campaigns.hand_back(message_ids, owner)
+        unsent.difference_update(message_ids)
+        self._enqueue_again(message_ids)
+
+    def _give_back_unsent(self, message_ids: list[int], owner: str) -> None:
+        """A batch interrupted by an error: its rows that no request was made
+        for go back to the queue now, or they would stay leased to this live
+        worker until the lease expires (minutes). The error is often the
+        database itself (PostgreSQL restarting): tried again, with backoff,
+        until it answers, the worker drains (then its exit releases the
+        rows), or the hard time limit passes (then the sweeper does, once
+        the lease expires)."""
+        deadline = time.monotonic() + self.cfg.workers.hard_time_limit_s
+        delay = 0.1
+        while True:
+            try:
+                campaigns.hand_back(message_ids, owner)
+            except Exception:  # noqa: BLE001 - the database may be down
+                drop_connection()
+                if time.monotonic() + delay > deadline or self.draining.wait(delay):
+                    log.warning(
+                        "could not give back %d unsent messages of a batch; "
+                        "they are released when this worker exits",
+                        len(message_ids),
+                    )
+                    return
+                delay = min(delay * 2, 5.0)
+                continue
+            self._enqueue_again(message_ids)
+            return
