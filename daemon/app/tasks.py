@@ -1,10 +1,11 @@
-"""The Huey tasks. Each carries only an id; the row it names is the truth.
+"""The Huey tasks. Each carries only ids; the rows they name are the truth.
 
 A `Tasks` object registers the tasks on the queues of one process. Producers
 (web, CLI, scheduler) use it to enqueue; workers run the same functions.
 Task names are the original system's: send_single_message,
 send_campaign_messages, retry_failed_message, verify_whatsapp, bulk_verify,
-process_webhook_event, plus run_job for the periodic jobs.
+process_webhook_event, plus send_messages (Message 1 in batches,
+daemon/app/batch_tasks.py) and run_job for the periodic jobs.
 verify_whatsapp takes a number check's id (daemon/app/verify_tasks.py).
 """
 
@@ -49,6 +50,7 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import PRIORITY_HIGH
 from daemon.store.queue import Queues
+from daemon.store.queue import task_target
 from daemon.store.statuses import MessageStatus
 
 log = logging.getLogger(__name__)
@@ -280,13 +282,11 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
         def note(data: bytes) -> None:
             try:
-                message = huey.serializer.deserialize(data)
-                kind = TAKEN_KINDS.get(message.name.rpartition(".")[2])
+                task = task_target(huey, data, TAKEN_KINDS)
                 # A delayed task (a retry's backoff) only passes through on
                 # its way to Huey's schedule, where it stays safe: not taken.
-                due = message.eta is None or message.eta <= _huey_now()
-                if kind and message.args and due:
-                    self.inflight.take(kind, message.args[0])
+                if task and (task.eta is None or task.eta <= _huey_now()):
+                    self.inflight.take(task.kind, task.ids)
             except Exception:  # noqa: BLE001 - never in the way of the task
                 log.debug("could not note a task taken off %s", queue, exc_info=True)
 
@@ -415,7 +415,6 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         dead worker is found by the sweeper (running campaign, pending members
         without a Message 1), which starts the chain again from 0.
         """
-
         batch = self.cfg.campaigns.fanout_batch
         if after == 0 and until is None:
             # The first link (or a chain started again by the sweep): a big

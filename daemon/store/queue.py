@@ -12,6 +12,7 @@ with the poll (`queue.poll_max_s`) kept as a fallback.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import zlib
@@ -252,14 +253,34 @@ def waiting_ids(
         storage = huey.storage
         for data in [*storage.enqueued_items(), *storage.scheduled_items()]:
             try:
-                message = huey.serializer.deserialize(data)
+                task = task_target(huey, data, kinds)
             except Exception:  # noqa: BLE001 - not ours to judge: skip it
                 continue
-            if kinds.get(message.name.rpartition(".")[2]) != kind or not message.args:
-                continue
-            first = message.args[0]
-            ids.update([first] if isinstance(first, int) else first)
+            if task is not None and task.kind == kind:
+                ids.update(task.ids)
     return ids
+
+
+@dataclass(frozen=True)
+class TaskTarget:
+    kind: str
+    ids: list[int]
+    eta: dt.datetime | None  # naive UTC, as our queues' Huey keeps it
+
+
+def task_target(huey: Huey, data: bytes, kinds: dict[str, str]) -> TaskTarget | None:
+    """What a queue entry is for: the kind its task's function name has in
+    `kinds`, and the ids its first argument names (an id or a list of
+    ids); None for a task `kinds` does not name or one without arguments.
+    Raises what Huey's deserializer raises on data it cannot read."""
+    message = huey.serializer.deserialize(data)
+    kind = kinds.get(message.name.rpartition(".")[2])
+    if not kind or not message.args:
+        return None
+    first = message.args[0]
+    return TaskTarget(
+        kind, [first] if isinstance(first, int) else list(first), message.eta
+    )
 
 
 def make_queues(cfg: Config) -> Queues:

@@ -9,6 +9,7 @@ the fake took per phone and kind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -399,13 +400,15 @@ def test_a_death_replays_what_no_queue_entry_names_behind_a_backlog(pipeline_for
         assert InboundEvent.get_by_id(event_id).processed_at is not None
 
 
+@pytest.mark.parametrize("entries", ["single", "batch"])
 def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
-    pipeline_for, fake
+    pipeline_for, fake, entries
 ):
     """The consumer notes a task as taken when it pops it (inside the
     dequeue's transaction on SQLite), before Huey decodes it: a worker
     SIGKILLed right after the pop, behind a backlog, has its task enqueued
-    again by the supervisor's release, not after the sweeper's grace."""
+    again by the supervisor's release, not after the sweeper's grace. A
+    batch of Message 1 (send_messages) comes back whole."""
     from daemon.app.recovery import LeaseReleaser
     from daemon.runtime import inflight_dir
 
@@ -415,11 +418,17 @@ def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
     campaigns.start_campaign(campaign.id, pipeline.tasks)
     ids = campaigns.fan_out(campaign.id)
     drop_queue(pipeline.queues.messages)  # the start's fan-out task
-    for message_id in ids:
-        pipeline.tasks.send_single_message(message_id)
+    if entries == "batch":
+        pipeline.tasks.send_messages(ids[:2])
+        pipeline.tasks.send_messages(ids[2:])
+        first = ids[:2]
+    else:
+        for message_id in ids:
+            pipeline.tasks.send_single_message(message_id)
+        first = [ids[0]]
     script = textwrap.dedent(
         """
-        import sys, threading
+        import json, sys, threading
         from daemon import config
         from daemon.app.tasks import Tasks
         from daemon.store.db import open_database
@@ -430,7 +439,7 @@ def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
         huey = tasks.queues.get("messages")
         tell_taken(huey, tasks.taken_noter("messages"))
         task = huey.dequeue()                 # a consumer thread's pop...
-        print(task.args[0], flush=True)
+        print(json.dumps(task.args[0]), flush=True)
         threading.Event().wait()              # ...and the SIGKILL
         """
     )
@@ -440,19 +449,21 @@ def test_a_task_popped_by_a_worker_killed_before_running_it_comes_back(
         text=True,
     )
     try:
-        popped = int(proc.stdout.readline())
+        popped = json.loads(proc.stdout.readline())
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert popped == ids[0]
-    assert Message.get_by_id(popped).status == "queued"  # its entry is gone
+    popped = [popped] if isinstance(popped, int) else popped
+    assert popped == first
+    # Their entry is gone.
+    assert {Message.get_by_id(i).status for i in popped} == {"queued"}
     directory = inflight_dir(pipeline.cfg.data_path)
 
     released = LeaseReleaser(pipeline.cfg, directory).release(proc.pid)
 
-    assert released[3] == 1, released  # the backlog was not drained
+    assert released[3] == len(first), released  # the backlog was not drained
     run_queue(pipeline.queues.messages)
     phones = [Contact.get_by_id(c).phone for c in contact_ids]
     assert [phone_shows(fake, p)["m1"] for p in phones] == [1, 1, 1]
