@@ -23,7 +23,7 @@ REPLAY_SCAN_LIMIT = 5000
 TAKEN_KINDS = {
     "send_single_message": "m",
     "retry_failed_message": "m",
-    "send_messages": "m",  # a chunk of Message 1 ids, as the fan-out enqueues
+    "send_messages": "m",  # a batch of Message 1 ids, as the fan-out enqueues
     "process_webhook_event": "e",
     "process_webhook_events": "e",  # a chunk of ids, as the web role enqueues
 }
