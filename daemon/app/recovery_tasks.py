@@ -10,9 +10,7 @@ from daemon import metrics
 from daemon.domain import campaigns
 from daemon.domain import events
 from daemon.domain import unconfirmed
-from daemon.store.models import Message
 from daemon.store.queue import waiting_ids
-from daemon.store.statuses import MessageStatus
 
 # Above this many entries waiting in a queue, a death does not read them to
 # find what it lost (replay_after_death): the sweeper does, after its grace.
@@ -31,8 +29,8 @@ TAKEN_KINDS = {
 
 class RecoveryTasks:
     """Enqueue again what was lost (needs cfg, clock, queues, the tasks
-    send_single_message and process_webhook_event, enqueue_fanout and
-    sweep_checks)."""
+    send_single_message and process_webhook_event, enqueue_waiting,
+    enqueue_fanout and sweep_checks)."""
 
     def release_dead_worker(
         self, host: str, pid: int, in_flight: set[int]
@@ -52,14 +50,7 @@ class RecoveryTasks:
         How many were enqueued."""
         message_ids = [i for kind, i in taken if kind == "m" and i not in skip]
         event_ids = [i for kind, i in taken if kind == "e"]
-        count = 0
-        if message_ids:
-            waiting = Message.select(Message.id, Message.priority).where(
-                Message.id.in_(message_ids), Message.status == MessageStatus.QUEUED
-            )
-            for message_id, priority in waiting.tuples():
-                self.send_single_message(message_id, priority=priority)
-                count += 1
+        count = self.enqueue_waiting(message_ids) if message_ids else 0
         if event_ids:
             for event_id in events.unprocessed(event_ids):
                 self.process_webhook_event(event_id)

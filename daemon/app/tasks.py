@@ -204,17 +204,24 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             return self._not_claimed(message_id, now)
         return self._deliver_claimed(message, owner, now)
 
-    def _enqueue_again(self, message_ids: list[int]) -> None:
-        """Rows that wait again (handed back, or a task this worker will not
-        run): one task each. Rows no longer queued (sent, cancelled, taken
-        by another worker) are left out; if the queue fails, the sweeper
-        finds the rows."""
+    def enqueue_waiting(self, message_ids: list[int]) -> int:
+        """A send task for each of these rows that is still queued (rows
+        sent, cancelled or taken by another worker meanwhile are left out);
+        how many were enqueued."""
         waiting = Message.select(Message.id, Message.priority).where(
             Message.id.in_(message_ids), Message.status == MessageStatus.QUEUED
         )
+        count = 0
+        for message_id, priority in waiting.tuples():
+            self.send_single_message(message_id, priority=priority)
+            count += 1
+        return count
+
+    def _enqueue_again(self, message_ids: list[int]) -> None:
+        """Rows that wait again (handed back, or a task this worker will not
+        run), enqueued; if the queue fails, the sweeper finds the rows."""
         try:
-            for message_id, priority in waiting.tuples():
-                self.send_single_message(message_id, priority=priority)
+            self.enqueue_waiting(message_ids)
         except Exception:  # noqa: BLE001 - the queue (or database) may be down
             log.warning("could not enqueue %d messages again", len(message_ids))
 

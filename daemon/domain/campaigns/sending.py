@@ -46,7 +46,7 @@ class ClaimedMessage:
 _CLAIM_SQL = """
 UPDATE message SET status = 'sending', lease_owner = {p}, lease_expires_at = {p},
        attempts = attempts + 1
- WHERE id = {p}
+ WHERE id IN ({ids})
    AND status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= {p})
    AND campaign_id IN (SELECT id FROM campaign WHERE status = 'running')
    AND NOT EXISTS (SELECT 1 FROM contact
@@ -73,6 +73,13 @@ UPDATE message SET status = CASE WHEN status = 'sending' THEN 'sent' ELSE status
 
 def _sql(template: str) -> str:
     return template.replace("{p}", database.param)
+
+
+@functools.lru_cache(maxsize=32)
+def _claim_sql(count: int, param: str) -> str:
+    """The claim of `count` rows, for the driver whose marker is `param`."""
+    ids = ", ".join([param] * count)
+    return _CLAIM_SQL.replace("{ids}", ids).replace("{p}", param)
 
 
 def member_message1_sent(now, *where):
@@ -171,11 +178,7 @@ def claim(
     message_id: int, owner: str, lease_s: float, now=None
 ) -> ClaimedMessage | None:
     """Take the row for sending, or None if someone else has it or it is not due."""
-    now = now or utcnow()
-    expires = now + dt.timedelta(seconds=lease_s)
-    cursor = database.execute_sql(_sql(_CLAIM_SQL), (owner, expires, message_id, now))
-    row = cursor.fetchone()
-    return None if row is None else _claimed(row)
+    return claim_many([message_id], owner, lease_s, now).get(message_id)
 
 
 def claim_many(
@@ -189,10 +192,7 @@ def claim_many(
         return {}
     now = now or utcnow()
     expires = now + dt.timedelta(seconds=lease_s)
-    marks = ", ".join([database.param] * len(message_ids))
-    sql = _sql(_CLAIM_SQL).replace(
-        f"WHERE id = {database.param}", f"WHERE id IN ({marks})", 1
-    )
+    sql = _claim_sql(len(message_ids), database.param)
     # Read to the end: the statement (and on SQLite its implicit
     # transaction) is over before the rows are used.
     rows = database.execute_sql(sql, (owner, expires, *message_ids, now)).fetchall()
