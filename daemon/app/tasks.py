@@ -363,8 +363,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
     def _after_unconfirmed(self, message, owner, reason) -> str:
         """The request may have reached the provider: wait for evidence."""
-        if campaigns.cancel_if_opted_out(message, owner):
-            return "cancelled: contact opted out"
+        if withdrawn := campaigns.cancel_if_withdrawn(message, owner):
+            return f"cancelled: {withdrawn}"
         unconfirmed.mark(message, owner, reason, self.clock())
         log.warning(
             "%s: outcome unknown (%s): waiting for a status webhook or a reply",
@@ -377,8 +377,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
     def _after_retryable(self, message, owner, exc: RetryableError) -> str:
         reason, retry_after = exc.reason, exc.retry_after
-        if campaigns.cancel_if_opted_out(message, owner):
-            return "cancelled: contact opted out"
+        if withdrawn := campaigns.cancel_if_withdrawn(message, owner):
+            return f"cancelled: {withdrawn}"
         delay = (
             retry_after
             if retry_after is not None

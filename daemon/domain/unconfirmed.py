@@ -119,8 +119,9 @@ class Settled:
 def settle(window_s: float, policy: str, now=None, limit: int = 5000) -> Settled:
     """Unconfirmed rows with no evidence after `window_s`: apply `policy`.
 
-    A contact who opted out meanwhile gets nothing more, whatever the policy:
-    the row is cancelled, its first attempt's fate unknown.
+    A contact who opted out meanwhile, or whose campaign was cancelled, gets
+    nothing more, whatever the policy: the row is cancelled, its first
+    attempt's fate unknown.
     """
     now = now or utcnow()
     # Evidence that arrived in time but is not processed yet still counts (a
@@ -154,6 +155,12 @@ def settle(window_s: float, policy: str, now=None, limit: int = 5000) -> Settled
             status=MessageStatus.CANCELLED,
             error="unconfirmed, then the contact opted out: not re-sent",
         ).where(overdue, campaigns.contact_opted_out()).execute()
+        # The claim never takes a cancelled campaign's rows: re-queued, they
+        # would stay queued for good.
+        Message.update(
+            status=MessageStatus.CANCELLED,
+            error="unconfirmed, then the campaign was cancelled: not re-sent",
+        ).where(overdue, campaigns.campaign_cancelled()).execute()
         ids = [r.id for r in rows]
         for start in range(0, len(ids), _CHUNK):
             still = Message.id.in_(ids[start : start + _CHUNK]) & overdue

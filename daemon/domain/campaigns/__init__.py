@@ -28,6 +28,7 @@ below are its public interface.
 from daemon.domain.campaigns.common import MAX_INTERRUPTED_ATTEMPTS
 from daemon.domain.campaigns.common import PRIORITY_MESSAGE_2
 from daemon.domain.campaigns.common import SESSION_WINDOW
+from daemon.domain.campaigns.common import campaign_cancelled
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.common import idempotency_key
 from daemon.domain.campaigns.fanout import fan_out
@@ -51,7 +52,7 @@ from daemon.domain.campaigns.replies import is_opt_out
 from daemon.domain.campaigns.replies import opt_out_contact
 from daemon.domain.campaigns.sending import Backoff
 from daemon.domain.campaigns.sending import ClaimedMessage
-from daemon.domain.campaigns.sending import cancel_if_opted_out
+from daemon.domain.campaigns.sending import cancel_if_withdrawn
 from daemon.domain.campaigns.sending import cancel_unclaimable_opted_out
 from daemon.domain.campaigns.sending import claim
 from daemon.domain.campaigns.sending import claim_many
@@ -88,6 +89,7 @@ __all__ = [
     "SESSION_WINDOW",
     "idempotency_key",
     "contact_opted_out",
+    "campaign_cancelled",
     "template_fields",
     "template_values",
     "render",
@@ -113,7 +115,7 @@ __all__ = [
     "claim_many",
     "still_sendable",
     "hand_back",
-    "cancel_if_opted_out",
+    "cancel_if_withdrawn",
     "cancel_unclaimable_opted_out",
     "release",
     "held_by",

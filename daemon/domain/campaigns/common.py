@@ -7,6 +7,8 @@ import datetime as dt
 
 import peewee as pw
 
+from daemon.store.models import Campaign
+from daemon.store.models import CampaignStatus
 from daemon.store.models import Contact
 from daemon.store.models import Message
 
@@ -40,4 +42,11 @@ def contact_opted_out():
         Contact.select(Contact.id).where(
             Contact.id == Message.contact, Contact.opted_out_at.is_null(False)
         )
+    )
+
+
+def campaign_cancelled():
+    """The row's campaign was cancelled (a subquery usable in any UPDATE)."""
+    return Message.campaign.in_(
+        Campaign.select(Campaign.id).where(Campaign.status == CampaignStatus.CANCELLED)
     )

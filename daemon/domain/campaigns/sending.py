@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 import peewee as pw
 
+from daemon.domain.campaigns.common import campaign_cancelled
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.lifecycle import maybe_complete
 from daemon.store.db import is_postgres
-from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
-from daemon.store.models import CampaignStatus
 from daemon.store.models import MemberState
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
@@ -231,25 +230,12 @@ def hand_back(message_ids: list[int], owner: str) -> int:
         & (Message.lease_owner == owner)
         & (Message.status == MessageStatus.SENDING)
     )
-    cancelled_campaign = Message.campaign.in_(
-        Campaign.select(Campaign.id).where(Campaign.status == CampaignStatus.CANCELLED)
-    )
     with database.atomic():
         of_rows = Message.select(Message.campaign).where(held).tuples()
         campaign_ids = {campaign_id for (campaign_id,) in of_rows}
         # No request left for these rows: the claim's attempt is not counted.
         Message.update(attempts=Message.attempts - 1).where(held).execute()
-        cancelled = _cancel_opted_out(held)
-        cancelled += (
-            Message.update(
-                status=MessageStatus.CANCELLED,
-                lease_owner=None,
-                lease_expires_at=None,
-                paced_until=None,
-            )
-            .where(held, cancelled_campaign)
-            .execute()
-        )
+        cancelled = _cancel_withdrawn(held)
         queued = (
             Message.update(
                 status=MessageStatus.QUEUED,
@@ -267,9 +253,55 @@ def hand_back(message_ids: list[int], owner: str) -> int:
     return queued
 
 
-def _cancel_opted_out(*where) -> int:
-    """Cancel the rows matching `where` whose contact has opted out."""
-    return (
+# Why a row may no longer go, tested in this order: the error it keeps.
+_WITHDRAWN = (
+    ("contact opted out", contact_opted_out),
+    ("campaign cancelled", campaign_cancelled),
+)
+
+
+def _cancel_withdrawn(*where) -> str:
+    """Cancel the rows matching `where` that may no longer go: their contact
+    opted out or their campaign was cancelled. The first reason that
+    cancelled a row, or "" when none did."""
+    first_reason = ""
+    for reason, condition in _WITHDRAWN:
+        cancelled = (
+            Message.update(
+                status=MessageStatus.CANCELLED,
+                error=reason,
+                lease_owner=None,
+                lease_expires_at=None,
+                paced_until=None,
+                next_attempt_at=None,
+            )
+            .where(*where, condition())
+            .execute()
+        )
+        if cancelled and not first_reason:
+            first_reason = reason
+    return first_reason
+
+
+def cancel_if_withdrawn(message, owner: str) -> str:
+    """A held row that may no longer go: cancelled, never re-queued. The
+    reason ("contact opted out", "campaign cancelled"), or "" if it may go.
+
+    Every path that would give a claimed row back (retry, pacing release,
+    pause, a batch's hand-back) goes through here first, so a STOP or a
+    cancel that arrived while the send was in flight is final: the claim
+    and the sweeper never look at a cancelled campaign's rows again.
+    """
+    reason = _cancel_withdrawn(held_by(message, owner))
+    if reason:
+        maybe_complete(message.campaign_id)
+    return reason
+
+
+def cancel_unclaimable_opted_out(message_id: int) -> bool:
+    """A row the claim refused because its contact opted out: cancel it, so it
+    is not swept again and its campaign can complete."""
+    cancelled = (
         Message.update(
             status=MessageStatus.CANCELLED,
             error="contact opted out",
@@ -278,29 +310,12 @@ def _cancel_opted_out(*where) -> int:
             paced_until=None,
             next_attempt_at=None,
         )
-        .where(*where, contact_opted_out())
+        .where(
+            Message.id == message_id,
+            Message.status == MessageStatus.QUEUED,
+            contact_opted_out(),
+        )
         .execute()
-    )
-
-
-def cancel_if_opted_out(message, owner: str) -> bool:
-    """A held row whose contact opted out meanwhile: cancelled, never re-queued.
-
-    Every path that would give a claimed row back (retry, pacing release,
-    pause) goes through here first, so a STOP that arrived while the send
-    was in flight is final.
-    """
-    cancelled = _cancel_opted_out(held_by(message, owner))
-    if cancelled:
-        maybe_complete(message.campaign_id)
-    return bool(cancelled)
-
-
-def cancel_unclaimable_opted_out(message_id: int) -> bool:
-    """A row the claim refused because its contact opted out: cancel it, so it
-    is not swept again and its campaign can complete."""
-    cancelled = _cancel_opted_out(
-        Message.id == message_id, Message.status == MessageStatus.QUEUED
     )
     if cancelled:
         campaign_id = (
@@ -315,7 +330,7 @@ def release(
     message, owner: str, next_attempt_at, reason: str = "", paced_until=None
 ) -> bool:
     """Give a claimed row back without counting a failure (pacing, window)."""
-    if cancel_if_opted_out(message, owner):
+    if cancel_if_withdrawn(message, owner):
         return False
     return bool(
         Message.update(
@@ -503,7 +518,7 @@ def record_retryable(
     the message failed instead.
     """
     now = now or utcnow()
-    if cancel_if_opted_out(message, owner):
+    if cancel_if_withdrawn(message, owner):
         return None
     failures = message.failures + 1
     if failures >= max_attempts:
