@@ -103,9 +103,7 @@ def test_a_cancel_before_a_pacing_release_cancels_the_row(pipeline, fake):
     assert requests_to(fake, contact.phone) == 0
 
 
-def test_an_unconfirmed_send_of_a_cancelled_campaign_is_not_sent_again(
-    pipeline, fake
-):
+def test_an_unconfirmed_send_of_a_cancelled_campaign_is_not_sent_again(pipeline, fake):
     campaign, contact, message_id = one_message(pipeline)
     owner = "this-host:1:worker"
     claimed = campaigns.claim(message_id, owner, 60, T0)
