@@ -348,8 +348,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
     def _not_claimed(self, message_id: int, now) -> str:
         """Someone else has it, it is done, or it came early: then come back."""
-        if campaigns.cancel_unclaimable_opted_out(message_id):
-            return "cancelled: contact opted out"
+        if withdrawn := campaigns.cancel_unclaimable(message_id):
+            return f"cancelled: {withdrawn}"
         row = (
             Message.select(Message.status, Message.next_attempt_at)
             .where(Message.id == message_id)

@@ -118,3 +118,22 @@ def test_an_unconfirmed_send_of_a_cancelled_campaign_is_not_sent_again(pipeline,
     assert Message.get_by_id(message_id).status == "cancelled"
     assert nothing_left_to_send(pipeline)
     assert requests_to(fake, contact.phone) == 0
+
+
+def test_a_cancel_while_a_dead_worker_held_the_row(pipeline, fake):
+    campaign, contact, message_id = one_message(pipeline)
+    dead_host, dead_pid = "gone-host", 999999
+    dead_owner = f"{dead_host}:{dead_pid}:dead"
+    assert campaigns.claim(message_id, dead_owner, 120, T0) is not None
+    campaigns.cancel_campaign(campaign.id)
+
+    # The supervisor gives back the dead worker's row that never left: queued
+    # and enqueued; the claim refuses it, and the refusal cancels it.
+    released = pipeline.tasks.release_dead_worker(dead_host, dead_pid, set())
+    assert len(released.requeued) == 1
+    pipeline.tasks.clock.set(utcnow() + dt.timedelta(seconds=1))
+    assert pipeline.tasks.deliver(message_id) == "cancelled: campaign cancelled"
+
+    assert Message.get_by_id(message_id).status == "cancelled"
+    assert nothing_left_to_send(pipeline)
+    assert requests_to(fake, contact.phone) == 0

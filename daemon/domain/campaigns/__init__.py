@@ -53,7 +53,7 @@ from daemon.domain.campaigns.replies import opt_out_contact
 from daemon.domain.campaigns.sending import Backoff
 from daemon.domain.campaigns.sending import ClaimedMessage
 from daemon.domain.campaigns.sending import cancel_if_withdrawn
-from daemon.domain.campaigns.sending import cancel_unclaimable_opted_out
+from daemon.domain.campaigns.sending import cancel_unclaimable
 from daemon.domain.campaigns.sending import claim
 from daemon.domain.campaigns.sending import claim_many
 from daemon.domain.campaigns.sending import expire_message2
@@ -116,7 +116,7 @@ __all__ = [
     "still_sendable",
     "hand_back",
     "cancel_if_withdrawn",
-    "cancel_unclaimable_opted_out",
+    "cancel_unclaimable",
     "release",
     "held_by",
     "record_sent",

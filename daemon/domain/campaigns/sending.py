@@ -298,32 +298,20 @@ def cancel_if_withdrawn(message, owner: str) -> str:
     return reason
 
 
-def cancel_unclaimable_opted_out(message_id: int) -> bool:
-    """A row the claim refused because its contact opted out: cancel it, so it
-    is not swept again and its campaign can complete."""
-    cancelled = (
-        Message.update(
-            status=MessageStatus.CANCELLED,
-            error="contact opted out",
-            lease_owner=None,
-            lease_expires_at=None,
-            paced_until=None,
-            next_attempt_at=None,
-        )
-        .where(
-            Message.id == message_id,
-            Message.status == MessageStatus.QUEUED,
-            contact_opted_out(),
-        )
-        .execute()
+def cancel_unclaimable(message_id: int) -> str:
+    """A queued row the claim refused: cancelled if it may no longer go (its
+    contact opted out, its campaign was cancelled), so it is not swept or
+    enqueued again and its campaign can complete. The reason, or ""."""
+    reason = _cancel_withdrawn(
+        Message.id == message_id, Message.status == MessageStatus.QUEUED
     )
-    if cancelled:
+    if reason:
         campaign_id = (
             Message.select(Message.campaign).where(Message.id == message_id).scalar()
         )
         if campaign_id:
             maybe_complete(campaign_id)
-    return bool(cancelled)
+    return reason
 
 
 def release(
