@@ -35,6 +35,7 @@ broken) a role is exec'd as before.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import selectors
@@ -100,6 +101,8 @@ log = logging.getLogger("daemon.supervision.supervisor")
 STARTING_POLL_S = 0.1
 # After the stop deadline's SIGKILLs, how long to wait for the reaping.
 KILL_WAIT_S = 5.0
+# A dead worker's release the database refused: tried again this much later.
+RELEASE_RETRY_S = 2.0
 
 
 def main(
@@ -212,7 +215,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             hooks or SupervisorHooks(), self.cfg, inflight_dir(self.cfg.data_path, env)
         )
         self._parked: list[tuple[object, float]] = []
-        self._to_release: list[int] = []  # dead workers' pids
+        # Dead workers' pids to release, each with when to try (monotonic).
+        self._to_release: list[tuple[float, int]] = []
         self.role_alerts = RoleAlerts(
             self.host, self.cfg.alerts.down_after_s, self.cfg.alerts.restarts_per_hour
         )
@@ -347,6 +351,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             candidates.append(self.stop_deadline + KILL_WAIT_S)
         candidates += [deadline for _, deadline in self._parked]
         candidates += [deadline for _, deadline in self._helpers.values()]
+        candidates += [at for at, _ in self._to_release]
         candidates.append(self.status_server.next_deadline())
         return min((c for c in candidates if c is not None), default=None)
 
@@ -446,11 +451,19 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             else:
                 log.info("reaped unknown pid %s (%s)", pid, describe_exit(status)[0])
 
+    def _released(self, pid: int, result) -> None:
+        """A release the database refused is tried again until it answers:
+        the rows must not wait minutes for their leases to expire."""
+        if result is None:
+            self._to_release.append((time.monotonic() + RELEASE_RETRY_S, pid))
+        else:
+            log_released(result)
+
     def _child_gone(self, child: Child, status: int) -> None:
         pid = child.pid
         child.finish(status, time.monotonic())
         if child.name.startswith("worker:") and self._requeuer is not None:
-            self._to_release.append(pid)
+            self._to_release.append((0.0, pid))
         if (
             child.state is ChildState.EXITED
             and child.last_exit_code == EXIT_CONFIG
@@ -521,10 +534,14 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
             self._replace_next(now)
         # Only now, after the respawn: the release's thread would hold the
         # GIL while the replacement is asked of the zygote (3-8 ms later).
-        while self._to_release:
-            pid = self._to_release.pop(0)
+        due = [pid for at, pid in self._to_release if at <= now]
+        self._to_release = [(at, pid) for at, pid in self._to_release if at > now]
+        for pid in due:
             self._submit(
-                self._db_pool, self._requeuer.release, pid, on_done=log_released
+                self._db_pool,
+                self._requeuer.release,
+                pid,
+                on_done=functools.partial(self._released, pid),
             )
         if any(c.state is ChildState.STARTING for c in self.children):
             # A child just (re)spawned: poll for its first beat from now on,

@@ -23,6 +23,7 @@ TCP port, like the real webhook listener.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -164,7 +165,12 @@ class FixtureDaemon:
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
 
-    def start(self, env: dict | None = None, wait_running: bool = True):
+    def start(
+        self,
+        env: dict | None = None,
+        wait_running: bool = True,
+        log_path: Path | None = None,
+    ):
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO_ROOT),
@@ -176,18 +182,23 @@ class FixtureDaemon:
         for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             if env is None or key not in env:
                 self.env.pop(key, None)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.process.fixture_roles",
-                "supervise",
-                "-c",
-                self.cfg.source,
-            ],
-            env=self.env,
-            cwd=REPO_ROOT,
-        )
+        # The daemon's log (every process writes to the supervisor's
+        # stderr), for a test that reads it; else the test's output.
+        with contextlib.ExitStack() as files:
+            log = None if log_path is None else files.enter_context(log_path.open("ab"))
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.process.fixture_roles",
+                    "supervise",
+                    "-c",
+                    self.cfg.source,
+                ],
+                env=self.env,
+                cwd=REPO_ROOT,
+                stderr=log,
+            )
         if wait_running:
             self.wait_all_running()
         return self
