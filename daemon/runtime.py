@@ -167,9 +167,17 @@ _INFLIGHT_RECORD = 24  # bytes: a message id, space padded, then a newline
 # its pop until it returns.
 _TAKEN_AT = _INFLIGHT_RECORD
 _TAKEN_RECORD = 256  # bytes: room for a chunk of event ids
+# The third: the ids a thread sent after the first one of a batch, whose
+# outcomes are recorded together (",<id>" each). Last in the file, so that
+# the first two records sit where they always did.
+_MORE_AT = _TAKEN_AT + _TAKEN_RECORD
+_MORE_RECORD = 232  # bytes: room for 11 ids of 20 digits
+# Ids one thread may have in flight at once (InFlight.begin).
+INFLIGHT_CAPACITY = 1 + (_MORE_RECORD - 1) // 21
 _BLANK = b" " * (_INFLIGHT_RECORD - 1) + b"\n"
 _BLANK_TAKEN = b" " * (_TAKEN_RECORD - 1) + b"\n"
-_RECORDS = _INFLIGHT_RECORD + _TAKEN_RECORD
+_BLANK_MORE = b" " * (_MORE_RECORD - 1) + b"\n"
+_RECORDS = _MORE_AT + _MORE_RECORD
 
 
 def inflight_dir(data_path, env=None) -> str:
@@ -183,19 +191,21 @@ def inflight_dir(data_path, env=None) -> str:
 
 
 class InFlight:
-    """The message each sending thread of this process may have on the wire.
+    """The messages each sending thread of this process may have on the wire.
 
-    `begin(id)` runs right before the request's first bytes are written
-    and `end()` once its outcome is recorded: a fixed-size record each, in a
-    file per thread (``<pid>.<thread id>``) mapped into memory. A record is
-    a memory write, not a system call that gives up the GIL: from the note
-    to the request's `sendall` the thread runs a few lines of Python, so a
-    kill between the two, which would re-send a row the provider never had
-    only after the confirm window, has next to no time to strike. No
-    fsync: a SIGKILL does not lose page-cache writes, and that is the
-    failure this serves. After a worker died, `read_inflight` tells the
-    supervisor which of its leased rows may have reached the provider
-    (unconfirmed) and which provably did not.
+    `begin(id)` runs right before a request's first bytes are written and
+    `end()` once the outcomes are recorded: a lone send begins and ends one
+    id; a batch begins each of its sends in turn and ends them all after
+    recording them together, so up to INFLIGHT_CAPACITY ids are open at
+    once. Fixed-size records in a file per thread (``<pid>.<thread id>``)
+    mapped into memory. A record is a memory write, not a system call that
+    gives up the GIL: from the note to the request's `sendall` the thread
+    runs a few lines of Python, so a kill between the two, which would
+    re-send a row the provider never had only after the confirm window, has
+    next to no time to strike. No fsync: a SIGKILL does not lose page-cache
+    writes, and that is the failure this serves. After a worker died,
+    `read_inflight` tells the supervisor which of its leased rows may have
+    reached the provider (unconfirmed) and which provably did not.
     """
 
     def __init__(self, directory: str, pid: int | None = None):
@@ -219,16 +229,38 @@ class InFlight:
                 records = mmap.mmap(fd, _RECORDS)
             finally:
                 os.close(fd)
-            records[:] = _BLANK + _BLANK_TAKEN
+            records[:] = _BLANK + _BLANK_TAKEN + _BLANK_MORE
             self._local.records = records
+            self._local.open = 0
         return records
 
     def begin(self, message_id: int) -> None:
-        record = str(message_id).ljust(_INFLIGHT_RECORD - 1).encode() + b"\n"
-        self._records()[:_INFLIGHT_RECORD] = record
+        """`message_id` may be on the wire from now on, with those begun
+        since the last `end()`."""
+        records = self._records()
+        opened = self._local.open
+        if not opened:
+            text = str(message_id).ljust(_INFLIGHT_RECORD - 1).encode() + b"\n"
+            records[:_INFLIGHT_RECORD] = text
+            self._local.open, self._local.more_at = 1, _MORE_AT
+        else:
+            # Appended, the ids before it untouched: a kill mid-write can
+            # only cut this id short, and the row that id names is then
+            # judged unconfirmed (the safe side), never one of the others.
+            text = f",{message_id}".encode()
+            at = self._local.more_at
+            if opened >= INFLIGHT_CAPACITY or at + len(text) >= _RECORDS:
+                raise ValueError(f"more than {INFLIGHT_CAPACITY} sends in flight")
+            records[at : at + len(text)] = text
+            self._local.open, self._local.more_at = opened + 1, at + len(text)
 
     def end(self) -> None:
-        self._records()[:_INFLIGHT_RECORD] = _BLANK
+        """Every send begun since the last `end()` is recorded."""
+        records = self._records()
+        if self._local.open > 1:
+            records[_MORE_AT:] = _BLANK_MORE
+        records[:_INFLIGHT_RECORD] = _BLANK
+        self._local.open = 0
 
     def take(self, kind: str, task_ids: int | Iterable[int]) -> None:
         """This thread took the task for send (kind "m") or event(s) ("e")
@@ -241,10 +273,10 @@ class InFlight:
         if len(text) >= _TAKEN_RECORD:
             text = text[: text.rfind(",", 0, _TAKEN_RECORD - 1)]
         record = text.ljust(_TAKEN_RECORD - 1).encode() + b"\n"
-        self._records()[_TAKEN_AT:] = record
+        self._records()[_TAKEN_AT:_MORE_AT] = record
 
     def untake(self) -> None:
-        self._records()[_TAKEN_AT:] = _BLANK_TAKEN
+        self._records()[_TAKEN_AT:_MORE_AT] = _BLANK_TAKEN
 
     def keep(self) -> None:
         """The outcome could not be recorded (the database failed): leave the
@@ -254,11 +286,17 @@ class InFlight:
         if records is not None:
             records.close()  # the file keeps what was written
             self._local.records = None
+            self._local.open = 0
 
 
 def read_inflight(directory: str, pid: int) -> set[int]:
     """Message ids the threads of `pid` had begun and not ended."""
-    return {int(text) for text, _ in _records_of(directory, pid) if text.isdigit()}
+    return {
+        int(text)
+        for first, _ in _records_of(directory, pid)
+        for text in first.split(b",")
+        if text.isdigit()
+    }
 
 
 def read_taken(directory: str, pid: int) -> set[tuple[str, int]]:
@@ -272,7 +310,8 @@ def read_taken(directory: str, pid: int) -> set[tuple[str, int]]:
 
 
 def _records_of(directory: str, pid: int) -> list[tuple[bytes, bytes]]:
-    """(in-flight record, taken record) of each file of `pid`, stripped."""
+    """(in-flight ids, taken record) of each file of `pid`, stripped: the
+    in-flight ids are the first id and the others begun with it, "<id>,<id>"."""
     out = []
     try:
         names = os.listdir(directory)
@@ -283,10 +322,12 @@ def _records_of(directory: str, pid: int) -> list[tuple[bytes, bytes]]:
             continue
         try:
             with open(os.path.join(directory, name), "rb") as f:
-                data = f.read(_INFLIGHT_RECORD + _TAKEN_RECORD)
+                data = f.read(_RECORDS)
         except OSError:
             continue
-        out.append((data[:_TAKEN_AT].strip(), data[_TAKEN_AT:].strip()))
+        # A file of an older version ends after the taken record: no more.
+        in_flight = data[:_TAKEN_AT].strip() + data[_MORE_AT:].strip()
+        out.append((in_flight, data[_TAKEN_AT:_MORE_AT].strip()))
     return out
 
 

@@ -1,14 +1,16 @@
 """Message 1 in batches: the fan-out's send_messages task.
 
 `BatchSendTasks` is a mixin of `daemon.app.tasks.Tasks` (it uses its
-draining flag, pacer, clock, lease, task clock, and the single-row send path
-`_not_claimed` / `_deliver_claimed` / `_enqueue_again`).
+draining flag, pacer, clock, lease, task clock, in-flight records, and the
+single-row send path `_not_claimed` / `_deliver_claimed` / `_enqueue_again`).
 
 Why batches: a lone send costs a queue entry, a claim and a record, each a
 write transaction on SQLite (a round trip on PostgreSQL). A batch of
-SEND_BATCH rows is one queue entry and one claim (campaigns.claim_many),
-then a record per send. Only when sends are not paced: the pacer decides
-send by send and may wait, which a batch would do holding its other rows.
+SEND_BATCH rows is one queue entry, one claim (campaigns.claim_many) and,
+on SQLite, one record transaction for all its accepted sends
+(campaigns.record_sent_many). Only when sends are not paced: the pacer
+decides send by send and may wait, which a batch would do holding its
+other rows.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from __future__ import annotations
 import logging
 import time
 
+from daemon import metrics
 from daemon.domain import campaigns
 from daemon.owners import lease_owner
+from daemon.runtime import INFLIGHT_CAPACITY
 from daemon.store.db import drop_connection
 
 log = logging.getLogger(__name__)
 
-# Message 1 rows a send_messages task carries.
+# Message 1 rows a send_messages task carries: all of them may be on the
+# wire (in-flight records open) until the batch records them.
 SEND_BATCH = 8
+assert SEND_BATCH <= INFLIGHT_CAPACITY
 # Past this, a batch hands the rest of its rows back: with a slow provider
 # the first send alone uses it up, and the rest go out one task a row.
 BATCH_BUDGET_S = 0.25
@@ -48,14 +54,16 @@ class BatchSendTasks:
 
         The rows are claimed in one statement, then sent one after the
         other, each checked again right before its send
-        (campaigns.still_sendable) and each with the whole time limit. What
-        stops a batch early hands the rest back, queued again as one task a
-        row: a draining worker, sends that became paced, a batch past
-        BATCH_BUDGET_S (a slow provider: idle threads share the rest, and a
-        Message 2 does not wait behind a whole batch), and an error (the
-        database gone: see _give_back_unsent). A worker killed mid-batch
-        leaves its rows leased: the supervisor's release queues again every
-        one not on the wire.
+        (campaigns.still_sendable) and each with the whole time limit. The
+        sends the provider accepted are recorded together when the batch
+        ends (one write transaction on SQLite), their in-flight records open
+        until then. What stops a batch early hands the rest back, queued
+        again as one task a row: a draining worker, sends that became paced,
+        a batch past BATCH_BUDGET_S (a slow provider: idle threads share the
+        rest, and a Message 2 does not wait behind a whole batch), and an
+        error (the database gone: see _settle_interrupted). A worker killed
+        mid-batch leaves its rows leased: the supervisor's release makes the
+        ones in its in-flight records unconfirmed and queues again the rest.
         """
         if self.draining.is_set() or not self.pacer.unlimited:
             self._enqueue_again(message_ids)
@@ -66,18 +74,22 @@ class BatchSendTasks:
         order = [i for i in message_ids if i in claimed]
         # Claimed rows no request was made for: what an error gives back.
         unsent = set(order)
+        # Sends the provider accepted and not recorded yet.
+        accepted: list[campaigns.AcceptedSend] = []
         try:
             outcomes = {
                 i: self._not_claimed(i, now) for i in message_ids if i not in claimed
             }
-            self._send_in_turn(order, claimed, owner, now, outcomes, unsent)
+            self._send_in_turn(order, claimed, owner, now, outcomes, unsent, accepted)
+            self._record_accepted(accepted, owner)
         except BaseException:
-            if unsent:
-                self._give_back_unsent(sorted(unsent), owner)
+            self._settle_interrupted(accepted, sorted(unsent), owner)
             raise
         return [outcomes[i] for i in message_ids]
 
-    def _send_in_turn(self, order, claimed, owner, now, outcomes, unsent) -> None:
+    def _send_in_turn(
+        self, order, claimed, owner, now, outcomes, unsent, accepted
+    ) -> None:
         started = time.monotonic()
         for index, message_id in enumerate(order):
             if index:
@@ -94,8 +106,24 @@ class BatchSendTasks:
                 now = self.clock()
             unsent.discard(message_id)
             outcomes[message_id] = self._deliver_claimed(
-                claimed[message_id], owner, now
+                claimed[message_id], owner, now, accepted
             )
+
+    def _record_accepted(self, accepted: list, owner: str) -> None:
+        """The batch's accepted sends recorded in one go (emptying
+        `accepted`), then every in-flight record of the batch ended. If the
+        record fails, the in-flight records are kept: should this worker
+        die, the supervisor makes those rows unconfirmed, not queued."""
+        try:
+            if accepted:
+                campaigns.record_sent_many(accepted, owner)
+        except BaseException:
+            self.inflight.keep()
+            raise
+        self.inflight.end()
+        for send in accepted:
+            metrics.SENDS.labels(kind=str(send.message.kind), outcome="sent").inc()
+        accepted.clear()
 
     def _cut_short(self, started: float) -> bool:
         return (
@@ -109,29 +137,39 @@ class BatchSendTasks:
         unsent.difference_update(message_ids)
         self._enqueue_again(message_ids)
 
-    def _give_back_unsent(self, message_ids: list[int], owner: str) -> None:
-        """A batch interrupted by an error: its rows that no request was made
-        for go back to the queue now, or they would stay leased to this live
-        worker until the lease expires (minutes). The error is often the
-        database itself (PostgreSQL restarting): tried again, with backoff,
-        until it answers, the worker drains (then its exit releases the
-        rows), or the hard time limit passes (then the sweeper does, once
-        the lease expires)."""
-        deadline = time.monotonic() + self.cfg.workers.hard_time_limit_s
+    def _settle_interrupted(self, accepted: list, unsent: list[int], owner) -> None:
+        """A batch interrupted by an error: its accepted sends are recorded
+        and its rows that no request was made for go back to the queue, now,
+        or they would stay leased to this live worker until the lease
+        expires (minutes; then even the rows never sent would wait for
+        evidence as unconfirmed). The error is often the database itself
+        (PostgreSQL restarting): tried again, with backoff, until it answers
+        or the worker drains. A drain (the supervisor's hard limit on a task
+        this old, a reload, a stop) ends the wait: the worker exits, and the
+        supervisor's release, tried again until the database answers, makes
+        the accepted rows unconfirmed (their in-flight records are kept) and
+        queues the others."""
+        if not accepted and not unsent:
+            return
         delay = 0.1
         while True:
             try:
-                campaigns.hand_back(message_ids, owner)
+                self._record_accepted(accepted, owner)
+                if unsent:
+                    campaigns.hand_back(unsent, owner)
             except Exception:  # noqa: BLE001 - the database may be down
                 drop_connection()
-                if time.monotonic() + delay > deadline or self.draining.wait(delay):
+                if self.draining.wait(delay):
                     log.warning(
-                        "could not give back %d unsent messages of a batch; "
-                        "they are released when this worker exits",
-                        len(message_ids),
+                        "could not record %d sends nor give back %d unsent "
+                        "messages of a batch; they are released when this "
+                        "worker exits",
+                        len(accepted),
+                        len(unsent),
                     )
                     return
                 delay = min(delay * 2, 5.0)
                 continue
-            self._enqueue_again(message_ids)
+            if unsent:
+                self._enqueue_again(unsent)
             return

@@ -225,8 +225,13 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         except Exception:  # noqa: BLE001 - the queue (or database) may be down
             log.warning("could not enqueue %d messages again", len(message_ids))
 
-    def _deliver_claimed(self, message, owner: str, now) -> str:
-        """deliver, past the claim: pacing -> provider -> record."""
+    def _deliver_claimed(
+        self, message, owner: str, now, accepted: list | None = None
+    ) -> str:
+        """deliver, past the claim: pacing -> provider -> record. In a batch
+        (`accepted` given) an accepted send is added there instead of being
+        recorded, and its in-flight record stays open: the batch records
+        them together, then ends them (deliver_all)."""
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
             campaigns.record_failure(message, owner, "too many interrupted attempts")
             return "failed"
@@ -253,7 +258,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             # the request's first byte can leave (Provider.send): a death
             # during a connect or TLS handshake re-sends the row at once.
             outcome = self._send_claimed(
-                message, owner, on_write=lambda: inflight.begin(message.id)
+                message, owner, lambda: inflight.begin(message.id), accepted
             )
         except BaseException:
             # Not recorded (database down?): the request may have left, and
@@ -261,7 +266,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             # dies the supervisor makes the row unconfirmed, not queued.
             inflight.keep()
             raise
-        inflight.end()
+        if accepted is None:
+            inflight.end()
         return outcome
 
     def _leave_queued(self, message_id: int) -> str:
@@ -299,7 +305,9 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
         return note
 
-    def _send_claimed(self, message, owner: str, on_write: Callable[[], None]) -> str:
+    def _send_claimed(
+        self, message, owner: str, on_write: Callable[[], None], accepted=None
+    ) -> str:
         try:
             result = self.provider.send(
                 message.phone,
@@ -332,6 +340,13 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             # so a bug can neither lose the row nor send it twice.
             log.exception("unexpected error sending message %s", message.id)
             return self._after_unconfirmed(message, owner, f"internal error: {exc}")
+        if accepted is not None:
+            accepted.append(
+                campaigns.AcceptedSend(
+                    message, result.provider_id, result.wa_id, utcnow()
+                )
+            )
+            return "sent"
         campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
         _count_send(message.kind, "sent")
         return "sent"

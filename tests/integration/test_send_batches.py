@@ -256,39 +256,90 @@ def test_sends_that_became_paced_are_not_batched(pipeline, fake):
     assert fake.stats()["sends_accepted"] == 0
 
 
+def lock_sqlite_for(cfg, seconds: float = 1.0):
+    """Another writer that holds SQLite's write lock for `seconds` once called:
+    past the busy timeout, every write of the send path fails meanwhile."""
+    locker = sqlite3.connect(
+        cfg.database_url.removeprefix("sqlite:///"),
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+    def lock():
+        locker.execute("BEGIN IMMEDIATE")
+        threading.Timer(seconds, locker.rollback).start()
+
+    return locker, lock
+
+
 def test_a_batch_cut_by_a_database_error_gives_its_unsent_rows_back(make_config, fake):
-    """The database fails under a batch (here: another writer holds SQLite's
-    lock past the busy timeout, for a second): the record of the row on the
-    wire fails, and the batch stops. The row it had not sent yet must not
-    stay leased to this live worker until the lease expires (minutes): it
-    is given back once the database answers, and goes out once."""
+    """The database fails under a batch (another writer holds SQLite's lock
+    past the busy timeout, for a second) while the provider refuses the
+    second row: the record of that refusal fails, and the batch stops. The
+    first row, accepted, is recorded sent once the database answers; the
+    rows not sent yet must not stay leased to this live worker until the
+    lease expires (minutes): they are given back then, and go out once."""
     cfg = make_config(
         "sqlite",
         {"provider": {"base_url": fake.url}, "database": {"busy_timeout_s": 0.1}},
     )
     pipeline = build_pipeline(cfg, ManualClock(T0))
     try:
-        ids = running_campaign(pipeline, 3)
-        locker = sqlite3.connect(
-            cfg.database_url.removeprefix("sqlite:///"),
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        ids = running_campaign(pipeline, 4)
+        locker, lock = lock_sqlite_for(cfg)
 
-        def lock_for_a_second():
-            locker.execute("BEGIN IMMEDIATE")
-            threading.Timer(1.0, locker.rollback).start()
+        def lock_and_refuse():
+            lock()
+            fake.configure(fail_rate=1.0)
 
-        on_clock_call(pipeline.tasks, 2, lock_for_a_second)
+        on_clock_call(pipeline.tasks, 2, lock_and_refuse)
 
         with pytest.raises(peewee.OperationalError, match="locked"):
             pipeline.tasks.deliver_all(ids)
 
-        assert fake.stats()["sends_accepted"] == 2
-        assert (row(ids[2]).status, row(ids[2]).attempts) == ("queued", 0)
+        assert fake.stats()["sends_accepted"] == 1
+        assert row(ids[0]).status == "sent"
+        for unsent in ids[2:]:
+            assert (row(unsent).status, row(unsent).attempts) == ("queued", 0)
         messages = pipeline.queues.messages
-        assert [t.args for t in messages.pending()] == [(ids[2],)]
+        assert [t.args for t in messages.pending()] == [(i,) for i in ids[2:]]
+        fake.configure(fail_rate=0.0)
         assert messages.execute(messages.dequeue()) == "sent"
+        assert messages.execute(messages.dequeue()) == "sent"
+        assert_each_reference_once(fake.stats(), fake.messages(), 3)
+        locker.close()
+    finally:
+        pipeline.close()
+
+
+def test_a_batch_whose_record_fails_records_its_sends_once_the_database_answers(
+    make_config, fake
+):
+    """The sends of a batch are recorded together at its end. When that
+    record fails (SQLite locked past the busy timeout, for longer than the
+    hard time limit), the batch keeps trying while its worker lives, and
+    every row the provider accepted ends up `sent`: none is left leased to
+    wait for its lease to run out, none sent again."""
+    cfg = make_config(
+        "sqlite",
+        {
+            "provider": {"base_url": fake.url, "timeout_s": 0.5},
+            "database": {"busy_timeout_s": 0.1},
+            "workers": {"soft_time_limit_s": 1.0, "hard_time_limit_s": 1.5},
+        },
+    )
+    pipeline = build_pipeline(cfg, ManualClock(T0))
+    try:
+        ids = running_campaign(pipeline, 3)
+        locker, lock = lock_sqlite_for(cfg, seconds=3.0)
+        on_clock_call(pipeline.tasks, 3, lock)
+
+        with pytest.raises(peewee.OperationalError, match="locked"):
+            pipeline.tasks.deliver_all(ids)
+
+        assert [row(i).status for i in ids] == ["sent"] * 3
+        assert all(row(i).lease_owner is None for i in ids)
+        assert list(pipeline.queues.messages.pending()) == []
         assert_each_reference_once(fake.stats(), fake.messages(), 3)
         locker.close()
     finally:

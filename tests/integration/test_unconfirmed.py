@@ -508,6 +508,42 @@ def test_taken_records_hold_a_chunk_of_ids_and_are_cleared(tmp_path):
     assert read_taken(directory, DEAD_PID) == set()
 
 
+def test_in_flight_records_hold_a_batch_until_it_ends(tmp_path):
+    """A batch begins its sends one after the other and ends them together,
+    once recorded: until then every one of them reads as in flight."""
+    from daemon.runtime import INFLIGHT_CAPACITY
+
+    directory = str(tmp_path / "inflight")
+    record = InFlight(directory, pid=DEAD_PID)
+    longest = 10**19  # 20 digits
+    batch = [longest + i for i in range(INFLIGHT_CAPACITY)]
+    for message_id in batch:
+        record.begin(message_id)
+    assert read_inflight(directory, DEAD_PID) == set(batch)
+    with pytest.raises(ValueError, match="in flight"):
+        record.begin(1)
+    record.take("m", 5)  # the task record is apart from the ids
+    assert read_inflight(directory, DEAD_PID) == set(batch)
+    record.end()
+    assert read_inflight(directory, DEAD_PID) == set()
+    record.begin(8)  # a lone send after the batch: only its own id
+    assert read_inflight(directory, DEAD_PID) == {8}
+
+
+def test_in_flight_records_of_an_older_version_are_read(tmp_path):
+    """A file written before batches held one id and the taken record, no
+    more: read after an upgrade, it means what it meant."""
+    directory = tmp_path / "inflight"
+    directory.mkdir()
+    (directory / f"{DEAD_PID}.1.0").write_bytes(
+        b"77".ljust(23) + b"\n" + b"m78".ljust(255) + b"\n"
+    )
+    from daemon.runtime import read_taken
+
+    assert read_inflight(str(directory), DEAD_PID) == {77}
+    assert read_taken(str(directory), DEAD_PID) == {("m", 78)}
+
+
 def test_in_flight_records_survive_a_sigkill(tmp_path):
     directory = str(tmp_path / "inflight")
     script = textwrap.dedent(
@@ -519,6 +555,10 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
         log.begin(40); log.keep()             # sent, recording failed
         log.begin(39); log.end()              # the next send of that thread
         log.begin(42)                         # on the wire at the kill
+        def batch():
+            log.begin(50); log.begin(51); log.end()   # recorded together
+            log.begin(52); log.begin(53)              # accepted, on the wire
+        t = threading.Thread(target=batch); t.start(); t.join()
         def other():
             log.begin(43)
             print("ready", flush=True)
@@ -536,7 +576,7 @@ def test_in_flight_records_survive_a_sigkill(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert read_inflight(directory, proc.pid) == {40, 42, 43}
+    assert read_inflight(directory, proc.pid) == {40, 42, 43, 52, 53}
     assert read_inflight(directory, proc.pid + 1) == set()
     local = InFlight(directory)
     local.begin(7)

@@ -249,6 +249,55 @@ def test_sigkill_mid_send_no_phone_gets_message_1_twice(
         assert rows[message_id].attempts == 2  # claimed twice, written once
 
 
+@pytest.mark.parametrize("mode", ["sqlite", "cluster"])
+@pytest.mark.timeout(120)
+def test_sigkill_mid_batch_no_phone_gets_message_1_twice(
+    request, make_config, tmp_path, mode
+):
+    """Unpaced sends go out in batches whose accepted sends are recorded
+    together at the batch's end. A worker of one thread killed mid-batch
+    holds rows accepted but not recorded, one on the wire, and rows not sent
+    yet: its in-flight records name every one of the first two kinds, which
+    end sent by their status webhooks, never re-sent; the rest go again at
+    once. Every phone gets Message 1 exactly once."""
+    # Fast enough for a batch to send several rows within its budget.
+    options = FakeOptions(latency_ms=40, ack_delays_ms=(200.0, 400.0))
+    extra = {
+        "provider": {"confirm_window_s": 600.0},
+        "pacing": {"per_minute": 0.0, "daily_cap": 0},
+        # One thread: two ids in the in-flight records are two of one batch.
+        "workers": {"messages_threads": 1},
+    }
+    cfg, fake, pipeline, campaign = run_kill_scenario(
+        request, make_config, tmp_path, mode, options, extra
+    )
+    logs = tmp_path / "logs"
+    with running_workers(cfg, ["messages", "background"], logs) as workers:
+        campaigns.start_campaign(campaign.id, pipeline.tasks)
+        on_wire, never_left = kill_mid_send(cfg, pipeline, campaign.id, workers)
+        assert len(on_wire) >= 2, "no batch had sends accepted and not recorded"
+        workers.append(start_worker(cfg, "messages", logs, tag="-new"))
+        try:
+            sweep_while(
+                pipeline,
+                lambda: sent_count(campaign.id) == CONTACTS,
+                60,
+                "every Message 1 sent",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{worker_logs(workers)}") from None
+
+    rows = rows_of(campaign.id)
+    per_phone = m1_per_phone(fake, phones_of(rows).values())
+    print(f"{mode}: {len(on_wire)} on the wire, {len(never_left)} never left")
+    assert fake.duplicates() == {}
+    assert set(per_phone.values()) == {1}, per_phone
+    assert member_counts(campaign.id) == {MemberState.MESSAGE_1_SENT: CONTACTS}
+    for message_id in on_wire:
+        row = rows[message_id]
+        assert row.status in SENT_OR_LATER and not row.resends and row.attempts == 1
+
+
 @pytest.mark.parametrize(
     ("mode", "policy"),
     [

@@ -50,6 +50,7 @@ from daemon.domain.campaigns.replies import fold_keyword
 from daemon.domain.campaigns.replies import handle_reply
 from daemon.domain.campaigns.replies import is_opt_out
 from daemon.domain.campaigns.replies import opt_out_contact
+from daemon.domain.campaigns.sending import AcceptedSend
 from daemon.domain.campaigns.sending import Backoff
 from daemon.domain.campaigns.sending import ClaimedMessage
 from daemon.domain.campaigns.sending import cancel_if_withdrawn
@@ -64,6 +65,7 @@ from daemon.domain.campaigns.sending import member_failed
 from daemon.domain.campaigns.sending import record_failure
 from daemon.domain.campaigns.sending import record_retryable
 from daemon.domain.campaigns.sending import record_sent
+from daemon.domain.campaigns.sending import record_sent_many
 from daemon.domain.campaigns.sending import release
 from daemon.domain.campaigns.sending import release_leases
 from daemon.domain.campaigns.sending import still_sendable
@@ -120,6 +122,8 @@ __all__ = [
     "release",
     "held_by",
     "record_sent",
+    "record_sent_many",
+    "AcceptedSend",
     "record_failure",
     "expire_message2",
     "member_failed",
