@@ -8,9 +8,9 @@ Why batches: a lone send costs a queue entry, a claim and a record, each a
 write transaction on SQLite (a round trip on PostgreSQL). A batch of
 SEND_BATCH rows is one queue entry, one claim (campaigns.claim_many) and,
 on SQLite, one record transaction for all its accepted sends
-(campaigns.record_sent_many). Only when sends are not paced: the pacer
-decides send by send and may wait, which a batch would do holding its
-other rows.
+(campaigns.record_sent_many); on PostgreSQL a send is recorded at once.
+Only when sends are not paced: the pacer decides send by send and may wait,
+which a batch would do holding its other rows.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from daemon.domain import campaigns
 from daemon.owners import lease_owner
 from daemon.runtime import INFLIGHT_CAPACITY
 from daemon.store.db import drop_connection
+from daemon.store.db import is_postgres
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ class BatchSendTasks:
 
         The rows are claimed in one statement, then sent one after the
         other, each checked again right before its send
-        (campaigns.still_sendable) and each with the whole time limit. The
-        sends the provider accepted are recorded together when the batch
-        ends (one write transaction on SQLite), their in-flight records open
+        (campaigns.still_sendable) and each with the whole time limit. On
+        SQLite the sends the provider accepted are recorded together when
+        the batch ends (one write transaction), their in-flight records open
         until then. What stops a batch early hands the rest back, queued
         again as one task a row: a draining worker, sends that became paced,
         a batch past BATCH_BUDGET_S (a slow provider: idle threads share the
@@ -74,13 +75,18 @@ class BatchSendTasks:
         order = [i for i in message_ids if i in claimed]
         # Claimed rows no request was made for: what an error gives back.
         unsent = set(order)
-        # Sends the provider accepted and not recorded yet.
+        # Sends the provider accepted and not recorded yet. Only on SQLite,
+        # where a batch then takes the single write lock once for all its
+        # records; on PostgreSQL each is recorded at once, as a lone send:
+        # deferring them there cut W1 cluster from 851 to 661-683 msgs/s
+        # (docs/benchmarks.md, fourth run).
         accepted: list[campaigns.AcceptedSend] = []
+        together = None if is_postgres() else accepted
         try:
             outcomes = {
                 i: self._not_claimed(i, now) for i in message_ids if i not in claimed
             }
-            self._send_in_turn(order, claimed, owner, now, outcomes, unsent, accepted)
+            self._send_in_turn(order, claimed, owner, now, outcomes, unsent, together)
             self._record_accepted(accepted, owner)
         except BaseException:
             self._settle_interrupted(accepted, sorted(unsent), owner)
