@@ -156,6 +156,8 @@ class BatchSendTasks:
         the accepted rows unconfirmed (their in-flight records are kept) and
         queues the others."""
         if not accepted and not unsent:
+            # Any in-flight record still open is of a row already settled.
+            self.inflight.end()
             return
         delay = 0.1
         while True:
