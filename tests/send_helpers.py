@@ -13,8 +13,10 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -387,3 +389,19 @@ def drop_queue(huey) -> None:
     """Drop every task waiting in `huey`, as a killed consumer would."""
     while huey.dequeue() is not None:
         pass
+
+
+def lock_sqlite_for(cfg: Config, seconds: float = 1.0):
+    """Another writer that holds SQLite's write lock for `seconds` once called:
+    past the busy timeout, every write of the send path fails meanwhile."""
+    locker = sqlite3.connect(
+        cfg.database_url.removeprefix("sqlite:///"),
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+    def lock():
+        locker.execute("BEGIN IMMEDIATE")
+        threading.Timer(seconds, locker.rollback).start()
+
+    return locker, lock

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import time
 
+import peewee as pw
+
 from daemon import metrics
 from daemon.domain import campaigns
 from daemon.owners import lease_owner
 from daemon.runtime import INFLIGHT_CAPACITY
-from daemon.store.db import drop_connection
 from daemon.store.db import is_postgres
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,9 @@ class BatchSendTasks:
         expires (minutes; then even the rows never sent would wait for
         evidence as unconfirmed). The error is often the database itself
         (PostgreSQL restarting): tried again, with backoff, until it answers
-        or the worker drains. A drain (the supervisor's hard limit on a task
-        this old, a reload, a stop) ends the wait: the worker exits, and the
+        or the worker drains (Tasks._until_recorded). A drain (the
+        supervisor's hard limit on a task this old, a reload, a stop) ends
+        the wait: the worker exits, and the
         supervisor's release, tried again until the database answers, makes
         the accepted rows unconfirmed (their in-flight records are kept) and
         queues the others."""
@@ -159,25 +161,21 @@ class BatchSendTasks:
             # Any in-flight record still open is of a row already settled.
             self.inflight.end()
             return
-        delay = 0.1
-        while True:
-            try:
-                self._record_accepted(accepted, owner)
-                if unsent:
-                    campaigns.hand_back(unsent, owner)
-            except Exception:  # noqa: BLE001 - the database may be down
-                drop_connection()
-                if self.draining.wait(delay):
-                    log.warning(
-                        "could not record %d sends nor give back %d unsent "
-                        "messages of a batch; they are released when this "
-                        "worker exits",
-                        len(accepted),
-                        len(unsent),
-                    )
-                    return
-                delay = min(delay * 2, 5.0)
-                continue
+
+        def settle() -> None:
+            self._record_accepted(accepted, owner)
             if unsent:
-                self._enqueue_again(unsent)
+                campaigns.hand_back(unsent, owner)
+
+        try:
+            self._until_recorded(settle)
+        except (pw.OperationalError, pw.InterfaceError):
+            log.warning(
+                "could not record %d sends nor give back %d unsent messages "
+                "of a batch; they are released when this worker exits",
+                len(accepted),
+                len(unsent),
+            )
             return
+        if unsent:
+            self._enqueue_again(unsent)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from typing import TypeVar
 
 import peewee as pw
 
@@ -54,6 +55,7 @@ from daemon.store.queue import task_target
 from daemon.store.statuses import MessageStatus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Fan-out chains a big campaign is split into (campaigns.fanout_ranges): each
 # one a link at a time, so this many worker threads build Message 1 rows at
@@ -308,6 +310,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
     def _send_claimed(
         self, message, owner: str, on_write: Callable[[], None], accepted=None
     ) -> str:
+        """The request, then the provider's answer recorded (_until_recorded)."""
+        record = functools.partial
         try:
             result = self.provider.send(
                 message.phone,
@@ -318,28 +322,52 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 on_write=on_write,
             )
         except UnconfirmedError as exc:
-            return self._after_unconfirmed(message, owner, exc.reason)
+            answer = record(self._after_unconfirmed, message, owner, exc.reason)
         except RetryableError as exc:
-            return self._after_retryable(message, owner, exc)
+            answer = record(self._after_retryable, message, owner, exc)
         except RecipientOptedOutError as exc:
-            campaigns.record_failure(message, owner, exc.reason)
-            contact = Contact.get_by_id(message.contact_id)
-            campaigns.opt_out_contact(contact, f"provider: {exc.reason}")
-            return "failed: opted out"
+            answer = record(self._after_opted_out, message, owner, exc.reason)
         except PauseCampaignError as exc:
-            campaigns.release(message, owner, None, exc.reason)
-            pause_quietly(message.campaign_id, f"provider: {exc.reason}")
-            return "campaign paused"
+            answer = record(self._after_pause, message, owner, exc.reason)
         except PermanentError as exc:
-            campaigns.record_failure(message, owner, exc.reason)
-            _count_send(message.kind, "failed")
-            log.warning("%s failed: %s", _which(message), exc.reason)
-            return "failed"
+            answer = record(self._after_permanent, message, owner, exc.reason)
         except Exception as exc:  # noqa: BLE001 - a bug must not lose the row
             # It may have struck after the request was written: unconfirmed,
             # so a bug can neither lose the row nor send it twice.
             log.exception("unexpected error sending message %s", message.id)
-            return self._after_unconfirmed(message, owner, f"internal error: {exc}")
+            reason = f"internal error: {exc}"
+            answer = record(self._after_unconfirmed, message, owner, reason)
+        else:
+            answer = record(self._after_accepted, message, owner, result, accepted)
+        return self._until_recorded(answer)
+
+    def _until_recorded(self, answer: Callable[[], T]) -> T:
+        """`answer()`, which records what the provider said, done once the
+        database answers. Until then the answer exists only in this thread:
+        given up, its row would stay leased to this live worker until the
+        lease runs out (minutes), then wait as unconfirmed even when the
+        provider refused it. So a database that fails (PostgreSQL
+        restarting, SQLite locked past its busy timeout) is tried again,
+        with backoff, until it answers or this worker drains (a stop, a
+        reload, the supervisor's hard limit on a task this old). Then the
+        error is raised: the in-flight record is kept (_deliver_claimed),
+        and the supervisor's release settles the row once the worker has
+        exited. Each answer is safe to run again: its writes only touch a
+        row still held by `owner`."""
+        delay = 0.1
+        while True:
+            try:
+                return answer()
+            except (pw.OperationalError, pw.InterfaceError) as exc:
+                drop_connection()
+                if self.draining.wait(delay):
+                    raise
+                log.warning("provider's answer not recorded (%s): retrying", exc)
+                delay = min(delay * 2, 5.0)
+
+    def _after_accepted(self, message, owner, result, accepted) -> str:
+        """Recorded `sent` now, or added to a batch's `accepted` sends, which
+        the batch records together (deliver_all)."""
         if accepted is not None:
             accepted.append(
                 campaigns.AcceptedSend(
@@ -350,6 +378,23 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         campaigns.record_sent(message, owner, result.provider_id, result.wa_id)
         _count_send(message.kind, "sent")
         return "sent"
+
+    def _after_opted_out(self, message, owner, reason: str) -> str:
+        campaigns.record_failure(message, owner, reason)
+        contact = Contact.get_by_id(message.contact_id)
+        campaigns.opt_out_contact(contact, f"provider: {reason}")
+        return "failed: opted out"
+
+    def _after_pause(self, message, owner, reason: str) -> str:
+        campaigns.release(message, owner, None, reason)
+        pause_quietly(message.campaign_id, f"provider: {reason}")
+        return "campaign paused"
+
+    def _after_permanent(self, message, owner, reason: str) -> str:
+        campaigns.record_failure(message, owner, reason)
+        _count_send(message.kind, "failed")
+        log.warning("%s failed: %s", _which(message), reason)
+        return "failed"
 
     @staticmethod
     def _session_closed(message, now) -> bool:
@@ -392,17 +437,17 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
     def _after_retryable(self, message, owner, exc: RetryableError) -> str:
         reason, retry_after = exc.reason, exc.retry_after
-        if withdrawn := campaigns.cancel_if_withdrawn(message, owner):
-            return f"cancelled: {withdrawn}"
         delay = (
             retry_after
             if retry_after is not None
             else self.backoff.delay(message.failures + 1)
         )
-        next_at = campaigns.record_retryable(
+        retry = campaigns.record_retryable(
             message, owner, reason, delay, self.cfg.retry.max_attempts, self.clock()
         )
-        if next_at is None:
+        if retry.withdrawn:
+            return f"cancelled: {retry.withdrawn}"
+        if retry.failed:
             _count_send(message.kind, "failed")
             log.warning(
                 "%s failed after %d attempts: %s",
@@ -411,6 +456,9 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 reason,
             )
             return "failed"
+        if retry.next_at is None:
+            return "not ours any more"
+        next_at = retry.next_at
         _count_send(message.kind, "retry")
         log.warning(
             "%s not sent: %s; retry at %s",

@@ -8,10 +8,8 @@ does not dedupe) and what the rows say, on SQLite and on PostgreSQL + Redis.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import subprocess
 import sys
-import threading
 
 import peewee
 import pytest
@@ -27,6 +25,7 @@ from daemon.store.models import utcnow
 from tests.send_helpers import ManualClock
 from tests.send_helpers import assert_each_reference_once
 from tests.send_helpers import build_pipeline
+from tests.send_helpers import lock_sqlite_for
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
@@ -256,34 +255,22 @@ def test_sends_that_became_paced_are_not_batched(pipeline, fake):
     assert fake.stats()["sends_accepted"] == 0
 
 
-def lock_sqlite_for(cfg, seconds: float = 1.0):
-    """Another writer that holds SQLite's write lock for `seconds` once called:
-    past the busy timeout, every write of the send path fails meanwhile."""
-    locker = sqlite3.connect(
-        cfg.database_url.removeprefix("sqlite:///"),
-        isolation_level=None,
-        check_same_thread=False,
-    )
-
-    def lock():
-        locker.execute("BEGIN IMMEDIATE")
-        threading.Timer(seconds, locker.rollback).start()
-
-    return locker, lock
-
-
-def test_a_batch_cut_by_a_database_error_gives_its_unsent_rows_back(make_config, fake):
-    """The database fails under a batch (another writer holds SQLite's lock
-    past the busy timeout, for a second) while the provider refuses the
-    second row: the record of that refusal fails, and the batch stops. The
-    first row, accepted, is recorded sent once the database answers; the
-    rows not sent yet must not stay leased to this live worker until the
-    lease expires (minutes): they are given back then, and go out once."""
+def test_a_refusal_met_by_a_locked_database_is_recorded_once_it_answers(
+    make_config, fake
+):
+    """The provider refuses the second row of a batch (HTTP 500) while
+    another writer holds SQLite's lock past the busy timeout, for a second.
+    The refusal is recorded as a retry once the database answers, not
+    dropped: the row must not stay leased to this live worker until the
+    lease expires (minutes), then wait as unconfirmed although it never
+    left. The batch then hands on the rows it has no time left for, and
+    every phone gets Message 1 once."""
     cfg = make_config(
         "sqlite",
         {"provider": {"base_url": fake.url}, "database": {"busy_timeout_s": 0.1}},
     )
-    pipeline = build_pipeline(cfg, ManualClock(T0))
+    clock = ManualClock(T0)
+    pipeline = build_pipeline(cfg, clock)
     try:
         ids = running_campaign(pipeline, 4)
         locker, lock = lock_sqlite_for(cfg)
@@ -294,19 +281,76 @@ def test_a_batch_cut_by_a_database_error_gives_its_unsent_rows_back(make_config,
 
         on_clock_call(pipeline.tasks, 2, lock_and_refuse)
 
+        outcomes = pipeline.tasks.deliver_all(ids)
+
+        assert outcomes[0] == "sent"
+        assert outcomes[1].startswith("retry at ")
+        assert outcomes[2:] == [LEFT_FOR_ANOTHER] * 2
+        refused = row(ids[1])
+        assert (refused.status, refused.failures, refused.lease_owner) == (
+            "queued",
+            1,
+            None,
+        )
+        assert refused.next_attempt_at is not None
+        for unsent in ids[2:]:
+            assert (row(unsent).status, row(unsent).attempts) == ("queued", 0)
+        messages = pipeline.queues.messages
+        assert sorted(t.args for t in messages.pending()) == [(i,) for i in ids[2:]]
+        fake.configure(fail_rate=0.0)
+        assert messages.execute(messages.dequeue()) == "sent"
+        assert messages.execute(messages.dequeue()) == "sent"
+        clock.set(refused.next_attempt_at)
+        assert pipeline.tasks.deliver(ids[1]) == "sent"
+        assert_each_reference_once(fake.stats(), fake.messages(), 4)
+        locker.close()
+    finally:
+        pipeline.close()
+
+
+def test_a_batch_cut_by_a_database_error_gives_its_unsent_rows_back(make_config, fake):
+    """A slow provider uses up the batch's time budget on its first row, and
+    the database fails right then (another writer holds SQLite's lock past
+    the busy timeout, for a second): giving the rest back fails, and the
+    batch stops with that error. The first row, accepted, is recorded sent
+    once the database answers, and the rows not sent are given back then,
+    not left leased to this live worker until the lease expires. Each goes
+    out once."""
+    from daemon.app.batch_tasks import BATCH_BUDGET_S
+
+    cfg = make_config(
+        "sqlite",
+        {"provider": {"base_url": fake.url}, "database": {"busy_timeout_s": 0.1}},
+    )
+    pipeline = build_pipeline(cfg, ManualClock(T0))
+    try:
+        ids = running_campaign(pipeline, 4)
+        fake.configure(latency_ms=BATCH_BUDGET_S * 1000 + 50)
+        locker, lock = lock_sqlite_for(cfg)
+        inflight = pipeline.tasks.inflight
+        begin = inflight.begin
+
+        def lock_then_begin(message_id):
+            # The request's first byte is about to leave: lock meanwhile.
+            lock()
+            begin(message_id)
+
+        inflight.begin = lock_then_begin
+
         with pytest.raises(peewee.OperationalError, match="locked"):
             pipeline.tasks.deliver_all(ids)
 
         assert fake.stats()["sends_accepted"] == 1
         assert row(ids[0]).status == "sent"
-        for unsent in ids[2:]:
+        for unsent in ids[1:]:
             assert (row(unsent).status, row(unsent).attempts) == ("queued", 0)
         messages = pipeline.queues.messages
-        assert [t.args for t in messages.pending()] == [(i,) for i in ids[2:]]
-        fake.configure(fail_rate=0.0)
-        assert messages.execute(messages.dequeue()) == "sent"
-        assert messages.execute(messages.dequeue()) == "sent"
-        assert_each_reference_once(fake.stats(), fake.messages(), 3)
+        assert sorted(t.args for t in messages.pending()) == [(i,) for i in ids[1:]]
+        del inflight.begin
+        fake.configure(latency_ms=0)
+        while (task := messages.dequeue()) is not None:
+            assert messages.execute(task) == "sent"
+        assert_each_reference_once(fake.stats(), fake.messages(), 4)
         locker.close()
     finally:
         pipeline.close()

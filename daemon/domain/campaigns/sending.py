@@ -7,6 +7,7 @@ import datetime as dt
 import functools
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import peewee as pw
 
@@ -518,6 +519,16 @@ class Backoff:
         return raw * (1 + self.jitter * (rng or random).random())
 
 
+class Retry(NamedTuple):
+    """What `record_retryable` did with a refused send's row."""
+
+    next_at: dt.datetime | None = None  # queued again, due then
+    withdrawn: str = ""  # cancelled instead: why (cancel_if_withdrawn)
+    failed: bool = False  # its attempts used up: failed instead
+    # None of them: the row was not ours any more (its lease was lost, or
+    # an earlier try of this record committed before its error).
+
+
 def record_retryable(
     message,
     owner: str,
@@ -525,19 +536,17 @@ def record_retryable(
     delay_s: float,
     max_attempts: int,
     now=None,
-) -> dt.datetime | None:
-    """A failure that may succeed later: queued again with next_attempt_at.
-
-    Returns the next attempt time, or None when the attempts are used up and
-    the message failed instead.
-    """
+) -> Retry:
+    """A failure that may succeed later: queued again with next_attempt_at,
+    unless the row may no longer go (cancelled) or its attempts are used up
+    (failed)."""
     now = now or utcnow()
-    if cancel_if_withdrawn(message, owner):
-        return None
+    if withdrawn := cancel_if_withdrawn(message, owner):
+        return Retry(withdrawn=withdrawn)
     failures = message.failures + 1
     if failures >= max_attempts:
-        record_failure(message, owner, f"{reason} (after {failures} attempts)", now)
-        return None
+        reason = f"{reason} (after {failures} attempts)"
+        return Retry(failed=record_failure(message, owner, reason, now))
     next_at = now + dt.timedelta(seconds=delay_s)
     updated = (
         Message.update(
@@ -554,7 +563,7 @@ def record_retryable(
         .where(held_by(message, owner))
         .execute()
     )
-    return next_at if updated else None
+    return Retry(next_at=next_at) if updated else Retry()
 
 
 def held_by_process(key: str):
