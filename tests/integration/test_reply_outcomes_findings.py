@@ -1,10 +1,11 @@
-"""Reply outcomes: the cases that FAIL against the current code.
+"""Reply outcomes: the cases that failed against the first build.
 
-A second reply from a member who already replied is recorded as
+A second reply from a member who already replied was recorded as
 "no_open_campaign" (no campaign on the interaction row) instead of
-"already_interacted": campaigns._open_member_for_reply only looks at members
-in pending / message_1_sent / expired, so the "already" branch of
-handle_reply is reached only by two concurrent replies on PostgreSQL.
+"already_interacted": the member lookup of handle_reply (now
+campaigns.replies._take_member_for_reply) only looks at members in pending /
+message_1_sent / expired, so its "already" answer was reached only by two
+concurrent replies on PostgreSQL; _answered_member now gives it.
 Same setup as test_reply_outcomes.py.
 """
 

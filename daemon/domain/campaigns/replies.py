@@ -3,6 +3,7 @@ and provider statuses."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import string
@@ -75,67 +76,80 @@ def handle_reply(
     if contact.opted_out_at:
         _record_interaction(contact, None, event_id, body, "opted_out_before", now)
         return ReplyOutcome("opted_out_before")
-    with database.atomic():
-        member = _open_member_for_reply(contact, window_h, now)
-        if member is None:
+    with _transaction():
+        campaign_id = _take_member_for_reply(contact, window_h, now)
+        if campaign_id is None:
             answered = _answered_member(contact)
             if answered is not None:
                 _record_interaction(contact, answered, event_id, body, "already", now)
                 return ReplyOutcome("already_interacted")
             _record_interaction(contact, None, event_id, body, "no_open_campaign", now)
             return ReplyOutcome("no_open_campaign")
-        took = (
-            CampaignContact.update(
-                state=MemberState.INTERACTED, interacted_at=now, updated_at=now
-            )
-            .where(
-                CampaignContact.id == member.id,
-                CampaignContact.state.in_(_REPLYABLE_STATES),
-            )
-            .execute()
-        )
-        campaign = member.campaign
-        if not took:
-            _record_interaction(contact, campaign, event_id, body, "already", now)
-            return ReplyOutcome("already_interacted")
+        campaign = Campaign.get_by_id(campaign_id)
         _confirm_message1_by_reply(campaign.id, contact.id, now)
         ids = _insert_messages([_message_row(campaign, contact, 2, now)])
         _record_interaction(contact, campaign, event_id, body, "message_2", now)
     return ReplyOutcome("message_2_queued", ids[0] if ids else None)
 
 
-def _open_member_for_reply(contact: Contact, window_h: float, now):
-    """The member this reply answers: latest Message 1 sent within the window."""
+def _transaction():
+    """handle_reply's writes in one transaction: its caller's when there is
+    one (process_event's, which marks the event processed with them), else
+    its own. No savepoint inside the caller's: an error rolls all of it
+    back anyway, and a savepoint costs two round trips."""
+    if database.in_transaction():
+        return contextlib.nullcontext()
+    return database.atomic()
+
+
+def _quoted(values: Iterable[str]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+# The member a reply answers, moved to `interacted` in one statement: in
+# the contact's running or paused campaigns, the member whose Message 1 is
+# the latest one attempted within the window. A reply proves the provider
+# took Message 1 whatever we know of the attempt: unconfirmed, queued for a
+# retry, or a worker that died before recording it (status still
+# 'sending'). So the member's Message 1 time is set too when it has none.
+# Written out once, as the send path's statements are (sending.py): peewee
+# took longer to build this join than PostgreSQL to run it (W6,
+# docs/benchmarks.md). `state IN` twice: a reply processed concurrently
+# that took the member first makes this one match nothing.
+_TAKE_MEMBER_SQL = f"""
+UPDATE campaign_contact
+   SET state = 'interacted', interacted_at = {{p}}, updated_at = {{p}},
+       message1_sent_at = COALESCE(message1_sent_at, {{p}})
+ WHERE state IN ({_quoted(_REPLYABLE_STATES)})
+   AND id = (
+       SELECT member.id
+         FROM campaign_contact AS member
+         JOIN campaign ON campaign.id = member.campaign_id
+         JOIN message AS message1 ON message1.campaign_id = member.campaign_id
+                                 AND message1.contact_id = member.contact_id
+                                 AND message1.kind = 1
+        WHERE member.contact_id = {{p}}
+          AND member.state IN ({_quoted(_REPLYABLE_STATES)})
+          AND campaign.status IN ('running', 'paused')
+          AND (message1.status IN ({_quoted(_ATTEMPTED)})
+               OR (message1.status = 'queued' AND message1.attempts > 0))
+          AND (message1.sent_at IS NULL OR message1.sent_at >= {{p}})
+          AND message1.created_at >= {{p}}
+        ORDER BY message1.id DESC
+        LIMIT 1)
+RETURNING campaign_id
+"""
+
+
+def _take_member_for_reply(contact: Contact, window_h: float, now) -> int | None:
+    """The campaign of the member this reply answers, now `interacted`; None
+    when no member may take it (see _TAKE_MEMBER_SQL)."""
     cutoff = now - dt.timedelta(hours=window_h)
-    message1 = Message.alias()
-    candidates = (
-        CampaignContact.select(CampaignContact, Campaign)
-        .join(Campaign)
-        .switch(CampaignContact)
-        .join(
-            message1,
-            on=(
-                (message1.campaign == CampaignContact.campaign)
-                & (message1.contact == CampaignContact.contact)
-                & (message1.kind == 1)
-            ),
-        )
-        .where(
-            CampaignContact.contact == contact.id,
-            CampaignContact.state.in_(_REPLYABLE_STATES),
-            Campaign.status.in_((CampaignStatus.RUNNING, CampaignStatus.PAUSED)),
-            # A reply proves the provider took Message 1 whatever we know of
-            # the attempt: unconfirmed, queued for a retry, or a worker that
-            # died before recording it (status still 'sending').
-            message1.status.in_(_ATTEMPTED)
-            | ((message1.status == MessageStatus.QUEUED) & (message1.attempts > 0)),
-            message1.sent_at.is_null() | (message1.sent_at >= cutoff),
-            message1.created_at >= cutoff - dt.timedelta(days=30),
-        )
-        .order_by(message1.id.desc())
-        .limit(1)
-    )
-    return candidates.first()
+    created_after = cutoff - dt.timedelta(days=30)
+    sql = _TAKE_MEMBER_SQL.replace("{p}", database.param)
+    values = (now, now, now, contact.id, cutoff, created_after)
+    row = database.execute_sql(sql, values).fetchone()
+    return row[0] if row else None
 
 
 def _answered_member(contact: Contact) -> Campaign | None:
@@ -160,7 +174,8 @@ def _answered_member(contact: Contact) -> Campaign | None:
 def _confirm_message1_by_reply(campaign_id: int, contact_id: int, now) -> None:
     """A person answering proves Message 1 reached them: an unconfirmed row,
     or one queued for a retry, is sent, and the retry is off. A row still in
-    `sending` is left to the worker that holds it (it records the outcome)."""
+    `sending` is left to the worker that holds it (it records the outcome).
+    (The member's Message 1 time is set by _TAKE_MEMBER_SQL.)"""
     Message.update(
         status=MessageStatus.SENT,
         sent_at=pw.fn.COALESCE(Message.sent_at, Message.unconfirmed_at, now),
@@ -172,12 +187,6 @@ def _confirm_message1_by_reply(campaign_id: int, contact_id: int, now) -> None:
         Message.contact == contact_id,
         Message.kind == 1,
         Message.status.in_((MessageStatus.UNCONFIRMED, MessageStatus.QUEUED)),
-    ).execute()
-    CampaignContact.update(
-        message1_sent_at=pw.fn.COALESCE(CampaignContact.message1_sent_at, now)
-    ).where(
-        CampaignContact.campaign == campaign_id,
-        CampaignContact.contact == contact_id,
     ).execute()
 
 
