@@ -185,8 +185,9 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def fake_options() -> FakeOptions:
-    """The `fake` provider's options: a test module overrides this fixture
-    for others (no dedupe, a token, replies)."""
+    """The `fake` provider's options: as the real providers, no dedupe (a
+    repeated reference is a second message); a test module overrides this
+    fixture for others (a token, replies, latency)."""
     return FakeOptions(ack_delays_ms=())
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import peewee as pw
 import psutil
+import pytest
 
 from daemon.app.tasks import Tasks
 from daemon.config import Config
@@ -165,6 +166,7 @@ class Pipeline:
     tasks: Tasks
     provider: object
     sleeps: list[float]
+    clock: object = utcnow
 
     def close(self) -> None:
         self.provider.close()
@@ -179,7 +181,23 @@ def build_pipeline(cfg: Config, clock=utcnow) -> Pipeline:
     provider = make_provider(cfg.provider)
     sleeps: list[float] = []
     tasks = Tasks(cfg, queues, provider, clock=clock, sleep=sleeps.append)
-    return Pipeline(cfg, db, queues, tasks, provider, sleeps)
+    return Pipeline(cfg, db, queues, tasks, provider, sleeps, clock)
+
+
+def manual_pipeline(start: dt.datetime, extra: dict | None = None):
+    """A `pipeline` fixture, once on SQLite and once on PostgreSQL + Redis:
+    the send path against the `fake` provider, its clock a ManualClock at
+    `start` (`pipeline.clock`). `extra`: more config."""
+
+    @pytest.fixture(params=["sqlite", "cluster"])
+    def pipeline(request, make_config, fake):
+        config = {**(extra or {}), "provider": {"base_url": fake.url}}
+        cfg = mode_config(request, make_config, request.param, config)
+        built = build_pipeline(cfg, ManualClock(start))
+        yield built
+        built.close()
+
+    return pipeline
 
 
 # ---------------------------------------------------------------- progress
@@ -389,6 +407,20 @@ def drop_queue(huey) -> None:
     """Drop every task waiting in `huey`, as a killed consumer would."""
     while huey.dequeue() is not None:
         pass
+
+
+def before_each_request(tasks: Tasks, action) -> None:
+    """Run `action` right before each request's first byte leaves (the
+    provider client's on_write: InFlight.begin). `del tasks.inflight.begin`
+    ends it."""
+    inflight = tasks.inflight
+    begin = inflight.begin
+
+    def act_then_begin(message_id):
+        action()
+        begin(message_id)
+
+    inflight.begin = act_then_begin
 
 
 def lock_sqlite_for(cfg: Config, seconds: float = 1.0):

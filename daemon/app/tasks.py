@@ -234,22 +234,33 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         (`accepted` given) an accepted send is added there instead of being
         recorded, and its in-flight record stays open: the batch records
         them together, then ends them (deliver_all)."""
+        write = functools.partial
         if message.attempts > campaigns.MAX_INTERRUPTED_ATTEMPTS:
-            campaigns.record_failure(message, owner, "too many interrupted attempts")
+            reason = "too many interrupted attempts"
+            self._until_recorded(
+                write(campaigns.record_failure, message, owner, reason)
+            )
             return "failed"
         if message.kind == 2 and self._session_closed(message, now):
-            campaigns.expire_message2(message, owner, now)
+            self._until_recorded(write(campaigns.expire_message2, message, owner, now))
             return "expired: WhatsApp's 24 h window closed"
         if message.kind == 1 and not self.pacer.unlimited:
-            decision = self.pacer.decide(now, has_slot=message.paced_until is not None)
+            # The pacer's slots and daily counts are rows too. Its writes are
+            # transactions: tried again, they at worst use up one more slot.
+            has_slot = message.paced_until is not None
+            decision = self._until_recorded(
+                write(self.pacer.decide, now, has_slot=has_slot)
+            )
             if not decision.go:
-                campaigns.release(
+                release = write(
+                    campaigns.release,
                     message,
                     owner,
                     decision.retry_at,
                     decision.reason,
                     paced_until=decision.retry_at if decision.slot_reserved else None,
                 )
+                self._until_recorded(release)
                 self._schedule_send(message.id, decision.retry_at)
                 return f"deferred: {decision.reason}"
             if decision.wait_s > 0:
@@ -342,18 +353,19 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         return self._until_recorded(answer)
 
     def _until_recorded(self, answer: Callable[[], T]) -> T:
-        """`answer()`, which records what the provider said, done once the
-        database answers. Until then the answer exists only in this thread:
-        given up, its row would stay leased to this live worker until the
-        lease runs out (minutes), then wait as unconfirmed even when the
-        provider refused it. So a database that fails (PostgreSQL
+        """`answer()`, which records what became of a held row (what the
+        provider said, or a decision before the request: paced, expired,
+        failed), done once the database answers. Until then it is known to
+        this thread alone: given up, the row would stay leased to this live
+        worker until the lease runs out (minutes), then wait as unconfirmed
+        even when no request left for it. So a database that fails (PostgreSQL
         restarting, SQLite locked past its busy timeout) is tried again,
         with backoff, until it answers or this worker drains (a stop, a
         reload, the supervisor's hard limit on a task this old). Then the
-        error is raised: the in-flight record is kept (_deliver_claimed),
-        and the supervisor's release settles the row once the worker has
-        exited. Each answer is safe to run again: its writes only touch a
-        row still held by `owner`."""
+        error is raised, and the supervisor's release settles the row once
+        the worker has exited (unconfirmed if its request may have left:
+        _deliver_claimed keeps the in-flight record). Each answer is safe to
+        run again: its writes only touch a row still held by `owner`."""
         delay = 0.1
         while True:
             try:
@@ -362,7 +374,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 drop_connection()
                 if self.draining.wait(delay):
                     raise
-                log.warning("provider's answer not recorded (%s): retrying", exc)
+                log.warning("a send's outcome not recorded (%s): retrying", exc)
                 delay = min(delay * 2, 5.0)
 
     def _after_accepted(self, message, owner, result, accepted) -> str:

@@ -16,34 +16,16 @@ import pytest
 
 from daemon.domain import campaigns
 from daemon.domain import unconfirmed
-from daemon.providers.fake import FakeOptions
 from daemon.store.models import Message
 from daemon.store.models import utcnow
 from tests.integration.test_opt_out_final import one_message
 from tests.integration.test_opt_out_final import requests_to
-from tests.send_helpers import ManualClock
-from tests.send_helpers import build_pipeline
-from tests.send_helpers import mode_config
+from tests.send_helpers import manual_pipeline
 
 T0 = utcnow().replace(microsecond=0)
 
 
-@pytest.fixture
-def fake_options():
-    return FakeOptions(ack_delays_ms=(), dedupe=False)
-
-
-@pytest.fixture(params=["sqlite", "cluster"])
-def pipeline(request, make_config, fake):
-    cfg = mode_config(
-        request,
-        make_config,
-        request.param,
-        {"provider": {"base_url": fake.url}, "retry": {"max_attempts": 4}},
-    )
-    built = build_pipeline(cfg, ManualClock(T0))
-    yield built
-    built.close()
+pipeline = manual_pipeline(T0, {"retry": {"max_attempts": 4}})
 
 
 class CancelDuringSend:

@@ -13,7 +13,6 @@ import pytest
 
 from daemon.domain import campaigns
 from daemon.domain import unconfirmed
-from daemon.providers.fake import FakeOptions
 from daemon.store.models import CampaignContact
 from daemon.store.models import Contact
 from daemon.store.models import MemberState
@@ -21,6 +20,7 @@ from daemon.store.models import Message
 from daemon.store.models import utcnow
 from tests.send_helpers import ManualClock
 from tests.send_helpers import build_pipeline
+from tests.send_helpers import manual_pipeline
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
@@ -30,22 +30,7 @@ DEAD_HOST, DEAD_PID = "gone-host", 999999
 DEAD_OWNER = f"{DEAD_HOST}:{DEAD_PID}:dead"
 
 
-@pytest.fixture
-def fake_options():
-    return FakeOptions(ack_delays_ms=(), dedupe=False)
-
-
-@pytest.fixture(params=["sqlite", "cluster"])
-def pipeline(request, make_config, fake):
-    cfg = mode_config(
-        request,
-        make_config,
-        request.param,
-        {"provider": {"base_url": fake.url}, "retry": {"max_attempts": 4}},
-    )
-    built = build_pipeline(cfg, ManualClock(T0))
-    yield built
-    built.close()
+pipeline = manual_pipeline(T0, {"retry": {"max_attempts": 4}})
 
 
 def requests_to(fake, phone: str) -> int:

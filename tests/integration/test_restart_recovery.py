@@ -18,7 +18,6 @@ from prometheus_client import REGISTRY
 
 from daemon.app import recovery
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
 from daemon.runtime import InFlight
 from daemon.runtime import inflight_dir
 from daemon.runtime import recorded_pids
@@ -35,11 +34,6 @@ from tests.send_helpers import seed_contacts
 pytestmark = pytest.mark.timeout(60)
 
 DEAD_PID = 999_999
-
-
-@pytest.fixture
-def fake_options():
-    return FakeOptions(ack_delays_ms=(), dedupe=False)
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

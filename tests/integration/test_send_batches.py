@@ -24,23 +24,17 @@ from daemon.store.models import Message
 from daemon.store.models import utcnow
 from tests.send_helpers import ManualClock
 from tests.send_helpers import assert_each_reference_once
+from tests.send_helpers import before_each_request
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import lock_sqlite_for
-from tests.send_helpers import mode_config
+from tests.send_helpers import manual_pipeline
 from tests.send_helpers import new_campaign
 from tests.send_helpers import seed_contacts
 
 T0 = utcnow().replace(microsecond=0)
 
 
-@pytest.fixture(params=["sqlite", "cluster"])
-def pipeline(request, make_config, fake):
-    cfg = mode_config(
-        request, make_config, request.param, {"provider": {"base_url": fake.url}}
-    )
-    built = build_pipeline(cfg, ManualClock(T0))
-    yield built
-    built.close()
+pipeline = manual_pipeline(T0)
 
 
 def running_campaign(pipeline, count: int) -> list[int]:
@@ -327,15 +321,7 @@ def test_a_batch_cut_by_a_database_error_gives_its_unsent_rows_back(make_config,
         ids = running_campaign(pipeline, 4)
         fake.configure(latency_ms=BATCH_BUDGET_S * 1000 + 50)
         locker, lock = lock_sqlite_for(cfg)
-        inflight = pipeline.tasks.inflight
-        begin = inflight.begin
-
-        def lock_then_begin(message_id):
-            # The request's first byte is about to leave: lock meanwhile.
-            lock()
-            begin(message_id)
-
-        inflight.begin = lock_then_begin
+        before_each_request(pipeline.tasks, lock)
 
         with pytest.raises(peewee.OperationalError, match="locked"):
             pipeline.tasks.deliver_all(ids)
@@ -346,7 +332,7 @@ def test_a_batch_cut_by_a_database_error_gives_its_unsent_rows_back(make_config,
             assert (row(unsent).status, row(unsent).attempts) == ("queued", 0)
         messages = pipeline.queues.messages
         assert sorted(t.args for t in messages.pending()) == [(i,) for i in ids[1:]]
-        del inflight.begin
+        del pipeline.tasks.inflight.begin
         fake.configure(latency_ms=0)
         while (task := messages.dequeue()) is not None:
             assert messages.execute(task) == "sent"

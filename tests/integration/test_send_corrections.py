@@ -15,7 +15,6 @@ import pytest
 from daemon.domain import campaigns
 from daemon.providers import meta
 from daemon.providers import webhook_parser
-from daemon.providers.fake import FakeOptions
 from daemon.store.models import CampaignContact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Interaction
@@ -30,11 +29,6 @@ from tests.send_helpers import seed_contacts
 
 T0 = utcnow().replace(microsecond=0)
 HOUR = 3600
-
-
-@pytest.fixture
-def fake_options():
-    return FakeOptions(ack_delays_ms=(), dedupe=False)
 
 
 @pytest.fixture(params=["sqlite", "cluster"])

@@ -20,7 +20,6 @@ import pytest
 from falcon import testing
 
 from daemon.domain import campaigns
-from daemon.providers.fake import FakeOptions
 from daemon.roles.web.app import create_app
 from daemon.runtime import InFlight
 from daemon.runtime import read_inflight
@@ -44,11 +43,6 @@ from tests.send_helpers import seed_contacts
 T0 = utcnow().replace(microsecond=0)
 WINDOW_S = 60.0
 DEAD_HOST, DEAD_PID = "gone-host", 999_999
-
-
-@pytest.fixture
-def fake_options():
-    return FakeOptions(ack_delays_ms=(), dedupe=False)
 
 
 @pytest.fixture(params=["sqlite", "cluster"])
