@@ -153,10 +153,10 @@ class BatchSendTasks:
         (PostgreSQL restarting): tried again, with backoff, until it answers
         or the worker drains (Tasks._until_recorded). A drain (the
         supervisor's hard limit on a task this old, a reload, a stop) ends
-        the wait: the worker exits, and the
-        supervisor's release, tried again until the database answers, makes
-        the accepted rows unconfirmed (their in-flight records are kept) and
-        queues the others."""
+        the wait: the worker exits, and the supervisor's release, tried
+        again until the database answers, makes the accepted rows
+        unconfirmed (their in-flight records are kept) and queues the
+        others."""
         if not accepted and not unsent:
             # Any in-flight record still open is of a row already settled.
             self.inflight.end()
