@@ -21,8 +21,10 @@ from falcon import testing
 
 from daemon.domain import campaigns
 from daemon.roles.web.app import create_app
+from daemon.runtime import INFLIGHT_CAPACITY
 from daemon.runtime import InFlight
 from daemon.runtime import read_inflight
+from daemon.runtime import read_taken
 from daemon.status import format_status
 from daemon.store.models import Contact
 from daemon.store.models import Message
@@ -468,7 +470,6 @@ def test_a_delayed_task_passing_through_to_the_schedule_is_not_noted(pipeline_fo
     (still safe there), it does not run it; a taken record would outlive it."""
     from daemon.runtime import clear_inflight
     from daemon.runtime import inflight_dir
-    from daemon.runtime import read_taken
     from daemon.store.queue import tell_taken
 
     pipeline = pipeline_for()
@@ -487,7 +488,6 @@ def test_a_delayed_task_passing_through_to_the_schedule_is_not_noted(pipeline_fo
 
 
 def test_taken_records_hold_a_chunk_of_ids_and_are_cleared(tmp_path):
-    from daemon.runtime import read_taken
 
     directory = str(tmp_path / "inflight")
     record = InFlight(directory, pid=DEAD_PID)
@@ -505,8 +505,6 @@ def test_taken_records_hold_a_chunk_of_ids_and_are_cleared(tmp_path):
 def test_in_flight_records_hold_a_batch_until_it_ends(tmp_path):
     """A batch begins its sends one after the other and ends them together,
     once recorded: until then every one of them reads as in flight."""
-    from daemon.runtime import INFLIGHT_CAPACITY
-
     directory = str(tmp_path / "inflight")
     record = InFlight(directory, pid=DEAD_PID)
     longest = 10**19  # 20 digits
@@ -532,8 +530,6 @@ def test_in_flight_records_of_an_older_version_are_read(tmp_path):
     (directory / f"{DEAD_PID}.1.0").write_bytes(
         b"77".ljust(23) + b"\n" + b"m78".ljust(255) + b"\n"
     )
-    from daemon.runtime import read_taken
-
     assert read_inflight(str(directory), DEAD_PID) == {77}
     assert read_taken(str(directory), DEAD_PID) == {("m", 78)}
 

@@ -165,6 +165,17 @@ class FixtureDaemon:
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
 
+    def command(self) -> list[str]:
+        """The argv of this daemon's supervisor."""
+        return [
+            sys.executable,
+            "-m",
+            "tests.process.fixture_roles",
+            "supervise",
+            "-c",
+            self.cfg.source,
+        ]
+
     def start(
         self,
         env: dict | None = None,
@@ -187,17 +198,7 @@ class FixtureDaemon:
         with contextlib.ExitStack() as files:
             log = None if log_path is None else files.enter_context(log_path.open("ab"))
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.process.fixture_roles",
-                    "supervise",
-                    "-c",
-                    self.cfg.source,
-                ],
-                env=self.env,
-                cwd=REPO_ROOT,
-                stderr=log,
+                self.command(), env=self.env, cwd=REPO_ROOT, stderr=log
             )
         if wait_running:
             self.wait_all_running()

@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
@@ -143,14 +142,7 @@ def test_second_daemon_on_the_same_socket_refuses(daemon):
     records = inflight_dir(daemon.cfg.data_path, daemon.env)
     InFlight(records, pid=dead.pid).begin(4242)
     second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.process.fixture_roles",
-            "supervise",
-            "-c",
-            daemon.cfg.source,
-        ],
+        daemon.command(),
         env=daemon.env,
         cwd=REPO_ROOT,
         capture_output=True,

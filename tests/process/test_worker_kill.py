@@ -54,7 +54,6 @@ from tests.send_helpers import sent_count
 from tests.send_helpers import start_worker
 from tests.send_helpers import wait_pg_sessions_gone
 from tests.send_helpers import wait_with_logs
-from tests.send_helpers import worker_logs
 
 # Real processes: each test takes several seconds.
 pytestmark = pytest.mark.slow
@@ -147,8 +146,9 @@ def kill_mid_send(cfg, pipeline, campaign_id, workers):
     return on_wire, never_left
 
 
-def sweep_while(pipeline, done, timeout: float, what: str) -> None:
-    """Run the sweep every second, as the scheduler would, until `done()`."""
+def sweep_while(pipeline, done, timeout: float, what: str, workers=()) -> None:
+    """Run the sweep every second, as the scheduler would, until `done()`;
+    a timeout's message carries the `workers`' logs."""
     next_sweep = 0.0
 
     def check() -> bool:
@@ -160,7 +160,7 @@ def sweep_while(pipeline, done, timeout: float, what: str) -> None:
             pipeline.tasks.sweep_once()
         return False
 
-    wait_for(check, timeout, interval=0.1, what=what)
+    wait_with_logs(check, list(workers), timeout, what)
 
 
 def run_kill_scenario(request, make_config, tmp_path, mode, fake_options, extra):
@@ -220,15 +220,13 @@ def test_sigkill_mid_send_no_phone_gets_message_1_twice(
 
         wait_with_logs(never_left_sent, workers, 20, "the rows that never left sent")
         assert time.monotonic() - killed_at < 20
-        try:
-            sweep_while(
-                pipeline,
-                lambda: sent_count(campaign.id) == CONTACTS,
-                60,
-                "every Message 1 sent",
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{worker_logs(workers)}") from None
+        sweep_while(
+            pipeline,
+            lambda: sent_count(campaign.id) == CONTACTS,
+            60,
+            "every Message 1 sent",
+            workers,
+        )
 
     rows = rows_of(campaign.id)
     phones = phones_of(rows)
@@ -277,15 +275,13 @@ def test_sigkill_mid_batch_no_phone_gets_message_1_twice(
         on_wire, never_left = kill_mid_send(cfg, pipeline, campaign.id, workers)
         assert len(on_wire) >= 2, "no batch had sends accepted and not recorded"
         workers.append(start_worker(cfg, "messages", logs, tag="-new"))
-        try:
-            sweep_while(
-                pipeline,
-                lambda: sent_count(campaign.id) == CONTACTS,
-                60,
-                "every Message 1 sent",
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{worker_logs(workers)}") from None
+        sweep_while(
+            pipeline,
+            lambda: sent_count(campaign.id) == CONTACTS,
+            60,
+            "every Message 1 sent",
+            workers,
+        )
 
     rows = rows_of(campaign.id)
     per_phone = m1_per_phone(fake, phones_of(rows).values())
@@ -341,10 +337,7 @@ def test_sigkill_mid_send_with_statuses_that_never_come(
         )
         rows = rows_of(campaign.id)
         assert all(rows[i].status == "unconfirmed" for i in on_wire)
-        try:
-            sweep_while(pipeline, settled, 60, "every row sent or failed")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{worker_logs(workers)}") from None
+        sweep_while(pipeline, settled, 60, "every row sent or failed", workers)
         if policy == "resend":
             # The re-sends are sent by the fresh worker, then nothing more.
             wait_for(
