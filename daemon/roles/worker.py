@@ -6,6 +6,8 @@ default, `workers.shared_background`) consumes the default, retry and
 verification queues in one process, a thread group per queue: one
 `HeartbeatConsumer` runs the main loop (signals, heartbeat, health checks)
 and starts and stops the others, its companions, which share its stop flag.
+One scheduler thread (`SharedScheduler`) moves the due entries of every
+queue's schedule onto its queue, instead of one thread per queue.
 
 SIGTERM is the graceful signal (in-flight tasks finish within the stop
 timeout); SIGHUP is ignored, because Huey's default re-execs ``sys.argv``,
@@ -29,6 +31,7 @@ import threading
 import time
 
 from huey.consumer import Consumer
+from huey.consumer import Scheduler
 from huey.consumer import ThreadEnvironment
 
 from daemon.app.tasks import Tasks
@@ -60,6 +63,40 @@ class _SharedStopFlag(ThreadEnvironment):
 
     def get_stop_flag(self):
         return self.stop_flag
+
+
+class SharedScheduler(Scheduler):
+    """Huey's scheduler for several queues: each second, the due entries of
+    every queue's schedule go onto that queue.
+
+    worker:background had a scheduler thread per queue: three threads, three
+    queue connections opened before its first heartbeat (a respawn's time,
+    W3) and three schedule reads a second while idle (W5).
+    """
+
+    def __init__(self, hueys, stop_flag, interval):
+        super().__init__(hueys[0], stop_flag, interval, periodic=False)
+        self.hueys = hueys
+
+    def loop(self, now=None):
+        started = self._next_loop
+        self._next_loop += self.interval
+        if self._next_loop < time.monotonic():
+            # Huey's own rule: a late round is skipped, not run twice.
+            self._next_loop = time.monotonic()
+            return
+        for huey in self.hueys:
+            try:
+                due = huey.read_schedule(now)
+            except Exception:  # noqa: BLE001 - the other queues still run
+                log.exception("reading the %s schedule failed", huey.name)
+                continue
+            for task in due:
+                try:
+                    huey.enqueue(task)
+                except Exception:  # noqa: BLE001 - as Huey's scheduler does
+                    log.exception("enqueueing %s failed", task)
+        self.sleep_for_interval(started, self.interval)
 
 
 class HeartbeatConsumer(Consumer):
@@ -102,8 +139,19 @@ class HeartbeatConsumer(Consumer):
             self._given_stop_flag, self._graceful_sig, self._interrupt_sig
         )
 
+    def _create_scheduler(self):
+        # Huey calls this in __init__ (no companions yet) and when its health
+        # check finds the scheduler dead; `start` builds it again once the
+        # companions are known.
+        hueys = [self.huey, *(c.huey for c in getattr(self, "companions", ()))]
+        return SharedScheduler(hueys, self.stop_flag, self.scheduler_interval)
+
     def start(self):
+        if self.companions:
+            self.scheduler = self._create_process(self._create_scheduler(), "Scheduler")
         for companion in self.companions:
+            # The companions' queues are read by this consumer's scheduler.
+            companion.scheduler = self.scheduler
             companion.start_threads()
         super().start()  # installs Huey's signal handlers
         # A signal writes a byte here, which ends `_idle_wait` at once: a
@@ -138,14 +186,16 @@ class HeartbeatConsumer(Consumer):
                 pass
 
     def start_threads(self) -> None:
-        """Start the scheduler and worker threads only (a companion's start)."""
-        self.scheduler.start()
+        """Start the worker threads only (a companion's start)."""
         for _, worker in self.worker_threads:
             worker.start()
 
     def check_worker_health(self):
-        healthy = super().check_worker_health()
+        healthy = super().check_worker_health()  # restarts a dead scheduler
         for companion in self.companions:
+            # Huey would start a scheduler of its own for a companion whose
+            # scheduler it finds dead: point it at the live shared one.
+            companion.scheduler = self.scheduler
             healthy = companion.check_worker_health() and healthy
         return healthy
 
