@@ -18,6 +18,9 @@ thread and its answers to the request threads but touches no database;
 `none` answers every request as if it had been stored, with no writer
 thread. Neither stores anything: they are measurements, not modes.
 
+CPU us/req is the server process's user + system CPU over the measured load
+divided by the requests answered (the load generator's CPU is not in it).
+
 Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
 when it is installed, else a multi-process Python keep-alive client.
 
@@ -43,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
 
 from daemon import config as config_mod  # noqa: E402
 from daemon import config_text  # noqa: E402
@@ -331,6 +336,19 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def measured(proc: subprocess.Popen, url: str, args) -> dict:
+    """The measured load's figures, with the server's CPU a request (user and
+    system time of its process over the load, warm-up excluded)."""
+    server = psutil.Process(proc.pid)
+    before = server.cpu_times()
+    result = load(url, args, "run")
+    after = server.cpu_times()
+    requests = max(result["requests"], 1)
+    result["user_us"] = (after.user - before.user) / requests * 1e6
+    result["sys_us"] = (after.system - before.system) / requests * 1e6
+    return result
+
+
 def load(url: str, args, run_id: str) -> dict:
     if args.client == "wrk":
         return run_wrk(url, args.seconds, args.connections, run_id)
@@ -370,7 +388,7 @@ def bench_campaignd(
     try:
         wait_healthy(url, proc, "/healthz")
         load(url, argparse.Namespace(**{**vars(args), "seconds": 1}), "warm")
-        result = load(url, args, "run")
+        result = measured(proc, url, args)
     finally:
         stop(proc)
     cfg = config_mod.load(cfg_path)
@@ -401,7 +419,7 @@ def bench_hello(args) -> dict:
     try:
         wait_healthy(url, proc, PATH)
         load(url, argparse.Namespace(**{**vars(args), "seconds": 1}), "warm")
-        return load(url, args, "run")
+        return measured(proc, url, args)
     finally:
         stop(proc)
 
@@ -468,11 +486,14 @@ def main() -> int:
         rows.append(
             (", ".join(["campaignd web", *parts, *filter(None, [STORES[store]])]), real)
         )
-    print(f"{'server':<50}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    print(
+        f"{'server':<50}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+        f"{'CPU us/req':>12}{'of it sys':>11}"
+    )
     for name, r in rows:
         print(
             f"{name:<50}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{r['errors']:>8}"
+            f"{r['errors']:>8}{r['user_us'] + r['sys_us']:>12.0f}{r['sys_us']:>11.0f}"
         )
     for (level, store), (real, stored) in reals.items():
         print(
