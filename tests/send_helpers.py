@@ -42,6 +42,7 @@ from daemon.store.models import database
 from daemon.store.models import utcnow
 from daemon.store.queue import Queues
 from daemon.store.queue import make_queues
+from tests.helpers import merge
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +192,7 @@ def manual_pipeline(start: dt.datetime, extra: dict | None = None):
 
     @pytest.fixture(params=["sqlite", "cluster"])
     def pipeline(request, make_config, fake):
-        config = {**(extra or {}), "provider": {"base_url": fake.url}}
+        config = merge(extra or {}, {"provider": {"base_url": fake.url}})
         cfg = mode_config(request, make_config, request.param, config)
         built = build_pipeline(cfg, ManualClock(start))
         yield built

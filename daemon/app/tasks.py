@@ -374,7 +374,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 drop_connection()
                 if self.draining.wait(delay):
                     raise
-                log.warning("a send's outcome not recorded (%s): retrying", exc)
+                log.warning("a held row's outcome not recorded (%s): retrying", exc)
                 delay = min(delay * 2, 5.0)
 
     def _after_accepted(self, message, owner, result, accepted) -> str:

@@ -20,6 +20,7 @@ from daemon.roles.worker import BACKGROUND_QUEUES
 from daemon.roles.worker import SharedScheduler
 from daemon.roles.worker import build_consumers
 from daemon.store.queue import make_queues
+from tests.send_helpers import mode_config
 
 # The consumer's main loop sees a stop at its next heartbeat.
 QUICK_STOP = {"supervisor": {"heartbeat_interval_s": 0.5}}
@@ -41,12 +42,7 @@ def _run_until(consumer, done: threading.Event, timeout: float) -> None:
 def test_entries_scheduled_on_each_background_queue_run_when_due(
     mode, make_config, request
 ):
-    if mode == "cluster":
-        pg = request.getfixturevalue("pg_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        cfg = make_config("cluster", QUICK_STOP, pg=pg, redis=prefix)
-    else:
-        cfg = make_config("sqlite", QUICK_STOP)
+    cfg = mode_config(request, make_config, mode, QUICK_STOP)
     tasks = Tasks(cfg, make_queues(cfg))
     ran: queue.SimpleQueue = queue.SimpleQueue()
     probes = {}

@@ -163,6 +163,17 @@ def sweep_while(pipeline, done, timeout: float, what: str, workers=()) -> None:
     wait_with_logs(check, list(workers), timeout, what)
 
 
+def sweep_until_all_sent(pipeline, campaign_id: int, workers) -> None:
+    """Sweep until every Message 1 of the campaign is sent (60 s at most)."""
+    sweep_while(
+        pipeline,
+        lambda: sent_count(campaign_id) == CONTACTS,
+        60,
+        "every Message 1 sent",
+        workers,
+    )
+
+
 def run_kill_scenario(request, make_config, tmp_path, mode, fake_options, extra):
     """Start a campaign, SIGKILL the sending worker mid-send, release its rows,
     start a fresh worker. Yields what the test judges."""
@@ -220,13 +231,7 @@ def test_sigkill_mid_send_no_phone_gets_message_1_twice(
 
         wait_with_logs(never_left_sent, workers, 20, "the rows that never left sent")
         assert time.monotonic() - killed_at < 20
-        sweep_while(
-            pipeline,
-            lambda: sent_count(campaign.id) == CONTACTS,
-            60,
-            "every Message 1 sent",
-            workers,
-        )
+        sweep_until_all_sent(pipeline, campaign.id, workers)
 
     rows = rows_of(campaign.id)
     phones = phones_of(rows)
@@ -275,13 +280,7 @@ def test_sigkill_mid_batch_no_phone_gets_message_1_twice(
         on_wire, never_left = kill_mid_send(cfg, pipeline, campaign.id, workers)
         assert len(on_wire) >= 2, "no batch had sends accepted and not recorded"
         workers.append(start_worker(cfg, "messages", logs, tag="-new"))
-        sweep_while(
-            pipeline,
-            lambda: sent_count(campaign.id) == CONTACTS,
-            60,
-            "every Message 1 sent",
-            workers,
-        )
+        sweep_until_all_sent(pipeline, campaign.id, workers)
 
     rows = rows_of(campaign.id)
     per_phone = m1_per_phone(fake, phones_of(rows).values())
