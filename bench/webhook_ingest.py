@@ -12,20 +12,29 @@ the webhook writer's SQLite connection, in the same run: NORMAL (what a 2xx
 meant before: a power cut could undo it) against FULL (the default now: one
 fsync of the WAL per group commit). Ignored with --database-url.
 
---store db,handoff,none takes the real server apart, to see what each part
-costs (the default, db, is the real thing): `handoff` keeps the writer
-thread and its answers to the request threads but touches no database;
-`none` answers every request as if it had been stored, with no writer
-thread. Neither stores anything: they are measurements, not modes.
+--store db,unqueued,handoff,none takes the real server apart, to see what
+each part costs (the default, db, is the real thing): `unqueued` stores
+every event but enqueues none (the Enqueuer's share); `handoff` keeps the
+writer thread and its answers to the request threads but touches no
+database; `none` answers every request as if it had been stored, with no
+writer thread. Only db stores and enqueues: the others are measurements, not
+modes.
+
+--floors wait,commit,group serves bench/hello_durable.py's floors next to
+the ceiling: the hello world plus the least a durable answer costs on
+waitress (a wait on another thread; a commit of its own; a group commit),
+with none of campaignd's code.
 
 CPU us/req is the server process's user + system CPU over the measured load
-divided by the requests answered (the load generator's CPU is not in it).
+divided by the requests answered (the load generator's CPU is not in it);
+switches/req its threads' context switches (voluntary and not) the same way.
 
 Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
 when it is installed, else a multi-process Python keep-alive client.
 
     .venv/bin/python bench/webhook_ingest.py [--seconds 10] [--connections 32]
-        [--synchronous normal,full] [--store db,handoff,none]
+        [--synchronous normal,full] [--store db,unqueued,handoff,none]
+        [--floors wait,commit,group]
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from bench import hello_durable  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon import config_text  # noqa: E402
 
@@ -151,6 +161,7 @@ STORES = {
     "db": "",
     "handoff": "hand-off only, no database",
     "none": "nothing stored, no writer",
+    "unqueued": "stored, not enqueued",
 }
 
 
@@ -166,6 +177,8 @@ def serve_campaignd(config_path: str, synchronous: str, store: str = "db") -> in
     if store == "handoff":
         webhooks.EventWriter._connection = lambda self: contextlib.nullcontext()
         webhooks.EventWriter._insert = lambda self, rows: {}
+    elif store == "unqueued":
+        webhooks.Enqueuer.submit = lambda self, ids: None
     elif store == "none":
         webhooks.EventWriter.store = lambda self, rows: []
     return run_role(config_mod.load(config_path), "web")
@@ -336,16 +349,32 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every thread of `pid` so far
+    (/proc/PID/status counts the main thread only)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        lines = text.splitlines()
+        total += sum(int(ln.split()[1]) for ln in lines if "ctxt_switches" in ln)
+    return total
+
+
 def measured(proc: subprocess.Popen, url: str, args) -> dict:
     """The measured load's figures, with the server's CPU a request (user and
-    system time of its process over the load, warm-up excluded)."""
+    system time of its process over the load, warm-up excluded) and its
+    threads' context switches a request (Linux only, else 0)."""
     server = psutil.Process(proc.pid)
-    before = server.cpu_times()
+    before, switches = server.cpu_times(), context_switches(proc.pid)
     result = load(url, args, "run")
-    after = server.cpu_times()
+    after, switches = server.cpu_times(), context_switches(proc.pid) - switches
     requests = max(result["requests"], 1)
     result["user_us"] = (after.user - before.user) / requests * 1e6
     result["sys_us"] = (after.system - before.system) / requests * 1e6
+    result["switches"] = switches / requests
     return result
 
 
@@ -402,8 +431,10 @@ def bench_campaignd(
     return result, stored
 
 
-def bench_hello(args) -> dict:
+def bench_hello(args, floor: str = "", workdir: Path | None = None) -> dict:
+    """The ceiling, or with `floor` one of bench/hello_durable.py's floors."""
     port = free_port()
+    extra = ["--floor", floor, "--data-dir", str(workdir)] if floor else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -412,6 +443,7 @@ def bench_hello(args) -> dict:
             str(port),
             "--threads",
             str(args.threads),
+            *extra,
         ],
         cwd=ROOT,
     )
@@ -445,12 +477,26 @@ def main() -> int:
     parser.add_argument(
         "--store",
         default="db",
-        help="what the webhook writer does: db (the real thing), handoff, none; "
-        "a comma-separated list measures each (handoff and none store nothing)",
+        help="what the webhook writer does: db (the real thing), unqueued, "
+        "handoff, none; a comma-separated list measures each (only db stores "
+        "and enqueues)",
+    )
+    parser.add_argument(
+        "--floors",
+        default="",
+        help="also serve bench/hello_durable.py's floors, the ceiling plus the "
+        "least a durable answer costs: wait, commit, group (comma-separated)",
     )
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-campaignd", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_hello and args.floor:
+        hello_durable.serve(
+            args.floor, args.serve_hello, args.threads, PATH, Path(args.data_dir)
+        )
+        return 0
     if args.serve_hello:
         serve_hello(args.serve_hello, args.threads)
         return 0
@@ -462,7 +508,12 @@ def main() -> int:
     stores = [store.strip().lower() for store in args.store.split(",")]
     unknown = sorted(set(stores) - set(STORES))
     if unknown:
-        parser.error(f"--store: unknown {', '.join(unknown)} (db, handoff, none)")
+        parser.error(f"--store: unknown {', '.join(unknown)} ({', '.join(STORES)})")
+    floors = [f.strip().lower() for f in args.floors.split(",") if f.strip()]
+    unknown = sorted(set(floors) - set(hello_durable.FLOORS))
+    if unknown:
+        known = ", ".join(hello_durable.FLOORS)
+        parser.error(f"--floors: unknown {', '.join(unknown)} ({known})")
     # The real writer at each synchronous level, the parts taken out at the first.
     variants = [(level, "db") for level in levels if "db" in stores]
     variants += [(levels[0], store) for store in stores if store != "db"]
@@ -477,10 +528,15 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="campaignd-bench-"))
     try:
         hello = bench_hello(args)
+        floored = {}
+        for floor in floors:
+            (workdir / floor).mkdir()
+            floored[floor] = bench_hello(args, floor, workdir / floor)
         reals = {v: bench_campaignd(args, workdir, *v) for v in variants}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [("hello-world falcon (ceiling)", hello)]
+    rows += [(hello_durable.FLOORS[floor], r) for floor, r in floored.items()]
     for (level, store), (real, _) in reals.items():
         parts = [] if args.database_url else [level]
         rows.append(
@@ -488,12 +544,13 @@ def main() -> int:
         )
     print(
         f"{'server':<50}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
-        f"{'CPU us/req':>12}{'of it sys':>11}"
+        f"{'CPU us/req':>12}{'of it sys':>11}{'switches/req':>14}{'of ceiling':>12}"
     )
     for name, r in rows:
         print(
             f"{name:<50}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
             f"{r['errors']:>8}{r['user_us'] + r['sys_us']:>12.0f}{r['sys_us']:>11.0f}"
+            f"{r['switches']:>14.1f}{r['rps'] / hello['rps'] * 100:>11.0f}%"
         )
     for (level, store), (real, stored) in reals.items():
         print(

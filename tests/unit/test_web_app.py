@@ -11,6 +11,7 @@ from falcon import testing
 
 from daemon.app.tasks import Tasks
 from daemon.providers.base import sign_hmac_sha256
+from daemon.roles.web import MAX_JSON_DEPTH
 from daemon.roles.web.app import create_app
 from daemon.roles.web.openapi import build_spec
 from daemon.store.db import open_database
@@ -246,6 +247,27 @@ def test_bad_bodies_are_400(build, raw, title):
         assert resp.json["title"] == title
         assert resp.json["description"]
     assert stored_events() == []
+
+
+def test_nesting_is_refused_from_one_level_past_the_limit(build):
+    client, _ = build()
+
+    def objects(depth: int, leaf: str) -> bytes:
+        return b'{"a":' * depth + json.dumps(leaf).encode() + b"}" * depth
+
+    for path in ("/webhooks/wassenger", "/webhooks/whatsapp"):
+        # Many brackets, none deep: the depth is counted, not guessed from them.
+        wide = {"event": "x", "path": path, "items": [{}] * 200, "ok": [[1]] * 50}
+        for body in (objects(MAX_JSON_DEPTH, path), json.dumps(wide).encode()):
+            resp = client.simulate_post(path, body=body)
+            assert resp.status_code == 200, (path, resp.text)
+            assert resp.json == {"stored": 1, "duplicates": 0}
+        resp = client.simulate_post(path, body=objects(MAX_JSON_DEPTH + 1, path))
+        assert resp.status_code == 400, (path, resp.text)
+        assert resp.json["description"] == (
+            f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    assert len(stored_events()) == 4
 
 
 def test_body_over_the_limit_is_413(build):

@@ -115,7 +115,7 @@ class RequestTimer:
             return
         route = req.uri_template or "unmatched"
         status = f"{str(resp.status)[:1]}xx" if resp.status else "2xx"
-        metrics.HTTP_SECONDS.labels(route, status).observe(
+        metrics.labelled(metrics.HTTP_SECONDS, route, status).observe(
             time.perf_counter() - started
         )
 
