@@ -184,6 +184,14 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 campaign_id, after, until, priority=PRIORITY_HIGH - 1
             )
 
+    def enqueue_event_chunks(self, chunks: list[list[int]]) -> None:
+        """process_webhook_events for each chunk of stored event ids, in one
+        round trip (one SQLite transaction or one ZADD): the web role's
+        Enqueuer hands every chunk of a round over at once."""
+        from daemon.store.queue_bulk import enqueue_many
+
+        enqueue_many(self.process_webhook_events, [(chunk,) for chunk in chunks])
+
     def _schedule_send(self, message_id: int, eta, *, retry: bool = False) -> None:
         task = self.retry_failed_message if retry else self.send_single_message
         # Huey reads a naive eta as local time and keeps whole seconds: give

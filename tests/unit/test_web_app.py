@@ -53,10 +53,10 @@ class RecordingTasks:
         self.fail = fail
         self.events: list[int] = []
 
-    def process_webhook_events(self, event_ids: list[int]) -> None:
+    def enqueue_event_chunks(self, chunks: list[list[int]]) -> None:
         if self.fail:
             raise ConnectionError("queue backend down")
-        self.events.extend(event_ids)
+        self.events.extend(i for chunk in chunks for i in chunk)
 
 
 @pytest.fixture

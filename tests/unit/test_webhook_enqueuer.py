@@ -60,25 +60,25 @@ def meta_statuses(prefix: str, count: int) -> dict:
 
 
 class HangingQueue:
-    """process_webhook_events blocks until released (a hung Redis)."""
+    """enqueue_event_chunks blocks until released (a hung Redis)."""
 
     def __init__(self):
         self.release = threading.Event()
-        self.calls: list[list[int]] = []
+        self.calls: list[list[list[int]]] = []
 
-    def process_webhook_events(self, event_ids: list[int]) -> None:
-        self.calls.append(list(event_ids))
+    def enqueue_event_chunks(self, chunks: list[list[int]]) -> None:
+        self.calls.append([list(c) for c in chunks])
         assert self.release.wait(30)
 
 
 class RefusingQueue:
-    """process_webhook_events fails (Redis refusing connections)."""
+    """enqueue_event_chunks fails (Redis refusing connections)."""
 
     def __init__(self):
-        self.calls: list[list[int]] = []
+        self.calls: list[list[list[int]]] = []
 
-    def process_webhook_events(self, event_ids: list[int]) -> None:
-        self.calls.append(list(event_ids))
+    def enqueue_event_chunks(self, chunks: list[list[int]]) -> None:
+        self.calls.append([list(c) for c in chunks])
         raise ConnectionError(
             "Error 111 connecting to 127.0.0.1:1. Connection refused."
         )
@@ -158,26 +158,28 @@ def test_a_refusing_queue_gives_up_the_round_and_leaves_it_to_the_sweeper(db):
     # on the queue is test_answers_do_not_wait_for_a_hung_queue's.
     assert ingest.ingest(meta_statuses("R", 40)) == (40, 0)
     assert writer.enqueuer.wait_idle(10)
-    # One attempt (the first chunk of 8), not five: the backend is down.
-    assert [len(c) for c in refused.calls] == [Enqueuer.TASK_CHUNK]
+    # One attempt for the whole round (five tasks of 8), then nothing more:
+    # the backend is down.
+    assert len(refused.calls) == 1
+    assert [len(c) for c in refused.calls[0]] == [Enqueuer.TASK_CHUNK] * 5
     assert swept_ids() == unprocessed_ids() and len(unprocessed_ids()) == 40
 
 
-def test_a_healthy_queue_gets_every_event_in_chunks(db):
+def test_a_healthy_queue_gets_every_event_in_chunks_in_one_call(db):
     class Recording:
         def __init__(self):
-            self.calls: list[list[int]] = []
+            self.calls: list[list[list[int]]] = []
 
-        def process_webhook_events(self, event_ids):
-            self.calls.append(list(event_ids))
+        def enqueue_event_chunks(self, chunks):
+            self.calls.append([list(c) for c in chunks])
 
     tasks = Recording()
     writer = EventWriter(tasks)
     ingest = WebhookIngest("meta", tasks, writer=writer)
     assert ingest.ingest(meta_statuses("OK", 20)) == (20, 0)
     assert writer.enqueuer.wait_idle(10)
-    assert [len(c) for c in tasks.calls] == [8, 8, 4]
-    assert sorted(i for c in tasks.calls for i in c) == unprocessed_ids()
+    assert len(tasks.calls) == 1 and [len(c) for c in tasks.calls[0]] == [8, 8, 4]
+    assert sorted(i for c in tasks.calls[0] for i in c) == unprocessed_ids()
 
 
 @pytest.mark.parametrize(
@@ -196,7 +198,7 @@ def test_the_writer_connection_commits_with_its_own_synchronous_level(
             return super()._insert(rows)
 
     class Null:
-        def process_webhook_events(self, event_ids):
+        def enqueue_event_chunks(self, chunks):
             pass
 
     writer = Spy(Null())
@@ -216,7 +218,7 @@ def test_a_request_gets_the_ids_of_its_new_events_and_none_of_known_ones(db, cou
     INSERT without RETURNING), whether they fit in one INSERT or not."""
 
     class Null:
-        def process_webhook_events(self, event_ids):
+        def enqueue_event_chunks(self, chunks):
             pass
 
     def row(key: str) -> dict:

@@ -152,10 +152,13 @@ class Enqueuer:
     The EventWriter answers its requests right after the commit, then drops
     the new event ids here; `submit` never blocks (when the hand-over queue is
     full the ids are left to the sweeper). One thread enqueues them in tasks of
-    TASK_CHUNK events. Events not enqueued within `timeout_s` of their commit,
-    and those of a chunk the queue backend refuses (with the rest of its
-    round: the backend is down), stay unprocessed in inbound_event, where the
-    sweeper finds them (campaigns.sweep, older than its grace). One Redis
+    TASK_CHUNK events, every task of a round (all that is waiting) in one call:
+    one transaction or Redis command however many tasks (a call per task cost
+    the web process 60-110 us a request at W2's load, one a round costs too
+    little to tell apart: bench/webhook_ingest.py --store db,unqueued).
+    Events not enqueued within `timeout_s` of their commit, and those of a
+    round the queue backend refuses (the backend is down), stay unprocessed
+    in inbound_event, where the sweeper finds them (campaigns.sweep, older than its grace). One Redis
     command cannot hold this thread longer than the pool's socket timeout
     (daemon/store/queue.py), so the time limit is overrun by one command at most.
     """
@@ -219,31 +222,28 @@ class Enqueuer:
                     self._waiting.task_done()
 
     def _enqueue(self, batches: list[tuple[float, list[int]]]) -> None:
-        """Enqueue one round: every batch waiting, in chunks of TASK_CHUNK."""
+        """Enqueue one round: every batch waiting, in tasks of TASK_CHUNK
+        events, all in one call (one transaction or one Redis command)."""
         now = time.monotonic()
         late = [i for deadline, ids in batches if deadline <= now for i in ids]
         ids = [i for deadline, ids in batches if deadline > now for i in ids]
-        deadline = min((d for d, _ in batches if d > now), default=now)
-        failed: list[int] = []
-        for start in range(0, len(ids), self.TASK_CHUNK):
-            if time.monotonic() >= deadline:
-                late.extend(ids[start:])
-                break
-            chunk = ids[start : start + self.TASK_CHUNK]
+        chunks = [
+            ids[start : start + self.TASK_CHUNK]
+            for start in range(0, len(ids), self.TASK_CHUNK)
+        ]
+        if chunks:
             try:
-                self.tasks.process_webhook_events(chunk)
+                self.tasks.enqueue_event_chunks(chunks)
             except Exception as exc:  # noqa: BLE001 - the rows are stored
-                failed = ids[start:]
                 log.warning(
                     "queue unavailable (%s: %s): %d stored events (ids %d..%d) "
                     "not enqueued; the sweeper will replay them",
                     type(exc).__name__,
                     exc,
-                    len(failed),
-                    min(failed),
-                    max(failed),
+                    len(ids),
+                    min(ids),
+                    max(ids),
                 )
-                break
         if late:
             log.warning(
                 "%d stored events (ids %d..%d) not enqueued within %.1f s; "
