@@ -102,6 +102,31 @@ def test_wassenger_event_is_stored_then_enqueued_once(build):
     assert tasks.events == [events[0].id]
 
 
+def test_a_whole_body_is_stored_as_received_and_a_part_of_one_escaped(build):
+    client, _ = build()
+    body = inbound("R1", body="caf\u00e9 \U0001f600")  # an accent, an emoji
+    # Pretty-printed, raw UTF-8, a lone surrogate and a NUL as JSON escapes.
+    raw = json.dumps(body, indent=2, ensure_ascii=False).replace(
+        '"flow"', '"odd": "\\ud83d \\u0000",\n  "flow"'
+    )
+    assert "\\u0000" in raw
+    resp = client.simulate_post("/webhooks/wassenger", body=raw.encode())
+    assert resp.status_code == 200 and resp.json["stored"] == 1
+    [event] = stored_events()
+    assert event.payload == raw
+    assert json.loads(event.payload)["data"]["body"] == "caf\u00e9 \U0001f600"
+
+    meta = fixture("meta_message_text.json")
+    message = meta["entry"][0]["changes"][0]["value"]["messages"][0]
+    message["text"]["body"] = "caf\u00e9"
+    resp = client.simulate_post(
+        "/webhooks/whatsapp", body=json.dumps(meta, ensure_ascii=False).encode()
+    )
+    assert resp.status_code == 200 and resp.json["stored"] == 1
+    item = stored_events()[1].payload
+    assert item.isascii() and json.loads(item)["message"]["text"]["body"] == "caf\u00e9"
+
+
 def test_real_tasks_enqueue_on_the_default_queue(build, make_config):
     cfg = make_config("sqlite")
     queues = make_queues(cfg)

@@ -158,9 +158,10 @@ class Enqueuer:
     little to tell apart: bench/webhook_ingest.py --store db,unqueued).
     Events not enqueued within `timeout_s` of their commit, and those of a
     round the queue backend refuses (the backend is down), stay unprocessed
-    in inbound_event, where the sweeper finds them (campaigns.sweep, older than its grace). One Redis
-    command cannot hold this thread longer than the pool's socket timeout
-    (daemon/store/queue.py), so the time limit is overrun by one command at most.
+    in inbound_event, where the sweeper finds them (campaigns.sweep, older
+    than its grace). One Redis command cannot hold this thread longer than
+    the pool's socket timeout (daemon/store/queue.py), so the time limit is
+    overrun by one command at most.
     """
 
     # Events per processing task: a batch is split so that both threads of
@@ -397,8 +398,9 @@ class WebhookIngest:
         self.clock = clock
         self.writer = writer or EventWriter(tasks)
 
-    def ingest(self, body: dict) -> tuple[int, int]:
-        """Store every new event of `body`; (stored, duplicates)."""
+    def ingest(self, body: dict, raw: bytes | None = None) -> tuple[int, int]:
+        """Store every new event of `body` (parsed from `raw`, when given);
+        (stored, duplicates)."""
         items = self.parser.split(body)
         now = self.clock()
         rows: dict[str, dict] = {}
@@ -411,8 +413,7 @@ class WebhookIngest:
                 "provider": self.provider,
                 "dedupe_key": key,
                 "event_type": clean_text(event_type, _TYPE_LIMIT),
-                # ASCII-escaped: any text the provider sends can be stored.
-                "payload": json.dumps(item, ensure_ascii=True, separators=(",", ":")),
+                "payload": _payload_text(item, body, raw),
                 "received_at": now,
                 "attempts": 0,
             }
@@ -422,6 +423,17 @@ class WebhookIngest:
                 metrics.WEBHOOK_EVENTS, self.provider, metrics.event_label(event_type)
             ).inc()
         return len(inserted), len(items) - len(inserted)
+
+
+def _payload_text(item: dict, body: dict, raw: bytes | None) -> str:
+    """The JSON stored for an event item. A whole body (every Wassenger event)
+    is stored as received: it decoded as UTF-8 and parsed as JSON, so it holds
+    no NUL byte or lone surrogate and any database stores it (and encoding it
+    again was a third of a webhook's Python). A part of a body (Meta's items)
+    is encoded, ASCII-escaped, so any text the provider sends can be stored."""
+    if item is body and raw is not None:
+        return raw.decode("utf-8")
+    return json.dumps(item, ensure_ascii=True, separators=(",", ":"))
 
 
 def _unauthorized(provider: str, description: str) -> falcon.HTTPUnauthorized:
@@ -437,13 +449,14 @@ def _secret_matches(expected: str, given: str | None) -> bool:
 
 def _verified_payload(
     req: falcon.Request, provider: str, secret: str, header: str
-) -> dict:
-    """The JSON object of the body, after checking its HMAC when `secret` is set."""
+) -> tuple[dict, bytes]:
+    """The JSON object of the body and the body, after checking its HMAC when
+    `secret` is set."""
     raw = read_body(req)
     if secret and not verify_hmac_sha256(secret, raw, req.get_header(header)):
         raise _unauthorized(provider, f"missing or wrong {header} (sha256=<hex>)")
     try:
-        return parse_json_object(raw, strict_text=False)
+        return parse_json_object(raw, strict_text=False), raw
     except falcon.HTTPError:
         metrics.labelled(metrics.WEBHOOK_REQUESTS, provider, "invalid").inc()
         raise
@@ -476,10 +489,10 @@ class WassengerWebhook:
                 raise _unauthorized(
                     "wassenger", "missing or wrong X-Webhook-Secret header / token"
                 )
-        body = _verified_payload(
+        body, raw = _verified_payload(
             req, "wassenger", self.hmac_secret, "X-Wassenger-Signature"
         )
-        stored, dups = self.ingest.ingest(body)
+        stored, dups = self.ingest.ingest(body, raw)
         _acknowledge(resp, "wassenger", stored, dups)
 
 
@@ -518,6 +531,8 @@ class MetaWebhook:
         if not self.app_secret and self.url_token:
             if not _secret_matches(self.url_token, req.get_param("token")):
                 raise _unauthorized("meta", "missing or wrong ?token=")
-        body = _verified_payload(req, "meta", self.app_secret, "X-Hub-Signature-256")
-        stored, dups = self.ingest.ingest(body)
+        body, raw = _verified_payload(
+            req, "meta", self.app_secret, "X-Hub-Signature-256"
+        )
+        stored, dups = self.ingest.ingest(body, raw)
         _acknowledge(resp, "meta", stored, dups)
