@@ -42,7 +42,7 @@ def parse_json(raw: bytes, *, strict_text: bool = True) -> Any:
             "Invalid UTF-8", f"the body is not valid UTF-8 (byte {exc.start})"
         ) from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise _too_deep() from None
     except ValueError as exc:  # JSONDecodeError, huge integers, NaN
@@ -118,6 +118,11 @@ def json_kind(value: Any) -> str:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every request, as json.loads keeps one: json.loads with an
+# argument builds a decoder a call. Shared safely: a decode holds the GIL.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _too_deep() -> falcon.HTTPBadRequest:
