@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import falcon  # noqa: E402
 
+from bench.hello_falcon import Hello  # noqa: E402
 from bench.webhook_ingest import PATH  # noqa: E402
 from bench.webhook_ingest import SECRET  # noqa: E402
 from bench.webhook_ingest import sample_body  # noqa: E402
@@ -32,12 +33,6 @@ from daemon import config as config_mod  # noqa: E402
 from daemon.roles.web import webhooks  # noqa: E402
 from daemon.roles.web.app import create_app  # noqa: E402
 from daemon.store.db import open_database  # noqa: E402
-
-
-class Hello:
-    def on_post(self, req, resp):
-        req.bounded_stream.read()
-        resp.media = {"stored": 1, "duplicates": 0}
 
 
 class NoQueue:
