@@ -250,3 +250,66 @@ def test_a_request_gets_the_ids_of_its_new_events_and_none_of_known_ones(db, cou
     new = [k for k in keys if k not in known]
     assert sorted(added) == sorted(new)
     assert sorted(answer) == sorted(added.values())
+
+
+class _NoQueue:
+    def enqueue_event_chunks(self, chunks):
+        pass
+
+
+def _event_row(key: str) -> dict:
+    return {
+        "provider": "wassenger",
+        "dedupe_key": key,
+        "event_type": "message:in:new",
+        "payload": "{}",
+        "received_at": utcnow(),
+        "attempts": 0,
+    }
+
+
+def test_a_writer_that_does_not_commit_in_time_fails_the_request(db):
+    """A stuck database: the request gets an OperationalError (the web app
+    answers 503) after timeout_s, and a later request is served once the
+    writer is free again."""
+    release = threading.Event()
+
+    class Stuck(EventWriter):
+        def _insert(self, rows):
+            release.wait(30)
+            return super()._insert(rows)
+
+    writer = Stuck(_NoQueue(), timeout_s=0.3)
+    with pytest.raises(pw.OperationalError, match="did not commit within 0.3 s"):
+        writer.store([_event_row("stuck-1")])
+    release.set()
+    assert [t for _, t in writer.store([_event_row("stuck-2")])] == ["message:in:new"]
+    with database.connection_context():
+        keys = sorted(e.dedupe_key for e in InboundEvent.select())
+    assert keys == ["stuck-1", "stuck-2"]  # the late commit landed too
+
+
+def test_a_failed_group_commit_fails_every_request_in_it(db):
+    """Requests folded into one transaction share its fate: each gets the
+    error, none an answer of stored events."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Failing(EventWriter):
+        def _insert(self, rows):
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)  # the other requests queue up meanwhile
+                return super()._insert(rows)
+            raise pw.OperationalError("disk I/O error")
+
+    writer = Failing(_NoQueue())
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(writer.store, [_event_row("first")])
+        assert entered.wait(10)
+        others = [pool.submit(writer.store, [_event_row(f"k{i}")]) for i in range(3)]
+        wait_for(lambda: writer._pending.qsize() == 3, timeout=10)
+        release.set()
+        assert [t for _, t in first.result(10)] == ["message:in:new"]
+        for future in others:
+            with pytest.raises(pw.OperationalError, match="disk I/O error"):
+                future.result(10)

@@ -15,7 +15,6 @@ unprocessed in inbound_event and the sweeper replays it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -256,6 +255,21 @@ class Enqueuer:
             )
 
 
+class _WriteRequest:
+    """One request's rows and its wait: a lock held until the writer has set
+    the outcome. (A Future is a Condition, an RLock and a lock a wait: under
+    W2's load, switches and GIL hand-overs the request threads pay.)"""
+
+    __slots__ = ("rows", "stored", "error", "done")
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.stored: list[tuple[int, str]] = []
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
 class EventWriter:
     """Group commit: one thread stores the events of every waiting request.
 
@@ -299,16 +313,17 @@ class EventWriter:
         if not rows:
             return []
         self._ensure_thread()
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._pending.put((rows, done))
-        try:
-            return done.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
+        request = _WriteRequest(rows)
+        self._pending.put(request)
+        if not request.done.acquire(timeout=self.timeout_s):
             # The database is stuck (nothing else runs in that thread): a
             # 503, and the provider delivers again (deduplicated if it landed).
             raise pw.OperationalError(
                 f"event writer did not commit within {self.timeout_s:g} s"
-            ) from None
+            )
+        if request.error is not None:
+            raise request.error
+        return request.stored
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -329,25 +344,29 @@ class EventWriter:
                     break
             self._write(batch)
 
-    def _write(self, batch: list[tuple[list[dict], concurrent.futures.Future]]) -> None:
+    def _write(self, batch: list[_WriteRequest]) -> None:
         try:
             with self._connection():
-                stored = self._insert([row for rows, _ in batch for row in rows])
+                stored = self._insert(
+                    [row for request in batch for row in request.rows]
+                )
         except Exception as exc:  # noqa: BLE001 - handed to each request
-            for _, done in batch:
-                done.set_exception(exc)
+            for request in batch:
+                request.error = exc
+                request.done.release()
             return
         # Handed over (a put that never blocks) before the answers, so that
         # Enqueuer.wait_idle after an answer covers its events; the enqueue
         # itself runs in the Enqueuer's thread, after and apart from them.
         self.enqueuer.submit([event_id for event_id, _, _ in stored.values()])
-        for rows, done in batch:
+        for request in batch:
             mine = []
-            for row in rows:
+            for row in request.rows:
                 hit = stored.pop(row["dedupe_key"], None)
                 if hit is not None:
                     mine.append((hit[0], hit[1]))
-            done.set_result(mine)
+            request.stored = mine
+            request.done.release()
 
     def _connection(self):
         """PostgreSQL: a pooled connection per batch. SQLite: keep ours open,
