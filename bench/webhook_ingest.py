@@ -168,15 +168,12 @@ STORES = {
 def serve_campaignd(config_path: str, synchronous: str, store: str = "db") -> int:
     """`campaignd web`, with the webhook writer's PRAGMA synchronous set, and
     with a part of the writer taken out (`store`, see the module's text)."""
-    import contextlib
-
     from daemon.cli import run_role
     from daemon.roles.web import webhooks
 
     webhooks.EventWriter.sqlite_synchronous = synchronous
     if store == "handoff":
-        webhooks.EventWriter._connection = lambda self: contextlib.nullcontext()
-        webhooks.EventWriter._insert = lambda self, rows: {}
+        webhooks.EventWriter._store = lambda self, rows: {}
     elif store == "unqueued":
         webhooks.Enqueuer.submit = lambda self, ids: None
     elif store == "none":

@@ -186,6 +186,29 @@ def test_postgres_unreachable_is_503_then_recovers(
     assert event_count() == 2
 
 
+def test_a_cut_postgres_connection_costs_no_webhook(
+    make_config, pg_url, redis_prefix, web_factory
+):
+    """The writer keeps its connection between group commits; when the server
+    cuts it (a restart, a network blip), the next group is stored on a new
+    one instead of answering 503."""
+    cfg = make_config("cluster", pg=pg_url, redis=redis_prefix)
+    web = web_factory(cfg)
+    assert web.post("/webhooks/wassenger", inbound("CUT0")).status_code == 200
+    dbname = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        ).fetchall()
+    assert cut, "no connection to cut"
+    for msg_id in ("CUT1", "CUT2"):
+        resp = web.post("/webhooks/wassenger", inbound(msg_id))
+        assert resp.status_code == 200 and resp.json()["stored"] == 1, resp.text
+    assert event_count() == 3
+
+
 def test_body_limits_over_http(make_config, web_factory):
     cfg = make_config("sqlite", {"web": {"max_body_bytes": 4096}})
     web = web_factory(cfg)

@@ -39,6 +39,7 @@ from daemon.roles.web import clean_text
 from daemon.roles.web import parse_json_object
 from daemon.roles.web import read_body
 from daemon.store.db import DURABLE_SYNCHRONOUS
+from daemon.store.db import drop_connection
 from daemon.store.db import is_postgres
 from daemon.store.db import set_synchronous
 from daemon.store.models import InboundEvent
@@ -346,10 +347,7 @@ class EventWriter:
 
     def _write(self, batch: list[_WriteRequest]) -> None:
         try:
-            with self._connection():
-                stored = self._insert(
-                    [row for request in batch for row in request.rows]
-                )
+            stored = self._store([row for request in batch for row in request.rows])
         except Exception as exc:  # noqa: BLE001 - handed to each request
             for request in batch:
                 request.error = exc
@@ -368,15 +366,33 @@ class EventWriter:
             request.stored = mine
             request.done.release()
 
-    def _connection(self):
-        """PostgreSQL: a pooled connection per batch. SQLite: keep ours open,
-        because closing the last connection checkpoints and deletes the WAL,
-        which the next commit pays for again (~12 ms)."""
-        if is_postgres():
-            return database.connection_context()
-        if database.connect(reuse_if_open=True):
-            set_synchronous(database, self.sqlite_synchronous)
-        return contextlib.nullcontext()
+    def _store(self, rows: list[dict]) -> dict[str, tuple[int, str, str]]:
+        """The rows inserted on the writer's own connection, kept open.
+
+        SQLite: closing the last connection checkpoints and deletes the WAL,
+        which the next commit pays for again (~12 ms). PostgreSQL: a pooled
+        connection taken for each group costs a round trip of its own (the
+        pool's SELECT 1 that checks it), so the writer keeps one; when it
+        breaks (a restart, a cut), the group is tried once more on a new one.
+        The INSERT skips known keys, so a retry stores nothing twice; if the
+        broken attempt did commit, its events are answered as duplicates and
+        the sweeper enqueues them.
+        """
+        if not is_postgres():
+            if database.connect(reuse_if_open=True):
+                set_synchronous(database, self.sqlite_synchronous)
+            return self._insert(rows)
+        try:
+            database.connect(reuse_if_open=True)
+            return self._insert(rows)
+        except (pw.OperationalError, pw.InterfaceError):
+            drop_connection()
+        try:
+            database.connect()
+            return self._insert(rows)
+        except Exception:
+            drop_connection()
+            raise
 
     def _insert(self, rows: list[dict]) -> dict[str, tuple[int, str, str]]:
         stored: dict[str, tuple[int, str, str]] = {}
