@@ -80,7 +80,10 @@ def build_app(floor: str, data_dir: Path):
     if floor in ("wait", "group"):
         store = group_commit if floor == "group" else (lambda bodies: None)
         threading.Thread(
-            target=_answer_waiting, args=(waiting, store), daemon=True
+            target=_answer_waiting,
+            args=(waiting, store),
+            name="floor-writer",
+            daemon=True,
         ).start()
 
     class Floor:

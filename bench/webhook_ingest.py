@@ -28,13 +28,15 @@ with none of campaignd's code.
 CPU us/req is the server process's user + system CPU over the measured load
 divided by the requests answered (the load generator's CPU is not in it);
 switches/req its threads' context switches (voluntary and not) the same way.
+--by-thread splits that CPU by the server's threads (bench/thread_cpu.py):
+waitress's main loop, its request threads, the event writer and enqueuer.
 
 Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
 when it is installed, else a multi-process Python keep-alive client.
 
     .venv/bin/python bench/webhook_ingest.py [--seconds 10] [--connections 32]
         [--synchronous normal,full] [--store db,unqueued,handoff,none]
-        [--floors wait,commit,group]
+        [--floors wait,commit,group] [--by-thread]
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from bench import hello_durable  # noqa: E402
+from bench import thread_cpu  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon import config_text  # noqa: E402
 
@@ -365,10 +368,17 @@ def measured(proc: subprocess.Popen, url: str, args) -> dict:
     system time of its process over the load, warm-up excluded) and its
     threads' context switches a request (Linux only, else 0)."""
     server = psutil.Process(proc.pid)
+    by_thread = Path(os.environ.get(thread_cpu.ENV, "")) if args.by_thread else None
+    threads_before = thread_cpu.snapshot(proc.pid, by_thread) if by_thread else {}
     before, switches = server.cpu_times(), context_switches(proc.pid)
     result = load(url, args, "run")
     after, switches = server.cpu_times(), context_switches(proc.pid) - switches
     requests = max(result["requests"], 1)
+    if by_thread:
+        threads_after = thread_cpu.snapshot(proc.pid, by_thread)
+        result["threads"] = thread_cpu.per_request(
+            threads_before, threads_after, requests
+        )
     result["user_us"] = (after.user - before.user) / requests * 1e6
     result["sys_us"] = (after.system - before.system) / requests * 1e6
     result["switches"] = switches / requests
@@ -484,11 +494,18 @@ def main() -> int:
         help="also serve bench/hello_durable.py's floors, the ceiling plus the "
         "least a durable answer costs: wait, commit, group (comma-separated)",
     )
+    parser.add_argument(
+        "--by-thread",
+        action="store_true",
+        help="also split each server's CPU a request by its threads",
+    )
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-campaignd", help=argparse.SUPPRESS)
     parser.add_argument("--floor", default="", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_hello or args.serve_campaignd:
+        thread_cpu.install()
     if args.serve_hello and args.floor:
         hello_durable.serve(
             args.floor, args.serve_hello, args.threads, PATH, Path(args.data_dir)
@@ -523,6 +540,9 @@ def main() -> int:
         f"database {args.database_url or 'SQLite (WAL)'}"
     )
     workdir = Path(tempfile.mkdtemp(prefix="campaignd-bench-"))
+    if args.by_thread:
+        (workdir / "thread-cpu").mkdir()
+        os.environ[thread_cpu.ENV] = str(workdir / "thread-cpu")
     try:
         hello = bench_hello(args)
         floored = {}
@@ -549,6 +569,8 @@ def main() -> int:
             f"{r['errors']:>8}{r['user_us'] + r['sys_us']:>12.0f}{r['sys_us']:>11.0f}"
             f"{r['switches']:>14.1f}{r['rps'] / hello['rps'] * 100:>11.0f}%"
         )
+    if args.by_thread:
+        thread_cpu.print_table(rows)
     for (level, store), (real, stored) in reals.items():
         print(
             f"{level}, {store}: ratio campaignd / ceiling "
