@@ -313,3 +313,27 @@ def test_a_failed_group_commit_fails_every_request_in_it(db):
         for future in others:
             with pytest.raises(pw.OperationalError, match="disk I/O error"):
                 future.result(10)
+
+
+def test_under_load_the_enqueuer_gathers_batches_into_fewer_rounds(db):
+    """The first batch after a quiet spell is enqueued at once; batches that
+    arrive while the next round waits out ROUND_GAP_S go in that one call."""
+
+    class Recording:
+        def __init__(self):
+            self.calls: list[list[int]] = []
+
+        def enqueue_event_chunks(self, chunks):
+            self.calls.append(sorted(i for chunk in chunks for i in chunk))
+
+    class Gapped(Enqueuer):
+        ROUND_GAP_S = 2.0
+
+    tasks = Recording()
+    enqueuer = Gapped(tasks, timeout_s=30.0)
+    enqueuer.submit([1, 2])
+    wait_for(lambda: tasks.calls, timeout=1.5, what="the first round, without the gap")
+    for ids in ([3], [4, 5], [6]):
+        enqueuer.submit(ids)
+    assert enqueuer.wait_idle(15)
+    assert tasks.calls == [[1, 2], [3, 4, 5, 6]]

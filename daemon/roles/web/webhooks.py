@@ -152,10 +152,10 @@ class Enqueuer:
     The EventWriter answers its requests right after the commit, then drops
     the new event ids here; `submit` never blocks (when the hand-over queue is
     full the ids are left to the sweeper). One thread enqueues them in tasks of
-    TASK_CHUNK events, every task of a round (all that is waiting) in one call:
-    one transaction or Redis command however many tasks (a call per task cost
-    the web process 60-110 us a request at W2's load, one a round costs too
-    little to tell apart: bench/webhook_ingest.py --store db,unqueued).
+    TASK_CHUNK events, every task of a round (all that is waiting, rounds at
+    least ROUND_GAP_S apart) in one call: one transaction or Redis command
+    however many tasks (a call per task cost the web process 60-110 us a
+    request at W2's load: bench/webhook_ingest.py --store db,unqueued).
     Events not enqueued within `timeout_s` of their commit, and those of a
     round the queue backend refuses (the backend is down), stay unprocessed
     in inbound_event, where the sweeper finds them (campaigns.sweep, older
@@ -169,6 +169,13 @@ class Enqueuer:
     TASK_CHUNK = 8
     # Batches handed over and not yet enqueued (each one group commit).
     MAX_WAITING = 1024
+    # Rounds start at least this far apart. A round costs the web process
+    # about the same however many events it holds (a transaction or a Redis
+    # call, and the GIL taken back after each), so under load fewer, larger
+    # rounds leave the requests more CPU (bench/webhook_ingest.py --by-thread:
+    # the enqueuer's CPU a request halved). The first events after a quiet
+    # spell go at once; under load an event waits 20 ms more at most.
+    ROUND_GAP_S = 0.02
 
     def __init__(self, tasks, timeout_s: float = 2.0):
         self.tasks = tasks
@@ -207,8 +214,14 @@ class Enqueuer:
                     self._thread.start()
 
     def _run(self) -> None:
+        last_round = 0.0
         while True:
             batches = [self._waiting.get()]
+            # Under load, what arrives during the gap joins this round.
+            gap = last_round + self.ROUND_GAP_S - time.monotonic()
+            if gap > 0:
+                time.sleep(gap)
+            last_round = time.monotonic()
             while True:
                 try:
                     batches.append(self._waiting.get_nowait())
