@@ -40,6 +40,13 @@ def inbound(msg_id: str) -> dict:
     }
 
 
+class _NoQueue:
+    """A queue that takes everything and keeps nothing."""
+
+    def enqueue_event_chunks(self, chunks):
+        pass
+
+
 def meta_statuses(prefix: str, count: int) -> dict:
     """One Meta POST with `count` delivery statuses (Meta batches them)."""
     statuses = [
@@ -197,12 +204,8 @@ def test_the_writer_connection_commits_with_its_own_synchronous_level(
             seen.append(database.execute_sql("PRAGMA synchronous").fetchone()[0])
             return super()._insert(rows)
 
-    class Null:
-        def enqueue_event_chunks(self, chunks):
-            pass
-
-    writer = Spy(Null())
-    ingest = WebhookIngest("wassenger", Null(), writer=writer)
+    writer = Spy(_NoQueue())
+    ingest = WebhookIngest("wassenger", _NoQueue(), writer=writer)
     ingest.ingest(inbound("S1"))
     ingest.ingest(inbound("S2"))
     assert seen == [expected, expected]
@@ -217,10 +220,6 @@ def test_a_request_gets_the_ids_of_its_new_events_and_none_of_known_ones(db, cou
     under the ids and types the database holds (on SQLite found after an
     INSERT without RETURNING), whether they fit in one INSERT or not."""
 
-    class Null:
-        def enqueue_event_chunks(self, chunks):
-            pass
-
     def row(key: str) -> dict:
         return {
             "provider": "meta",
@@ -231,7 +230,7 @@ def test_a_request_gets_the_ids_of_its_new_events_and_none_of_known_ones(db, cou
             "attempts": 0,
         }
 
-    writer = EventWriter(Null())
+    writer = EventWriter(_NoQueue())
     keys = [f"key-{i}-{'abc'[i % 3]}" for i in range(count)]
     known = keys[::3]
     first_answer = writer.store([row(k) for k in known])  # all of them new
@@ -250,11 +249,6 @@ def test_a_request_gets_the_ids_of_its_new_events_and_none_of_known_ones(db, cou
     new = [k for k in keys if k not in known]
     assert sorted(added) == sorted(new)
     assert sorted(answer) == sorted(added.values())
-
-
-class _NoQueue:
-    def enqueue_event_chunks(self, chunks):
-        pass
 
 
 def _event_row(key: str) -> dict:
