@@ -76,13 +76,14 @@ def snapshot(pid: int, directory: Path, timeout: float = 10.0) -> dict:
 
 def per_request(before: dict, after: dict, requests: int) -> dict[str, list[float]]:
     """Microseconds a request by group: [user, system]."""
-    return {
-        group: [
-            (user - before.get(group, [0.0, 0.0])[0]) / requests * 1e6,
-            (system - before.get(group, [0.0, 0.0])[1]) / requests * 1e6,
+    spent = {}
+    for group, (user, system) in after.items():
+        user_before, system_before = before.get(group, (0.0, 0.0))
+        spent[group] = [
+            (user - user_before) / requests * 1e6,
+            (system - system_before) / requests * 1e6,
         ]
-        for group, (user, system) in after.items()
-    }
+    return spent
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:

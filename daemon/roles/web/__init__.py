@@ -32,7 +32,8 @@ def parse_json(raw: bytes, *, strict_text: bool = True) -> Any:
 
     `strict_text` also rejects strings the database cannot store (NUL, lone
     surrogates): right for the admin API. Webhook payloads are kept as they
-    come (stored as ASCII-escaped JSON) so a provider is never refused.
+    come (a whole body stored as received, a part of one ASCII-escaped) so a
+    provider is never refused.
     """
     value = _parsed_fast(raw)
     if value is _REFUSED:
