@@ -261,6 +261,8 @@ def as_dict(value: Any) -> dict:
 
 def as_text(value: Any) -> str | None:
     """A non-empty string from a str or a number, else None."""
+    if type(value) is str:  # the usual case, tested first: every webhook has 4
+        return value.strip() or None
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):

@@ -15,6 +15,7 @@ from daemon.providers.base import RecipientOptedOutError
 from daemon.providers.base import RetryableError
 from daemon.providers.base import as_e164
 from daemon.providers.base import as_epoch
+from daemon.providers.base import as_text
 from daemon.providers.base import error_text
 from daemon.providers.base import parse_retry_after
 from daemon.providers.base import sign_hmac_sha256
@@ -110,6 +111,25 @@ def test_errors_hang_from_daemon_error_and_keep_attributes():
 )
 def test_as_e164(value, expected):
     assert as_e164(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("message:in:new", "message:in:new"),
+        ("  3EB0 \n", "3EB0"),
+        ("", None),
+        ("   ", None),
+        (7, "7"),
+        (2.5, "2.5"),
+        (True, None),
+        (None, None),
+        ({"id": "x"}, None),
+        (["x"], None),
+    ],
+)
+def test_as_text(value, expected):
+    assert as_text(value) == expected
 
 
 @pytest.mark.parametrize(

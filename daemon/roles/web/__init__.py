@@ -129,12 +129,6 @@ def check_text(text: str, what: str) -> None:
             ) from None
 
 
-def clean_text(text: str, limit: int) -> str:
-    """Storable text for a key column: no NUL, no lone surrogate, bounded."""
-    text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
-    return text[:limit]
-
-
 def json_kind(value: Any) -> str:
     if value is None:
         return "null"

@@ -84,6 +84,8 @@ class DatabaseSession:
             database.connect(reuse_if_open=True)
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
+        if getattr(resource, "uses_database", None) is False:
+            return  # it says it opens none (the webhooks: their writer does)
         if database.obj is None or database.is_closed():
             return
         try:

@@ -34,8 +34,8 @@ from daemon import metrics
 from daemon.config import Config
 from daemon.providers import webhook_parser
 from daemon.providers.base import as_text
+from daemon.providers.base import storable_text
 from daemon.providers.base import verify_hmac_sha256
-from daemon.roles.web import clean_text
 from daemon.roles.web import parse_json_object
 from daemon.roles.web import read_body
 from daemon.store.db import DURABLE_SYNCHRONOUS
@@ -139,7 +139,7 @@ def event_type_of(provider: str, item: dict) -> str:
 
 def storable_key(key: str) -> str:
     """The dedupe key as the column can hold it (long keys keep a hash tail)."""
-    key = clean_text(key, 10_000)
+    key = storable_text(key)[:10_000]
     if len(key) <= _KEY_LIMIT:
         return key
     digest = hashlib.sha256(key.encode()).hexdigest()
@@ -460,7 +460,7 @@ class WebhookIngest:
             rows[key] = {
                 "provider": self.provider,
                 "dedupe_key": key,
-                "event_type": clean_text(event_type, _TYPE_LIMIT),
+                "event_type": storable_text(event_type)[:_TYPE_LIMIT],
                 "payload": _payload_text(item, body, raw),
                 "received_at": now,
                 "attempts": 0,
