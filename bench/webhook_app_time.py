@@ -30,7 +30,7 @@ from bench.webhook_ingest import PATH  # noqa: E402
 from bench.webhook_ingest import SECRET  # noqa: E402
 from bench.webhook_ingest import sample_body  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
-from daemon.roles.web import webhooks  # noqa: E402
+from daemon.roles.web import event_writer  # noqa: E402
 from daemon.roles.web.app import create_app  # noqa: E402
 from daemon.store.db import open_database  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
-    webhooks.EventWriter.store = lambda self, rows: []  # nothing stored
+    event_writer.EventWriter.store = lambda self, rows: []  # nothing stored
     data_dir = tempfile.mkdtemp(prefix="campaignd-apptime-")
     cfg = config_mod.from_dict(
         {"daemon": {"data_dir": data_dir}, "web": {"webhook_secret": SECRET}}

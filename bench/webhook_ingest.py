@@ -172,15 +172,15 @@ def serve_campaignd(config_path: str, synchronous: str, store: str = "db") -> in
     """`campaignd web`, with the webhook writer's PRAGMA synchronous set, and
     with a part of the writer taken out (`store`, see the module's text)."""
     from daemon.cli import run_role
-    from daemon.roles.web import webhooks
+    from daemon.roles.web import event_writer
 
-    webhooks.EventWriter.sqlite_synchronous = synchronous
+    event_writer.EventWriter.sqlite_synchronous = synchronous
     if store == "handoff":
-        webhooks.EventWriter._store = lambda self, rows: {}
+        event_writer.EventWriter._store = lambda self, rows: {}
     elif store == "unqueued":
-        webhooks.Enqueuer.submit = lambda self, ids: None
+        event_writer.Enqueuer.submit = lambda self, ids: None
     elif store == "none":
-        webhooks.EventWriter.store = lambda self, rows: []
+        event_writer.EventWriter.store = lambda self, rows: []
     return run_role(config_mod.load(config_path), "web")
 
 

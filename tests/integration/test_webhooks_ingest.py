@@ -137,9 +137,25 @@ def test_many_distinct_events_all_stored(any_mode_config, web_factory):
     assert sorted(queued) == sorted(e.id for e in InboundEvent.select())
 
 
+def outcomes(web) -> dict[str, float]:
+    """campaignd_webhook_requests_total for wassenger, by outcome, from /metrics."""
+    prefix = "campaignd_webhook_requests_total{"
+    found = {}
+    for line in web.http.get(web.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(prefix) and 'provider="wassenger"' in line:
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('outcome="')[1].split('"')[0]] = float(value)
+    return found
+
+
+def counted_since(before: dict, after: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
+
+
 def test_sqlite_locked_database_is_503_then_recovers(make_config, web_factory):
     cfg = make_config("sqlite", {"database": {"busy_timeout_s": 0.3}})
     web = web_factory(cfg)
+    before = outcomes(web)
     # Another process's writer holding the lock longer than our busy timeout.
     path = cfg.database_url.removeprefix("sqlite:///")
     holder = sqlite3.connect(path, isolation_level=None)
@@ -155,6 +171,14 @@ def test_sqlite_locked_database_is_503_then_recovers(make_config, web_factory):
     assert event_count() == 0
     resp = web.post("/webhooks/wassenger", inbound("LOCK1"))
     assert resp.status_code == 200 and resp.json()["stored"] == 1
+    resp = web.post("/webhooks/wassenger", inbound("LOCK1"))
+    assert resp.status_code == 200 and resp.json()["duplicates"] == 1
+    # What an operator reads: one POST of each outcome.
+    assert counted_since(before, outcomes(web)) == {
+        "unavailable": 1.0,
+        "stored": 1.0,
+        "duplicate": 1.0,
+    }
 
 
 def test_postgres_unreachable_is_503_then_recovers(

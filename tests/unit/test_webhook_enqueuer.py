@@ -17,9 +17,9 @@ import peewee as pw
 import pytest
 
 from daemon.domain import campaigns
-from daemon.roles.web import webhooks
-from daemon.roles.web.webhooks import Enqueuer
-from daemon.roles.web.webhooks import EventWriter
+from daemon.roles.web import event_writer
+from daemon.roles.web.event_writer import Enqueuer
+from daemon.roles.web.event_writer import EventWriter
 from daemon.roles.web.webhooks import WebhookIngest
 from daemon.store.db import open_database
 from daemon.store.models import InboundEvent
@@ -127,7 +127,7 @@ class StoppedClock:
 
 def test_answers_do_not_wait_for_a_hung_queue(db, monkeypatch):
     clock = StoppedClock()
-    monkeypatch.setattr(webhooks, "time", clock)  # the enqueue deadlines
+    monkeypatch.setattr(event_writer, "time", clock)  # the enqueue deadlines
     hung = HangingQueue()
     writer = EventWriter(hung, enqueue_timeout_s=30.0)
     ingest = WebhookIngest("wassenger", hung, writer=writer)

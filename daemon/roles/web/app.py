@@ -33,6 +33,7 @@ from daemon.errors import NotFoundError
 from daemon.errors import StateError
 from daemon.roles.web import api
 from daemon.roles.web import console
+from daemon.roles.web import event_writer
 from daemon.roles.web import health
 from daemon.roles.web import webhooks
 from daemon.roles.web.openapi import MAX_ID
@@ -199,7 +200,7 @@ class WebApp(falcon.App):
     tests and benchmarks that read the queue right after an answer.
     """
 
-    def __init__(self, writer: webhooks.EventWriter, **options):
+    def __init__(self, writer: event_writer.EventWriter, **options):
         super().__init__(**options)
         self.event_writer = writer
 
@@ -220,7 +221,7 @@ def create_app(
     clock = clock or utcnow
     queues = queues if queues is not None else getattr(tasks, "queues", None)
     # One writer for both providers: one transaction stream on SQLite.
-    writer = webhooks.EventWriter(tasks)
+    writer = event_writer.EventWriter(tasks)
     app = WebApp(
         writer,
         middleware=[
