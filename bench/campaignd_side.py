@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from bench.harness import PROVIDER_TOKEN
 from bench.harness import BenchError
 from bench.harness import PrivateRedis
 from bench.harness import Spawned
+from bench.harness import bench_env
 from bench.harness import create_database
 from bench.harness import drop_database
 from bench.harness import free_port
@@ -200,7 +202,12 @@ class CdRun:
 
     def start_web(self) -> Spawned:
         cmd = [str(CAMPAIGND), "web", "-c", str(self.config_path)]
-        web = spawn("web", cmd, self.log_dir)
+        # Metrics in shared files, as under the supervisor: each increment
+        # is a write under a process-wide lock, part of what a webhook costs.
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=self.log_dir))
+        env = bench_env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+        web = spawn("web", cmd, self.log_dir, env)
         try:
             wait_until(
                 lambda: http_ok(self.web_url + "/healthz") or not web.alive(),

@@ -406,6 +406,10 @@ def bench_campaignd(
     cfg_path = workdir / "campaignd.toml"
     cfg_path.write_text(config_text.to_toml(data))
     env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
+    # Metrics in shared files, as under the supervisor (each increment a
+    # write under a process-wide lock).
+    (workdir / "metrics").mkdir()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
     proc = subprocess.Popen(
         [
             sys.executable,
