@@ -29,7 +29,10 @@ CPU us/req is the server process's user + system CPU over the measured load
 divided by the requests answered (the load generator's CPU is not in it);
 switches/req its threads' context switches (voluntary and not) the same way.
 --by-thread splits that CPU by the server's threads (bench/thread_cpu.py):
-waitress's main loop, its request threads, the event writer and enqueuer.
+waitress's main loop, its request threads, the event writer and enqueuer;
+and counts the garbage collector's pauses during the load. After each
+campaignd run the last lines give its event writer's group commits (read
+from its /metrics, bench/commit_groups.py): requests and ms a commit.
 
 Load: wrk (32 connections, keep-alive, a Lua script making every body unique)
 when it is installed, else a multi-process Python keep-alive client.
@@ -60,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from bench import commit_groups  # noqa: E402
 from bench import hello_durable  # noqa: E402
 from bench import thread_cpu  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
@@ -363,11 +367,13 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def measured(proc: subprocess.Popen, url: str, args) -> dict:
+def measured(proc: subprocess.Popen, url: str, args, commits: bool = False) -> dict:
     """The measured load's figures, with the server's CPU a request (user and
-    system time of its process over the load, warm-up excluded) and its
-    threads' context switches a request (Linux only, else 0)."""
+    system time of its process over the load, warm-up excluded), its
+    threads' context switches a request (Linux only, else 0) and, with
+    `commits` (campaignd), its event writer's group commits."""
     server = psutil.Process(proc.pid)
+    commits_before = commit_groups.scrape(url) if commits else None
     by_thread = Path(os.environ.get(thread_cpu.ENV, "")) if args.by_thread else None
     threads_before = thread_cpu.snapshot(proc.pid, by_thread) if by_thread else {}
     before, switches = server.cpu_times(), context_switches(proc.pid)
@@ -379,9 +385,14 @@ def measured(proc: subprocess.Popen, url: str, args) -> dict:
         result["threads"] = thread_cpu.per_request(
             threads_before, threads_after, requests
         )
+        result["gc"] = thread_cpu.collections(threads_before, threads_after)
     result["user_us"] = (after.user - before.user) / requests * 1e6
     result["sys_us"] = (after.system - before.system) / requests * 1e6
     result["switches"] = switches / requests
+    if commits_before is not None:
+        result["commits"] = commit_groups.between(
+            commits_before, commit_groups.scrape(url)
+        )
     return result
 
 
@@ -428,7 +439,7 @@ def bench_campaignd(
     try:
         wait_healthy(url, proc, "/healthz")
         load(url, argparse.Namespace(**{**vars(args), "seconds": 1}), "warm")
-        result = measured(proc, url, args)
+        result = measured(proc, url, args, commits=True)
     finally:
         stop(proc)
     cfg = config_mod.load(cfg_path)
@@ -576,10 +587,13 @@ def main() -> int:
     if args.by_thread:
         thread_cpu.print_table(rows)
     for (level, store), (real, stored) in reals.items():
+        groups = real["commits"]
         print(
             f"{level}, {store}: ratio campaignd / ceiling "
             f"{real['rps'] / hello['rps']:.2f}, events stored {stored} "
-            "(the warm-up included)"
+            f"(the warm-up included); {groups['commits']} group commits, "
+            f"{groups['requests_a_commit']:.1f} requests and "
+            f"{groups['ms_a_commit']:.2f} ms a commit"
         )
     return 0
 

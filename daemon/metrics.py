@@ -170,6 +170,13 @@ WEBHOOK_REQUESTS = Counter(
     "invalid, unavailable).",
     ["provider", "outcome"],
 )
+WEBHOOK_COMMIT_SECONDS = Histogram(
+    "campaignd_webhook_commit_seconds",
+    "Group commits of the web role's webhook event writer: from taking the "
+    "waiting requests to their commit. The count is the commits made; webhook "
+    "requests (stored and duplicate) over it, the requests a commit.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 STATUS_UPDATES = Counter(
     "campaignd_status_updates_total",
     "Delivery status updates applied to messages, by new status.",

@@ -138,13 +138,16 @@ def test_many_distinct_events_all_stored(any_mode_config, web_factory):
 
 
 def outcomes(web) -> dict[str, float]:
-    """campaignd_webhook_requests_total for wassenger, by outcome, from /metrics."""
+    """campaignd_webhook_requests_total for wassenger by outcome, and the
+    event writer's group commits ("commits"), from /metrics."""
     prefix = "campaignd_webhook_requests_total{"
     found = {}
     for line in web.http.get(web.url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(prefix) and 'provider="wassenger"' in line:
             labels, value = line.rsplit(" ", 1)
             found[labels.split('outcome="')[1].split('"')[0]] = float(value)
+        elif line.startswith("campaignd_webhook_commit_seconds_count "):
+            found["commits"] = float(line.split()[1])
     return found
 
 
@@ -173,11 +176,13 @@ def test_sqlite_locked_database_is_503_then_recovers(make_config, web_factory):
     assert resp.status_code == 200 and resp.json()["stored"] == 1
     resp = web.post("/webhooks/wassenger", inbound("LOCK1"))
     assert resp.status_code == 200 and resp.json()["duplicates"] == 1
-    # What an operator reads: one POST of each outcome.
+    # What an operator reads: one POST of each outcome, and the two that
+    # were answered 200 each committed in a group of its own.
     assert counted_since(before, outcomes(web)) == {
         "unavailable": 1.0,
         "stored": 1.0,
         "duplicate": 1.0,
+        "commits": 2.0,
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import peewee as pw
@@ -123,6 +124,9 @@ class StoppedClock:
 
     def monotonic(self) -> float:
         return self.now
+
+    # Durations (the commit histogram) stay on the real clock.
+    perf_counter = staticmethod(time.perf_counter)
 
 
 def test_answers_do_not_wait_for_a_hung_queue(db, monkeypatch):
@@ -307,6 +311,29 @@ def test_a_failed_group_commit_fails_every_request_in_it(db):
         for future in others:
             with pytest.raises(pw.OperationalError, match="disk I/O error"):
                 future.result(10)
+
+
+def test_a_failure_after_the_commit_answers_at_once_and_the_writer_goes_on(
+    db, monkeypatch
+):
+    """The events are committed: the request is answered (not left waiting
+    for the writer's timeout), the sweeper finds what was not enqueued, and
+    the next request is stored by the same writer."""
+    tasks = _NoQueue()
+    writer = EventWriter(tasks, timeout_s=20.0)
+
+    def broken_submit(ids):
+        raise RuntimeError("a bug past the commit")
+
+    monkeypatch.setattr(writer.enqueuer, "submit", broken_submit)
+    started = time.monotonic()
+    writer.store([_event_row("after-commit")])
+    assert time.monotonic() - started < 10
+    assert unprocessed_ids() == swept_ids()  # stored, left to the sweeper
+    assert len(unprocessed_ids()) == 1
+    monkeypatch.undo()
+    assert [t for _, t in writer.store([_event_row("next")])] == ["message:in:new"]
+    assert len(unprocessed_ids()) == 2
 
 
 def test_under_load_the_enqueuer_gathers_batches_into_fewer_rounds(db):

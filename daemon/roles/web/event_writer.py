@@ -318,6 +318,7 @@ class EventWriter:
             self._write(batch)
 
     def _write(self, batch: list[_WriteRequest]) -> None:
+        started = time.perf_counter()
         try:
             stored = self._store([row for request in batch for row in request.rows])
         except Exception as exc:  # noqa: BLE001 - handed to each request
@@ -325,6 +326,24 @@ class EventWriter:
                 request.error = exc
                 request.done.release()
             return
+        try:
+            metrics.WEBHOOK_COMMIT_SECONDS.observe(time.perf_counter() - started)
+            self._hand_over(batch, stored)
+        except Exception:  # noqa: BLE001 - committed: answer, do not hang
+            # A bug past the commit would otherwise end this thread and leave
+            # every request of the group waiting timeout_s for a 503. Their
+            # events are stored; what was not handed to the Enqueuer is the
+            # sweeper's, and a request left without its ids is answered as
+            # holding no new event.
+            log.exception("event writer: handing over a committed group failed")
+        finally:
+            for request in batch:
+                request.done.release()
+
+    def _hand_over(
+        self, batch: list[_WriteRequest], stored: dict[str, tuple[int, str, str]]
+    ) -> None:
+        """Each request's new events, the Enqueuer's ids, the counts."""
         # Handed over (a put that never blocks) before the answers, so that
         # Enqueuer.wait_idle after an answer covers its events; the enqueue
         # itself runs in the Enqueuer's thread, after and apart from them.
@@ -349,8 +368,6 @@ class EventWriter:
             metrics.labelled(metrics.WEBHOOK_REQUESTS, *labels).inc(count)
         for labels, count in events.items():
             metrics.labelled(metrics.WEBHOOK_EVENTS, *labels).inc(count)
-        for request in batch:
-            request.done.release()
 
     def _store(self, rows: list[dict]) -> dict[str, tuple[int, str, str]]:
         """The rows inserted on the writer's own connection, kept open.
