@@ -1,4 +1,5 @@
-"""A server's CPU by thread, for bench/webhook_ingest.py --by-thread.
+"""A server's CPU by thread, and its garbage collections, for
+bench/webhook_ingest.py --by-thread.
 
 Linux keeps every thread's user and system time (/proc/PID/task/TID/stat) but
 not Python's thread names, so the server reads its own: on SIGUSR2 it appends
@@ -6,10 +7,15 @@ one JSON line, CPU seconds by group of threads (below), to a file named after
 its pid in the directory the bench gives it ($CAMPAIGND_BENCH_THREAD_CPU_DIR).
 The bench takes that snapshot before and after its load and divides the
 difference by the requests answered.
+
+The same line holds the collector's pauses (gc.callbacks: collections, their
+time in all, the longest since the previous snapshot, by generation): a
+collection holds the GIL, so every request in flight waits for it.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -41,6 +47,21 @@ def install() -> None:
         return
     path = Path(directory) / f"{os.getpid()}.jsonl"
     ticks = os.sysconf("SC_CLK_TCK")
+    # generation -> [collections, seconds in all, longest since the snapshot]
+    pauses = {str(generation): [0, 0.0, 0.0] for generation in range(3)}
+    started = [0.0]
+
+    def on_collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        tally = pauses[str(info["generation"])]
+        tally[0] += 1
+        tally[1] += took
+        tally[2] = max(tally[2], took)
+
+    gc.callbacks.append(on_collection)
 
     def snapshot(*_) -> None:
         seconds: dict[str, list[float]] = {}
@@ -54,8 +75,11 @@ def install() -> None:
             total = seconds.setdefault(group_of(thread.name), [0.0, 0.0])
             total[0] += user
             total[1] += system
+        line = {"cpu": seconds, "gc": {g: list(t) for g, t in pauses.items()}}
+        for tally in pauses.values():
+            tally[2] = 0.0
         with path.open("a") as out:
-            out.write(json.dumps(seconds) + "\n")
+            out.write(json.dumps(line) + "\n")
 
     signal.signal(signal.SIGUSR2, snapshot)
 
@@ -77,13 +101,27 @@ def snapshot(pid: int, directory: Path, timeout: float = 10.0) -> dict:
 def per_request(before: dict, after: dict, requests: int) -> dict[str, list[float]]:
     """Microseconds a request by group: [user, system]."""
     spent = {}
-    for group, (user, system) in after.items():
-        user_before, system_before = before.get(group, (0.0, 0.0))
+    for group, (user, system) in after["cpu"].items():
+        user_before, system_before = before["cpu"].get(group, (0.0, 0.0))
         spent[group] = [
             (user - user_before) / requests * 1e6,
             (system - system_before) / requests * 1e6,
         ]
     return spent
+
+
+def collections(before: dict, after: dict) -> dict[str, list[float]]:
+    """The collections between two snapshots, by generation: [how many, ms
+    in all, longest ms]."""
+    found = {}
+    for generation, (count, seconds, longest) in after["gc"].items():
+        count_before, seconds_before, _ = before["gc"][generation]
+        found[generation] = [
+            count - count_before,
+            (seconds - seconds_before) * 1e3,
+            longest * 1e3,
+        ]
+    return found
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:
@@ -101,4 +139,13 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
                 if user + system
                 else f"{'-':>22}"
             )
+        print(f"{name:<50}" + "".join(cells))
+    print("\ngarbage collections during the load: how many, ms in all, the longest")
+    print(f"{'server':<50}" + "".join(f"{'gen ' + g:>22}" for g in "012"))
+    for name, r in rows:
+        cells = []
+        for generation in "012":
+            count, total_ms, longest_ms = r["gc"][generation]
+            text = f"{count:.0f}, {total_ms:.1f}, {longest_ms:.1f}" if count else "-"
+            cells.append(f"{text:>22}")
         print(f"{name:<50}" + "".join(cells))

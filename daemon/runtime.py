@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import itertools
 import logging
 import mmap
@@ -77,6 +78,20 @@ def skip_unused_drivers(cfg) -> None:
         sys.modules.setdefault("psycopg", None)
     if cfg.queue.backend != "redis":
         sys.modules.setdefault("redis", None)
+
+
+def freeze_startup_heap() -> None:
+    """For a role set up and about to serve: what exists now lives as long
+    as the process, so the garbage collector stops scanning it (gc.freeze).
+
+    Without it a full collection walks every object of the imports and the
+    setup (some 58,000 in `campaignd web`), holding the GIL: measured at
+    ~20 ms under W2's load, a stall of every request in flight. After it a
+    full collection walks what the requests left (~2,000 objects, <1 ms).
+    A role forked by the zygote has its imports frozen there already; this
+    adds what the role built itself.
+    """
+    gc.freeze()
 
 
 def set_process_name(name: str) -> None:

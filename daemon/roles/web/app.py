@@ -446,6 +446,7 @@ def main(cfg: Config) -> int:
             timeout_s=max(1.0, cfg.supervisor.heartbeat_timeout_s / 3),
         )
         beater.start()
+    runtime.freeze_startup_heap()
     log.info("web listening on %s", server.url)
     try:
         server.serve()
