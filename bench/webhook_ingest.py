@@ -172,10 +172,17 @@ STORES = {
 }
 
 
-def serve_campaignd(config_path: str, synchronous: str, store: str = "db") -> int:
-    """`campaignd web`, with the webhook writer's PRAGMA synchronous set, and
-    with a part of the writer taken out (`store`, see the module's text)."""
+def serve_campaignd(
+    config_path: str, synchronous: str, store: str = "db", unfrozen: bool = False
+) -> int:
+    """`campaignd web`, with the webhook writer's PRAGMA synchronous set, with
+    a part of the writer taken out (`store`, see the module's text) and, when
+    `unfrozen`, its startup heap left to the collector (as before 222a592)."""
+    from daemon import runtime
     from daemon.cli import run_role
+
+    if unfrozen:
+        runtime.freeze_startup_heap = lambda: None
     from daemon.roles.web import event_writer
 
     event_writer.EventWriter.sqlite_synchronous = synchronous
@@ -431,6 +438,7 @@ def bench_campaignd(
             synchronous,
             "--store",
             store,
+            *(["--unfrozen"] if args.unfrozen else []),
         ],
         env=env,
         cwd=ROOT,
@@ -514,6 +522,12 @@ def main() -> int:
         action="store_true",
         help="also split each server's CPU a request by its threads",
     )
+    parser.add_argument(
+        "--unfrozen",
+        action="store_true",
+        help="leave campaignd's startup heap to the garbage collector (no "
+        "runtime.freeze_startup_heap): what a full collection cost before it",
+    )
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-campaignd", help=argparse.SUPPRESS)
     parser.add_argument("--floor", default="", help=argparse.SUPPRESS)
@@ -530,7 +544,9 @@ def main() -> int:
         serve_hello(args.serve_hello, args.threads)
         return 0
     if args.serve_campaignd:
-        return serve_campaignd(args.serve_campaignd, args.synchronous, args.store)
+        return serve_campaignd(
+            args.serve_campaignd, args.synchronous, args.store, args.unfrozen
+        )
     levels = [level.strip().lower() for level in args.synchronous.split(",")]
     if args.database_url:
         levels = levels[:1]

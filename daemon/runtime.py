@@ -85,9 +85,10 @@ def freeze_startup_heap() -> None:
     as the process, so the garbage collector stops scanning it (gc.freeze).
 
     Without it a full collection walks every object of the imports and the
-    setup (some 58,000 in `campaignd web`), holding the GIL: measured at
-    ~20 ms under W2's load, a stall of every request in flight. After it a
-    full collection walks what the requests left (~2,000 objects, <1 ms).
+    setup (some 58,000 in `campaignd web`), holding the GIL: 31-46 ms under
+    W2's load (bench/webhook_ingest.py --by-thread --unfrozen), a stall of
+    every request in flight. After it a full collection walks what the
+    requests left (~2,000 objects, under 1 ms).
     A role forked by the zygote has its imports frozen there already; this
     adds what the role built itself.
     """
