@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from daemon import metrics
 from daemon.app import jobs
 from daemon.app.tasks import Tasks
 from daemon.domain import campaigns
@@ -306,6 +308,24 @@ def test_sweep_job_enqueued_by_the_scheduler_runs_on_the_default_queue(env):
     # sent yet, not because it lacks one, so no fan-out is needed.
     assert env.queues.messages.pending_count() == 1
     assert "messages=1" in JobRun.get(JobRun.job == "sweep").last_result
+
+
+def test_a_task_run_by_a_worker_is_timed_in_the_metrics(env):
+    def runs_of_run_job() -> float:
+        """campaignd_task_seconds_count{task="run_job"} as /metrics shows it."""
+        for family in text_string_to_metric_families(metrics.render().decode()):
+            for sample in family.samples:
+                if sample.name == "campaignd_task_seconds_count" and sample.labels == {
+                    "task": "run_job"
+                }:
+                    return sample.value
+        return 0.0
+
+    before = runs_of_run_job()
+    env.run_job("check_expired_interactions")
+    huey = env.queues.default
+    huey.execute(huey.dequeue())  # what worker:background does
+    assert runs_of_run_job() == before + 1
 
 
 # ------------------------------------------------------------ health
