@@ -102,6 +102,27 @@ def _insert_sqlite(chunk: list[dict], params: list) -> list:
     return found
 
 
+class _LazyThread:
+    """A daemon thread running `target`, started by the first request that
+    needs it, and again by the next one if it ever died: no request waits on
+    a thread that is gone."""
+
+    def __init__(self, target, name: str):
+        self._target = target
+        self._name = name
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def ensure(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._target, name=self._name, daemon=True
+                    )
+                    self._thread.start()
+
+
 class Enqueuer:
     """Hands stored events to the processing queue, off the request path.
 
@@ -137,14 +158,13 @@ class Enqueuer:
         self.tasks = tasks
         self.timeout_s = timeout_s
         self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING)
-        self._start_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._thread = _LazyThread(self._run, "event-enqueuer")
 
     def submit(self, event_ids: list[int]) -> None:
         """Enqueue `event_ids` soon, in the background; never blocks."""
         if not event_ids:
             return
-        self._ensure_thread()
+        self._thread.ensure()
         try:
             self._waiting.put_nowait((time.monotonic() + self.timeout_s, event_ids))
         except queue.Full:
@@ -159,15 +179,6 @@ class Enqueuer:
         done = self._waiting.all_tasks_done
         with done:
             return done.wait_for(lambda: not self._waiting.unfinished_tasks, timeout)
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._start_lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._run, name="event-enqueuer", daemon=True
-                    )
-                    self._thread.start()
 
     def _run(self) -> None:
         last_round = 0.0
@@ -275,8 +286,7 @@ class EventWriter:
             enqueue_timeout_s = getattr(web, "enqueue_timeout_s", 2.0)
         self.enqueuer = Enqueuer(tasks, enqueue_timeout_s)
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
-        self._start_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._thread = _LazyThread(self._run, "event-writer")
 
     def store(self, rows: list[dict]) -> list[tuple[int, str]]:
         """Insert `rows` (one request's, skipping known keys); the (id,
@@ -284,7 +294,7 @@ class EventWriter:
         /metrics (WEBHOOK_REQUESTS, WEBHOOK_EVENTS) when they commit."""
         if not rows:
             return []
-        self._ensure_thread()
+        self._thread.ensure()
         request = _WriteRequest(rows)
         self._pending.put(request)
         if not request.done.acquire(timeout=self.timeout_s):
@@ -297,15 +307,6 @@ class EventWriter:
         if request.error is not None:
             raise request.error
         return request.stored
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._start_lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._run, name="event-writer", daemon=True
-                    )
-                    self._thread.start()
 
     def _run(self) -> None:
         while True:
