@@ -54,7 +54,7 @@ def w2_ingest(b: Bench) -> None:
 
 def run_load(url: str, seconds: float, tag: str) -> dict:
     """32 keep-alive connections for `seconds` after a warm-up: wrk when installed
-    (bench/webhook_ingest.py's script: unique 1.5 KB bodies), else bench.loadgen."""
+    (bench/webhook_load.py's script: unique 1.5 KB bodies), else bench.loadgen."""
     run_wrk = _wrk_runner()
     if run_wrk is not None:
         run_wrk(url, 1, 32, f"{tag}warm{time.monotonic_ns()}")
@@ -87,7 +87,7 @@ def _wrk_runner():
     if shutil.which("wrk") is None:
         return None
     try:
-        from bench.webhook_ingest import run_wrk
+        from bench.webhook_load import run_wrk
     except ImportError:
         return None
     return run_wrk

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import falcon  # noqa: E402
 
 from bench.hello_falcon import Hello  # noqa: E402
-from bench.webhook_ingest import PATH  # noqa: E402
-from bench.webhook_ingest import SECRET  # noqa: E402
-from bench.webhook_ingest import sample_body  # noqa: E402
+from bench.webhook_load import PATH  # noqa: E402
+from bench.webhook_load import SECRET  # noqa: E402
+from bench.webhook_load import sample_body  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.roles.web import event_writer  # noqa: E402
 from daemon.roles.web.app import create_app  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.webhook_ingest import sample_body  # noqa: E402
+from bench.webhook_load import sample_body  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.roles.web.event_writer import EventWriter  # noqa: E402
 from daemon.store.db import open_database  # noqa: E402
