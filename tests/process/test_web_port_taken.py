@@ -86,3 +86,122 @@ def test_under_the_supervisor_the_reason_is_the_roles_last_exit(tmp_path):
         " Address already in use"
     )
     assert "Traceback" not in err.decode()
+
+
+def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url):
+    """SIGTERM closes the listener at once; the requests taken finish after.
+
+    A daemon restarted at once after its supervisor died starts a web role
+    while the old one (SIGTERMed by the kernel) still drains: the new one
+    must be able to bind the port then, not back off until the old is gone.
+    PostgreSQL, because the test holds back one webhook's INSERT with an
+    uncommitted row of the same dedupe key, which the replacement's own
+    start (its migrations) does not wait for.
+    """
+    import http.client
+    import json
+    import threading
+
+    import psycopg
+
+    from daemon.providers import webhook_parser
+    from daemon.roles.web.webhooks import storable_key
+    from daemon.testing import free_port
+    from tests.event_helpers import wassenger_reply
+    from tests.helpers import wait_for
+
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[daemon]\ndata_dir = "{tmp_path / "data"}"\nlog_level = "warning"\n'
+        f'[database]\nurl = "{pg_url}"\n[web]\nport = {port}\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
+    body = wassenger_reply("+33612345678", "oui", msg_id="DRAIN1")
+    ((key, _),) = webhook_parser("wassenger").split(body)
+    key = storable_key(key)
+
+    def start_web() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", "web", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def healthz() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def post() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request(
+                "POST",
+                "/webhooks/wassenger",
+                body=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
+            conn.getresponse().read()
+        except OSError:
+            pass  # the old role stops before it can answer
+        finally:
+            conn.close()
+
+    old = start_web()
+    new = None
+    blocker = psycopg.connect(pg_url)  # a transaction, left open
+    watcher = psycopg.connect(pg_url, autocommit=True)
+    try:
+        wait_for(healthz, timeout=30, what="the first web role")
+        blocker.execute(
+            "INSERT INTO inbound_event (provider, dedupe_key, event_type, payload,"
+            " received_at, attempts) VALUES ('wassenger', %s, 'x', '{}', now(), 0)",
+            (key,),
+        )
+        threading.Thread(target=post, daemon=True).start()
+
+        def insert_waiting() -> bool:
+            # The web role's INSERT waits for our row's transaction.
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                " current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()
+            return row[0] > 0
+
+        wait_for(insert_waiting, timeout=20, what="the webhook's INSERT waiting")
+        old.terminate()
+        new = start_web()
+        wait_for(
+            lambda: healthz() or new.poll() is not None,
+            timeout=30,
+            what="the replacement web role answering",
+        )
+        assert new.poll() is None, new.stderr.read().decode()
+        assert old.poll() is None, "the old role should still be draining"
+        blocker.rollback()
+        # Nothing it had taken is lost: its INSERT goes through now.
+        wait_for(
+            lambda: (
+                watcher.execute(
+                    "SELECT count(*) FROM inbound_event WHERE dedupe_key = %s", (key,)
+                ).fetchone()[0]
+                == 1
+            ),
+            timeout=20,
+            what="the old role's event stored",
+        )
+    finally:
+        blocker.close()
+        watcher.close()
+        for proc in (old, new):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)

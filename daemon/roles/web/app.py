@@ -19,6 +19,7 @@ from collections.abc import Callable
 import falcon
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
+from waitress import wasyncore
 from waitress.server import create_server
 
 from daemon import metrics
@@ -329,6 +330,22 @@ class WebServer:
             # run() returns without draining when stop() emptied its map.
             self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
 
+    def stop_listening(self) -> None:
+        """Close the listening socket: the port is free for a replacement
+        while the requests already taken finish. Call it from the thread that
+        runs serve() (main's SIGTERM handler runs there).
+
+        Without it the port stays taken until the process is gone: waitress
+        gives in-flight requests up to 5 s (10 with serve()'s own wait). A
+        daemon restarted at once after its supervisor died (a restart loop or
+        a container's restart policy; systemd clears the unit's processes
+        first) then saw its new web role fail to bind and back off: READY 7 s
+        after the kill in W3's top-process kills (docs/benchmarks.md).
+        """
+        # The listener only: the server's own close() also closes the trigger
+        # that request threads still pull to hand their answers to the loop.
+        wasyncore.dispatcher.close(self.server)
+
     def stop(self) -> None:
         """Stop serving from any thread (tests, embedding); serve() then returns."""
 
@@ -408,7 +425,11 @@ def main(cfg: Config) -> int:
     # webhook burst that is thousands of lines saying the same thing.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
+    server: WebServer | None = None
+
     def on_term(signum, frame):
+        if server is not None:
+            server.stop_listening()
         # waitress catches SystemExit in run() and gives in-flight requests 5 s.
         sys.exit(EXIT_OK)
 
