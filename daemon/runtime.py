@@ -50,7 +50,10 @@ def die_with_parent() -> None:
     """Ask the kernel to SIGTERM us when the supervisor dies, and check it is alive.
 
     Without this a SIGKILLed supervisor would leave a web child holding the
-    port, and the restarted daemon could not bind it.
+    port, and the restarted daemon could not bind it. The signal can come
+    more than once: the kernel sends it each time it moves us from one of
+    the dying supervisor's threads to the next, so a role's SIGTERM handler
+    must not act twice (the web role's did: docs/benchmarks.md, tenth run).
     """
     expected = os.environ.get(SUPERVISOR_PID_ENV)
     try:

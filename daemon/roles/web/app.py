@@ -426,8 +426,20 @@ def main(cfg: Config) -> int:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
     server: WebServer | None = None
+    stopping = False
 
     def on_term(signum, frame):
+        nonlocal stopping
+        if stopping:
+            # The parent-death SIGTERM can come several times: the kernel
+            # sends it again each time it moves us from one of the dying
+            # supervisor's threads to the next. A second SystemExit raised
+            # inside waitress's shutdown, while it woke its request threads,
+            # left some of them never told to stop: the drain then waited
+            # its full 5 s with nothing to do (3 of 24 top-process kills in
+            # W3, docs/benchmarks.md).
+            return
+        stopping = True
         if server is not None:
             server.stop_listening()
         # waitress catches SystemExit in run() and gives in-flight requests 5 s.
