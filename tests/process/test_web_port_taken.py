@@ -178,6 +178,9 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
 
         wait_for(insert_waiting, timeout=20, what="the webhook's INSERT waiting")
         old.terminate()
+        # Only the replacement can answer from now on: the old role's
+        # listener is closed (or, before the fix, no longer served).
+        wait_for(lambda: not healthz(), timeout=20, what="the old role to stop")
         new = start_web()
         wait_for(
             lambda: healthz() or new.poll() is not None,
