@@ -115,19 +115,21 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
     cfg.write_text(
         f'[daemon]\ndata_dir = "{tmp_path / "data"}"\nlog_level = "warning"\n'
         f'[database]\nurl = "{pg_url}"\n[web]\nport = {port}\n'
+        "[supervisor]\nheartbeat_interval_s = 0.1\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CAMPAIGND_CONFIG"}
+    beats = tmp_path / "old-web.beat"
     body = wassenger_reply("+33612345678", "oui", msg_id="DRAIN1")
     ((key, _),) = webhook_parser("wassenger").split(body)
     key = storable_key(key)
 
-    def start_web() -> subprocess.Popen:
+    def start_web(**extra_env) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "daemon", "web", "-c", str(cfg)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=ROOT,
-            env=env,
+            env={**env, **extra_env},
         )
 
     def healthz() -> bool:
@@ -155,7 +157,9 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
         finally:
             conn.close()
 
-    old = start_web()
+    # The old role beats as under the supervisor: its self-check GETs its
+    # own /healthz every 0.1 s.
+    old = start_web(CAMPAIGND_HEARTBEAT_FILE=str(beats))
     new = None
     blocker = psycopg.connect(pg_url)  # a transaction, left open
     watcher = psycopg.connect(pg_url, autocommit=True)
@@ -201,6 +205,7 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
             timeout=20,
             what="the old role's event stored",
         )
+        old.wait(timeout=30)
     finally:
         blocker.close()
         watcher.close()
@@ -208,3 +213,7 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=30)
+    # While it drained, its self-check stopped beating without a warning that
+    # its own /healthz failed (the listener was closed on purpose).
+    assert beats.read_text(), "the old role never beat"
+    assert "self-check" not in old.stderr.read().decode()

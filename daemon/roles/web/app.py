@@ -405,7 +405,7 @@ class SelfCheckHeartbeat:
         while not self._stop.is_set():
             if self.alive():
                 self.heartbeat.beat()
-            else:
+            elif not self._stop.is_set():
                 log.warning("self-check GET /healthz failed; not beating")
             self._stop.wait(self.interval_s)
 
@@ -426,6 +426,7 @@ def main(cfg: Config) -> int:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
     server: WebServer | None = None
+    beater: SelfCheckHeartbeat | None = None
     stopping = False
 
     def on_term(signum, frame):
@@ -440,6 +441,8 @@ def main(cfg: Config) -> int:
             # W3, docs/benchmarks.md).
             return
         stopping = True
+        if beater is not None:
+            beater.stop()  # our own /healthz is refused from now on
         if server is not None:
             server.stop_listening()
         # waitress catches SystemExit in run() and gives in-flight requests 5 s.
@@ -470,7 +473,6 @@ def main(cfg: Config) -> int:
         runtime.say_last_words(reason)
         return EXIT_FAILURE
     heartbeat = runtime.Heartbeat.from_env()
-    beater = None
     if heartbeat is not None:
         beater = SelfCheckHeartbeat(
             heartbeat,
