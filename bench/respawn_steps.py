@@ -28,6 +28,7 @@ import json
 import os
 import pstats
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
             redis.close()
         if dbname is not None:
             harness.drop_database(dbname)
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":
