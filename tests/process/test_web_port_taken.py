@@ -88,8 +88,9 @@ def test_under_the_supervisor_the_reason_is_the_roles_last_exit(tmp_path):
     assert "Traceback" not in err.decode()
 
 
-def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url):
-    """SIGTERM closes the listener at once; the requests taken finish after.
+def test_a_draining_web_role_frees_its_port_and_answers_what_it_took(tmp_path, pg_url):
+    """SIGTERM closes the listener at once; the requests taken are answered
+    after.
 
     A daemon restarted at once after its supervisor died starts a web role
     while the old one (SIGTERMed by the kernel) still drains: the new one
@@ -142,6 +143,8 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
         finally:
             conn.close()
 
+    answers: list = []
+
     def post() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         try:
@@ -151,9 +154,12 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
                 body=json.dumps(body),
                 headers={"Content-Type": "application/json"},
             )
-            conn.getresponse().read()
-        except OSError:
-            pass  # the old role stops before it can answer
+            answer = conn.getresponse()
+            answers.append(
+                (answer.status, answer.getheader("Connection"), answer.read())
+            )
+        except OSError as exc:
+            answers.append(exc)
         finally:
             conn.close()
 
@@ -183,7 +189,7 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
         wait_for(insert_waiting, timeout=20, what="the webhook's INSERT waiting")
         old.terminate()
         # Only the replacement can answer from now on: the old role's
-        # listener is closed (or, before the fix, no longer served).
+        # listener is closed.
         wait_for(lambda: not healthz(), timeout=20, what="the old role to stop")
         new = start_web()
         wait_for(
@@ -205,7 +211,11 @@ def test_a_draining_web_role_frees_its_port_for_its_replacement(tmp_path, pg_url
             timeout=20,
             what="the old role's event stored",
         )
-        old.wait(timeout=30)
+        # ... and the provider has its answer: the event is not delivered
+        # again for want of one (the drain answers every request taken).
+        wait_for(lambda: answers, timeout=20, what="the old role's answer")
+        assert answers == [(200, "close", b'{"stored":1,"duplicates":0}')]
+        assert old.wait(timeout=30) == 0
     finally:
         blocker.close()
         watcher.close()

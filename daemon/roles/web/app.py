@@ -1,4 +1,4 @@
-"""The web role: build the Falcon app, serve it with waitress, beat, exit on SIGTERM.
+"""The web role: build the Falcon app, serve it with waitress, beat, drain on SIGTERM.
 
 Errors are JSON everywhere (`{"title", "description"}`): a client's mistake is
 a 4xx that says what is wrong, a database that cannot store is a 503 with
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import resource
 import signal
 import sys
 import threading
@@ -19,8 +18,6 @@ from collections.abc import Callable
 import falcon
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
-from waitress import wasyncore
-from waitress.server import create_server
 
 from daemon import metrics
 from daemon import runtime
@@ -39,6 +36,7 @@ from daemon.roles.web import health
 from daemon.roles.web import webhooks
 from daemon.roles.web.openapi import MAX_ID
 from daemon.roles.web.openapi import build_spec
+from daemon.roles.web.server import WebServer
 from daemon.store.db import is_postgres
 from daemon.store.models import database
 from daemon.store.models import utcnow
@@ -47,9 +45,6 @@ from daemon.store.queue import Queues
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
-# waitress answers 413 itself above this; our middleware answers (in JSON)
-# from max_body_bytes on, so the margin only covers headers and framing.
-WAITRESS_BODY_MARGIN = 64 * 1024
 
 
 # --- middleware ---------------------------------------------------------------------
@@ -277,99 +272,6 @@ def create_app(
 # --- serving ----------------------------------------------------------------
 
 
-def _connection_limit() -> int:
-    # waitress uses poll() here, so fds above 1024 are fine; stay under the
-    # process's open-files limit with room for DB, queue and log files.
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1000
-    return max(50, min(1000, soft - 100))
-
-
-class WebServer:
-    """A waitress server on cfg.web's address (port 0 picks a free one)."""
-
-    def __init__(self, app, cfg: Config, *, host: str | None = None, port=None):
-        self.server = create_server(
-            app,
-            host=host or cfg.web.host,
-            port=cfg.web.port if port is None else port,
-            threads=cfg.web.threads,
-            asyncore_use_poll=True,
-            max_request_body_size=cfg.web.max_body_bytes + WAITRESS_BODY_MARGIN,
-            # Idle keep-alive connections are dropped after this; providers
-            # reconnect. Short enough that dead peers do not pile up.
-            channel_timeout=30,
-            cleanup_interval=10,
-            connection_limit=_connection_limit(),
-            ident="campaignd",
-        )
-
-    @property
-    def host(self) -> str:
-        return self.server.effective_host
-
-    @property
-    def port(self) -> int:
-        return self.server.effective_port
-
-    @property
-    def url(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif ":" in host:
-            host = "[::1]" if host == "::" else f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-    def serve(self) -> None:
-        """Run until SystemExit/KeyboardInterrupt in this thread, or stop()."""
-        try:
-            self.server.run()
-        finally:
-            # run() returns without draining when stop() emptied its map.
-            self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-
-    def stop_listening(self) -> None:
-        """Close the listening socket: the port is free for a replacement
-        while the requests already taken finish. Call it from the thread that
-        runs serve() (main's SIGTERM handler runs there).
-
-        Without it the port stays taken until the process is gone: waitress
-        gives in-flight requests up to 5 s (10 with serve()'s own wait). A
-        daemon restarted at once after its supervisor died (a restart loop or
-        a container's restart policy; systemd clears the unit's processes
-        first) then saw its new web role fail to bind and back off: READY 7 s
-        after the kill in W3's top-process kills (docs/benchmarks.md).
-        """
-        # The listener only: the server's own close() also closes the trigger
-        # that request threads still pull to hand their answers to the loop.
-        wasyncore.dispatcher.close(self.server)
-
-    def stop(self) -> None:
-        """Stop serving from any thread (tests, embedding); serve() then returns."""
-
-        def close_all():
-            for channel in list(self.server._map.values()):
-                channel.close()
-
-        # Runs inside the I/O loop thread, the only one allowed to touch
-        # its channels; an empty map ends the loop.
-        try:
-            self.server.trigger.pull_trigger(close_all)
-        except OSError as exc:
-            # The trigger's pipe was closed under us (seen once in a test
-            # process: EBADF), so the loop cannot be woken: close from here;
-            # the loop's next poll finds an empty map and ends.
-            log.warning("web server stop: trigger unusable (%s); closing directly", exc)
-            close_all()
-
-    def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve, name="waitress", daemon=True)
-        thread.start()
-        return thread
-
-
 class SelfCheckHeartbeat:
     """Beats only while GET /healthz on our own port answers.
 
@@ -434,19 +336,21 @@ def main(cfg: Config) -> int:
         if stopping:
             # The parent-death SIGTERM can come several times: the kernel
             # sends it again each time it moves us from one of the dying
-            # supervisor's threads to the next. A second SystemExit raised
-            # inside waitress's shutdown, while it woke its request threads,
-            # left some of them never told to stop: the drain then waited
-            # its full 5 s with nothing to do (3 of 24 top-process kills in
-            # W3, docs/benchmarks.md).
+            # supervisor's threads to the next; the drain is under way. A
+            # second Ctrl-C stops at once (waitress's own stop: the loop
+            # ends, request threads get 5 s).
+            if signum == signal.SIGINT:
+                sys.exit(EXIT_OK)
             return
         stopping = True
         if beater is not None:
             beater.stop()  # our own /healthz is refused from now on
-        if server is not None:
-            server.stop_listening()
-        # waitress catches SystemExit in run() and gives in-flight requests 5 s.
-        sys.exit(EXIT_OK)
+        if server is None:
+            sys.exit(EXIT_OK)  # still starting: nothing taken yet
+        server.stop_listening()
+        # Every request read is answered, within the time the supervisor
+        # gives a child before its SIGKILL (as the workers' drain).
+        server.drain(max(cfg.daemon.stop_timeout_s - 2.0, 0.5))
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
