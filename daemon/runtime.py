@@ -232,7 +232,7 @@ class InFlight:
         self.pid = os.getpid() if pid is None else pid
         self._local = threading.local()
         self._files = itertools.count()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        mark_inflight_boot(directory)
 
     def _records(self) -> mmap.mmap:
         records = getattr(self._local, "records", None)
@@ -348,6 +348,49 @@ def _records_of(directory: str, pid: int) -> list[tuple[bytes, bytes]]:
         in_flight = data[:_TAKEN_AT].strip() + data[_MORE_AT:].strip()
         out.append((in_flight, data[_TAKEN_AT:_MORE_AT].strip()))
     return out
+
+
+# A file of the records' directory: the boot it was made in (see
+# inflight_records_kept).
+_BOOT_MARK = "boot_id"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:  # not Linux
+        import psutil
+
+        return f"booted:{psutil.boot_time():.0f}"
+
+
+def mark_inflight_boot(directory: str, renew: bool = False) -> None:
+    """Make the records' directory if need be, noting the boot it is made in
+    (again when `renew`: the supervisor's start, once it has dealt with what
+    a previous boot left)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, _BOOT_MARK)
+    if not renew and os.path.exists(path):
+        return
+    draft = f"{path}.{os.getpid()}.{threading.get_native_id()}"
+    with open(draft, "w", encoding="ascii") as f:
+        f.write(_boot_id())
+    os.replace(draft, path)
+
+
+def inflight_records_kept(directory: str) -> bool:
+    """Whether the records in `directory` are all a previous run left: the
+    directory was made in this boot and not removed since. Not after a
+    reboot (a tmpfs is empty, and records on disk were never fsynced), nor
+    when systemd removed its RuntimeDirectory on a stop (the unit keeps it
+    across restarts only: RuntimeDirectoryPreserve=restart). Without its
+    records, a dead worker's leased row may have been on the wire."""
+    try:
+        with open(os.path.join(directory, _BOOT_MARK), encoding="ascii") as f:
+            return f.read().strip() == _boot_id()
+    except OSError:
+        return False
 
 
 def recorded_pids(directory: str) -> set[int]:

@@ -16,6 +16,8 @@ from dataclasses import field
 from daemon.domain import unconfirmed
 from daemon.runtime import clear_inflight
 from daemon.runtime import inflight_dir
+from daemon.runtime import inflight_records_kept
+from daemon.runtime import mark_inflight_boot
 from daemon.runtime import read_inflight
 from daemon.runtime import read_taken
 from daemon.runtime import recorded_pids
@@ -60,18 +62,30 @@ def release_at_start(cfg) -> LeftBehind:
     directory = inflight_dir(cfg.data_path)
     for warning in durability_warnings():
         log.warning("%s", warning)
+    kept = inflight_records_kept(directory)
     released = unconfirmed.release_dead_processes(
         socket.gethostname(),
         psutil.pid_exists,
-        lambda pid: read_inflight(directory, pid),
+        lambda pid: read_inflight(directory, pid) if kept else None,
     )
+    if not kept and released.unconfirmed:
+        log.warning(
+            "the in-flight records of the previous run are gone (a reboot, or"
+            " the runtime directory %s removed): the %d rows its dead workers"
+            " held are unconfirmed, not sent again blindly",
+            directory,
+            released.unconfirmed,
+        )
     left = LeftBehind(
         requeued=list(released.requeued), unconfirmed=released.unconfirmed
     )
     for pid in recorded_pids(directory):
-        if not psutil.pid_exists(pid):
+        # Records of another boot are a previous run's, whatever holds
+        # their pid now.
+        if not kept or not psutil.pid_exists(pid):
             left.taken |= read_taken(directory, pid)
             clear_inflight(directory, pid)
+    mark_inflight_boot(directory, renew=not kept)
     if released.requeued or released.unconfirmed or left.taken:
         log.info(
             "dead processes of a previous run: %d rows queued again, "
@@ -165,14 +179,16 @@ class LeaseReleaser:
 
     def release(self, pid: int) -> tuple[int, int, int, int]:
         """(pid, rows queued again, rows unconfirmed, tasks the queues lost)."""
-        in_flight = read_inflight(self.inflight_directory, pid)
+        in_flight = None  # the directory was removed under us: all may have left
+        if inflight_records_kept(self.inflight_directory):
+            in_flight = read_inflight(self.inflight_directory, pid)
         taken = read_taken(self.inflight_directory, pid)
         replayed = 0
         with db_session(close_idle=True):
             try:
                 self.prepare()
                 released = self._tasks.release_dead_worker(self.host, pid, in_flight)
-                skip = in_flight | {m for m, _ in released.requeued}
+                skip = (in_flight or set()) | {m for m, _ in released.requeued}
                 replayed = self._tasks.resume_taken(taken, skip)
                 replayed += sum(self._tasks.replay_after_death())
             except Exception:  # noqa: BLE001 - the queue may be down

@@ -33,10 +33,11 @@ class RecoveryTasks:
     enqueue_fanout and sweep_checks)."""
 
     def release_dead_worker(
-        self, host: str, pid: int, in_flight: set[int]
+        self, host: str, pid: int, in_flight: set[int] | None
     ) -> unconfirmed.Released:
-        """A worker died: its rows on the wire (`in_flight`) become
-        unconfirmed; the others never left and are enqueued at once."""
+        """A worker died: its rows on the wire (`in_flight`; all it held when
+        its records are lost: None) become unconfirmed; the others never left
+        and are enqueued at once."""
         released = unconfirmed.release_dead_process(host, pid, in_flight)
         for message_id, priority in released.requeued:
             self.send_single_message(message_id, priority=priority)

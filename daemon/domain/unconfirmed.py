@@ -56,37 +56,40 @@ class Released:
     unconfirmed: int  # may have left: wait for evidence
 
 
-def release_dead_process(host: str, pid: int, in_flight: set[int], now=None):
+def release_dead_process(host: str, pid: int, in_flight: set[int] | None, now=None):
     """A dead worker's leased rows: unconfirmed if it had begun writing them
-    (`in_flight`), queued again at once otherwise."""
+    (`in_flight`), queued again at once otherwise. `in_flight` None: its
+    records are lost, so every row it held may have been on the wire."""
     now = now or utcnow()
     key = owners.process_key(host, pid)
+    reason = "unconfirmed: worker died with the request on the wire"
+    if in_flight is None:
+        reason = "unconfirmed: worker died and its in-flight records are lost"
     with database.atomic():
         held = list(
             Message.select(Message.id, Message.priority)
             .where(campaigns.held_by_process(key))
             .tuples()
         )
-        maybe_sent = [m for m, _ in held if m in in_flight]
+        maybe_sent = [m for m, _ in held if in_flight is None or m in in_flight]
         for start in range(0, len(maybe_sent), _CHUNK):
-            Message.update(
-                **campaigns.unconfirmed_values(
-                    now, "unconfirmed: worker died with the request on the wire"
-                )
-            ).where(
+            Message.update(**campaigns.unconfirmed_values(now, reason)).where(
                 Message.id.in_(maybe_sent[start : start + _CHUNK]),
                 campaigns.held_by_process(key),
             ).execute()
         campaigns.release_leases(key, now)
-    requeued = [(m, p) for m, p in held if m not in in_flight]
+    requeued = [(m, p) for m, p in held if in_flight is not None and m not in in_flight]
     return Released(requeued=requeued, unconfirmed=len(maybe_sent))
 
 
 def release_dead_processes(
-    host: str, pid_alive: Callable[[int], bool], in_flight_of: Callable[[int], set]
+    host: str,
+    pid_alive: Callable[[int], bool],
+    in_flight_of: Callable[[int], set | None],
 ) -> Released:
     """At supervisor start: the leases of this host's processes that are gone
-    (a tree SIGKILLed with its supervisor)."""
+    (a tree SIGKILLed with its supervisor). `in_flight_of(pid)` is None when
+    that process's records are lost."""
     held = {
         m.lease_owner
         for m in Message.select(Message.lease_owner)

@@ -102,6 +102,8 @@ def test_campaignd_alert_without_a_channel_or_with_a_dead_one(tmp_path):
 def test_the_units_are_valid_and_wired(tmp_path):
     service = (ROOT / "systemd/campaignd.service").read_text()
     assert "OnFailure=campaignd-alert@%n.service" in service
+    # The in-flight records in RuntimeDirectory outlive a crash's restart.
+    assert "\nRuntimeDirectoryPreserve=restart\n" in service
     alert_unit = (ROOT / "systemd/campaignd-alert@.service").read_text()
     # Its command line is one our CLI accepts.
     exec_line = next(
