@@ -103,6 +103,11 @@ STARTING_POLL_S = 0.1
 KILL_WAIT_S = 5.0
 # A dead worker's release the database refused: tried again this much later.
 RELEASE_RETRY_S = 2.0
+# And released once more this long after its death: PostgreSQL finishes a
+# statement whose client died, so a claim the worker had sent can commit
+# after the first release and hold its row, never sent, until the lease ran
+# out (minutes, and then as unconfirmed).
+LATE_RELEASE_S = 5.0
 
 
 def main(
@@ -463,7 +468,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         pid = child.pid
         child.finish(status, time.monotonic())
         if child.name.startswith("worker:") and self._requeuer is not None:
-            self._to_release.append((0.0, pid))
+            self._to_release += [(0.0, pid), (time.monotonic() + LATE_RELEASE_S, pid)]
         if (
             child.state is ChildState.EXITED
             and child.last_exit_code == EXIT_CONFIG
@@ -536,7 +541,8 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
         # GIL while the replacement is asked of the zygote (3-8 ms later).
         due = [pid for at, pid in self._to_release if at <= now]
         self._to_release = [(at, pid) for at, pid in self._to_release if at > now]
-        for pid in due:
+        mine = {c.pid for c in self.children + self.retired}
+        for pid in set(due) - mine:  # (a child of ours took its pid: its leases)
             self._submit(
                 self._db_pool,
                 self._requeuer.release,

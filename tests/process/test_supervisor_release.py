@@ -70,3 +70,48 @@ def test_a_release_refused_by_a_locked_database_is_tried_again(tmp_path, make_co
         daemon.close()
         if db is not None:
             db.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_claim_that_commits_after_the_workers_death_is_released_too(
+    tmp_path, make_config
+):
+    """PostgreSQL finishes a statement whose client was killed: a worker's
+    claim can commit after the supervisor released the dead worker's rows.
+    The test makes that claim itself, for the dead worker, once the first
+    release is done; the supervisor's second pass must queue the row again
+    within seconds, not leave it `sending` until its lease runs out."""
+    daemon = FixtureDaemon(tmp_path, make_config)
+    db = None
+    try:
+        daemon.start(log_path=tmp_path / "daemon.log")
+        db = open_db(daemon.cfg)
+        campaign_id, _ = running_campaign(2)
+        first, late = [
+            m.id for m in Message.select().where(Message.campaign == campaign_id)
+        ]
+        worker = next(
+            r for r in daemon.status()["roles"] if r["name"].startswith("worker:")
+        )
+        owner = f"{socket.gethostname()}:{worker['pid']}:fixture"
+        assert campaigns.claim(first, owner, 600) is not None
+        database.close()
+
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(
+            lambda: Message.get_by_id(first).status == "queued",
+            timeout=15,
+            what="the first release",
+        )
+        assert campaigns.claim(late, owner, 600) is not None  # commits late
+        database.close()
+        wait_for(
+            lambda: Message.get_by_id(late).status == "queued",
+            timeout=20,
+            what="the late claim's row queued again",
+        )
+        assert Message.get_by_id(late).lease_owner is None
+    finally:
+        daemon.close()
+        if db is not None:
+            db.close()
