@@ -278,6 +278,30 @@ def test_recover_interrupted_campaigns_after_a_crash(env, fake):
     assert drain(env) == 0
 
 
+def test_recover_fails_members_an_older_version_left_open_behind_failed_rows(env):
+    """Before 2026-12-03 record_failure moved the row and its member in two
+    commits: a kill between them left a failed row, an open member and a
+    campaign that never completed. The recovery job closes such members."""
+    campaign = make_campaign(3)
+    c = list(Contact.select().order_by(Contact.id))
+    message(campaign, c[0], status="failed")  # member left pending
+    message(campaign, c[1], status="sent")
+    message(campaign, c[1], kind=2, status="failed")  # member left interacted
+    message(campaign, c[2], status="delivered")
+    states = {c[0].id: "pending", c[1].id: "interacted", c[2].id: "expired"}
+    for contact_id, state in states.items():
+        CampaignContact.update(state=state).where(
+            CampaignContact.contact == contact_id
+        ).execute()
+
+    result = jobs.run("recover_interrupted_campaigns", env, NOON)
+
+    members = CampaignContact.select().order_by(CampaignContact.contact)
+    assert [m.state for m in members] == ["failed", "failed", "expired"]
+    assert "repaired 2" in result and result.endswith("completed 1")
+    assert Campaign.get_by_id(campaign.id).status == CampaignStatus.COMPLETED
+
+
 def test_recover_completes_running_campaigns_with_nothing_open(env):
     campaign = make_campaign(1)
     contact = Contact.get()

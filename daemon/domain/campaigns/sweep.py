@@ -13,6 +13,7 @@ from daemon.domain.campaigns.common import _CHUNK
 from daemon.domain.campaigns.common import _SENT_OR_LATER
 from daemon.domain.campaigns.fanout import _set_member_states
 from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.domain.campaigns.sending import _FAILS_MEMBER
 from daemon.domain.campaigns.sending import member_message1_sent
 from daemon.domain.campaigns.sending import unconfirmed_values
 from daemon.store.db import is_postgres
@@ -183,4 +184,20 @@ def repair_members(now=None) -> int:
     fixed += member_message1_sent(
         now, pw.fn.EXISTS(sent.where(Message.kind == 1))
     ).execute()
+    # A failed row whose member stayed open: record_failure's two commits
+    # before 2026-12-03 (a kill between them); the campaign never completed.
+    failed = Message.select(Message.id).where(
+        Message.campaign == CampaignContact.campaign,
+        Message.contact == CampaignContact.contact,
+        Message.status == MessageStatus.FAILED,
+    )
+    for kind, open_states in _FAILS_MEMBER.items():
+        fixed += (
+            CampaignContact.update(state=MemberState.FAILED, updated_at=now)
+            .where(
+                CampaignContact.state.in_(open_states),
+                pw.fn.EXISTS(failed.where(Message.kind == kind)),
+            )
+            .execute()
+        )
     return fixed
