@@ -98,8 +98,64 @@ def test_streamed_import_matches_the_merged_import(make_db, csv_path, how):
     assert run(make_db, how, csv_path) == expected
 
 
-def test_a_windows_1252_file_is_imported_the_same(make_db, csv_path):
-    csv_path.write_bytes(("\r\n".join(LINES) + "\r\n").encode("cp1252"))
+@pytest.mark.parametrize(
+    ("codec", "reported"),
+    [("cp1252", "cp1252"), ("utf-16-le", "utf-16"), ("utf-16-be", "utf-16")],
+)
+def test_a_windows_1252_or_utf16_file_is_imported_the_same(
+    make_db, csv_path, codec, reported
+):
+    text = "\r\n".join(LINES) + "\r\n"
+    if codec.startswith("utf-16"):
+        text = "\ufeff" + text  # as Excel's "Unicode text" writes it
+    csv_path.write_bytes(text.encode(codec))
     expected = run(make_db, "classic", csv_path)
-    assert expected["encoding"] == "cp1252"
+    assert expected["encoding"] == reported
     assert run(make_db, {"processes": 1, "chunk_rows": 4}, csv_path) == expected
+
+
+def test_a_windows_1252_file_costs_no_more_memory_than_utf8(make_config, tmp_path):
+    """A legacy file is streamed as a UTF-8 one is (until 2026-12-07 it was
+    read and decoded whole: the bytes and the text, twice its size, on top
+    of what any import keeps per number). Python's allocations, peak."""
+    import tracemalloc
+
+    line = "+336{:08d};Zoé {};Orléans\r\n"
+    rows = "".join(line.format(10_000_000 + i, i) for i in range(60_000))
+    text = "phone;name;city\r\n" + rows
+
+    def peak_of(codec: str) -> tuple[int, int]:
+        path = tmp_path / f"{codec}.csv"
+        path.write_bytes(text.encode(codec))
+        data_dir = str(tmp_path / codec)
+        db = open_db(make_config("sqlite", {"daemon": {"data_dir": data_dir}}))
+        try:
+            tracemalloc.start()
+            try:
+                parsed, result = import_csv_file(path, "FR", processes=1)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        finally:
+            close_db(db)
+        assert (parsed.encoding, result.created) == (codec, 60_000)
+        return peak, path.stat().st_size
+
+    utf8_peak, _ = peak_of("utf-8")
+    legacy_peak, size = peak_of("cp1252")
+    assert legacy_peak < utf8_peak + size / 2, (utf8_peak, legacy_peak, size)
+
+
+def test_a_file_neither_utf8_nor_windows_1252_far_down_is_refused_whole(
+    make_db, tmp_path
+):
+    path = tmp_path / "late.csv"
+    good = "".join(f"+336{10_000_000 + i:08d};é\n" for i in range(5_000))
+    path.write_bytes(("phone;name\n" + good).encode("cp1252") + b"\x81\x8d\n")
+    db = make_db("late")
+    try:
+        with pytest.raises(Exception, match="line 5002: not UTF-8 nor Windows-1252"):
+            import_csv_file(path, "FR", processes=1, chunk_rows=100)
+        assert Contact.select().count() == 0
+    finally:
+        close_db(db)

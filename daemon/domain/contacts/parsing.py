@@ -169,13 +169,20 @@ class _LineCounter:
     """Hands out the text's lines and remembers how far it has got."""
 
     def __init__(
-        self, text: str = "", stream: io.TextIOBase | None = None, size: int = 0
+        self,
+        text: str = "",
+        stream: io.TextIOBase | None = None,
+        size: int = 0,
+        length: int | None = None,
     ) -> None:
         self._stream = stream or io.StringIO(text, newline="")
         # The file's size in bytes, if known (for progress).
         self.size = size
-        # Characters in all (a stream's: its size, close enough for a bar).
-        self._length = max(len(text) if stream is None else size, 1)
+        # Characters in all (a stream's: `length`, or its size in bytes,
+        # close enough for a bar).
+        if length is None:
+            length = len(text) if stream is None else size
+        self._length = max(length, 1)
         self._chars = 0
         self.line_number = 0
 

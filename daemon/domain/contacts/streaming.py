@@ -17,7 +17,6 @@ from daemon.domain.contacts.parsing import _LineCounter
 from daemon.domain.contacts.parsing import _MergedRows
 from daemon.domain.contacts.parsing import _read_header
 from daemon.domain.contacts.parsing import _sniff_separator
-from daemon.domain.contacts.parsing import decode_csv_bytes
 from daemon.domain.contacts.phones import check_region
 from daemon.domain.contacts.phones import normalize_phone
 from daemon.domain.contacts.upsert import EncodedRow
@@ -72,27 +71,51 @@ def import_csv_file(
         processes = min(os.cpu_count() or 1, 4) if size > PARALLEL_MIN_BYTES else 1
     processes = max(processes, 1)
     try:
-        if utf8:
-            # Read as it goes: the text of a million rows is 100 MB in memory.
-            with open(path, encoding="utf-8-sig", newline="") as stream:
-                counter = _LineCounter(stream=stream, size=size)
-                parsed, result = _import_stream(
-                    counter, region, processes, chunk_rows, with_ids, progress
-                )
-            return parsed, result
-        with open(path, "rb") as f:
-            text, encoding = decode_csv_bytes(f.read(), str(path))
-        parsed, result = _import_stream(
-            _LineCounter(text, size=size),
-            region,
-            processes,
-            chunk_rows,
-            with_ids,
-            progress,
-        )
+        encoding = "utf-8" if utf8 else _legacy_encoding(path)
+        # Read as it goes, whatever the encoding: the text of a million rows
+        # is 100 MB in memory (200 MB for a UTF-16 file read whole).
+        with open(path, encoding=_READ_AS[encoding], newline="") as stream:
+            # Characters in all, for the progress bar: UTF-16 has two bytes each.
+            chars = size // 2 if encoding == "utf-16" else size
+            counter = _LineCounter(stream=stream, size=size, length=chars)
+            parsed, result = _import_stream(
+                counter, region, processes, chunk_rows, with_ids, progress
+            )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     return replace(parsed, encoding=encoding), result
+
+
+# How each encoding import_csv_file reports is read (a UTF-8 BOM is dropped).
+_READ_AS = {"utf-8": "utf-8-sig", "utf-16": "utf-16", "cp1252": "cp1252"}
+
+
+def _legacy_encoding(path: str | os.PathLike) -> str:
+    """A file that is not UTF-8: UTF-16 with its BOM, else Windows-1252, as
+    `decode_csv_bytes` reads one in memory; checked to decode whole first
+    (an error past the first chunk would come after rows were built)."""
+    with open(path, "rb") as f:
+        encoding = "utf-16" if f.read(2) in _UTF16_BOMS else "cp1252"
+        f.seek(0)
+        decoder = codecs.getincrementaldecoder(encoding)()
+        line = 1
+        try:
+            while block := f.read(1 << 20):
+                decoder.decode(block)
+                line += block.count(b"\n")
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            if encoding == "utf-16":
+                raise InputError("invalid UTF-16 text") from None
+            line += block[: exc.start].count(b"\n")
+            raise InputError(
+                f"line {line}: not UTF-8 nor Windows-1252 text "
+                "(save the file as CSV UTF-8)"
+            ) from None
+    return encoding
+
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def import_csv_text(
