@@ -585,16 +585,6 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
     def _role_specs(self) -> list[RoleSpec]:
         return list(self.role_factory(self.cfg, self.config_path))
 
-    # --------------------------------------------------------------- config
-
-    # --------------------------------------------------------------- alerts
-
-    # -------------------------------------------------------------- systemd
-
-    # --------------------------------------------------------------- status
-
-    # ----------------------------------------------------------------- jobs
-
     def close(self) -> None:
         self.status_server.close()
         self.zygote.close_channel()
