@@ -1,14 +1,13 @@
 """The waitress server of the web role, and its graceful stop (the drain).
 
 On SIGTERM waitress's own path (SystemExit in its I/O loop) stops the loop
-first and then waits for the request threads: an answer written after that
-is never sent, and requests read but not yet started are cancelled. A
-webhook whose event was committed then looks failed to the provider, which
-must deliver it again, and one that was read but not stored depends on the
-provider's retries (Wassenger's are not documented). `WebServer.drain`
-keeps the loop running instead: it stops taking connections and requests,
-answers every request it has read, closes each connection once its answers
-are out, and returns from serve() when none is left or at its deadline.
+and gives the running requests 5 s (their threads send their answers), but
+cancels the requests read and still queued for a thread: those webhooks get
+no answer and are stored only if the provider delivers them again
+(Wassenger's retries are not documented). `WebServer.drain` keeps the loop
+running instead: it stops taking connections and requests, answers every
+request it has read, closes each connection once its answers are out, and
+returns from serve() when none is left or at its deadline.
 """
 
 from __future__ import annotations
