@@ -223,6 +223,27 @@ class Child:
     def name(self) -> str:
         return self.spec.name
 
+    def successor(self, reason: str) -> Child:
+        """This role's Child for its next process, to start while this one's
+        keeps draining (see Reloading._replace_next): same heartbeat file (the
+        draining process beats no more), the history that counts restarts and
+        crash loops carried over, STOPPED and due to spawn."""
+        child = Child(
+            self.spec, self.policy, self.heartbeat_path, self.ops, zygote=self.zygote
+        )
+        for name in (
+            "restarts",
+            "last_exit",
+            "last_exit_code",
+            "failures",
+            "exits",
+            "unplanned_exits",
+            "down_since",
+        ):
+            setattr(child, name, getattr(self, name))
+        child.stop_reason = reason
+        return child
+
     @property
     def alive(self) -> bool:
         return self.state in ALIVE_STATES

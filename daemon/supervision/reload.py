@@ -24,6 +24,11 @@ from daemon.supervision.status import FigureGatherer
 
 log = logging.getLogger("daemon.supervision.supervisor")  # one name for its whole log
 
+# Roles whose replacement (reload, `campaignd restart`) starts while the old
+# process still drains: the web role frees its port at SIGTERM
+# (daemon/roles/web/app.py), and a new one retries its bind for a moment.
+OVERLAPPING_ROLES = frozenset({"web"})
+
 
 class Reloading:
     """Reload the config; replace roles gracefully, one by one."""
@@ -82,6 +87,18 @@ class Reloading:
             child = self._child(self._replace.pop(0))
             if child is None:
                 continue
+            if child.alive and child.name in OVERLAPPING_ROLES:
+                # Its replacement starts at once, beside it: the old process
+                # closes its listener at SIGTERM and then drains, which can
+                # take up to the stop timeout; the port must not wait that.
+                child.stop(
+                    now, "replacing", self.cfg.daemon.stop_timeout_s, restart=False
+                )
+                successor = child.successor("replacing")
+                self.children[self.children.index(child)] = successor
+                self.retired.append(child)
+                self._replacing = (successor, now)
+                return
             if child.alive:
                 child.stop(now, "replacing", self.cfg.daemon.stop_timeout_s)
                 self._replacing = (child, now)

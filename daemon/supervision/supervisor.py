@@ -467,6 +467,10 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
     def _child_gone(self, child: Child, status: int) -> None:
         pid = child.pid
         child.finish(status, time.monotonic())
+        successor = self._child(child.name)
+        if successor not in (None, child):
+            # A web role replaced while it drained: its exit is the role's last.
+            successor.last_exit = child.last_exit
         if child.name.startswith("worker:") and self._requeuer is not None:
             self._to_release += [(0.0, pid), (time.monotonic() + LATE_RELEASE_S, pid)]
         if (

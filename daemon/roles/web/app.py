@@ -37,6 +37,7 @@ from daemon.roles.web import webhooks
 from daemon.roles.web.openapi import MAX_ID
 from daemon.roles.web.openapi import build_spec
 from daemon.roles.web.server import WebServer
+from daemon.roles.web.server import wait_for_port
 from daemon.store.db import is_postgres
 from daemon.store.models import database
 from daemon.store.models import utcnow
@@ -45,6 +46,8 @@ from daemon.store.queue import Queues
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
+# How long a supervised web role waits for its port to be free.
+PORT_WAIT_S = 2.0
 
 
 # --- middleware ---------------------------------------------------------------------
@@ -364,6 +367,11 @@ def main(cfg: Config) -> int:
     open_database(cfg, migrate_schema=not runtime.supervised())
     database.close()
     tasks = Tasks(cfg, make_queues(cfg))
+    if runtime.supervised():
+        # A replacement starts while the role it replaces drains (reload,
+        # `campaignd restart web`): that one closes its listener at SIGTERM,
+        # which may come a moment after we got here.
+        wait_for_port(cfg.web.host, cfg.web.port, PORT_WAIT_S)
     try:
         server = WebServer(create_app(cfg, tasks), cfg)
     except OSError as exc:

@@ -12,8 +12,10 @@ returns from serve() when none is left or at its deadline.
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
+import socket
 import threading
 import time
 
@@ -30,6 +32,33 @@ log = logging.getLogger(__name__)
 # middleware answers (in JSON) from max_body_bytes on, so the margin only
 # covers headers and framing.
 WAITRESS_BODY_MARGIN = 64 * 1024
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` until `host:port` can be bound (a socket of
+    ours, closed again); True once it can. Binding the server itself to find
+    out would cost a failed waitress server each time (its request threads
+    start before it binds)."""
+    if not port:
+        return True
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return False  # the server's own bind says what is wrong
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket(family, kind, proto) as probe:
+            # As waitress binds: a port with connections in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    return False
+        time.sleep(0.05)
 
 
 def _connection_limit() -> int:
