@@ -42,6 +42,37 @@ def require(condition, why: str) -> None:
     pytest.skip(why)
 
 
+def healthz_ok(port: int) -> bool:
+    """GET /healthz on 127.0.0.1:`port` answered 200 (False if refused)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def post_webhook(port: int, body: dict, answers: list) -> None:
+    """POST `body` to /webhooks/wassenger on 127.0.0.1:`port` (for a thread):
+    appends (status, Connection header, body) to `answers`, or the OSError."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(
+            "POST",
+            "/webhooks/wassenger",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = conn.getresponse()
+        answers.append((answer.status, answer.getheader("Connection"), answer.read()))
+    except OSError as exc:
+        answers.append(exc)
+    finally:
+        conn.close()
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what=""):
     """Poll `predicate` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout

@@ -99,8 +99,6 @@ def test_a_draining_web_role_frees_its_port_and_answers_what_it_took(tmp_path, p
     uncommitted row of the same dedupe key, which the replacement's own
     start (its migrations) does not wait for.
     """
-    import http.client
-    import json
     import threading
 
     import psycopg
@@ -109,6 +107,8 @@ def test_a_draining_web_role_frees_its_port_and_answers_what_it_took(tmp_path, p
     from daemon.roles.web.webhooks import storable_key
     from daemon.testing import free_port
     from tests.event_helpers import wassenger_reply
+    from tests.helpers import healthz_ok
+    from tests.helpers import post_webhook
     from tests.helpers import wait_for
 
     port = free_port()
@@ -133,35 +133,13 @@ def test_a_draining_web_role_frees_its_port_and_answers_what_it_took(tmp_path, p
             env={**env, **extra_env},
         )
 
-    def healthz() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
     answers: list = []
 
+    def healthz() -> bool:
+        return healthz_ok(port)
+
     def post() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            conn.request(
-                "POST",
-                "/webhooks/wassenger",
-                body=json.dumps(body),
-                headers={"Content-Type": "application/json"},
-            )
-            answer = conn.getresponse()
-            answers.append(
-                (answer.status, answer.getheader("Connection"), answer.read())
-            )
-        except OSError as exc:
-            answers.append(exc)
-        finally:
-            conn.close()
+        post_webhook(port, body, answers)
 
     # The old role beats as under the supervisor: its self-check GETs its
     # own /healthz every 0.1 s.

@@ -8,8 +8,6 @@ has a request in flight when it is asked to stop.
 
 from __future__ import annotations
 
-import http.client
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,8 @@ import pytest
 
 from daemon import status as status_mod
 from tests.helpers import free_port
+from tests.helpers import healthz_ok
+from tests.helpers import post_webhook
 from tests.helpers import subprocess_env
 from tests.helpers import wait_for
 
@@ -56,37 +56,16 @@ def test_a_restarted_web_role_serves_while_the_old_one_drains(tmp_path, pg_url):
             return None
 
     def web() -> dict:
-        return next(
-            r for r in (status() or {"roles": []})["roles"] if r["name"] == "web"
-        )
-
-    def healthz() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
+        roles = (status() or {"roles": []})["roles"]
+        return next((r for r in roles if r["name"] == "web"), {})
 
     answers: list = []
 
+    def healthz() -> bool:
+        return healthz_ok(port)
+
     def post() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            conn.request(
-                "POST",
-                "/webhooks/wassenger",
-                body=json.dumps(body),
-                headers={"Content-Type": "application/json"},
-            )
-            answer = conn.getresponse()
-            answers.append((answer.status, answer.read()))
-        except OSError as exc:
-            answers.append(exc)
-        finally:
-            conn.close()
+        post_webhook(port, body, answers)
 
     daemon = subprocess.Popen(
         [sys.executable, "-m", "daemon", "run", "-c", str(cfg)],
@@ -137,7 +116,7 @@ def test_a_restarted_web_role_serves_while_the_old_one_drains(tmp_path, pg_url):
 
         blocker.rollback()
         wait_for(lambda: answers, timeout=20, what="the old role's answer")
-        assert answers == [(200, b'{"stored":1,"duplicates":0}')]
+        assert answers == [(200, "close", b'{"stored":1,"duplicates":0}')]
         wait_for(lambda: not psutil.pid_exists(old), timeout=20, what="the old exit")
         back = wait_for(
             lambda: (w := web()).get("last_exit") == "exited 0" and w,
