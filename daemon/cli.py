@@ -29,6 +29,8 @@ CAMPAIGN_ACTIONS = {
     "cancel": "stop for good: messages not yet sent are cancelled",
     "retry-failed": "queue the failed messages again (never to opted-out contacts)",
 }
+# The commands that work on the database: each a function of daemon.commands.
+DATABASE_COMMANDS = ("contacts", "campaign", "verify", "messages", "events", "migrate")
 STRICT_HELP = "refuse the whole file if any row is bad (default: import the good rows)"
 
 # What the zygote imports before it forks the roles: every role's module and
@@ -160,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("role", help=ROLES_HELP)
     sub.add_parser(
         "check-config", parents=[common], help="print the effective config or errors"
+    )
+    sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply the database schema migrations of this version now",
+        description=(
+            "Apply the pending schema migrations (the daemon also applies them"
+            " when it starts). Other commands refuse a database whose schema"
+            " is older than this version, so that a newer install never"
+            " changes the schema under a daemon still running the older code."
+        ),
     )
     p = sub.add_parser(
         "alert",
@@ -377,17 +390,9 @@ def dispatch(args) -> int:
         return run_role(cfg, "scheduler")
     if command in ("status", "restart", "reload"):
         return importlib.import_module("daemon.status").client_main(cfg, args)
-    commands = importlib.import_module("daemon.commands")
-    if command == "contacts":
-        return commands.contacts(cfg, args)
-    if command == "campaign":
-        return commands.campaign(cfg, args)
-    if command == "verify":
-        return commands.verify(cfg, args)
-    if command == "messages":
-        return commands.messages(cfg, args)
-    if command == "events":
-        return commands.events(cfg, args)
+    if command in DATABASE_COMMANDS:
+        commands = importlib.import_module("daemon.commands")
+        return getattr(commands, command)(cfg, args)
     raise AssertionError(f"unhandled command {command}")
 
 

@@ -40,6 +40,8 @@ from daemon.errors import EXIT_FAILURE
 from daemon.errors import EXIT_OK
 from daemon.errors import InputError
 from daemon.errors import NotFoundError
+from daemon.errors import StateError
+from daemon.store import db as db_schema
 from daemon.store.db import open_database
 from daemon.store.models import Contact
 from daemon.store.models import iso_z
@@ -457,6 +459,20 @@ def _verify_phone(cfg: Config, args) -> int:
     return EXIT_OK
 
 
+def migrate(cfg: Config, args) -> int:
+    """`campaignd migrate`: apply the pending schema migrations now."""
+    db = open_database(cfg)
+    try:
+        applied = db_schema.migrate(db)
+    finally:
+        _close(db)
+    if applied:
+        print(f"applied {plural(len(applied), 'migration')}: {', '.join(applied)}")
+    else:
+        print("the database schema is up to date")
+    return EXIT_OK
+
+
 # --- plumbing -------------------------------------------------------------------
 
 
@@ -468,23 +484,51 @@ def _database(cfg: Config) -> Iterator:
         and url.startswith("sqlite:///")
         and not Path(url.removeprefix("sqlite:///")).exists()
     )
-    db = open_database(cfg, migrate_schema=True)
-    if new_file:
-        # A relative data_dir run from another directory must not look like
-        # lost data: say that this database was just created, and where.
-        where = url.removeprefix("sqlite:///")
-        print(
-            f"campaignd: created a new database at {where} (daemon.data_dir is "
-            "relative to the current directory)",
-            file=sys.stderr,
-        )
+    db = open_database(cfg)
     try:
+        _schema_ready(db)
+        if new_file:
+            # A relative data_dir run from another directory must not look
+            # like lost data: say that this database was just created, and
+            # where.
+            where = url.removeprefix("sqlite:///")
+            print(
+                f"campaignd: created a new database at {where} (daemon.data_dir "
+                "is relative to the current directory)",
+                file=sys.stderr,
+            )
         with db.connection_context():
             yield db
     finally:
-        close_all = getattr(db, "close_all", None)
-        if close_all:
-            close_all()
+        _close(db)
+
+
+def _schema_ready(db) -> None:
+    """Create a new database's schema; refuse an older one.
+
+    A command run from a newer install must not migrate the schema under a
+    daemon still running the older code (which would then fail on it): the
+    daemon applies migrations when it starts, and `campaignd migrate` does
+    it on purpose. A database with no schema yet has nothing running on it.
+    """
+    pending = db_schema.pending_migrations(db)
+    if pending is None:
+        db_schema.migrate(db)
+    elif pending:
+        raise StateError(
+            f"the database schema is older than this campaignd "
+            f"({plural(len(pending), 'migration')} to apply: {', '.join(pending)}):"
+            " restart the daemon (it applies them when it starts) or run"
+            " `campaignd migrate`"
+        )
+
+
+def _close(db) -> None:
+    close_all = getattr(db, "close_all", None)
+    if close_all:
+        close_all()
+    else:
+        db.close()
 
 
 @contextlib.contextmanager

@@ -202,6 +202,18 @@ def migration_names() -> list[str]:
     )
 
 
+def pending_migrations(db: pw.Database) -> list[str] | None:
+    """The migrations this code has and the database has not applied, in
+    order; None for a database with no schema yet (one nothing runs on).
+
+    Only reads, so a read-only database user can ask."""
+    with db.connection_context():
+        if not db.table_exists("schema_version"):
+            return None
+        done = {r[0] for r in db.execute_sql("SELECT name FROM schema_version")}
+    return [name for name in migration_names() if name not in done]
+
+
 def schema_versions(db: pw.Database) -> list[str]:
     with db.connection_context():
         return [r[0] for r in db.execute_sql("SELECT name FROM schema_version")]

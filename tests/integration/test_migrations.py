@@ -14,6 +14,7 @@ from daemon.store.db import open_database
 from daemon.store.db import schema_versions
 from daemon.store.models import MODELS
 from daemon.store.models import Contact
+from tests.helpers import run_cli
 from tests.helpers import subprocess_env
 
 PROCESSES = 6
@@ -169,5 +170,60 @@ def test_m0006_drops_only_the_redundant_indexes_present(cfg):
             with db.atomic():
                 m0006_lean_indexes.up(db)
             assert _index_names(db) == fresh
+    finally:
+        _close(db)
+
+
+def test_a_command_refuses_an_older_schema_until_campaignd_migrate(cfg):
+    # A database of the version before m0009: a newer install's commands must
+    # not migrate it under a daemon that may still run the older code.
+    older = "m0009_number_check"
+    db = open_database(cfg, migrate_schema=True)
+    try:
+        with db.connection_context():
+            Contact.create(phone="+33612345678", name="Ann")
+            db.execute_sql('DROP TABLE "number_check"')
+            db.execute_sql(
+                f"DELETE FROM schema_version WHERE name = {db.param}", (older,)
+            )
+    finally:
+        _close(db)
+
+    refused = run_cli("contacts", "list", cfg=cfg)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.splitlines() == [
+        "campaignd: error: the database schema is older than this campaignd"
+        f" (1 migration to apply: {older}): restart the daemon (it applies them"
+        " when it starts) or run `campaignd migrate`"
+    ]
+    db = make_database(cfg.database_url, cfg)
+    try:
+        assert older not in schema_versions(db)
+        with db.connection_context():
+            assert "number_check" not in db.get_tables()
+    finally:
+        _close(db)
+
+    applied = run_cli("migrate", cfg=cfg)
+    assert (applied.returncode, applied.stdout) == (
+        0,
+        f"applied 1 migration: {older}\n",
+    )
+    listed = run_cli("contacts", "list", cfg=cfg)
+    assert listed.returncode == 0, listed.stderr
+    assert "+33612345678" in listed.stdout
+    again = run_cli("migrate", cfg=cfg)
+    assert (again.returncode, again.stdout) == (
+        0,
+        "the database schema is up to date\n",
+    )
+
+
+def test_a_command_creates_a_new_database(cfg):
+    created = run_cli("contacts", "list", cfg=cfg)
+    assert created.returncode == 0, created.stderr
+    db = make_database(cfg.database_url, cfg)
+    try:
+        assert schema_versions(db) == migration_names()
     finally:
         _close(db)
