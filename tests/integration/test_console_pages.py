@@ -120,6 +120,23 @@ def test_login_sets_a_strict_http_only_cookie_that_holds_no_secret(console):
     )
 
 
+def test_login_answers_429_after_ten_wrong_tokens(console):
+    for _ in range(10):
+        assert console.login("nope").status_code == 401
+    # Past the limit the right token is not even compared.
+    for token in ("nope", TOKEN):
+        resp = console.login(token)
+        assert resp.status_code == 429
+        assert "too many wrong tokens: try again in" in resp.text
+        assert 1 <= int(resp.headers["retry-after"]) <= 60
+        assert "set-cookie" not in resp.headers
+    # The admin API shares the count: same address, same wait.
+    api = console.client.simulate_get(
+        "/api/v1/campaigns", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert api.status_code == 429
+
+
 def test_forged_or_expired_sessions_and_foreign_redirects_are_refused(console):
     now = [1_000_000.0]
     sessions = Sessions(TOKEN, clock=lambda: now[0])

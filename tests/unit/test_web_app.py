@@ -563,3 +563,22 @@ def test_beyond_loopback_a_route_with_its_own_check_is_served(build):
         "/webhooks/wassenger", json=body, headers={"X-Webhook-Secret": "s3cret"}
     )
     assert resp.status_code == 200 and resp.json["stored"] == 1
+
+
+def test_admin_api_answers_429_after_ten_wrong_tokens_from_one_address(build):
+    client, _ = build({"web": {"api_token": TOKEN}})
+    wrong = {"Authorization": "Bearer nope"}
+    for _ in range(10):
+        resp = client.simulate_get("/api/v1/campaigns", headers=wrong)
+        assert resp.status_code == 401
+    # The eleventh try is not even compared: the right token is refused too.
+    for headers in (wrong, AUTH):
+        resp = client.simulate_get("/api/v1/campaigns", headers=headers)
+        assert resp.status_code == 429, resp.text
+        assert resp.json["title"] == "Too many wrong tokens"
+        assert 1 <= int(resp.headers["retry-after"]) <= 60
+    # Another address is not held back by this one's guesses.
+    other = client.simulate_get(
+        "/api/v1/campaigns", headers=AUTH, remote_addr="192.0.2.7"
+    )
+    assert other.status_code == 200

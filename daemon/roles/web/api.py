@@ -23,6 +23,9 @@ from daemon.roles.web import bad_request
 from daemon.roles.web import json_kind
 from daemon.roles.web import parse_json_object
 from daemon.roles.web import read_body
+from daemon.roles.web.auth_limit import FAILURES_ALLOWED
+from daemon.roles.web.auth_limit import WINDOW_S
+from daemon.roles.web.auth_limit import FailedAuth
 from daemon.roles.web.openapi import MAX_ID
 from daemon.roles.web.openapi import MESSAGE_STATUSES
 from daemon.store.models import CampaignContact
@@ -39,8 +42,9 @@ MAX_VERIFY_IDS = 100_000
 class ApiAuth:
     """Middleware: resources marked `admin_api` need `Authorization: Bearer <token>`."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, failures: FailedAuth):
         self.token = token.encode()
+        self.failures = failures
 
     def process_resource(self, req, resp, resource, params) -> None:
         if not getattr(resource, "admin_api", False):
@@ -50,15 +54,28 @@ class ApiAuth:
                 title="Admin API disabled",
                 description="set web.api_token to enable /api/v1",
             )
+        address = req.remote_addr or ""
+        wait_s = self.failures.retry_after(address)
+        if wait_s:
+            raise falcon.HTTPTooManyRequests(
+                title="Too many wrong tokens",
+                description=(
+                    f"{FAILURES_ALLOWED} wrong tokens from {address} within"
+                    f" {WINDOW_S:.0f} s: try again in {wait_s} s"
+                ),
+                retry_after=wait_s,
+            )
         scheme, _, given = (req.auth or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             self.token, given.strip().encode("utf-8", "replace")
         ):
+            self.failures.failed(address, "admin API")
             raise falcon.HTTPUnauthorized(
                 title="Unauthorized",
                 description="send Authorization: Bearer <web.api_token>",
                 challenges=["Bearer"],
             )
+        self.failures.succeeded(address)
 
 
 class InvalidContacts(falcon.HTTPBadRequest):

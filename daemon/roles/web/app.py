@@ -34,6 +34,7 @@ from daemon.roles.web import console
 from daemon.roles.web import event_writer
 from daemon.roles.web import health
 from daemon.roles.web import webhooks
+from daemon.roles.web.auth_limit import FailedAuth
 from daemon.roles.web.openapi import MAX_ID
 from daemon.roles.web.openapi import build_spec
 from daemon.roles.web.server import WebServer
@@ -221,12 +222,14 @@ def create_app(
     queues = queues if queues is not None else getattr(tasks, "queues", None)
     # One writer for both providers: one transaction stream on SQLite.
     writer = event_writer.EventWriter(tasks)
+    # One count of wrong api_token guesses for the admin API and the console.
+    failures = FailedAuth()
     app = WebApp(
         writer,
         middleware=[
             RequestTimer(),
             BodyLimit(cfg.web.max_body_bytes),
-            api.ApiAuth(cfg.web.api_token),
+            api.ApiAuth(cfg.web.api_token, failures),
             DatabaseSession(),
         ],
     )
@@ -268,7 +271,7 @@ def create_app(
     app.add_route(f"{prefix}/messages", api.MessageCollection())
     app.add_route(f"{prefix}/events", api.EventCollection())
     app.add_route(f"{prefix}/events/{{event_id}}/replay", api.EventReplay(tasks, cfg))
-    console.register(app, cfg, tasks, queues)  # /ui, the web console
+    console.register(app, cfg, tasks, queues, failures)  # /ui, the web console
     return app
 
 

@@ -13,7 +13,8 @@ cookie (HttpOnly, SameSite=Strict, Path=/ui, Secure behind https): a time
 stamp signed with an HMAC of the token, so it holds no secret, survives a
 restart of the web role, expires after SESSION_MAX_AGE_S, and every session
 ends when the token changes. The POST forms (replay, log out) carry a CSRF
-token derived from the session.
+token derived from the session. Wrong tokens count with the admin API's per
+client address (auth_limit.py): past the limit, the login answers 429.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from daemon.errors import NotFoundError
 from daemon.errors import StateError
 from daemon.roles.web import console_html as pages
 from daemon.roles.web import read_body
+from daemon.roles.web.auth_limit import FailedAuth
 from daemon.status_client import request as status_request
 from daemon.store.models import MemberState
 from daemon.store.models import utcnow
@@ -191,16 +193,28 @@ class Login(Page):
         if not self.refused(resp):
             _html(resp, pages.login_page(_safe_next(req.get_param("next"))))
 
+    def __init__(self, sessions: Sessions, failures: FailedAuth):
+        super().__init__(sessions)
+        self.failures = failures
+
     def on_post(self, req, resp) -> None:
         if self.refused(resp):
             return
         form = _form(req)
         next_path = _safe_next(form.get("next"))
+        address = req.remote_addr or ""
+        wait_s = self.failures.retry_after(address)
+        if wait_s:
+            error = f"too many wrong tokens: try again in {wait_s} s"
+            _html(resp, pages.login_page(next_path, error), falcon.HTTP_429)
+            resp.retry_after = wait_s
+            return
         if not self.sessions.token_ok(form.get("token", "")):
-            log.warning("console: failed login from %s", req.remote_addr)
+            self.failures.failed(address, "console login")
             page = pages.login_page(next_path, "wrong token (web.api_token)")
             _html(resp, page, falcon.HTTP_401)
             return
+        self.failures.succeeded(address)
         resp.set_cookie(
             COOKIE,
             self.sessions.new(),
@@ -358,12 +372,13 @@ class EventReplay(Page):
         resp.location = f"{PREFIX}/events?replayed={event_id}"
 
 
-def register(app: falcon.App, cfg: Config, tasks, queues) -> None:
-    """Add the /ui routes to the web role's app."""
+def register(app: falcon.App, cfg: Config, tasks, queues, failures: FailedAuth) -> None:
+    """Add the /ui routes to the web role's app; `failures` counts wrong tokens
+    with the admin API's."""
     sessions = Sessions(cfg.web.api_token)
     ids = "{campaign_id:int(min=1, max=2147483647)}"
     app.add_route(PREFIX, Overview(sessions, cfg, queues))
-    app.add_route(f"{PREFIX}/login", Login(sessions))
+    app.add_route(f"{PREFIX}/login", Login(sessions, failures))
     app.add_route(f"{PREFIX}/logout", Logout(sessions))
     app.add_route(f"{PREFIX}/campaigns", CampaignList(sessions))
     app.add_route(f"{PREFIX}/campaigns/{ids}", CampaignDetail(sessions, cfg))

@@ -24,6 +24,10 @@ __all__ = ["MAX_ID", "MESSAGE_STATUSES", "build_spec"]
 _AUTH_ERRORS = {
     "401": error("missing or wrong bearer token"),
     "403": error("admin API disabled (web.api_token is empty)"),
+    "429": error(
+        "too many wrong tokens from this address within a minute; retry after"
+        " Retry-After seconds"
+    ),
 }
 _COMMON_ERRORS = {
     "413": error("body larger than web.max_body_bytes"),
