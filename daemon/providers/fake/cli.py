@@ -15,9 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The fake-provider CLI flags (defaults as in FakeOptions, port 8099)."""
     d = FakeOptions()
     add = parser.add_argument
+    add(
+        "--dialect",
+        choices=("wassenger", "meta"),
+        default=d.dialect,
+        help="speak Wassenger's API or Meta's WhatsApp Cloud API",
+    )
     add("--host", default=d.host, help="address to listen on")
     add("--port", type=int, default=8099, help="0 picks a free port")
-    add("--token", default=d.token, help="required Token header (default: none)")
+    add(
+        "--token",
+        default=d.token,
+        help="required Token header (meta: Bearer token; default: any)",
+    )
     add("--latency-ms", type=float, default=d.latency_ms, help="answer delay")
     add(
         "--latency-jitter-ms",
@@ -66,11 +76,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.invalid_suffix,
         help="numbers ending so are not on WhatsApp",
     )
+    add(
+        "--phone-number-id",
+        default=d.phone_number_id,
+        help="meta: the business phone number id of the Graph API path",
+    )
+    add(
+        "--template",
+        action="append",
+        default=[],
+        metavar="NAME[:PARAMS]",
+        help="meta: an approved template, with its number of body parameters"
+        " (repeatable; default: any template)",
+    )
+    add(
+        "--status-failure-share",
+        type=float,
+        default=d.status_failure_share,
+        help="meta: share of sends whose status is failed",
+    )
+    add(
+        "--status-failure-code",
+        type=int,
+        default=d.status_failure_code,
+        help="meta: the error code of those failed statuses",
+    )
     add("--webhook-url", default=d.webhook_url, help="where statuses and replies go")
     add(
         "--webhook-secret",
         default=d.webhook_secret,
-        help="sent as X-Webhook-Secret",
+        help="sent as X-Webhook-Secret (meta: the app secret of X-Hub-Signature-256)",
     )
     add(
         "--webhook-threads",
@@ -128,6 +163,7 @@ def options_from_args(args: argparse.Namespace) -> FakeOptions:
     delays = tuple(float(v) for v in args.ack_delays_ms.split(",") if v.strip())
     return checked_options(
         FakeOptions(
+            dialect=args.dialect,
             host=args.host,
             port=args.port,
             token=args.token,
@@ -143,6 +179,10 @@ def options_from_args(args: argparse.Namespace) -> FakeOptions:
             dedupe=args.dedupe,
             invalid_numbers=frozenset(args.invalid_number),
             invalid_suffix=args.invalid_suffix,
+            phone_number_id=args.phone_number_id,
+            templates=tuple(args.template),
+            status_failure_share=args.status_failure_share,
+            status_failure_code=args.status_failure_code,
             webhook_url=args.webhook_url,
             webhook_secret=args.webhook_secret,
             webhook_threads=args.webhook_threads,

@@ -14,6 +14,8 @@ from typing import Any
 from typing import NamedTuple
 from urllib.parse import parse_qs
 
+from daemon.providers.fake import meta
+from daemon.providers.fake import wassenger
 from daemon.providers.fake.options import _ACKS
 from daemon.providers.fake.options import _PHONE_RE
 from daemon.providers.fake.options import FakeOptions
@@ -50,12 +52,27 @@ def _authorized(headers: dict, token: str) -> bool:
     return auth == token or auth == f"Bearer {token}"
 
 
+# What the meta dialect keeps of a message beyond the Wassenger fields: its
+# type, its template ({"name", "language", "parameters"}), and the error code
+# of a message accepted but never delivered (its status is "failed").
+_META_FIELDS = ("type", "template", "failed_code")
+
+
 def _json_object(body: bytes) -> dict:
     try:
         data = json.loads(body)
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# Injected faults as the Wassenger dialect answers them (meta.FAULTS: Meta).
+_FAULTS = {
+    "down": (503, "unavailable", "fake provider is down"),
+    "unauthorized": (401, "unauthorized", "invalid or missing API token"),
+    "rate_limit": (429, "rate_limit", "too many requests"),
+    "failure": (500, "internal_error", "injected failure"),
+}
 
 
 class _Core:
@@ -79,6 +96,8 @@ class _Core:
         self._by_ref: dict[str, dict] = {}
         self._ref_count: dict[str, int] = {}
         self._replied: set[str] = set()
+        # meta: when each phone last wrote (its 24 h window for free text).
+        self._wrote_at: dict[str, float] = {}
         # What each phone was sent: {phone: {kind: n}} by reference kind
         # ("m1", "m2", "other") and {phone: {text: n}}, kept as sends come.
         self._by_kind: dict[str, dict[str, int]] = {}
@@ -91,6 +110,7 @@ class _Core:
                 "sends_accepted",
                 "slow_answers",
                 "statuses_lost",
+                "undeliverable",
                 "duplicate_requests",
                 "per_reference_max",
                 "failures_500",
@@ -165,6 +185,7 @@ class _Core:
                     "accepted_count": self._ref_count.get(m["reference"], 1),
                     "kind": _kind_of(m["reference"]),
                     "statuses_lost": m["id"] in self._lost,
+                    **{k: m[k] for k in _META_FIELDS if k in m},
                 }
                 for m in self._messages
             ]
@@ -276,24 +297,18 @@ class _Core:
     ) -> _Reply:
         opts = self.options
         delay = self._latency(method, path)
-        if opts.down:
-            self._stats["failures_503"] += 1
-            return _error_reply(503, "unavailable", "fake provider is down", delay)
-        if opts.token and not _authorized(headers, opts.token):
-            self._stats["unauthorized"] += 1
-            return _error_reply(
-                401, "unauthorized", "invalid or missing API token", delay
-            )
-        if opts.rate_limit_rate or opts.fail_rate:
-            roll = self._rng.random()
-            if roll < opts.rate_limit_rate:
-                self._stats["failures_429"] += 1
-                reply = _error_reply(429, "rate_limit", "too many requests", delay)
+        fault = self._fault(headers)
+        if fault is not None:
+            if opts.dialect == "meta":  # Meta's rate limit: a 400, no Retry-After
+                return _json_reply(*meta.fault(fault), delay=delay)
+            status, code, text = _FAULTS[fault]
+            reply = _error_reply(status, code, text, delay)
+            if fault == "rate_limit":
                 retry_after = f"Retry-After: {opts.retry_after_s}\r\n"
-                return reply._replace(headers=retry_after)
-            if roll < opts.rate_limit_rate + opts.fail_rate:
-                self._stats["failures_500"] += 1
-                return _error_reply(500, "internal_error", "injected failure", delay)
+                reply = reply._replace(headers=retry_after)
+            return reply
+        if opts.dialect == "meta":
+            return self._meta_api(method, path, query, body, info, delay)
         if path == "/v1/messages":
             if method != "POST":
                 return _error_reply(405, "method_not_allowed", "use POST", delay)
@@ -311,9 +326,32 @@ class _Core:
                 return _error_reply(405, "method_not_allowed", "use GET", delay)
             self._stats["device_checks"] += 1
             device_id = path[len("/v1/devices/") :] or None
-            device = self._device(device_id)
+            device = wassenger.device(opts, device_id)
             return _json_reply(200, device if device_id else [device], delay=delay)
         return _error_reply(404, "not_found", f"no route {method} {path}", delay)
+
+    def _fault(self, headers: dict) -> str | None:
+        """The fault this request meets (a _FAULTS key, counted), or None."""
+        opts = self.options
+        if opts.down:
+            self._stats["failures_503"] += 1
+            return "down"
+        if opts.dialect == "meta":
+            refused = not meta.authorized(headers, opts.token)
+        else:
+            refused = bool(opts.token) and not _authorized(headers, opts.token)
+        if refused:
+            self._stats["unauthorized"] += 1
+            return "unauthorized"
+        if opts.rate_limit_rate or opts.fail_rate:
+            roll = self._rng.random()
+            if roll < opts.rate_limit_rate:
+                self._stats["failures_429"] += 1
+                return "rate_limit"
+            if roll < opts.rate_limit_rate + opts.fail_rate:
+                self._stats["failures_500"] += 1
+                return "failure"
+        return None
 
     def _latency(self, method: str, path: str) -> float:
         """Seconds before this answer: latency, jitter, or a slow send."""
@@ -321,7 +359,7 @@ class _Core:
         delay = opts.latency_ms / 1000.0
         if opts.latency_jitter_ms:
             delay += self._rng.uniform(0.0, opts.latency_jitter_ms) / 1000.0
-        if opts.slow_share and path == "/v1/messages" and method == "POST":
+        if opts.slow_share and method == "POST" and path.endswith("/messages"):
             if self._rng.random() < opts.slow_share:
                 self._stats["slow_answers"] += 1
                 delay = opts.slow_latency_ms / 1000.0
@@ -361,13 +399,62 @@ class _Core:
             return _error_reply(500, "internal_error", "injected failure", delay)
         return _json_reply(201, message, delay=delay)
 
-    def _accept(self, phone: str, text: str, ref: str | None) -> dict:
+    def _meta_api(
+        self, method: str, path: str, query: str, body: bytes, info: dict, delay
+    ) -> _Reply:
+        """The Graph API routes of the meta dialect (see meta.py)."""
+        opts = self.options
+        found = meta.route(method, path, opts.phone_number_id)
+        if isinstance(found, tuple):
+            return _json_reply(*found, delay=delay)
+        if found == "phone":
+            self._stats["device_checks"] += 1
+            return _json_reply(200, meta.phone_number(opts, query), delay=delay)
+        send = meta.parse_send(body, opts)
+        if not isinstance(send, meta.Send):
+            self._stats["invalid_requests"] += 1
+            return _json_reply(*send, delay=delay)
+        info["phone"], info["reference"] = send.phone, send.reference
+        if send.reference and send.reference in self._by_ref:
+            self._stats["duplicate_requests"] += 1  # sent again: Meta never dedupes
+        failed_code = 0
+        if not self._exists(send.phone):
+            failed_code = meta.UNDELIVERABLE
+        elif send.type == "text" and not (
+            time.time() - self._wrote_at.get(send.phone, -meta.WINDOW_S) < meta.WINDOW_S
+        ):
+            failed_code = meta.OUTSIDE_WINDOW
+        elif opts.status_failure_share and (
+            self._rng.random() < opts.status_failure_share
+        ):
+            failed_code = opts.status_failure_code
+        extra = {"type": send.type, "template": send.template}
+        if failed_code:
+            extra["failed_code"] = failed_code
+        message = self._accept(send.phone, send.text, send.reference, extra)
+        info["id"] = message["id"]
+        rate = opts.fail_after_accept_rate
+        if rate and self._rng.random() < rate:
+            self._stats["failures_after_accept"] += 1
+            return _json_reply(*meta.fault("failure"), delay=delay)
+        return _json_reply(200, meta.send_answer(send, message["id"]), delay=delay)
+
+    def _accept(
+        self, phone: str, text: str, ref: str | None, extra: dict | None = None
+    ) -> dict:
+        """Keep an accepted message; count it on the phone unless it never
+        reaches it (meta: ``extra["failed_code"]``); schedule its webhooks."""
         opts = self.options
         n = next(self._ids)
         now = time.time()
+        msg_id = f"{self._id_prefix}{n:016x}"
+        if opts.dialect == "meta":
+            msg_id = meta.wamid(_digits(phone), msg_id.upper())
         message = {
-            "id": f"{self._id_prefix}{n:016x}",
-            "waId": f"3EB0{self._id_prefix.upper()}{n:012X}",
+            "id": msg_id,
+            "waId": msg_id
+            if opts.dialect == "meta"
+            else f"3EB0{self._id_prefix.upper()}{n:012X}",
             "phone": "+" + _digits(phone),
             "message": text,
             "reference": ref,
@@ -375,16 +462,20 @@ class _Core:
             "deliveryStatus": "queued",
             "createdAt": _iso(now),
             "deliverAt": _iso(now),
+            **(extra or {}),
         }
         self._messages.append(message)
         self._stats["sends_accepted"] += 1
-        kind = _kind_of(ref)
-        counts = self._by_kind.setdefault(message["phone"], {})
-        counts[kind] = counts.get(kind, 0) + 1
-        if counts[kind] > 1 and kind != "other":
-            self._dup_phones.add(message["phone"])
-        texts = self._by_text.setdefault(message["phone"], {})
-        texts[text] = texts.get(text, 0) + 1
+        if message.get("failed_code"):
+            self._stats["undeliverable"] += 1
+        else:
+            kind = _kind_of(ref)
+            counts = self._by_kind.setdefault(message["phone"], {})
+            counts[kind] = counts.get(kind, 0) + 1
+            if counts[kind] > 1 and kind != "other":
+                self._dup_phones.add(message["phone"])
+            texts = self._by_text.setdefault(message["phone"], {})
+            texts[text] = texts.get(text, 0) + 1
         if ref:
             self._by_ref.setdefault(ref, message)
             count = self._ref_count.get(ref, 0) + 1
@@ -399,18 +490,25 @@ class _Core:
         opts = self.options
         acks: list[tuple[float, _Job]] = []
         lost = opts.status_loss_share and self._rng.random() < opts.status_loss_share
+        failed_code = message.get("failed_code", 0)
+        # A message that never reaches the phone gets one status: failed.
+        steps = ("failed",) if failed_code else _ACKS
         if lost:
             self._lost.add(message["id"])
             self._stats["statuses_lost"] += 1
         else:
-            for ack, delay_ms in zip(_ACKS, opts.ack_delays_ms, strict=False):
+            for ack, delay_ms in zip(steps, opts.ack_delays_ms, strict=False):
                 # Dated when it happened; posted status_delay_ms later.
-                payload = self._ack_payload(message, ack, now + delay_ms / 1000.0)
+                at = now + delay_ms / 1000.0
+                if opts.dialect == "meta":
+                    payload = meta.status_payload(opts, message, ack, at, failed_code)
+                else:
+                    payload = wassenger.ack_payload(opts, message, ack, at)
                 delay_s = (opts.status_delay_ms + delay_ms) / 1000.0
                 acks.append((delay_s, _Job("ack", payload, 0)))
         phone = message["phone"]
         plan = None
-        if phone not in self._replied:
+        if phone not in self._replied and not failed_code:
             plan = reply_plan(
                 phone,
                 seed=opts.seed,
@@ -421,7 +519,14 @@ class _Core:
             self._replied.add(phone)
             text = "STOP" if plan == "stop" else opts.reply_text
             at = now + opts.reply_delay_ms / 1000.0
-            payload = self._inbound_payload(phone, text, at)
+            unique = f"{self._id_prefix.upper()}{next(self._ids):020X}"
+            if opts.dialect == "meta":
+                self._wrote_at[phone] = at  # opens the contact's 24 h window
+                msg_id = meta.wamid(_digits(phone), "IN" + unique)
+                payload = meta.reply_payload(opts, message, text, at, msg_id)
+            else:
+                msg_id = "ACB1" + unique
+                payload = wassenger.inbound_payload(opts, phone, text, at, msg_id)
             then = tuple(acks) if opts.reply_before_status else ()
             self._webhooks.schedule(
                 opts.reply_delay_ms / 1000.0, _Job(plan, payload, 0, then)
@@ -430,73 +535,6 @@ class _Core:
                 return
         for delay_s, job in acks:
             self._webhooks.schedule(delay_s, job)
-
-    def _device_ref(self) -> dict:
-        opts = self.options
-        return {
-            "id": opts.device_id,
-            "phone": opts.device_phone,
-            "alias": "fake-provider",
-            "plan": "io-professional",
-        }
-
-    def _ack_payload(self, message: dict, ack: str, at: float) -> dict:
-        phone = message["phone"]
-        return {
-            "id": message["waId"],
-            "object": "message",
-            "event": "message:out:ack",
-            "created": int(at),
-            "device": self._device_ref(),
-            "data": {
-                "id": message["waId"],
-                "type": "text",
-                "flow": "outbound",
-                "ack": ack,
-                "from": self.options.device_phone.lstrip("+") + "@c.us",
-                "fromNumber": self.options.device_phone,
-                "to": phone.lstrip("+") + "@c.us",
-                "toNumber": phone,
-                "body": message["message"],
-                "reference": message["reference"],
-                "date": _iso(at),
-                "timestamp": int(at),
-            },
-        }
-
-    def _inbound_payload(self, phone: str, text: str, at: float) -> dict:
-        opts = self.options
-        msg_id = f"ACB1{self._id_prefix.upper()}{next(self._ids):020X}"
-        wid = phone.lstrip("+") + "@c.us"
-        return {
-            "id": msg_id,
-            "object": "message",
-            "event": "message:in:new",
-            "created": int(at),
-            "device": self._device_ref(),
-            "data": {
-                "id": msg_id,
-                "type": "text",
-                "flow": "inbound",
-                "status": "active",
-                "ack": "delivered",
-                "from": wid,
-                "fromNumber": phone,
-                "to": opts.device_phone.lstrip("+") + "@c.us",
-                "toNumber": opts.device_phone,
-                "date": _iso(at),
-                "timestamp": int(at),
-                "body": text,
-                "chat": {
-                    "id": wid,
-                    "name": phone,
-                    "type": "chat",
-                    "contact": {"wid": wid, "type": "user", "phone": phone},
-                },
-                "events": {},
-                "meta": {"isGroup": False, "isForwarded": False, "source": "fake"},
-            },
-        }
 
     def _check(self, phone: str, info: dict, delay: float) -> _Reply:
         self._stats["checks"] += 1
@@ -525,12 +563,3 @@ class _Core:
         if suffix and digits.endswith(suffix):
             return False
         return digits not in self.options.invalid_numbers
-
-    def _device(self, device_id: str | None) -> dict:
-        return {
-            **self._device_ref(),
-            "id": device_id or self.options.device_id,
-            "status": "operative",
-            "session": {"status": self.options.session_status},
-            "billing": {"subscription": {"product": "io"}},
-        }

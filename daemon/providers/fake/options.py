@@ -14,6 +14,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class FakeOptions:
+    # Whose API and webhooks it speaks: "wassenger" or "meta" (the WhatsApp
+    # Cloud API: Graph API sends, signed whatsapp_business_account webhooks).
+    dialect: str = "wassenger"
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (see FakeProvider.url)
     token: str = ""  # required Token header when set
@@ -38,7 +41,19 @@ class FakeOptions:
     invalid_suffix: str = "0000"  # numbers ending so are not on WhatsApp
     session_status: str = "online"  # device session status reported
     device_id: str = "65f0c0ffee0000000000fa4e"
-    device_phone: str = "+15550000001"
+    device_phone: str = "+15550000001"  # meta: display_phone_number
+    # Meta only: the business phone number id in the Graph API path, the
+    # WhatsApp Business Account id of the webhooks' entry[].id, and the
+    # approved templates ("name" or "name:<number of body parameters>";
+    # empty: any name, any parameters).
+    phone_number_id: str = "106540352242922"
+    business_account_id: str = "102290129340398"
+    templates: tuple[str, ...] = ()
+    # Meta only: a share of the sends to valid numbers whose status webhook
+    # is "failed" with errors[{code: status_failure_code}] (131026
+    # undeliverable, 131050 stopped marketing, 131048 spam limit, ...).
+    status_failure_share: float = 0.0
+    status_failure_code: int = 131026
     webhook_url: str = ""  # where acks and replies are posted ("" = nowhere)
     webhook_secret: str = ""  # sent as X-Webhook-Secret, and HMAC key
     webhook_retries: int = 3  # extra attempts after a failed delivery
@@ -85,6 +100,8 @@ RUNTIME_OPTIONS = frozenset(
         "reply_delay_ms",
         "reply_text",
         "opt_out_share",
+        "status_failure_share",
+        "status_failure_code",
     }
 )
 _RATES = (
@@ -94,6 +111,7 @@ _RATES = (
     "reply_share",
     "slow_share",
     "status_loss_share",
+    "status_failure_share",
 )
 # The kind of a message from its reference: campaignd's idempotency keys end
 # in -m<kind> (cd-<campaign>-<contact>-m1); ":m1" and "_m1" are read too.
@@ -144,8 +162,24 @@ def checked_options(opts: FakeOptions) -> FakeOptions:
         raise ValueError("ack_delays_ms: up to 3 non-negative delays")
     if opts.webhook_threads < 1:
         raise ValueError("webhook_threads: must be at least 1")
+    if opts.dialect not in ("wassenger", "meta"):
+        raise ValueError("dialect: expected wassenger or meta")
+    if opts.dialect == "meta" and opts.dedupe:
+        raise ValueError("dedupe: the meta dialect never dedupes (as Meta)")
+    template_counts(opts.templates)
     numbers = frozenset(_digits(n) for n in opts.invalid_numbers)
     return dataclasses.replace(opts, invalid_numbers=numbers)
+
+
+def template_counts(templates: tuple[str, ...]) -> dict[str, int | None]:
+    """{name: number of body parameters, None when any} of ``templates``."""
+    out: dict[str, int | None] = {}
+    for entry in templates:
+        name, sep, count = str(entry).partition(":")
+        if not name or (sep and not count.isdigit()):
+            raise ValueError(f"templates: expected name or name:N, got {entry!r}")
+        out[name] = int(count) if sep else None
+    return out
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -191,4 +225,5 @@ def _options_json(opts: FakeOptions) -> dict:
     out = dataclasses.asdict(opts)
     out["invalid_numbers"] = sorted(opts.invalid_numbers)
     out["ack_delays_ms"] = list(opts.ack_delays_ms)
+    out["templates"] = list(opts.templates)
     return out

@@ -17,6 +17,7 @@ from daemon.providers.base import sign_hmac_sha256
 from daemon.providers.fake.options import FakeOptions
 
 _WEBHOOK_TIMEOUT_S = 5.0
+_AGENTS = {"wassenger": "fake-wassenger", "meta": "facebookexternalua"}
 
 
 class _Job(NamedTuple):
@@ -36,7 +37,7 @@ class _Poster:
     post that fails on a reused connection is simply sent again on a new one.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, agent: str = "fake-wassenger") -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"webhook_url must be an http:// URL, got {url!r}")
@@ -44,7 +45,7 @@ class _Poster:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._head = (
             f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            "Content-Type: application/json\r\nUser-Agent: fake-wassenger\r\n"
+            f"Content-Type: application/json\r\nUser-Agent: {agent}\r\n"
         )
         self._sock: socket.socket | None = None
         self._buf = b""
@@ -217,7 +218,11 @@ class _Webhooks:
             return
         raw = json.dumps(job.payload).encode()
         headers = ""
-        if opts.webhook_secret:
+        if opts.webhook_secret and opts.dialect == "meta":
+            # Meta signs the raw body with the app secret; it sends no secret.
+            signature = sign_hmac_sha256(opts.webhook_secret, raw)
+            headers = f"X-Hub-Signature-256: {signature}\r\n"
+        elif opts.webhook_secret:
             signature = sign_hmac_sha256(opts.webhook_secret, raw)
             headers = (
                 f"X-Webhook-Secret: {opts.webhook_secret}\r\n"
@@ -226,7 +231,8 @@ class _Webhooks:
         try:
             poster = posters.get(opts.webhook_url)
             if poster is None:
-                poster = posters[opts.webhook_url] = _Poster(opts.webhook_url)
+                agent = _AGENTS.get(opts.dialect, "fake-provider")
+                poster = posters[opts.webhook_url] = _Poster(opts.webhook_url, agent)
             ok = 200 <= poster.post(raw, headers) < 300
         except (OSError, ValueError):
             ok = False
