@@ -308,6 +308,14 @@ class HealthCheck(BaseModel):
     details = JSONField(default=dict)
 
 
+class ConsoleLogout(BaseModel):
+    """A console session ended by "Log out" (its cookie's SHA-256), kept until
+    the cookie would have expired anyway, so a copy of it is refused."""
+
+    session_digest = pw.CharField(max_length=64, primary_key=True)
+    expires_at = pw.DateTimeField(index=True)
+
+
 MODELS = [
     Contact,
     Campaign,
@@ -321,6 +329,7 @@ MODELS = [
     JobRun,
     HealthCheck,
     NumberCheck,
+    ConsoleLogout,
 ]
 
 

@@ -193,6 +193,30 @@ def test_replay_needs_the_csrf_token_and_names_what_is_wrong(console):
     assert out.headers["set-cookie"].startswith('campaignd_console=""; expires=')
 
 
+def test_log_out_ends_the_session_for_every_copy_of_its_cookie(console):
+    console.login()
+    copied = console.cookie
+    csrf = CSRF.search(console.get("/ui/events").text).group(1)
+    # A second browser with its own session, which must stay logged in.
+    other = Console.__new__(Console)
+    other.client, other.cookie = console.client, ""
+    other.login()
+    assert other.cookie not in ("", copied)  # a session of its own, same second
+
+    out = console.post("/ui/logout", f"csrf={csrf}")
+    assert out.status_code == 303
+    console.cookie = copied  # the copy kept (another tab, a stolen cookie)
+    page = console.get("/ui/events")
+    assert page.status_code == 303
+    assert page.headers["location"].startswith("/ui/login")
+    refused = console.post("/ui/logout", f"csrf={csrf}")
+    assert refused.status_code == 401 and "Not logged in" in refused.text
+    assert other.get("/ui/events").status_code == 200
+    # Logging in again gives a new session, which works.
+    console.login()
+    assert console.get("/ui/events").status_code == 200
+
+
 def test_the_overview_says_when_the_supervisor_does_not_answer(console):
     console.login()
     resp = console.get("/ui")

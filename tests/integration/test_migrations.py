@@ -177,37 +177,42 @@ def test_m0006_drops_only_the_redundant_indexes_present(cfg):
 def test_a_command_refuses_an_older_schema_until_campaignd_migrate(cfg):
     # A database of the version before m0009: a newer install's commands must
     # not migrate it under a daemon that may still run the older code.
-    older = "m0009_number_check"
+    older = {
+        "m0009_number_check": "number_check",
+        "m0010_console_logout": "console_logout",
+    }
     db = open_database(cfg, migrate_schema=True)
     try:
         with db.connection_context():
             Contact.create(phone="+33612345678", name="Ann")
-            db.execute_sql('DROP TABLE "number_check"')
-            db.execute_sql(
-                f"DELETE FROM schema_version WHERE name = {db.param}", (older,)
-            )
+            for name, table in older.items():
+                db.execute_sql(f'DROP TABLE "{table}"')
+                db.execute_sql(
+                    f"DELETE FROM schema_version WHERE name = {db.param}", (name,)
+                )
     finally:
         _close(db)
+    names = ", ".join(older)
 
     refused = run_cli("contacts", "list", cfg=cfg)
     assert refused.returncode == 1, refused.stderr
     assert refused.stderr.splitlines() == [
         "campaignd: error: the database schema is older than this campaignd"
-        f" (1 migration to apply: {older}): restart the daemon (it applies them"
+        f" (2 migrations to apply: {names}): restart the daemon (it applies them"
         " when it starts) or run `campaignd migrate`"
     ]
     db = make_database(cfg.database_url, cfg)
     try:
-        assert older not in schema_versions(db)
+        assert not set(older) & set(schema_versions(db))
         with db.connection_context():
-            assert "number_check" not in db.get_tables()
+            assert not set(older.values()) & set(db.get_tables())
     finally:
         _close(db)
 
     applied = run_cli("migrate", cfg=cfg)
     assert (applied.returncode, applied.stdout) == (
         0,
-        f"applied 1 migration: {older}\n",
+        f"applied 2 migrations: {names}\n",
     )
     listed = run_cli("contacts", "list", cfg=cfg)
     assert listed.returncode == 0, listed.stderr

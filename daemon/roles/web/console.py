@@ -10,18 +10,22 @@ picture needs.
 Access: `web.api_token`, as for the admin API; with no token every page
 answers 403 and says so. The login form takes the token and sets a session
 cookie (HttpOnly, SameSite=Strict, Path=/ui, Secure behind https): a time
-stamp signed with an HMAC of the token, so it holds no secret, survives a
-restart of the web role, expires after SESSION_MAX_AGE_S, and every session
-ends when the token changes. The POST forms (replay, log out) carry a CSRF
-token derived from the session. Wrong tokens count with the admin API's per
-client address (auth_limit.py): past the limit, the login answers 429.
+stamp and a nonce signed with an HMAC of the token, so it holds no secret,
+survives a restart of the web role, expires after SESSION_MAX_AGE_S, and
+every session ends when the token changes. "Log out" records the session
+(console_logout) so that a copy of its cookie is refused too, on every host.
+The POST forms (replay, log out) carry a CSRF token derived from the
+session. Wrong tokens count with the admin API's per client address
+(auth_limit.py): past the limit, the login answers 429.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qs
@@ -40,7 +44,9 @@ from daemon.roles.web import console_html as pages
 from daemon.roles.web import read_body
 from daemon.roles.web.auth_limit import FailedAuth
 from daemon.status_client import request as status_request
+from daemon.store.models import ConsoleLogout
 from daemon.store.models import MemberState
+from daemon.store.models import database
 from daemon.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -75,22 +81,49 @@ class Sessions:
         )
 
     def new(self) -> str:
-        stamp = str(int(self.clock()))
-        return f"{stamp}.{self._sign('session', stamp)}"
+        # The nonce tells apart two logins in the same second: "Log out" ends
+        # one session, not every session started in that second.
+        session = f"{int(self.clock())}.{secrets.token_hex(8)}"
+        return f"{session}.{self._sign('session', session)}"
 
     def valid(self, value: str | None) -> bool:
         if not self.enabled or not value:
             return False
-        stamp, _, signature = value.partition(".")
+        session, _, signature = value.rpartition(".")
+        stamp = session.partition(".")[0]
         if not (stamp.isascii() and stamp.isdigit()):
             return False
         age = self.clock() - int(stamp)
         return -60 <= age <= SESSION_MAX_AGE_S and hmac.compare_digest(
-            signature, self._sign("session", stamp)
+            signature, self._sign("session", session)
         )
 
     def csrf(self, session: str) -> str:
         return self._sign("csrf", session)[:32]
+
+
+def logged_out(session: str) -> bool:
+    """True for a session ended by "Log out" (a copy of its cookie)."""
+    digest = _digest(session)
+    return ConsoleLogout.select().where(ConsoleLogout.session_digest == digest).exists()
+
+
+def log_out(session: str) -> None:
+    """Refuse this session's cookie from now on, wherever a copy of it is.
+
+    Its row is kept until the cookie would have expired anyway; each logout
+    deletes the rows past that."""
+    stamp = int(session.partition(".")[0])
+    expires_at = dt.datetime.fromtimestamp(stamp + SESSION_MAX_AGE_S, dt.UTC)
+    with database.atomic():
+        ConsoleLogout.delete().where(ConsoleLogout.expires_at < utcnow()).execute()
+        ConsoleLogout.insert(
+            session_digest=_digest(session), expires_at=expires_at.replace(tzinfo=None)
+        ).on_conflict_ignore().execute()
+
+
+def _digest(session: str) -> str:
+    return hashlib.sha256(session.encode()).hexdigest()
 
 
 def _html(resp: falcon.Response, body: str, status=falcon.HTTP_200) -> None:
@@ -150,7 +183,7 @@ class Page:
         if self.refused(resp):
             return None
         value = req.cookies.get(COOKIE)
-        if self.sessions.valid(value):
+        if self.sessions.valid(value) and not logged_out(value):
             return self.sessions.csrf(value)
         if req.method == "GET":
             resp.status = falcon.HTTP_303
@@ -229,11 +262,12 @@ class Login(Page):
 
 
 class Logout(Page):
-    uses_database = False
+    """Ends the session: its cookie is cleared here and refused everywhere."""
 
     def on_post(self, req, resp) -> None:
         if self.checked_post(req, resp) is None:
             return
+        log_out(req.cookies[COOKIE])
         resp.unset_cookie(COOKIE, path=PREFIX, same_site="Strict")
         resp.status = falcon.HTTP_303
         resp.location = f"{PREFIX}/login"
