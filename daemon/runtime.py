@@ -446,18 +446,22 @@ LAST_WORDS_SUFFIX = ".exit"
 
 def say_last_words(text: str) -> None:
     """A child about to exit on purpose leaves one line beside its heartbeat
-    file, which the supervisor shows as the role's LAST EXIT."""
+    file, which the supervisor shows as the role's LAST EXIT.
+
+    Named with the pid: a replaced web role's successor shares the heartbeat
+    path with the old process still draining, and each exit must get its own
+    process's words."""
     path = os.environ.get(HEARTBEAT_ENV)
     if not path:
         return
     with contextlib.suppress(OSError):
-        with open(path + LAST_WORDS_SUFFIX, "w", encoding="utf-8") as f:
+        with open(_last_words_path(path, os.getpid()), "w", encoding="utf-8") as f:
             f.write(" ".join(text.split())[:300])
 
 
-def read_last_words(heartbeat_path: str) -> str:
-    """The dead child's last words ("" if it left none), removed once read."""
-    path = heartbeat_path + LAST_WORDS_SUFFIX
+def read_last_words(heartbeat_path: str, pid: int) -> str:
+    """Process `pid`'s last words ("" if it left none), removed once read."""
+    path = _last_words_path(heartbeat_path, pid)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read().strip()
@@ -466,6 +470,10 @@ def read_last_words(heartbeat_path: str) -> str:
     with contextlib.suppress(OSError):
         os.unlink(path)
     return text
+
+
+def _last_words_path(heartbeat_path: str, pid: int) -> str:
+    return f"{heartbeat_path}{LAST_WORDS_SUFFIX}.{pid}"
 
 
 class TaskClock:

@@ -440,7 +440,7 @@ class Child:
         """Record an exit reaped by the supervisor; return it in words."""
         words, code, level = describe_exit(status, requested=self.killed)
         # A child that exits on purpose may have said why (a taken port).
-        said = read_last_words(str(self.heartbeat_path))
+        said = read_last_words(str(self.heartbeat_path), self.pid)
         if said:
             words = f"{words}: {said}"
         uptime = 0.0 if self.spawned_at is None else now - self.spawned_at

@@ -533,3 +533,27 @@ def test_the_first_beat_signals_the_parent_only_if_it_is_the_supervisor(
     finally:
         signal.signal(FIRST_BEAT_SIGNAL, previous)
     assert received == ([1] if named else [])
+
+
+def test_a_retired_process_and_its_successor_each_get_their_own_last_words(
+    make_child, ops, monkeypatch
+):
+    """A replaced web role: the old process drains while its successor, on
+    the same heartbeat path, fails at once (its port taken); each exit shows
+    the words of its own process, whichever is reaped first."""
+    from daemon.runtime import say_last_words
+
+    old = running_child(make_child)
+    old.stop(5.0, "config reload", grace_s=20.0)
+    new = old.successor("config reload")
+    new.transition(5.0)
+    assert (old.pid, new.pid) == (1001, 1002)
+
+    monkeypatch.setenv(HEARTBEAT_ENV, str(new.heartbeat_path))
+    monkeypatch.setattr(os, "getpid", lambda: 1002)
+    say_last_words("cannot listen on 127.0.0.1:8080")
+    monkeypatch.setattr(os, "getpid", lambda: 1001)
+    say_last_words("drained")
+
+    assert old.finish(exited(0), 6.0) == "exited 0: drained"
+    assert new.finish(exited(1), 6.0) == "exited 1: cannot listen on 127.0.0.1:8080"
