@@ -45,6 +45,7 @@ from daemon.runtime import TaskClock
 from daemon.runtime import inflight_dir
 from daemon.store.db import drop_connection
 from daemon.store.db import is_postgres
+from daemon.store.models import Campaign
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import database
@@ -95,6 +96,9 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             + 30.0
         )
         self._inflight: InFlight | None = None
+        # Each campaign's Message 1 text (it never changes), for Meta's
+        # template parameters.
+        self._message1_texts: dict[int, str] = {}
         # Set when this worker stops (hard limit, recycling, shutdown): deliver
         # claims nothing more (daemon/roles/worker.py sets it).
         self.draining = threading.Event()
@@ -499,7 +503,12 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
     def _variables(self, message: Message) -> dict[str, str]:
         if self.cfg.provider.kind != "meta" or message.kind != 1:
             return {}
-        return campaigns.template_values(Contact.get_by_id(message.contact_id))
+        text = self._message1_texts.get(message.campaign_id)
+        if text is None:
+            text = Campaign.get_by_id(message.campaign_id).message1
+            self._message1_texts[message.campaign_id] = text
+        contact = Contact.get_by_id(message.contact_id)
+        return campaigns.template_parameter_values(contact, text)
 
     def fan_out(
         self, campaign_id: int, after: int = 0, until: int | None = None

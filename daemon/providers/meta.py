@@ -7,7 +7,10 @@ Message 1 goes to cold contacts, so on Meta it must be an approved template
 values of ``variables`` ordered by key: keys made only of digits first, by
 number ("1", "2", "10"), then the other keys alphabetically. So a template
 ``Bonjour {{1}}, ... {{2}}`` is fed by variables {"1": ..., "2": ...}, and a
-campaign using named variables gets them in alphabetical order. Message 2 is
+campaign using named variables gets them in alphabetical order. The caller
+passes only the variables the campaign's Message 1 text uses and the
+contact's number-named ones (campaigns.template_parameter_values): Meta
+refuses a template given more parameters than it has (132000). Message 2 is
 sent inside the 24 h window opened by the reply, so it is free text.
 """
 

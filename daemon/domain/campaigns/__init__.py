@@ -77,6 +77,7 @@ from daemon.domain.campaigns.sweep import running_campaign_ids
 from daemon.domain.campaigns.sweep import sweep
 from daemon.domain.campaigns.templates import render
 from daemon.domain.campaigns.templates import template_fields
+from daemon.domain.campaigns.templates import template_parameter_values
 from daemon.domain.campaigns.templates import template_values
 from daemon.domain.campaigns.views import campaign_summary
 from daemon.domain.campaigns.views import list_campaigns
@@ -93,6 +94,7 @@ __all__ = [
     "contact_opted_out",
     "campaign_cancelled",
     "template_fields",
+    "template_parameter_values",
     "template_values",
     "render",
     "create_campaign",

@@ -40,6 +40,21 @@ def template_values(contact) -> dict[str, str]:
     return values
 
 
+def template_parameter_values(contact, message1: str) -> dict[str, str]:
+    """The values a provider template for ``message1`` is given (Meta's body
+    parameters): the variables ``message1``'s text uses, and the contact's
+    variables named by a number ("1", "2": a template's own {{1}}, {{2}}).
+    Not every column of the contact, nor its name and phone unless the text
+    uses them: Meta refuses a template given more parameters than it has
+    (132000)."""
+    used = template_fields(message1)
+    return {
+        key: value
+        for key, value in template_values(contact).items()
+        if key in used or key.isdigit()
+    }
+
+
 def render(template: str, contact: Contact) -> str:
     return template.format_map(template_values(contact))
 
