@@ -42,6 +42,7 @@ from daemon.errors import InputError
 from daemon.errors import NotFoundError
 from daemon.errors import StateError
 from daemon.store import db as db_schema
+from daemon.store.db import close_database
 from daemon.store.db import open_database
 from daemon.store.models import Contact
 from daemon.store.models import iso_z
@@ -465,7 +466,7 @@ def migrate(cfg: Config, args) -> int:
     try:
         applied = db_schema.migrate(db)
     finally:
-        _close(db)
+        close_database(db)
     if applied:
         print(f"applied {plural(len(applied), 'migration')}: {', '.join(applied)}")
     else:
@@ -500,7 +501,7 @@ def _database(cfg: Config) -> Iterator:
         with db.connection_context():
             yield db
     finally:
-        _close(db)
+        close_database(db)
 
 
 def _schema_ready(db) -> None:
@@ -521,14 +522,6 @@ def _schema_ready(db) -> None:
             " restart the daemon (it applies them when it starts) or run"
             " `campaignd migrate`"
         )
-
-
-def _close(db) -> None:
-    close_all = getattr(db, "close_all", None)
-    if close_all:
-        close_all()
-    else:
-        db.close()
 
 
 @contextlib.contextmanager

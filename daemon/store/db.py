@@ -48,6 +48,16 @@ def open_database(cfg: Config, *, migrate_schema: bool = False) -> pw.Database:
     return db
 
 
+def close_database(db: pw.Database) -> None:
+    """Close this thread's connection and, on pooled PostgreSQL, the pool's
+    idle ones: nothing is held afterwards."""
+    if not db.is_closed():
+        db.close()
+    close_all = getattr(db, "close_all", None)
+    if close_all:
+        close_all()
+
+
 def make_database(url: str, cfg: Config | None = None) -> pw.Database:
     busy = cfg.database.busy_timeout_s if cfg else 10.0
     if url.startswith("sqlite:///"):

@@ -48,11 +48,9 @@ def open_and_migrate(cfg, on_start=None):
 def close_database(db) -> None:
     """Close it before the children are spawned, so nothing is held then;
     pooled PostgreSQL keeps idle connections: they are dropped too."""
-    if not db.is_closed():
-        db.close()
-    close_all = getattr(db, "close_all", None)
-    if close_all:
-        close_all()
+    from daemon.store.db import close_database as close
+
+    close(db)
 
 
 def wait_for_database(cfg, connect):

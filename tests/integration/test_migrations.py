@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from daemon.store.db import close_database
 from daemon.store.db import make_database
 from daemon.store.db import migrate
 from daemon.store.db import migration_names
@@ -50,14 +51,6 @@ def _version_counts(db) -> dict[str, int]:
     return dict(rows)
 
 
-def _close(db) -> None:
-    close_all = getattr(db, "close_all", None)
-    if close_all:
-        close_all()
-    else:
-        db.close()
-
-
 def test_migrations_create_every_table(cfg):
     db = open_database(cfg, migrate_schema=True)
     try:
@@ -67,7 +60,7 @@ def test_migrations_create_every_table(cfg):
             tables = set(db.get_tables())
         assert {model._meta.table_name for model in MODELS} <= tables
     finally:
-        _close(db)
+        close_database(db)
 
 
 def test_migrations_are_idempotent_and_keep_data(cfg):
@@ -81,7 +74,7 @@ def test_migrations_are_idempotent_and_keep_data(cfg):
         with db.connection_context():
             assert Contact.get(Contact.phone == "+33612345678").name == "Ann"
     finally:
-        _close(db)
+        close_database(db)
 
 
 def test_open_without_migrate_leaves_the_database_alone(cfg):
@@ -90,7 +83,7 @@ def test_open_without_migrate_leaves_the_database_alone(cfg):
         with db.connection_context():
             assert "schema_version" not in db.get_tables()
     finally:
-        _close(db)
+        close_database(db)
 
 
 @pytest.mark.timeout(90)
@@ -125,7 +118,7 @@ def test_concurrent_first_start_applies_each_migration_once(cfg):
     try:
         assert _version_counts(db) == dict.fromkeys(migration_names(), 1)
     finally:
-        _close(db)
+        close_database(db)
 
 
 # The indexes m0006 replaces, as m0001..m0005 made them.
@@ -171,7 +164,7 @@ def test_m0006_drops_only_the_redundant_indexes_present(cfg):
                 m0006_lean_indexes.up(db)
             assert _index_names(db) == fresh
     finally:
-        _close(db)
+        close_database(db)
 
 
 def test_a_command_refuses_an_older_schema_until_campaignd_migrate(cfg):
@@ -191,7 +184,7 @@ def test_a_command_refuses_an_older_schema_until_campaignd_migrate(cfg):
                     f"DELETE FROM schema_version WHERE name = {db.param}", (name,)
                 )
     finally:
-        _close(db)
+        close_database(db)
     names = ", ".join(older)
 
     refused = run_cli("contacts", "list", cfg=cfg)
@@ -207,7 +200,7 @@ def test_a_command_refuses_an_older_schema_until_campaignd_migrate(cfg):
         with db.connection_context():
             assert not set(older.values()) & set(db.get_tables())
     finally:
-        _close(db)
+        close_database(db)
 
     applied = run_cli("migrate", cfg=cfg)
     assert (applied.returncode, applied.stdout) == (
@@ -231,4 +224,4 @@ def test_a_command_creates_a_new_database(cfg):
     try:
         assert schema_versions(db) == migration_names()
     finally:
-        _close(db)
+        close_database(db)
