@@ -29,6 +29,7 @@ import peewee as pw
 
 from daemon import owners
 from daemon.domain import campaigns
+from daemon.store.models import CampaignContact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
@@ -142,6 +143,7 @@ def settle(window_s: float, policy: str, now=None, limit: int = 5000) -> Settled
         Message.unconfirmed_at < cutoff
     )
     with database.atomic():
+        confirmed_in = _confirm_replied()
         rows = list(
             Message.select(
                 Message.id,
@@ -200,13 +202,46 @@ def settle(window_s: float, policy: str, now=None, limit: int = 5000) -> Settled
                     campaigns.member_failed(
                         row.campaign_id, row.contact_id, now, row.kind
                     )
-    for campaign_id in {r.campaign_id for r in rows}:
+    for campaign_id in {r.campaign_id for r in rows} | confirmed_in:
         campaigns.maybe_complete(campaign_id)
     if moved:
         log.warning("%d unconfirmed sends -> %s (no evidence)", len(moved), end_status)
     if policy == "fail":
         return Settled(resent=[], failed=len(moved))
     return Settled(resent=[(r.id, r.priority) for r in rows if r.id in moved], failed=0)
+
+
+def _confirm_replied() -> set[int]:
+    """Unconfirmed Message 1 rows whose member replied: sent; their campaigns.
+
+    A reply is the evidence (campaigns.handle_reply confirms an unconfirmed
+    row), but one processed while the row was still `sending` (the provider
+    answering later than the contact) leaves the row to its worker, whose
+    timeout or death then makes it unconfirmed with the evidence already
+    spent. Without this, "resend" sent Message 1 again to a contact who had
+    answered it, and "fail" failed it for `campaign retry-failed` to re-send.
+    """
+    replied = CampaignContact.select(CampaignContact.id).where(
+        CampaignContact.campaign == Message.campaign,
+        CampaignContact.contact == Message.contact,
+        CampaignContact.interacted_at.is_null(False),
+    )
+    confirmable = (
+        (Message.status == MessageStatus.UNCONFIRMED)
+        & (Message.kind == 1)
+        & pw.fn.EXISTS(replied)
+    )
+    found = list(Message.select(Message.id, Message.campaign).where(confirmable))
+    ids = [m.id for m in found]
+    for start in range(0, len(ids), _CHUNK):
+        Message.update(
+            status=MessageStatus.SENT,
+            sent_at=pw.fn.COALESCE(Message.sent_at, Message.unconfirmed_at),
+            error=None,
+        ).where(Message.id.in_(ids[start : start + _CHUNK]), confirmable).execute()
+    if ids:
+        log.info("%d unconfirmed Message 1 sends confirmed by a reply", len(ids))
+    return {m.campaign_id for m in found}
 
 
 def count() -> int:
