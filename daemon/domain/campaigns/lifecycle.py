@@ -286,6 +286,9 @@ def retry_failed(campaign_id: int, tasks) -> int:
             return 0
         ids = [m.id for m in failed]
         for start in range(0, len(ids), _CHUNK):
+            # A new send: the times of the failed one (accepted, then
+            # reported failed) go, so the reply window and the expiry count
+            # from the new one (record_sent keeps a sent_at already there).
             Message.update(
                 status=MessageStatus.QUEUED,
                 attempts=0,
@@ -293,12 +296,19 @@ def retry_failed(campaign_id: int, tasks) -> int:
                 next_attempt_at=None,
                 error=None,
                 failed_at=None,
+                sent_at=None,
+                delivered_at=None,
+                read_at=None,
                 enqueued_at=utcnow(),
             ).where(Message.id.in_(ids[start : start + _CHUNK])).execute()
         for kind, back_to in ((1, MemberState.PENDING), (2, MemberState.INTERACTED)):
             contacts = [m.contact_id for m in failed if m.kind == kind]
+            # Message 1 again: its member's send time is the new one's too.
+            again = {"message1_sent_at": None} if kind == 1 else {}
             for start in range(0, len(contacts), _CHUNK):
-                CampaignContact.update(state=back_to, updated_at=utcnow()).where(
+                CampaignContact.update(
+                    state=back_to, updated_at=utcnow(), **again
+                ).where(
                     CampaignContact.campaign == campaign_id,
                     CampaignContact.contact.in_(contacts[start : start + _CHUNK]),
                     CampaignContact.state == MemberState.FAILED,
