@@ -88,6 +88,8 @@ def handle_reply(
         campaign = Campaign.get_by_id(campaign_id)
         _confirm_message1_by_reply(campaign.id, contact.id, now)
         ids = _insert_messages([_message_row(campaign, contact, 2, now)])
+        if not ids:
+            ids = _queue_expired_message2(campaign.id, contact.id, now)
         _record_interaction(contact, campaign, event_id, body, "message_2", now)
     return ReplyOutcome("message_2_queued", ids[0] if ids else None)
 
@@ -150,6 +152,35 @@ def _take_member_for_reply(contact: Contact, window_h: float, now) -> int | None
     values = (now, now, now, contact.id, cutoff, created_after)
     row = database.execute_sql(sql, values).fetchone()
     return row[0] if row else None
+
+
+def _queue_expired_message2(campaign_id: int, contact_id: int, now) -> list[int]:
+    """The member's Message 2 row exists already: it expired unsent (claimed
+    past WhatsApp's 24 h window, a campaign paused too long), and this reply
+    came back inside the reply window (`reply_window_h` above 24 h). The
+    reply opens a new 24 h window: the row is queued again, its window from
+    now (`created_at`, as a new row's). Before, the row stayed expired, the
+    member `interacted` for good and the campaign never completed."""
+    query = (
+        Message.update(
+            status=MessageStatus.QUEUED,
+            created_at=now,
+            attempts=0,
+            failures=0,
+            next_attempt_at=None,
+            paced_until=None,
+            error=None,
+            enqueued_at=now,
+        )
+        .where(
+            Message.campaign == campaign_id,
+            Message.contact == contact_id,
+            Message.kind == 2,
+            Message.status == MessageStatus.EXPIRED,
+        )
+        .returning(Message.id)
+    )
+    return [row[0] for row in query.tuples().execute()]
 
 
 def _answered_member(contact: Contact) -> Campaign | None:
