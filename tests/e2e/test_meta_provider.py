@@ -27,19 +27,19 @@ import pytest
 
 from daemon import testing as ch
 from daemon.providers.fake import FakeOptions
-from daemon.providers.fake import FakeProvider
 from daemon.providers.fake import reply_plan
 from daemon.store.models import Contact
 from daemon.store.models import InboundEvent
 from daemon.store.models import Message
 from daemon.store.models import database
+from tests.meta_helpers import APP_SECRET
+from tests.meta_helpers import TEMPLATE
+from tests.meta_helpers import VERIFY_TOKEN
+from tests.meta_helpers import meta_daemon
+from tests.meta_helpers import wait_settled
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-TOKEN = "EAAG-e2e-token"
-APP_SECRET = "meta-app-secret"
-VERIFY_TOKEN = "meta-verify-token"
-TEMPLATE = "campaign_intro"
 SEED = 11
 OPT_OUT_SHARE = 0.4
 PHONES = ch.contact_phones(10, invalid_every=0)
@@ -57,62 +57,19 @@ def meta_run():
     (daemon, cfg, fake, campaign_id, web_port)."""
     assert STOPPERS and REPLIERS  # the seed gives both kinds of answer
     work = Path(tempfile.mkdtemp(prefix="meta-e2e-", dir="/tmp"))
-    web_port = ch.free_port()
     options = FakeOptions(
-        dialect="meta",
-        token=TOKEN,
-        templates=(f"{TEMPLATE}:2",),
-        webhook_url=f"http://127.0.0.1:{web_port}/webhooks/whatsapp",
-        webhook_secret=APP_SECRET,
         ack_delays_ms=(20.0, 40.0, 60.0),
         reply_share=1.0,
         opt_out_share=OPT_OUT_SHARE,
         reply_delay_ms=150.0,
         seed=SEED,
     )
-    fake = FakeProvider(options).start()
-    daemon = None
     try:
-        tables = ch.merge_tables(
-            ch.fast_tables(work, fake.url, web_port),
-            {
-                "provider": {
-                    "kind": "meta",
-                    "token": TOKEN,
-                    "phone_number_id": options.phone_number_id,
-                    "template_name": TEMPLATE,
-                    "template_language": "fr",
-                    "app_secret": APP_SECRET,
-                    "verify_token": VERIFY_TOKEN,
-                },
-            },
-        )
-        cfg = ch.write_config(work, tables)
-        daemon = ch.DaemonUnderTest(cfg, work, restart_delay_s=3600).start()
-        try:
-            daemon.wait_ready(60)
-        except AssertionError:
-            raise AssertionError(daemon.log_text()[-4000:]) from None
-        campaign_id = ch.seed_campaign(cfg, PHONES)
-        try:
-            ch.wait_until(
-                lambda: ch.settled(ch.campaign_state(campaign_id), fake),
-                60,
-                0.2,
-                "the campaign settled",
-            )
-        except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}: {ch.campaign_state(campaign_id)} {fake.stats()}\n"
-                f"{daemon.log_text()[-4000:]}"
-            ) from None
-        yield daemon, cfg, fake, campaign_id, web_port
+        with meta_daemon(work, options) as (daemon, cfg, fake, web_port):
+            campaign_id = ch.seed_campaign(cfg, PHONES)
+            wait_settled(daemon, fake, campaign_id, 60)
+            yield daemon, cfg, fake, campaign_id, web_port
     finally:
-        if daemon is not None:
-            daemon.stop(timeout=20)
-            daemon.close()
-        fake.stop()
-        database.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
