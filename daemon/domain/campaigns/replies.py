@@ -117,7 +117,10 @@ def _quoted(values: Iterable[str]) -> str:
 # Written out once, as the send path's statements are (sending.py): peewee
 # took longer to build this join than PostgreSQL to run it (W6,
 # docs/benchmarks.md). `state IN` twice: a reply processed concurrently
-# that took the member first makes this one match nothing.
+# that took the member first makes this one match nothing. A row with no
+# send time (attempted, not recorded) is bounded by its creation instead:
+# the window plus 30 days. Only such rows: a paced campaign sends rows the
+# fan-out made weeks before (a Message 1 sent on day 40 lost its replies).
 _TAKE_MEMBER_SQL = f"""
 UPDATE campaign_contact
    SET state = 'interacted', interacted_at = {{p}}, updated_at = {{p}},
@@ -135,8 +138,8 @@ UPDATE campaign_contact
           AND campaign.status IN ('running', 'paused')
           AND (message1.status IN ({_quoted(_ATTEMPTED)})
                OR (message1.status = 'queued' AND message1.attempts > 0))
-          AND (message1.sent_at IS NULL OR message1.sent_at >= {{p}})
-          AND message1.created_at >= {{p}}
+          AND (message1.sent_at >= {{p}}
+               OR (message1.sent_at IS NULL AND message1.created_at >= {{p}}))
         ORDER BY message1.id DESC
         LIMIT 1)
 RETURNING campaign_id
