@@ -105,6 +105,15 @@ class PauseCampaignError(PermanentError):
     """Every further send of the campaign would fail too (spam limit, template)."""
 
 
+# HTTP statuses by which a provider refuses our credentials (a wrong or
+# expired provider.token, a revoked permission): every send of every campaign
+# would fail alike, and none is the contact's fault. The campaign pauses
+# (its rows stay queued) instead of failing each member; the health check's
+# provider part alerts; after the token is fixed, `campaign resume`.
+CREDENTIALS_REFUSED = frozenset({401, 403})
+CREDENTIALS_HINT = "the provider refused provider.token"
+
+
 class Provider(Protocol):
     """An outbound provider client, shared by several worker threads."""
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from daemon.config import ProviderConfig
 from daemon.providers.base import ACK_STATUS
+from daemon.providers.base import CREDENTIALS_HINT
+from daemon.providers.base import CREDENTIALS_REFUSED
 from daemon.providers.base import KIND_FIRST
 from daemon.providers.base import IgnoredEvent
 from daemon.providers.base import InboundMessage
@@ -64,6 +66,8 @@ CAMPAIGN_ACTIONS = {
 }
 _OPTED_OUT_CODES = frozenset(c for c, a in CAMPAIGN_ACTIONS.items() if a == "opt_out")
 _PAUSE_CODES = frozenset(c for c, a in CAMPAIGN_ACTIONS.items() if a == "pause")
+# OAuthException: the access token is invalid or expired (HTTP 401).
+_TOKEN_CODE = 190
 # Per-user marketing cap: retry no earlier than 24 h later.
 _MARKETING_CAP_CODE = 131049
 _DAY_S = 86400.0
@@ -209,6 +213,9 @@ def _error(resp: Response, what: str) -> ProviderError:
     if code in _OPTED_OUT_CODES:
         return RecipientOptedOutError(reason, http_status=status, code=code)
     if code in _PAUSE_CODES:
+        return PauseCampaignError(reason, http_status=status, code=code)
+    if code == _TOKEN_CODE or status in CREDENTIALS_REFUSED:
+        reason = f"{reason} ({CREDENTIALS_HINT})"
         return PauseCampaignError(reason, http_status=status, code=code)
     if code in _PERMANENT_CODES:
         return PermanentError(reason, http_status=status, code=code)

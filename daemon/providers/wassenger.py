@@ -15,9 +15,12 @@ from typing import Any
 
 from daemon.config import ProviderConfig
 from daemon.providers.base import ACK_STATUS
+from daemon.providers.base import CREDENTIALS_HINT
+from daemon.providers.base import CREDENTIALS_REFUSED
 from daemon.providers.base import IgnoredEvent
 from daemon.providers.base import InboundMessage
 from daemon.providers.base import NumberCheck
+from daemon.providers.base import PauseCampaignError
 from daemon.providers.base import PermanentError
 from daemon.providers.base import ProviderError
 from daemon.providers.base import ProviderEvent
@@ -143,8 +146,9 @@ class WassengerProvider:
 def _error(resp: Response, what: str) -> ProviderError:
     """The exception for a non-2xx answer, with a readable reason.
 
-    4xx (bad phone 400, bad token 401/403, 404, conflict 409...) cannot get
-    better by trying again, except 408 and 429; 5xx and the rest can.
+    4xx (bad phone 400, 404, conflict 409...) cannot get better by trying
+    again, except 408 and 429; 5xx and the rest can. A refused token (401,
+    403) pauses the campaign: CREDENTIALS_REFUSED.
     """
     data = resp.json()
     message: str | None = None
@@ -168,6 +172,9 @@ def _error(resp: Response, what: str) -> ProviderError:
             code=code,
             retry_after=parse_retry_after(resp.headers.get("retry-after")),
         )
+    if status in CREDENTIALS_REFUSED:
+        reason = f"{reason} ({CREDENTIALS_HINT})"
+        return PauseCampaignError(reason, http_status=status, code=code)
     if 400 <= status < 500:
         return PermanentError(reason, http_status=status, code=code)
     # 1xx/3xx: not an API answer (a proxy or captive portal); try again later.

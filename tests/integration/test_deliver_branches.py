@@ -117,6 +117,45 @@ def test_pause_code_on_send_pauses_and_gives_the_row_back(meta, graph, code):
     assert message(ids[1]).status == "queued"
 
 
+@pytest.mark.parametrize("status, code", [(401, 190), (403, 10)])
+def test_a_refused_token_pauses_instead_of_failing_every_member(
+    meta, graph, status, code
+):
+    """A wrong or expired provider.token: no contact's fault. Before, every
+    Message 1 failed, and the campaign completed with nobody reached."""
+    cid, contacts, ids = running(meta, 2)
+    for row_id in ids:
+        graph.fail(message(row_id).phone, code, status)
+
+    assert meta.tasks.deliver(ids[0]) == "campaign paused"
+
+    paused = campaign(cid)
+    assert paused.status == "paused"
+    assert f"HTTP {status}" in paused.status_reason
+    assert "refused provider.token" in paused.status_reason
+    assert [message(i).status for i in ids] == ["queued", "queued"]
+    assert [member_state(cid, c) for c in contacts] == [MemberState.PENDING] * 2
+    # The token fixed and the campaign resumed: both go out.
+    graph.errors.clear()
+    campaigns.resume_campaign(cid, meta.tasks)
+    assert [meta.tasks.deliver(i) for i in ids] == ["sent", "sent"]
+
+
+def test_a_refused_token_pauses_on_wassenger_too(make_config, fake):
+    fake.configure(token="the-right-token")
+    provider = {"base_url": fake.url, "token": "an-old-token"}
+    pipeline = build_pipeline(make_config("sqlite", {"provider": provider}))
+    try:
+        cid, contacts, ids = running(pipeline, 1)
+        assert pipeline.tasks.deliver(ids[0]) == "campaign paused"
+        assert "HTTP 401" in campaign(cid).status_reason
+        assert message(ids[0]).status == "queued"
+        assert member_state(cid, contacts[0]) == MemberState.PENDING
+        assert fake.stats()["sends_accepted"] == 0
+    finally:
+        pipeline.close()
+
+
 @pytest.mark.parametrize("code", PAUSE_CODES)
 def test_pause_code_when_the_campaign_was_paused_meanwhile(meta, graph, code):
     """Paused by the operator (or by another worker's send) while this send

@@ -9,6 +9,7 @@ import pytest
 from daemon.config import ProviderConfig
 from daemon.errors import ConfigError
 from daemon.providers import make_provider
+from daemon.providers.base import PauseCampaignError
 from daemon.providers.base import PermanentError
 from daemon.providers.base import RetryableError
 from daemon.providers.fake import FakeOptions
@@ -63,12 +64,13 @@ def test_send_with_device_and_repeated_reference(fake):
     p.close()
 
 
-def test_bad_token_is_permanent(fake):
+def test_bad_token_pauses_the_campaign(fake):
     p = make_provider(ProviderConfig(base_url=fake.url, token="wrong"))
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(PauseCampaignError) as err:
         p.send(PHONE, "hi", "r", kind=1, variables={})
     assert err.value.http_status == 401
-    assert "HTTP 401" in err.value.reason and "token" in err.value.reason
+    assert "HTTP 401" in err.value.reason
+    assert err.value.reason.endswith("(the provider refused provider.token)")
     p.close()
 
 
