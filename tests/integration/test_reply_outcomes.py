@@ -252,6 +252,52 @@ def test_reply_after_opting_out_is_opted_out_before(pipeline):
     assert messages_2(cid) == []
 
 
+# The same line as imported (E.164) and as WhatsApp may name the sender.
+WHATSAPP_FORMS = [
+    ("+525512345678", "+5215512345678"),  # Mexico: WhatsApp keeps the mobile 1
+    ("+5491123456789", "+541123456789"),  # Argentina: imported with its 9
+    ("+5511987654321", "+551187654321"),  # Brazil: an account older than the 9th digit
+    ("+551187654321", "+5511987654321"),
+]
+
+
+@pytest.mark.parametrize(("imported", "sender"), WHATSAPP_FORMS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_reply_and_a_stop_from_the_whatsapp_form_of_the_number(
+    pipeline, provider, imported, sender
+):
+    """Before: unknown_contact, so no Message 2, and a STOP that changed
+    nothing (the contact kept getting later campaigns)."""
+    (cid_contact,) = seed_contacts(1, start=500, phone=imported)
+    created = new_campaign([cid_contact], name="mx")
+    campaigns.start_campaign(created.id, pipeline.tasks)
+    pipeline.tasks.fan_out(created.id)
+    assert pipeline.tasks.deliver(message_of(created.id, cid_contact).id) == "sent"
+
+    event_id = reply(pipeline, provider, sender, "Oui")
+    assert result(event_id) == "reply: message_2_queued"
+    (second,) = messages_2(created.id)
+    assert second.contact_id == cid_contact and second.phone == imported
+
+    stop = reply(pipeline, provider, sender, "STOP")
+    assert result(stop) == "reply: opted_out"
+    assert contact(cid_contact).opted_out_at is not None
+
+
+def test_the_exact_number_wins_over_its_whatsapp_form(pipeline):
+    # Both forms imported, as two contacts: the sender's own is the one.
+    mexico, with_one = seed_contacts(1, start=600, phone="+525512345678") + (
+        seed_contacts(1, start=601, phone="+5215512345678")
+    )
+    created = new_campaign([mexico, with_one], name="both")
+    campaigns.start_campaign(created.id, pipeline.tasks)
+    pipeline.tasks.fan_out(created.id)
+    for contact_id in (mexico, with_one):
+        assert pipeline.tasks.deliver(message_of(created.id, contact_id).id) == "sent"
+    reply(pipeline, "wassenger", "+5215512345678", "Oui")
+    assert [m.contact_id for m in messages_2(created.id)] == [with_one]
+
+
 # ---------------------------------------------------------------- ignored
 
 

@@ -21,6 +21,7 @@ from daemon.domain.campaigns.fanout import _message_row
 from daemon.domain.campaigns.lifecycle import maybe_complete
 from daemon.domain.campaigns.sending import _member_after_send
 from daemon.domain.campaigns.sending import member_failed
+from daemon.domain.contacts.phones import whatsapp_variants
 from daemon.store.models import Campaign
 from daemon.store.models import CampaignContact
 from daemon.store.models import CampaignStatus
@@ -66,7 +67,7 @@ def handle_reply(
     now = now or utcnow()
     if is_group:
         return ReplyOutcome("ignored_group")
-    contact = Contact.get_or_none(Contact.phone == phone)
+    contact = Contact.get_or_none(Contact.phone == phone) or _contact_by_variant(phone)
     if contact is None:
         return ReplyOutcome("unknown_contact")
     if is_opt_out(body, opt_out_keywords):
@@ -92,6 +93,13 @@ def handle_reply(
             ids = _queue_expired_message2(campaign.id, contact.id, now)
         _record_interaction(contact, campaign, event_id, body, "message_2", now)
     return ReplyOutcome("message_2_queued", ids[0] if ids else None)
+
+
+def _contact_by_variant(phone: str) -> Contact | None:
+    """The contact imported under another form of this WhatsApp number
+    (Mexico's 521, Argentina's 549, Brazil's ninth digit), if any."""
+    variants = whatsapp_variants(phone)
+    return Contact.get_or_none(Contact.phone.in_(variants)) if variants else None
 
 
 def _transaction():

@@ -250,3 +250,31 @@ def check_region(region: str) -> str:
     if code not in phonenumbers.SUPPORTED_REGIONS:
         raise InputError(f"unknown region {region!r} (expected e.g. FR, BE, US)")
     return code
+
+
+def whatsapp_variants(phone: str) -> tuple[str, ...]:
+    """The other E.164 forms under which WhatsApp may know the same line.
+
+    WhatsApp ids (a webhook's sender) keep forms the numbering plans dropped
+    or never had: Mexico's mobile "1" (wa_id 521 + 10 digits, E.164 +52 + 10
+    since 2019), Argentina's mobile "9" (549... against +54... as often
+    written), and Brazil's ninth digit (an account older than the ninth
+    digit keeps 55 + area + 8 digits). A reply, or a STOP, from one form must
+    reach the contact imported in the other. Only those three countries; ()
+    for every other number.
+    """
+    digits = phone.removeprefix("+")
+    country, national = digits[:2], digits[2:]
+    if country == "52" and len(national) == 11 and national[0] == "1":
+        return (f"+52{national[1:]}",)
+    if country == "52" and len(national) == 10:
+        return (f"+521{national}",)
+    if country == "54" and len(national) == 11 and national[0] == "9":
+        return (f"+54{national[1:]}",)
+    if country == "54" and len(national) == 10:
+        return (f"+549{national}",)
+    if country == "55" and len(national) == 11 and national[2] == "9":
+        return (f"+55{national[:2]}{national[3:]}",)
+    if country == "55" and len(national) == 10 and national[2] in "6789":
+        return (f"+55{national[:2]}9{national[2:]}",)
+    return ()
