@@ -421,6 +421,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         return "campaign paused"
 
     def _after_permanent(self, message, owner, reason: str) -> str:
+        if campaigns.replied_meanwhile(message, owner, utcnow()):
+            return "sent: the contact replied"
         campaigns.record_failure(message, owner, reason)
         _count_send(message.kind, "failed")
         log.warning("%s failed: %s", _which(message), reason)
@@ -477,6 +479,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         )
         if retry.withdrawn:
             return f"cancelled: {retry.withdrawn}"
+        if retry.replied:
+            return "sent: the contact replied"
         if retry.failed:
             _count_send(message.kind, "failed")
             log.warning(

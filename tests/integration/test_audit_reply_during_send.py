@@ -55,11 +55,11 @@ def fake_options() -> FakeOptions:
 def pipeline_for(request, make_config, fake):
     built = []
 
-    def build(policy: str):
+    def build(policy: str, timeout_s: float = TIMEOUT_S):
         extra = {
             "provider": {
                 "base_url": fake.url,
-                "timeout_s": TIMEOUT_S,
+                "timeout_s": timeout_s,
                 "confirm_window_s": WINDOW_S,
                 "unconfirmed": policy,
             }
@@ -143,3 +143,34 @@ def test_a_reply_while_message_1_is_on_the_wire_confirms_it(pipeline_for, fake, 
     assert campaigns.get_campaign(campaign.id).status == "completed"
     # And `campaign retry-failed` has nothing to send again.
     assert campaigns.retry_failed(campaign.id, pipeline.tasks) == 0
+
+
+def test_a_reply_while_message_1_is_on_the_wire_then_a_500_is_not_retried(
+    pipeline_for, fake
+):
+    """The provider takes Message 1, the contact answers, then the provider
+    answers 500 (a gateway error after it forwarded the message). Before: the
+    row was queued for a retry, and the retry was a second Message 1."""
+    # Our timeout above the fake's latency: the answer is the 500.
+    pipeline = pipeline_for("fail", timeout_s=LATENCY_MS / 1000 * 2)
+    (contact_id,) = seed_contacts(1)
+    phone = Contact.get_by_id(contact_id).phone
+    campaign = new_campaign([contact_id])
+    campaigns.start_campaign(campaign.id, pipeline.tasks)
+    (message_id,) = campaigns.fan_out(campaign.id)
+    fake.configure(fail_after_accept_rate=1.0)
+
+    outcome = reply_while_on_the_wire(pipeline, fake, message_id, phone)
+    fake.configure(fail_after_accept_rate=0.0)
+
+    assert outcome == "sent: the contact replied"
+    row = Message.get_by_id(message_id)
+    assert (row.status, row.next_attempt_at) == ("sent", None)
+    (message2,) = Message.select().where(Message.kind == 2)
+    assert pipeline.tasks.deliver(message2.id) == "sent"
+    # Nothing left to send again, by any path.
+    assert pipeline.tasks.deliver(message_id) == "not claimable"
+    assert campaigns.retry_failed(campaign.id, pipeline.tasks) == 0
+    wait_for(lambda: phone_shows(fake, phone)["m2"] == 1, 5, what="m2")
+    assert phone_shows(fake, phone) == {"m1": 1, "m2": 1}
+    assert campaigns.get_campaign(campaign.id).status == "completed"

@@ -28,6 +28,7 @@ below are its public interface.
 from daemon.domain.campaigns.common import MAX_INTERRUPTED_ATTEMPTS
 from daemon.domain.campaigns.common import PRIORITY_MESSAGE_2
 from daemon.domain.campaigns.common import SESSION_WINDOW
+from daemon.domain.campaigns.common import Backoff
 from daemon.domain.campaigns.common import campaign_cancelled
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.common import idempotency_key
@@ -51,7 +52,6 @@ from daemon.domain.campaigns.replies import handle_reply
 from daemon.domain.campaigns.replies import is_opt_out
 from daemon.domain.campaigns.replies import opt_out_contact
 from daemon.domain.campaigns.sending import AcceptedSend
-from daemon.domain.campaigns.sending import Backoff
 from daemon.domain.campaigns.sending import ClaimedMessage
 from daemon.domain.campaigns.sending import cancel_if_withdrawn
 from daemon.domain.campaigns.sending import cancel_unclaimable
@@ -68,6 +68,7 @@ from daemon.domain.campaigns.sending import record_sent
 from daemon.domain.campaigns.sending import record_sent_many
 from daemon.domain.campaigns.sending import release
 from daemon.domain.campaigns.sending import release_leases
+from daemon.domain.campaigns.sending import replied_meanwhile
 from daemon.domain.campaigns.sending import still_sendable
 from daemon.domain.campaigns.sending import unconfirmed_values
 from daemon.domain.campaigns.sweep import SweepResult
@@ -127,6 +128,7 @@ __all__ = [
     "record_sent_many",
     "AcceptedSend",
     "record_failure",
+    "replied_meanwhile",
     "expire_message2",
     "member_failed",
     "Backoff",

@@ -4,6 +4,8 @@ key of a message and the opted-out test the claim and the retries use."""
 from __future__ import annotations
 
 import datetime as dt
+import random
+from dataclasses import dataclass
 
 import peewee as pw
 
@@ -50,3 +52,20 @@ def campaign_cancelled():
     return Message.campaign.in_(
         Campaign.select(Campaign.id).where(Campaign.status == CampaignStatus.CANCELLED)
     )
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_s: float
+    factor: float
+    cap_s: float
+    jitter: float
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Delay before the retry after the `failures`-th failure (1-based).
+
+        With base 60, factor 2: 60 s, 120 s, 240 s ... capped at cap_s, then
+        up to `jitter` of it added at random.
+        """
+        raw = min(self.cap_s, self.base_s * self.factor ** max(failures - 1, 0))
+        return raw * (1 + self.jitter * (rng or random).random())

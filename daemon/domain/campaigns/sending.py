@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -432,6 +431,25 @@ def unconfirmed_values(now, error: str) -> dict:
     }
 
 
+def replied_meanwhile(message, owner: str, now) -> bool:
+    """A Message 1 whose contact answered while its request was out (the
+    reply does not touch a `sending` row, its worker records the outcome):
+    it reached them, whatever error the provider answered after taking it (a
+    5xx, a timeout behind a proxy). Recorded sent; a retry, or a failure that
+    `campaign retry-failed` would queue again, would show it twice."""
+    if message.kind != 1:
+        return False
+    replied = CampaignContact.select().where(
+        CampaignContact.campaign == message.campaign_id,
+        CampaignContact.contact == message.contact_id,
+        CampaignContact.interacted_at.is_null(False),
+    )
+    if not replied.exists():
+        return False
+    record_sent(message, owner, None, None, now)
+    return True
+
+
 def record_failure(message, owner: str, reason: str, now=None) -> bool:
     """Permanent failure: failed with the provider's reason."""
     now = now or utcnow()
@@ -502,29 +520,13 @@ def member_failed(campaign_id: int, contact_id: int, now, kind: int) -> None:
     ).execute()
 
 
-@dataclass(frozen=True)
-class Backoff:
-    base_s: float
-    factor: float
-    cap_s: float
-    jitter: float
-
-    def delay(self, failures: int, rng: random.Random | None = None) -> float:
-        """Delay before the retry after the `failures`-th failure (1-based).
-
-        With base 60, factor 2: 60 s, 120 s, 240 s ... capped at cap_s, then
-        up to `jitter` of it added at random.
-        """
-        raw = min(self.cap_s, self.base_s * self.factor ** max(failures - 1, 0))
-        return raw * (1 + self.jitter * (rng or random).random())
-
-
 class Retry(NamedTuple):
     """What `record_retryable` did with a refused send's row."""
 
     next_at: dt.datetime | None = None  # queued again, due then
     withdrawn: str = ""  # cancelled instead: why (cancel_if_withdrawn)
     failed: bool = False  # its attempts used up: failed instead
+    replied: bool = False  # sent instead: its contact answered (replied_meanwhile)
     # None of them: the row was not ours any more (its lease was lost, or
     # an earlier try of this record committed before its error).
 
@@ -543,6 +545,8 @@ def record_retryable(
     now = now or utcnow()
     if withdrawn := cancel_if_withdrawn(message, owner):
         return Retry(withdrawn=withdrawn)
+    if replied_meanwhile(message, owner, now):
+        return Retry(replied=True)
     failures = message.failures + 1
     if failures >= max_attempts:
         reason = f"{reason} (after {failures} attempts)"
