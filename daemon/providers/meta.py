@@ -322,6 +322,11 @@ def _inbound(message: dict) -> ProviderEvent:
     phone = as_e164(message.get("from"))
     if phone is None:
         return IgnoredEvent("meta message without a sender")
+    if as_text(message.get("type")) == "system":
+        # WhatsApp speaking (the user changed number, their identity key
+        # changed), not the contact answering: no Message 2 for it.
+        what = as_text(as_dict(message.get("system")).get("type")) or "system"
+        return IgnoredEvent(f"meta system message ({what})")
     body = ""
     for path in _TEXT_PATHS:
         node: Any = message

@@ -249,6 +249,22 @@ def test_meta_non_text_messages(message, body):
     assert isinstance(event, InboundMessage) and event.body == body
 
 
+def test_meta_system_messages_are_not_replies():
+    payload = load("meta_message_text.json")
+    msg = payload["entry"][0]["changes"][0]["value"]["messages"][0]
+    del msg["text"]
+    msg.update(
+        type="system",
+        system={
+            "body": "User A changed from 16505551234 to 16505559999",
+            "new_wa_id": "16505559999",
+            "type": "user_changed_number",
+        },
+    )
+    event = only(META, payload)[1]
+    assert event == IgnoredEvent("meta system message (user_changed_number)")
+
+
 def test_meta_delivered_status():
     key, event = only(META, load("meta_status_delivered.json"))
     wamid = "wamid.HBgNNTUxNjk5MjMxODIyMhUCABEYEjgxQkVFRDVBQTVDODFDOTg3MQA="
