@@ -4,13 +4,14 @@ Shapes and the error-code table come from providers.md section C.
 
 Message 1 goes to cold contacts, so on Meta it must be an approved template
 (``template_name`` / ``template_language``). Its body parameters are the
-values of ``variables`` ordered by key: keys made only of digits first, by
-number ("1", "2", "10"), then the other keys alphabetically. So a template
-``Bonjour {{1}}, ... {{2}}`` is fed by variables {"1": ..., "2": ...}, and a
-campaign using named variables gets them in alphabetical order. The caller
-passes only the variables the campaign's Message 1 text uses and the
-contact's number-named ones (campaigns.template_parameter_values): Meta
-refuses a template given more parameters than it has (132000). Message 2 is
+values of ``variables``: keys made only of digits first, by number ("1",
+"2", "10"), then the other keys in the order given. So a template ``Bonjour
+{{1}}, ... {{2}}`` is fed by variables {"1": ..., "2": ...}. The caller
+passes the contact's number-named variables and those the campaign's
+Message 1 text uses, in the order they appear in it
+(campaigns.template_parameter_values): a template written like the text
+reads the same; Meta refuses a template given more parameters than it has
+(132000). Message 2 is
 sent inside the 24 h window opened by the reply, so it is free text.
 """
 
@@ -76,10 +77,9 @@ _DAY_S = 86400.0
 def template_parameters(variables: dict[str, str]) -> list[str]:
     """Template body parameter values, in the order documented above."""
 
-    def order(key: str) -> tuple[int, int, str]:
-        return (0, int(key), "") if key.isdigit() else (1, 0, key)
-
-    return [str(variables[key]) for key in sorted(variables, key=order)]
+    numbered = sorted((key for key in variables if key.isdigit()), key=int)
+    named = [key for key in variables if not key.isdigit()]
+    return [str(variables[key]) for key in numbered + named]
 
 
 class MetaProvider:

@@ -83,12 +83,12 @@ def test_message1_reaches_each_phone_once_as_the_template(meta_run):
     firsts = {m["phone"]: m for m in fake.messages() if m["kind"] == "m1"}
     for n, phone in enumerate(PHONES, 1):
         # Message 1 "Bonjour {name}, une offre à {city} ...": the template's
-        # two body parameters, in the documented (alphabetical) order.
+        # two body parameters, in the order the text uses them.
         assert firsts[phone]["type"] == "template"
         assert firsts[phone]["template"] == {
             "name": TEMPLATE,
             "language": "fr",
-            "parameters": ["Lyon", f"Contact {n}"],
+            "parameters": [f"Contact {n}", "Lyon"],
         }
     assert fake.stats()["invalid_requests"] == 0
 

@@ -69,8 +69,9 @@ def test_the_parameters_are_the_variables_message1_uses(pipeline, fake):
     variables = {"city": "Lyon", "zip": "69001", "segment": "b"}
     rows = send_campaign(pipeline, "Bonjour {name} de {city}", variables)
     assert [r.status for r in rows] == ["sent", "sent"], [r.error for r in rows]
-    # Named variables in alphabetical order: {city}, then {name}.
-    assert sent_parameters(fake) == [["Lyon", "Contact 0"], ["Lyon", "Contact 1"]]
+    # In the order the text uses them, so "Bonjour {{1}} de {{2}}" reads
+    # as the text does (before: alphabetical, "Bonjour Lyon de Contact 0").
+    assert sent_parameters(fake) == [["Contact 0", "Lyon"], ["Contact 1", "Lyon"]]
     assert fake.phone_counts() == {
         "+33600000001": {"m1": 1},
         "+33600000011": {"m1": 1},

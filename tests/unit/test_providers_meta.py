@@ -161,11 +161,12 @@ def test_text_for_message_2(stub):
 
 
 def test_parameter_order_rule():
+    # Numbered keys by number, then the others in the order given.
     assert template_parameters({"b": "2", "a": "1", "3": "x", "1": "y"}) == [
         "y",
         "x",
-        "1",
         "2",
+        "1",
     ]
 
 

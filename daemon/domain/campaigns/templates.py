@@ -13,7 +13,13 @@ _BUILTIN_FIELDS = ("name", "phone")
 
 def template_fields(template: str) -> set[str]:
     """The `{variable}` names a template uses; InputError if it is malformed."""
-    fields = set()
+    return set(template_field_order(template))
+
+
+def template_field_order(template: str) -> list[str]:
+    """The `{variable}` names a template uses, each once, in the order they
+    first appear; InputError if it is malformed."""
+    fields: dict[str, None] = {}
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -28,8 +34,8 @@ def template_fields(template: str) -> set[str]:
             )
         if format_spec or conversion:
             raise InputError(f"template variable {{{field_name}}}: no format specs")
-        fields.add(field_name)
-    return fields
+        fields.setdefault(field_name)
+    return list(fields)
 
 
 def template_values(contact) -> dict[str, str]:
@@ -42,17 +48,17 @@ def template_values(contact) -> dict[str, str]:
 
 def template_parameter_values(contact, message1: str) -> dict[str, str]:
     """The values a provider template for ``message1`` is given (Meta's body
-    parameters): the variables ``message1``'s text uses, and the contact's
-    variables named by a number ("1", "2": a template's own {{1}}, {{2}}).
-    Not every column of the contact, nor its name and phone unless the text
-    uses them: Meta refuses a template given more parameters than it has
-    (132000)."""
-    used = template_fields(message1)
-    return {
-        key: value
-        for key, value in template_values(contact).items()
-        if key in used or key.isdigit()
-    }
+    parameters), in their order: the contact's variables named by a number
+    ("1", "2": a template's own {{1}}, {{2}}) by number, then the variables
+    ``message1``'s text uses in the order they appear in it, so that a
+    template written like the text ("Bonjour {{1}} de {{2}}" for "Bonjour
+    {name} de {city}") reads the same on the phone. Not every column of the
+    contact, nor its name and phone unless the text uses them: Meta refuses
+    a template given more parameters than it has (132000)."""
+    values = template_values(contact)
+    numbered = sorted((key for key in values if key.isdigit()), key=int)
+    used = [key for key in template_field_order(message1) if key in values]
+    return {key: values[key] for key in numbered + used}
 
 
 def render(template: str, contact: Contact) -> str:
