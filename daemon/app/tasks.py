@@ -410,9 +410,12 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         return "sent"
 
     def _after_opted_out(self, message, owner, reason: str) -> str:
-        campaigns.record_failure(message, owner, reason)
         contact = Contact.get_by_id(message.contact_id)
-        campaigns.opt_out_contact(contact, f"provider: {reason}")
+        # One commit: a kill between two would leave the row failed and the
+        # contact not opted out, for `campaign retry-failed` to send again.
+        with database.atomic():
+            campaigns.record_failure(message, owner, reason)
+            campaigns.opt_out_contact(contact, f"provider: {reason}")
         return "failed: opted out"
 
     def _after_pause(self, message, owner, reason: str) -> str:
