@@ -204,6 +204,12 @@ def manual_pipeline(start: dt.datetime, extra: dict | None = None):
 # ---------------------------------------------------------------- progress
 
 
+def phone_shows(fake, phone: str) -> dict[str, int]:
+    """What a contact's phone received from the fake provider, per kind."""
+    counts = fake.phone_counts().get(phone, {})
+    return {"m1": counts.get("m1", 0), "m2": counts.get("m2", 0)}
+
+
 def message_counts(campaign_id: int, kind: int = 1) -> dict[str, int]:
     rows = (
         Message.select(Message.status, pw.fn.COUNT(Message.id))

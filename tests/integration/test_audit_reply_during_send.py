@@ -34,6 +34,7 @@ from tests.send_helpers import ManualClock
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
+from tests.send_helpers import phone_shows
 from tests.send_helpers import seed_contacts
 
 pytestmark = pytest.mark.timeout(90)
@@ -72,11 +73,6 @@ def pipeline_for(request, make_config, fake):
     yield build
     for pipeline in built:
         pipeline.close()
-
-
-def phone_shows(fake, phone: str) -> dict[str, int]:
-    counts = fake.phone_counts().get(phone, {})
-    return {"m1": counts.get("m1", 0), "m2": counts.get("m2", 0)}
 
 
 def reply_while_on_the_wire(pipeline, fake, message_id: int, phone: str) -> str:

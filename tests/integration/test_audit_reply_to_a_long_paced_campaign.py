@@ -30,6 +30,7 @@ from tests.helpers import wait_for
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
+from tests.send_helpers import phone_shows
 from tests.send_helpers import seed_contacts
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,11 +47,6 @@ def pipeline(request, make_config, fake):
     built = build_pipeline(mode_config(request, make_config, request.param, extra))
     yield built
     built.close()
-
-
-def phone_shows(fake, phone: str) -> dict[str, int]:
-    counts = fake.phone_counts().get(phone, {})
-    return {"m1": counts.get("m1", 0), "m2": counts.get("m2", 0)}
 
 
 def test_a_reply_to_message_1_sent_on_day_40_gets_message_2(pipeline, fake):
