@@ -94,12 +94,18 @@ def wassenger_failed(
 
 
 def wassenger_reply(
-    phone: str, text: str, *, msg_id: str | None = None, group: bool = False
+    phone: str,
+    text: str,
+    *,
+    msg_id: str | None = None,
+    group: bool = False,
+    written: float | None = None,
 ) -> dict:
-    """A `message:in:new` webhook (the captured fixture) from `phone`."""
+    """A `message:in:new` webhook (the captured fixture) from `phone`,
+    written now or at `written` (epoch seconds)."""
     body = fixture("wassenger_message_in_new.json")
     msg_id = msg_id or unique("ACB1")
-    now = int(time.time())
+    now = int(time.time() if written is None else written)
     wid = phone.lstrip("+") + "@c.us"
     body["id"] = msg_id
     body["created"] = now

@@ -124,6 +124,7 @@ class EventTasks:
                 opt_out_keywords=self.cfg.campaigns.opt_out_keywords,
                 event_id=event.id,
                 now=self._reply_time(parsed, event),
+                written_at=_written_at(parsed),
             )
             metrics.INTERACTIONS.labels(outcome=reply.outcome).inc()
             if reply.message2_id:
@@ -141,13 +142,8 @@ class EventTasks:
         bounded by our receipt time (a clock ahead of ours gains nothing).
         """
         received = min(event.received_at, self.clock())
-        if not parsed.timestamp or parsed.timestamp <= 0:
-            return received
-        try:
-            written = dt.datetime.fromtimestamp(parsed.timestamp, dt.UTC)
-        except (OverflowError, OSError, ValueError):
-            return received
-        return min(written.replace(tzinfo=None), received)
+        written = _written_at(parsed)
+        return received if written is None else min(written, received)
 
     def _apply_status(self, update) -> str:
         message = campaigns.find_message(
@@ -171,6 +167,17 @@ class EventTasks:
         if failed and update.campaign_action == "pause":
             pause_quietly(message.campaign_id, f"provider code {update.error_code}")
         return f"status {update.status}: {'applied' if moved else 'no change'}"
+
+
+def _written_at(parsed) -> dt.datetime | None:
+    """The provider's time of an inbound message (naive UTC), if it gave one."""
+    if not parsed.timestamp or parsed.timestamp <= 0:
+        return None
+    try:
+        written = dt.datetime.fromtimestamp(parsed.timestamp, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return written.replace(tzinfo=None)
 
 
 def pause_quietly(campaign_id: int, reason: str) -> None:

@@ -10,6 +10,7 @@ member and the contact.
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -250,6 +251,33 @@ def test_reply_after_opting_out_is_opted_out_before(pipeline):
     assert contact(contacts[0]).opted_out_at == opted_out_at
     assert member_state(cid, contacts[0]) == MemberState.OPTED_OUT
     assert messages_2(cid) == []
+
+
+@pytest.mark.parametrize(
+    ("written_ago_s", "outcome"),
+    [
+        (2 * 86400, "reply: no_open_campaign"),
+        (5 * 60, "reply: message_2_queued"),  # within the clocks' skew
+    ],
+)
+def test_a_message_written_before_message_1_answers_nothing(
+    pipeline, written_ago_s, outcome
+):
+    """Written while our webhook was unreachable, delivered by the provider's
+    retries after Message 1 went out: before, it got a Message 2."""
+    cid, contacts, ids = running(pipeline, 1, sent=1)
+    phone = message(ids[0]).phone
+    written = time.time() - written_ago_s
+
+    assert (
+        result(reply(pipeline, "wassenger", phone, "Bonjour", written=written))
+        == outcome
+    )
+    assert len(messages_2(cid)) == (outcome == "reply: message_2_queued")
+    # A STOP is a STOP, whenever it was written.
+    stop = reply(pipeline, "wassenger", phone, "STOP", written=written)
+    assert result(stop) == "reply: opted_out"
+    assert contact(contacts[0]).opted_out_at is not None
 
 
 # The same line as imported (E.164) and as WhatsApp may name the sender.

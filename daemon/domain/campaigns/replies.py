@@ -62,8 +62,13 @@ def handle_reply(
     opt_out_keywords: Iterable[str],
     event_id: int | None = None,
     now=None,
+    written_at: dt.datetime | None = None,
 ) -> ReplyOutcome:
-    """A contact wrote to us: maybe opt them out, maybe create Message 2."""
+    """A contact wrote to us: maybe opt them out, maybe create Message 2.
+
+    `written_at`, the provider's time of the message when it gave one: a
+    message written before Message 1 was sent answers nothing (see
+    REPLY_CLOCK_SKEW)."""
     now = now or utcnow()
     if is_group:
         return ReplyOutcome("ignored_group")
@@ -78,7 +83,7 @@ def handle_reply(
         _record_interaction(contact, None, event_id, body, "opted_out_before", now)
         return ReplyOutcome("opted_out_before")
     with _transaction():
-        campaign_id = _take_member_for_reply(contact, window_h, now)
+        campaign_id = _take_member_for_reply(contact, window_h, now, written_at)
         if campaign_id is None:
             answered = _answered_member(contact)
             if answered is not None:
@@ -129,6 +134,14 @@ def _quoted(values: Iterable[str]) -> str:
 # send time (attempted, not recorded) is bounded by its creation instead:
 # the window plus 30 days. Only such rows: a paced campaign sends rows the
 # fan-out made weeks before (a Message 1 sent on day 40 lost its replies).
+# A message the contact wrote before its Message 1 was sent answers nothing:
+# one written while our webhook was unreachable and delivered by the
+# provider's retries (Meta retries for 7 days) after a new campaign's
+# Message 1 would otherwise get a Message 2 nobody asked for. The provider's
+# clock and ours may differ: a message written up to this long before the
+# send still counts.
+REPLY_CLOCK_SKEW = dt.timedelta(minutes=10)
+_NO_BOUND = dt.datetime(9000, 1, 1)
 _TAKE_MEMBER_SQL = f"""
 UPDATE campaign_contact
    SET state = 'interacted', interacted_at = {{p}}, updated_at = {{p}},
@@ -148,19 +161,23 @@ UPDATE campaign_contact
                OR (message1.status = 'queued' AND message1.attempts > 0))
           AND (message1.sent_at >= {{p}}
                OR (message1.sent_at IS NULL AND message1.created_at >= {{p}}))
+          AND (message1.sent_at IS NULL OR message1.sent_at <= {{p}})
         ORDER BY message1.id DESC
         LIMIT 1)
 RETURNING campaign_id
 """
 
 
-def _take_member_for_reply(contact: Contact, window_h: float, now) -> int | None:
+def _take_member_for_reply(
+    contact: Contact, window_h: float, now, written_at=None
+) -> int | None:
     """The campaign of the member this reply answers, now `interacted`; None
     when no member may take it (see _TAKE_MEMBER_SQL)."""
     cutoff = now - dt.timedelta(hours=window_h)
     created_after = cutoff - dt.timedelta(days=30)
+    sent_before = (written_at or _NO_BOUND) + REPLY_CLOCK_SKEW
     sql = _TAKE_MEMBER_SQL.replace("{p}", database.param)
-    values = (now, now, now, contact.id, cutoff, created_after)
+    values = (now, now, now, contact.id, cutoff, created_after, sent_before)
     row = database.execute_sql(sql, values).fetchone()
     return row[0] if row else None
 
