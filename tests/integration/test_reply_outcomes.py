@@ -31,6 +31,7 @@ from tests.event_helpers import message_of
 from tests.event_helpers import meta_reply
 from tests.event_helpers import snapshot
 from tests.event_helpers import wassenger_reply
+from tests.event_helpers import wassenger_status
 from tests.send_helpers import build_pipeline
 from tests.send_helpers import mode_config
 from tests.send_helpers import new_campaign
@@ -278,6 +279,29 @@ def test_a_message_written_before_message_1_answers_nothing(
     stop = reply(pipeline, "wassenger", phone, "STOP", written=written)
     assert result(stop) == "reply: opted_out"
     assert contact(contacts[0]).opted_out_at is not None
+
+
+def test_a_late_status_dates_message_1_from_its_attempt(pipeline):
+    """Message 1's answer lost (unconfirmed 20 min ago); its status is
+    processed only now, behind a backlog, and then the reply the contact
+    wrote 19 min ago. The send time is the attempt's, so the reply answers
+    it (dated from the status, it would have looked written before it)."""
+    cid, contacts, ids = running(pipeline, 1, sent=0)
+    row = message(ids[0])
+    attempted = utcnow() - dt.timedelta(minutes=20)
+    Message.update(status="unconfirmed", unconfirmed_at=attempted).where(
+        Message.id == row.id
+    ).execute()
+    (status_id,) = pipeline.events.store(
+        "wassenger", wassenger_status("sent", reference=row.idempotency_key)
+    )
+    pipeline.tasks.process_event(status_id)
+    assert message(ids[0]).status == "sent"
+    assert message(ids[0]).sent_at == attempted
+
+    written = time.time() - 19 * 60
+    event_id = reply(pipeline, "wassenger", row.phone, "Oui", written=written)
+    assert result(event_id) == "reply: message_2_queued"
 
 
 # The same line as imported (E.164) and as WhatsApp may name the sender.

@@ -314,7 +314,12 @@ def apply_status(
     if rank is None or rank < MessageStatus.RANK["sent"]:
         return False
     lower = [s for s, r in MessageStatus.RANK.items() if r < rank]
-    values = {"status": status, "sent_at": pw.fn.COALESCE(Message.sent_at, now)}
+    # A row never recorded sent (its answer lost: unconfirmed) was sent when
+    # it was attempted, not when this status is processed (maybe behind a
+    # backlog): the reply window, and which messages a reply may answer
+    # (REPLY_CLOCK_SKEW), count from the attempt.
+    sent_at = pw.fn.COALESCE(Message.sent_at, Message.unconfirmed_at, now)
+    values = {"status": status, "sent_at": sent_at}
     if status in ("delivered", "read"):
         values["delivered_at"] = pw.fn.COALESCE(Message.delivered_at, now)
     if status == "read":
