@@ -116,6 +116,7 @@ class EventTasks:
 
     def _apply_event(self, parsed, event, message2_ids: list[int]) -> str:
         if isinstance(parsed, InboundMessage):
+            written = _written_at(parsed)
             reply = campaigns.handle_reply(
                 parsed.from_phone,
                 parsed.body,
@@ -123,8 +124,8 @@ class EventTasks:
                 window_h=self.cfg.campaigns.reply_window_h,
                 opt_out_keywords=self.cfg.campaigns.opt_out_keywords,
                 event_id=event.id,
-                now=self._reply_time(parsed, event),
-                written_at=_written_at(parsed),
+                now=self._reply_time(written, event),
+                written_at=written,
             )
             metrics.INTERACTIONS.labels(outcome=reply.outcome).inc()
             if reply.message2_id:
@@ -134,7 +135,7 @@ class EventTasks:
             return self._apply_status(parsed)
         return f"ignored: {getattr(parsed, 'reason', '')}"
 
-    def _reply_time(self, parsed, event) -> dt.datetime:
+    def _reply_time(self, written: dt.datetime | None, event) -> dt.datetime:
         """When the contact wrote, as far as the reply window is concerned.
 
         Not when a (possibly backlogged) worker gets to it, and not when the
@@ -142,7 +143,6 @@ class EventTasks:
         bounded by our receipt time (a clock ahead of ours gains nothing).
         """
         received = min(event.received_at, self.clock())
-        written = _written_at(parsed)
         return received if written is None else min(written, received)
 
     def _apply_status(self, update) -> str:
