@@ -254,6 +254,33 @@ def test_statuses_and_replies_come_in_metas_signed_envelope(receiver):
         p.close()
 
 
+def test_a_mexican_mobile_is_named_by_its_whatsapp_id(receiver):
+    """As at Meta: sent to +52 and 10 digits, answered and replied from 521
+    and the same 10 digits (campaignd matches it: whatsapp_variants)."""
+    opts = {
+        "webhook_url": receiver.url,
+        "webhook_secret": SECRET,
+        "ack_delays_ms": FAST_ACKS[:1],
+        "reply_share": 1.0,
+        "reply_delay_ms": 30.0,
+    }
+    with meta_fake(**opts) as fake:
+        answer = call(
+            fake, "POST", MESSAGES, template_body("525512345678", "cd-1-1-m1"), BEARER
+        )
+        assert answer[2]["contacts"] == [
+            {"input": "525512345678", "wa_id": "5215512345678"}
+        ]
+        wait_for(lambda: fake.stats()["webhooks_sent"] == 2, what="2 webhooks")
+        events = signed_events(receiver)
+        [(_, reply)] = [(v, e) for v, e in events if isinstance(e, InboundMessage)]
+        assert reply.from_phone == "+5215512345678"
+        [(status, _)] = [(v, e) for v, e in events if isinstance(e, StatusUpdate)]
+        assert status["statuses"][0]["recipient_id"] == "5215512345678"
+        # What the phone received is counted under the number sent to.
+        assert fake.phone_counts() == {"+525512345678": {"m1": 1}}
+
+
 def test_undeliverable_sends_are_accepted_then_fail_and_reach_no_phone(receiver):
     opts = {
         "webhook_url": receiver.url,

@@ -14,6 +14,9 @@ bad token, 400 code 100 for a bad parameter, 404 code 132001 for a template
 that is not among ``templates``, 400 code 132000 for a wrong number of body
 parameters.
 
+Numbers are named as WhatsApp names them (``whatsapp_id``: a Mexican mobile
+as 521...), in answers, statuses and replies.
+
 As at Meta, a send is accepted whatever its recipient: a number not on
 WhatsApp (``invalid_numbers``, ``invalid_suffix``) and a text outside the
 24 h window the contact's last message opened get a 200 and then a
@@ -244,13 +247,22 @@ def _template(obj: Any, opts: FakeOptions) -> dict | tuple[int, dict]:
     return {"name": name, "language": code, "parameters": params}
 
 
+def whatsapp_id(digits: str) -> str:
+    """The id WhatsApp gives a number, as Meta's answers and webhooks carry
+    it: a Mexican mobile keeps the "1" that E.164 dropped (521 + 10 digits
+    for +52 + 10), so the sender of its replies is not the number sent to."""
+    if digits.startswith("52") and len(digits) == 12:
+        return f"521{digits[2:]}"
+    return digits
+
+
 def send_answer(send: Send, wamid: str) -> dict:
     message: dict[str, str] = {"id": wamid}
     if send.type == "template":
         message["message_status"] = "accepted"
     return {
         "messaging_product": "whatsapp",
-        "contacts": [{"input": send.to, "wa_id": send.phone[1:]}],
+        "contacts": [{"input": send.to, "wa_id": whatsapp_id(send.phone[1:])}],
         "messages": [message],
     }
 
@@ -290,7 +302,7 @@ def status_payload(
     opts: FakeOptions, message: dict, status: str, at: float, code: int = 0
 ) -> dict:
     """A statuses[] webhook: sent, delivered, read, or failed with ``code``."""
-    digits = message["phone"][1:]
+    digits = whatsapp_id(message["phone"][1:])
     item: dict[str, Any] = {
         "id": message["id"],
         "status": status,
@@ -331,7 +343,7 @@ def reply_payload(
     opts: FakeOptions, message: dict, text: str, at: float, msg_id: str
 ) -> dict:
     """A messages[] webhook: the contact of ``message`` answers ``text`` to it."""
-    digits = message["phone"][1:]
+    digits = whatsapp_id(message["phone"][1:])
     return _envelope(
         opts,
         {
