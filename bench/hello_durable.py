@@ -15,6 +15,10 @@ or waits as if it did:
 - ``group``: the hand-off of ``wait`` with a real group commit behind it
   (every waiting body inserted in one statement, one fsync), as campaignd's
   EventWriter does, minus campaignd's code.
+- ``leader``: the same group commit without the other thread: the request
+  thread that finds no commit under way commits everything waiting, its own
+  body with it, then makes the oldest request still waiting the next leader
+  (leader/follower). Only the followers wait; nobody wakes a writer.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ FLOORS = {
     "wait": "hello + wait for another thread",
     "commit": "hello + own SQLite commit (FULL)",
     "group": "hello + group commit (FULL)",
+    "leader": "hello + leader/follower group commit (FULL)",
 }
 
 
 class _Waiter:
     """One request's wait: a lock the answering thread releases."""
 
-    __slots__ = ("lock", "body")
+    __slots__ = ("lock", "body", "lead")
 
     def __init__(self, body: bytes):
         self.body = body
@@ -66,12 +71,52 @@ def _answer_waiting(waiting: queue.SimpleQueue, store) -> None:
             w.lock.release()
 
 
+class _Leader:
+    """Group commit without a writer thread: the request thread that finds no
+    commit under way commits everything waiting (its own body with it); the
+    others wait, and when the leader is done with its group it makes the
+    oldest one still waiting the next leader."""
+
+    def __init__(self, store):
+        self.store = store
+        self.lock = threading.Lock()
+        self.pending: list[_Waiter] = []
+        self.leading = False
+
+    def submit(self, body: bytes) -> None:
+        me = _Waiter(body)
+        me.lead = False
+        with self.lock:
+            self.pending.append(me)
+            lead = not self.leading
+            self.leading = True
+        if not lead:
+            me.lock.acquire()
+            if not me.lead:
+                return
+        with self.lock:
+            batch, self.pending = self.pending, []
+        self.store([w.body for w in batch])
+        for w in batch:
+            if w is not me:
+                w.lock.release()
+        with self.lock:
+            if self.pending:
+                successor = self.pending[0]
+                successor.lead = True
+                successor.lock.release()
+            else:
+                self.leading = False
+
+
 def build_app(floor: str, data_dir: Path):
     import falcon
 
     waiting: queue.SimpleQueue = queue.SimpleQueue()
     lock = threading.Lock()
-    conn = _open(data_dir / "floor.db") if floor in ("commit", "group") else None
+    conn = (
+        _open(data_dir / "floor.db") if floor in ("commit", "group", "leader") else None
+    )
 
     def group_commit(bodies: list[bytes]) -> None:
         rows = ", ".join(["(?)"] * len(bodies))
@@ -86,10 +131,14 @@ def build_app(floor: str, data_dir: Path):
             daemon=True,
         ).start()
 
+    leader = _Leader(group_commit) if floor == "leader" else None
+
     class Floor:
         def on_post(self, req, resp):
             body = req.bounded_stream.read()
-            if floor == "commit":
+            if leader is not None:
+                leader.submit(body)
+            elif floor == "commit":
                 with lock:
                     conn.execute("INSERT INTO event (body) VALUES (?)", (body,))
             else:

@@ -20,9 +20,10 @@ database; `none` answers every request as if it had been stored, with no
 writer thread. Only db stores and enqueues: the others are measurements, not
 modes.
 
---floors wait,commit,group serves bench/hello_durable.py's floors next to
+--floors wait,commit,group,leader serves bench/hello_durable.py's floors next to
 the ceiling: the hello world plus the least a durable answer costs on
-waitress (a wait on another thread; a commit of its own; a group commit),
+waitress (a wait on another thread; a commit of its own; a group commit,
+by a writer thread or by the request threads in turn),
 with none of campaignd's code.
 
 CPU us/req is the server process's user + system CPU over the measured load
@@ -39,7 +40,7 @@ when it is installed, else a multi-process Python keep-alive client.
 
     .venv/bin/python bench/webhook_ingest.py [--seconds 10] [--connections 32]
         [--synchronous normal,full] [--store db,unqueued,handoff,none]
-        [--floors wait,commit,group] [--by-thread]
+        [--floors wait,commit,group,leader] [--by-thread]
 """
 
 from __future__ import annotations
@@ -316,7 +317,8 @@ def main() -> int:
         "--floors",
         default="",
         help="also serve bench/hello_durable.py's floors, the ceiling plus the "
-        "least a durable answer costs: wait, commit, group (comma-separated)",
+        "least a durable answer costs: wait, commit, group, leader "
+        "(comma-separated)",
     )
     parser.add_argument(
         "--by-thread",
