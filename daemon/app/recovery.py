@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 from dataclasses import field
 
+from daemon.domain import campaigns
 from daemon.domain import unconfirmed
 from daemon.runtime import clear_inflight
 from daemon.runtime import inflight_dir
@@ -24,6 +25,7 @@ from daemon.runtime import recorded_pids
 from daemon.store.db import db_session
 from daemon.store.db import is_postgres
 from daemon.store.models import database
+from daemon.store.models import utcnow
 
 # Logged from the supervisor process, under its name.
 log = logging.getLogger("daemon.supervision.supervisor")
@@ -79,6 +81,9 @@ def release_at_start(cfg) -> LeftBehind:
     left = LeftBehind(
         requeued=list(released.requeued), unconfirmed=released.unconfirmed
     )
+    # Pacing slots that passed while the daemon was down: taken again from
+    # now, not all used at once by the queue's entries now due together.
+    campaigns.forget_past_slots(utcnow())
     for pid in recorded_pids(directory):
         # Records of another boot are a previous run's, whatever holds
         # their pid now.
