@@ -158,7 +158,10 @@ class EventTasks:
             contact = Contact.get_by_id(message.contact_id)
             campaigns.opt_out_contact(contact, f"provider code {update.error_code}")
         moved = campaigns.apply_status(
-            message, update.status, error=update.error, now=self.clock()
+            message,
+            update.status,
+            error=update.failure_reason or update.error,
+            now=self.clock(),
         )
         if moved:
             metrics.STATUS_UPDATES.labels(status=update.status).inc()

@@ -166,6 +166,9 @@ class StatusUpdate:
     # the provider's own code table: "opt_out" (the recipient refuses us) or
     # "pause" (every send of the campaign would fail), else None.
     campaign_action: str | None = None
+    # A failure as the row records it, when the provider's parser words it
+    # otherwise than `error` (Meta: its code named in front); None: `error`.
+    failure_reason: str | None = None
 
 
 @dataclass(frozen=True)

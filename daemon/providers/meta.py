@@ -206,8 +206,7 @@ def _error(resp: Response, what: str) -> ProviderError:
     message, _ = error_text(err) if err else (None, None)
     if message is None:
         message = resp.body[:200].decode("utf-8", "replace").strip() or "no details"
-    label = f"({code}) " if code is not None else ""
-    reason = f"{what}: HTTP {resp.status}: {label}{message}"
+    reason = f"{what}: HTTP {resp.status}: {_with_code(message, code)}"
     status = resp.status
     retry_after = parse_retry_after(resp.headers.get("retry-after"))
     if code in _OPTED_OUT_CODES:
@@ -268,6 +267,7 @@ class MetaWebhookParser:
         if isinstance(item.get("errors"), list):
             first = as_dict(item["errors"][0]) if item["errors"] else {}
             message, code = error_text(first)
+            message = _without_code(message or "", code)
             return IgnoredEvent(f"meta error notification ({code}): {message}")
         field = as_text(item.get("field"))
         if field is not None:
@@ -350,10 +350,11 @@ def _status(status: dict) -> ProviderEvent:
     mapped = ACK_STATUS.get(word.lower()) if word else None
     if mapped is None or word == "error":
         return IgnoredEvent(f"meta status {word!r} not tracked")
-    error, code = None, None
+    error, code, reason = None, None, None
     errors = status.get("errors")
     if mapped == "failed" and isinstance(errors, list) and errors:
         error, code = error_text(errors[0])
+        reason = _with_code(error, code) if error else None
     wamid = as_text(status.get("id"))
     return StatusUpdate(
         status=mapped,
@@ -364,7 +365,26 @@ def _status(status: dict) -> ProviderEvent:
         error_code=code,
         timestamp=_timestamp(status),
         campaign_action=CAMPAIGN_ACTIONS.get(_int_code(code)),
+        failure_reason=reason,
     )
+
+
+def _with_code(message: str, code) -> str:
+    """An error's text naming Meta's code once, in front: "(132000) Number
+    of parameters ...: <details>". The Graph API's answers start their
+    message with the code ("(#132000) Number of ..."), its status webhooks
+    do not (errors[].code apart from the title)."""
+    if code is None:
+        return message
+    return f"({code}) {_without_code(message, code)}"
+
+
+def _without_code(message: str, code) -> str:
+    """`message` without the "(#<code>) " the Graph API starts it with."""
+    prefix = f"(#{code})"
+    if code is None or not message.startswith(prefix):
+        return message
+    return message[len(prefix) :].lstrip()
 
 
 def _int_code(code) -> int | None:
