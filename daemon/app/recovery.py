@@ -15,6 +15,7 @@ from dataclasses import field
 
 from daemon.domain import campaigns
 from daemon.domain import unconfirmed
+from daemon.domain.contacts import verification
 from daemon.runtime import clear_inflight
 from daemon.runtime import inflight_dir
 from daemon.runtime import inflight_records_kept
@@ -81,9 +82,11 @@ def release_at_start(cfg) -> LeftBehind:
     left = LeftBehind(
         requeued=list(released.requeued), unconfirmed=released.unconfirmed
     )
-    # Pacing slots that passed while the daemon was down: taken again from
-    # now, not all used at once by the queue's entries now due together.
+    # Pacing slots and number checks whose time passed while the daemon was
+    # down: paced again from now, not all run at once by the queue's
+    # entries now due together.
     campaigns.forget_past_slots(utcnow())
+    verification.respace_overdue(utcnow(), cfg.campaigns.verify_per_minute)
     for pid in recorded_pids(directory):
         # Records of another boot are a previous run's, whatever holds
         # their pid now.

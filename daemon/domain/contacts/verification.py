@@ -383,6 +383,36 @@ def take_lost(
     return lost
 
 
+def respace_overdue(now: dt.datetime, per_minute: float) -> int:
+    """Pending checks held by nobody whose time passed unrun (the daemon was
+    down): due again one every 60/per_minute s from now, in their order, so
+    that their queue entries, all due at once when it starts again, do not
+    run them in a burst (before 2026-12-07;
+    tests/integration/test_audit_verification.py). A claim refuses a check
+    not due yet, and its entry comes back at the new time. How many."""
+    step = spacing(per_minute)
+    with database.atomic():
+        ids = [
+            check_id
+            for (check_id,) in NumberCheck.select(NumberCheck.id)
+            .where(
+                NumberCheck.status == CheckStatus.PENDING,
+                NumberCheck.due_at < now,
+                NumberCheck.lease_expires_at.is_null()
+                | (NumberCheck.lease_expires_at < now),
+            )
+            .order_by(NumberCheck.due_at, NumberCheck.id)
+            .tuples()
+        ]
+        # The first keeps its turn now; each later one a step after.
+        for i, check_id in enumerate(ids[1:], start=1):
+            due = now + i * step
+            NumberCheck.update(due_at=due, enqueued_at=due).where(
+                NumberCheck.id == check_id
+            ).execute()
+    return len(ids)
+
+
 # --- figures ------------------------------------------------------------------------
 
 
