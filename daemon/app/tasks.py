@@ -425,6 +425,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
 
     def _after_permanent(self, message, owner, reason: str) -> str:
         if campaigns.replied_meanwhile(message, owner, utcnow()):
+            _count_send(message.kind, "sent")  # as _after_accepted
             return "sent: the contact replied"
         campaigns.record_failure(message, owner, reason)
         _count_send(message.kind, "failed")
@@ -483,6 +484,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         if retry.withdrawn:
             return f"cancelled: {retry.withdrawn}"
         if retry.replied:
+            _count_send(message.kind, "sent")  # as _after_accepted
             return "sent: the contact replied"
         if retry.failed:
             _count_send(message.kind, "failed")
