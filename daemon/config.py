@@ -469,8 +469,19 @@ def _read_secret_file(key: str, value, env) -> str:
         raise ConfigError(f"{key}: must be a file path")
     path = Path(value)
     creds = env.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and creds and (Path(creds) / path).exists():
-        path = Path(creds) / path
+    if not path.is_absolute() and creds:
+        # A systemd credential (LoadCredential=) of that name first. Read, not
+        # tested with exists(), which raises on a directory we may not search
+        # (the error then was a traceback and exit 1, which systemd restarts).
+        credential = Path(creds) / path
+        try:
+            return credential.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # no such credential: the path as written
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot read {credential}: {exc.strerror}"
+            ) from None
     try:
         return path.read_text().strip()
     except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import tomllib
@@ -261,6 +262,54 @@ def test_secret_file_relative_to_credentials_directory(tmp_path):
         env={"CREDENTIALS_DIRECTORY": str(creds)},
     )
     assert cfg.web.api_token == "from-systemd"
+
+
+def _load_as_unprivileged(raw: dict, env: dict) -> str:
+    """from_dict in a forked child that cannot bypass file permissions (root
+    drops to nobody): the outcome as text, "ok" or the ConfigError."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        outcome = "ok"
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            _load_dict(raw, env=env)
+        except ConfigError as exc:
+            outcome = f"ConfigError: {exc}"
+        except BaseException as exc:  # noqa: BLE001 - what the CLI would crash on
+            outcome = f"{type(exc).__name__}: {exc}"
+        os.write(write, outcome.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+def test_credentials_directory_we_may_not_search_names_the_key(tmp_path):
+    # Under systemd, $CREDENTIALS_DIRECTORY exists but may refuse us (seen
+    # under a nested systemd 252): the answer must be the one-line config
+    # error naming the key (exit 2, not restarted), not a traceback.
+    tmp_path.chmod(0o755)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "provider_token").write_text("tok")
+    creds.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    try:
+        outcome = _load_as_unprivileged(
+            {"provider": {"token_file": "provider_token"}},
+            env={"CREDENTIALS_DIRECTORY": str(creds)},
+        )
+    finally:
+        creds.chmod(0o700)
+    assert outcome == (
+        "ConfigError: provider.token_file: cannot read "
+        f"{creds / 'provider_token'}: Permission denied"
+    )
 
 
 def test_unreadable_secret_file_names_the_key(tmp_path):
