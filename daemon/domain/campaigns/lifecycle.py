@@ -247,7 +247,13 @@ def resume_campaign(campaign_id: int, tasks) -> Campaign:
     )
     forget_past_slots(utcnow(), campaign_id)
     tasks.enqueue_fanout(campaign_id)
-    tasks.enqueue_sends(due_message_ids(campaign_id))
+    due = _due_messages(campaign_id)
+    # Each at its own priority: a Message 2 (a reply that came during the
+    # pause) before the Message 1s still to go, as when the campaign runs,
+    # not behind them all (before 2026-12-07;
+    # tests/integration/test_audit_pause_resume.py).
+    for message_id, _, priority in sorted(due, key=lambda row: row[1] == 1):
+        tasks.send_single_message(message_id, priority=priority)
     return campaign
 
 
@@ -367,12 +373,19 @@ def maybe_complete(campaign_id: int) -> bool:
 
 
 def due_message_ids(campaign_id: int) -> list[int]:
+    return [message_id for message_id, _, _ in _due_messages(campaign_id)]
+
+
+def _due_messages(campaign_id: int) -> list[tuple[int, int, int]]:
+    """(id, kind, priority) of the campaign's queued rows due now, by id."""
     now = utcnow()
-    return [
-        m.id
-        for m in Message.select(Message.id).where(
+    return list(
+        Message.select(Message.id, Message.kind, Message.priority)
+        .where(
             Message.campaign == campaign_id,
             Message.status == MessageStatus.QUEUED,
             Message.next_attempt_at.is_null() | (Message.next_attempt_at <= now),
         )
-    ]
+        .order_by(Message.id)
+        .tuples()
+    )
