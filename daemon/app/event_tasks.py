@@ -162,6 +162,8 @@ class EventTasks:
             update.status,
             error=update.failure_reason or update.error,
             now=self.clock(),
+            provider_id=update.provider_message_id,
+            wa_id=update.wa_id,
         )
         if moved:
             metrics.STATUS_UPDATES.labels(status=update.status).inc()

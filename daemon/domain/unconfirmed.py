@@ -7,8 +7,9 @@ repeated request, so a blind re-send is a second WhatsApp message on
 someone's phone. Such a row is `unconfirmed`, and:
 
 - evidence confirms it: a status webhook that matches it (by reference,
-  provider id or WhatsApp id; `campaigns.apply_status`) or a reply from the
-  contact (`campaigns.handle_reply`);
+  provider id or WhatsApp id; `campaigns.apply_status`, which stores the
+  provider's ids it carries, as the lost answer would have) or a reply from
+  the contact (`campaigns.handle_reply`);
 - with no evidence after `provider.confirm_window_s`, `provider.unconfirmed`
   decides: "resend" (same reference) or "fail" (`campaign retry-failed`
   re-sends on the operator's word).

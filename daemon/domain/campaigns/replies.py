@@ -304,12 +304,25 @@ def find_message(reference=None, provider_id=None, wa_id=None) -> Message | None
 
 
 def apply_status(
-    message: Message, status: str, *, error: str | None = None, now=None
+    message: Message,
+    status: str,
+    *,
+    error: str | None = None,
+    now=None,
+    provider_id: str | None = None,
+    wa_id: str | None = None,
 ) -> bool:
-    """Move a message forward to `status`; never backwards. True if it moved."""
+    """Move a message forward to `status`; never backwards. True if it moved.
+
+    `provider_id`, `wa_id`: the provider's ids the status carries, stored on
+    a row that has none, as a send's answer stores them: the row of a send
+    whose answer was lost (unconfirmed, then confirmed by this status) or
+    never read (confirmed by a reply) is listed, and found by a later event
+    naming only them, as any other."""
     now = now or utcnow()
+    ids = _status_ids(message, provider_id, wa_id)
     if status == MessageStatus.FAILED:
-        return _apply_failed_status(message, error or "failed", now)
+        return _apply_failed_status(message, error or "failed", now, ids)
     rank = MessageStatus.RANK.get(status)
     if rank is None or rank < MessageStatus.RANK["sent"]:
         return False
@@ -319,7 +332,7 @@ def apply_status(
     # backlog): the reply window, and which messages a reply may answer
     # (REPLY_CLOCK_SKEW), count from the attempt.
     sent_at = pw.fn.COALESCE(Message.sent_at, Message.unconfirmed_at, now)
-    values = {"status": status, "sent_at": sent_at}
+    values = {"status": status, "sent_at": sent_at, **ids}
     if status in ("delivered", "read"):
         values["delivered_at"] = pw.fn.COALESCE(Message.delivered_at, now)
     if status == "read":
@@ -331,14 +344,34 @@ def apply_status(
     )
     if moved and message.status in _OPEN_MESSAGE_STATUSES:
         _member_after_send(message.campaign_id, message.contact_id, message.kind, now)
+    elif not moved and ids:
+        # Already this far (a reply confirmed it): the ids all the same.
+        Message.update(**ids).where(Message.id == message.id).execute()
     return bool(moved)
 
 
-def _apply_failed_status(message: Message, error: str, now) -> bool:
+def _status_ids(message: Message, provider_id, wa_id) -> dict:
+    """The row's missing ids (NULL, or "" from an answer that gave none)
+    that the status carries, as UPDATE values that keep any the row got
+    meanwhile (its send's answer recorded: record_sent). An id too long
+    for its column is left out, not a failed event."""
+    values = {}
+    for field, held, given in (
+        (Message.provider_id, message.provider_id, provider_id),
+        (Message.wa_id, message.wa_id, wa_id),
+    ):
+        if given and not held and len(given) <= field.max_length:
+            values[field.name] = pw.fn.COALESCE(pw.fn.NULLIF(field, ""), given)
+    return values
+
+
+def _apply_failed_status(message: Message, error: str, now, ids: dict) -> bool:
     # "failed" after "delivered" happens (out-of-order webhooks): the
     # contact has the message, so we keep the better status.
     moved = (
-        Message.update(status=MessageStatus.FAILED, error=error[:2000], failed_at=now)
+        Message.update(
+            status=MessageStatus.FAILED, error=error[:2000], failed_at=now, **ids
+        )
         .where(
             Message.id == message.id,
             Message.status.in_(_OPEN_MESSAGE_STATUSES + ("sent",)),
