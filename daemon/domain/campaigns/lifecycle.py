@@ -296,10 +296,17 @@ def retry_failed(campaign_id: int, tasks) -> int:
     """Queue every failed message of a campaign again, from attempt zero.
 
     Messages to contacts who opted out since are left failed: an opt-out is
-    final, whatever the operator retries.
+    final, whatever the operator retries. So is a cancel: a cancelled
+    campaign's failed rows stay failed, with their reasons (before
+    2026-12-07 they were queued, then cancelled unsent, the answer saying
+    "retried"; tests/integration/test_audit_cancel.py).
     """
-    get_campaign(campaign_id)
     with database.atomic():
+        status = get_campaign(campaign_id).status
+        if status == CampaignStatus.CANCELLED:
+            raise StateError(
+                f"cannot retry-failed campaign {campaign_id}: it is {status}"
+            )
         failed = list(
             Message.select(Message.id, Message.kind, Message.contact).where(
                 Message.campaign == campaign_id,
