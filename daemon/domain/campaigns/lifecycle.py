@@ -308,7 +308,9 @@ def retry_failed(campaign_id: int, tasks) -> int:
                 f"cannot retry-failed campaign {campaign_id}: it is {status}"
             )
         failed = list(
-            Message.select(Message.id, Message.kind, Message.contact).where(
+            Message.select(
+                Message.id, Message.kind, Message.contact, Message.priority
+            ).where(
                 Message.campaign == campaign_id,
                 Message.status == MessageStatus.FAILED,
                 ~contact_opted_out(),
@@ -351,7 +353,9 @@ def retry_failed(campaign_id: int, tasks) -> int:
             CampaignStatus.RUNNING,
             finished_at=None,
         )
-    tasks.enqueue_sends(ids)
+    # Each at its own priority, Message 2 first (as on resume).
+    for message in sorted(failed, key=lambda m: m.kind == 1):
+        tasks.send_single_message(message.id, priority=message.priority)
     log.info("campaign %s: %d failed messages queued again", campaign_id, len(ids))
     return len(ids)
 
