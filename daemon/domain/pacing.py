@@ -16,11 +16,15 @@ import random
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
+import peewee as pw
+
 from daemon.config import PacingConfig
 from daemon.config import parse_hhmm
 from daemon.store.db import is_postgres
 from daemon.store.models import DailyCounter
 from daemon.store.models import Lease
+from daemon.store.models import Message
+from daemon.store.models import MessageStatus
 from daemon.store.models import database
 
 
@@ -135,6 +139,10 @@ class Pacer:
         return bool(taken)
 
     def _reserve_slot(self, now: dt.datetime) -> Decision:
+        """The row `pacing:<device>` holds the next free slot (`value`) and
+        the last slot handed to a send that waits for it in its thread
+        (`owner`, prefixed with REWIND when a campaign was paused or
+        cancelled since: see rewind_lines)."""
         name = f"pacing:{self.device}"
         interval = 60.0 / self.cfg.per_minute
         now_s = now.replace(tzinfo=dt.UTC).timestamp()
@@ -144,14 +152,82 @@ class Pacer:
             if is_postgres():
                 query = query.for_update()
             row = query.get()
-            slot = max(float(row.value or 0), now_s)
+            line = float(row.value or 0)
+            marks = row.owner or ""
+            last = _float_or_none(marks.removeprefix(REWIND))
+            if marks.startswith(REWIND):
+                line = min(line, self._rewound(now, now_s, last))
+            slot = max(line, now_s)
             spacing = interval + random.uniform(0, self.cfg.jitter_s)
-            Lease.update(value=repr(slot + spacing)).where(Lease.name == name).execute()
-        wait = slot - now_s
-        if wait > self.max_wait_s:
+            wait = slot - now_s
+            short = wait <= self.max_wait_s
+            owner = repr(slot) if short else ("" if last is None else repr(last))
+            Lease.update(value=repr(slot + spacing), owner=owner).where(
+                Lease.name == name
+            ).execute()
+        if not short:
             retry_at = dt.datetime.fromtimestamp(slot, dt.UTC).replace(tzinfo=None)
             return Decision(retry_at=retry_at, reason="pacing", slot_reserved=True)
         return Decision(wait_s=wait)
+
+    def _rewound(self, now: dt.datetime, now_s: float, last: float | None) -> float:
+        """The next free slot once the slots nobody holds any more are given
+        up. It stays after: the last slot a queued row still holds (its
+        `paced_until`, which is its next_attempt_at); the last one handed to
+        a thread that waits for it (`last`; unknown, as on a row of an
+        older version: `max_wait_s` from now, past any such slot); and now,
+        when a row that came back at its slot may be sending."""
+        gap = 60.0 / self.cfg.per_minute + self.cfg.jitter_s
+        held = (
+            Message.select(pw.fn.MAX(Message.next_attempt_at))
+            .where(
+                Message.status == MessageStatus.QUEUED,
+                Message.next_attempt_at > now,
+                Message.paced_until.is_null(False),
+            )
+            .scalar()
+        )
+        floor = now_s + self.max_wait_s if last is None else last + gap
+        floor = max(floor, now_s + gap)
+        if held is not None:
+            floor = max(floor, _timestamp(held) + gap)
+        return floor
+
+
+# The mark on a device's pacing row that some of its reserved slots may be
+# held by nobody any more (rewind_lines).
+REWIND = "rewind "
+
+
+def rewind_lines() -> int:
+    """A campaign was paused or cancelled: the slots its queued rows had
+    reserved (a backlog's, minutes or hours of them) are free. Each
+    device's next reservation gives them up (Pacer._rewound) instead of
+    making every other campaign wait for them (before 2026-12-07 a
+    campaign started after another was cancelled sent nothing for as long
+    as the cancelled backlog would have taken;
+    tests/integration/test_audit_pacing.py). A reservation made and not yet
+    recorded on its row while that happens may see a new slot given next
+    to its own: one pair of sends closer than the rate, once."""
+    return (
+        Lease.update(owner=pw.Value(REWIND).concat(Lease.owner))
+        .where(Lease.name.startswith("pacing:"), ~Lease.owner.startswith(REWIND))
+        .execute()
+    )
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _timestamp(value) -> float:
+    """A naive UTC datetime (or SQLite's text of one) as epoch seconds."""
+    if not isinstance(value, dt.datetime):
+        value = dt.datetime.fromisoformat(str(value))
+    return value.replace(tzinfo=dt.UTC).timestamp()
 
 
 # ------------------------------------------------------------------- the ETA

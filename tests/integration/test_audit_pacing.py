@@ -109,3 +109,56 @@ def test_a_restart_does_not_send_the_paced_backlog_at_once(pipeline, fake):
     assert_paced(sent_at, outcomes)
     assert min(sent_at.values()) == now
     assert fake.stats()["sends_accepted"] == 4
+
+
+@pytest.mark.parametrize("action", ["cancel", "pause"])
+def test_a_campaign_stopped_with_a_backlog_leaves_the_device_free(
+    pipeline, fake, action
+):
+    """Campaign A's backlog reserved the device's slots for the next minutes
+    (hours at a real size); the operator cancels it (a typo) or pauses it,
+    and starts campaign B. B's Message 1 waited behind every slot A had
+    reserved and would never use: nothing was sent for as long as A's
+    backlog would have taken."""
+    campaign_a, waiting = backlog_with_reserved_slots(pipeline, count=40)
+    last_slot = max(Message.get_by_id(i).next_attempt_at for i in waiting)
+    assert last_slot - START > dt.timedelta(minutes=3)
+    if action == "cancel":
+        campaigns.cancel_campaign(campaign_a.id)
+    else:
+        campaigns.pause_campaign(campaign_a.id, "urgent campaign first")
+
+    pipeline.clock.advance(10)
+    (contact_b,) = seed_contacts(1, start=100)
+    campaign_b = new_campaign([contact_b], name="B")
+    campaigns.start_campaign(campaign_b.id, pipeline.tasks)
+    (message_b,) = campaigns.fan_out(campaign_b.id)
+    sent_at: dict[int, dt.datetime] = {}
+
+    # B goes within the 5 s a thread may wait, not minutes later.
+    assert deliver(pipeline, message_b, sent_at) == "sent"
+    assert sent_at[message_b] - pipeline.clock() <= dt.timedelta(seconds=10)
+
+
+def test_the_slots_another_campaign_holds_are_kept(pipeline, fake):
+    """Only what the stopped campaign held is given up: a newcomer still
+    queues behind the slots a running campaign's rows wait for."""
+    _, b_waiting = backlog_with_reserved_slots(pipeline)
+    b_slots = [Message.get_by_id(i).next_attempt_at for i in b_waiting]
+    contact_ids = seed_contacts(4, start=50)
+    campaign_a = new_campaign(contact_ids, name="A")
+    campaigns.start_campaign(campaign_a.id, pipeline.tasks)
+    a_ids = campaigns.fan_out(campaign_a.id)
+    assert [pipeline.tasks.deliver(i) for i in a_ids] == ["deferred: pacing"] * 4
+    campaigns.cancel_campaign(campaign_a.id)
+
+    (contact_c,) = seed_contacts(1, start=100)
+    campaign_c = new_campaign([contact_c], name="C")
+    campaigns.start_campaign(campaign_c.id, pipeline.tasks)
+    (message_c,) = campaigns.fan_out(campaign_c.id)
+
+    assert pipeline.tasks.deliver(message_c) == "deferred: pacing"
+    # Right after B's last slot, not after A's cancelled ones.
+    assert Message.get_by_id(message_c).next_attempt_at == max(
+        b_slots
+    ) + dt.timedelta(seconds=5)

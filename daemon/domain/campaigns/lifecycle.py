@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from daemon.domain import pacing
 from daemon.domain.campaigns.common import _CHUNK
 from daemon.domain.campaigns.common import _OPEN_MESSAGE_STATUSES
 from daemon.domain.campaigns.common import contact_opted_out
@@ -227,14 +228,31 @@ def start_campaign(campaign_id: int, tasks) -> Campaign:
 
 
 def pause_campaign(campaign_id: int, reason: str = "") -> Campaign:
-    """running -> paused: no new sends; sends already in flight finish."""
-    return _transition(
-        campaign_id,
-        (CampaignStatus.RUNNING,),
-        CampaignStatus.PAUSED,
-        "pause",
-        status_reason=reason,
-    )
+    """running -> paused: no new sends; sends already in flight finish.
+
+    The pacing slots its queued rows had reserved are given up: the device
+    is free for other campaigns meanwhile (pacing.rewind_lines), and on
+    resume each row takes a new one."""
+    with database.atomic():
+        campaign = _transition(
+            campaign_id,
+            (CampaignStatus.RUNNING,),
+            CampaignStatus.PAUSED,
+            "pause",
+            status_reason=reason,
+        )
+        slots = (
+            Message.update(paced_until=None, next_attempt_at=None)
+            .where(
+                Message.campaign == campaign_id,
+                Message.status == MessageStatus.QUEUED,
+                Message.paced_until.is_null(False),
+            )
+            .execute()
+        )
+        if slots:
+            pacing.rewind_lines()
+    return campaign
 
 
 def resume_campaign(campaign_id: int, tasks) -> Campaign:
@@ -285,10 +303,22 @@ def cancel_campaign(campaign_id: int) -> Campaign:
             "cancel",
             finished_at=utcnow(),
         )
-        Message.update(status=MessageStatus.CANCELLED).where(
+        slots = (
+            Message.select(Message.id)
+            .where(
+                Message.campaign == campaign_id,
+                Message.status == MessageStatus.QUEUED,
+                Message.paced_until.is_null(False),
+            )
+            .exists()
+        )
+        Message.update(status=MessageStatus.CANCELLED, paced_until=None).where(
             Message.campaign == campaign_id,
             Message.status.in_((MessageStatus.QUEUED, MessageStatus.PENDING)),
         ).execute()
+        if slots:
+            # Its backlog's pacing slots are free for other campaigns.
+            pacing.rewind_lines()
     return campaign
 
 
