@@ -159,6 +159,6 @@ def test_the_slots_another_campaign_holds_are_kept(pipeline, fake):
 
     assert pipeline.tasks.deliver(message_c) == "deferred: pacing"
     # Right after B's last slot, not after A's cancelled ones.
-    assert Message.get_by_id(message_c).next_attempt_at == max(
-        b_slots
-    ) + dt.timedelta(seconds=5)
+    assert Message.get_by_id(message_c).next_attempt_at == max(b_slots) + dt.timedelta(
+        seconds=5
+    )
