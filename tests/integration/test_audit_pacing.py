@@ -162,3 +162,21 @@ def test_the_slots_another_campaign_holds_are_kept(pipeline, fake):
     assert Message.get_by_id(message_c).next_attempt_at == max(b_slots) + dt.timedelta(
         seconds=5
     )
+
+
+def test_a_paced_backlog_whose_queue_entries_were_lost_is_paced_again(pipeline, fake):
+    """Redis restarted empty (or a SQLite queue file lost) while a paced
+    backlog waited for its slots: the sweeper finds the rows once their
+    slot has passed and enqueues them together; each still carried its
+    slot, so all went at once."""
+    _, waiting = backlog_with_reserved_slots(pipeline)
+    # Given back for their slots at START (release dates it by the wall clock).
+    Message.update(enqueued_at=START).where(Message.id.in_(waiting)).execute()
+    pipeline.queues.messages.flush()
+    now = pipeline.clock.set(utcnow().replace(microsecond=0))
+
+    assert pipeline.tasks.sweep_once(now)["messages"] == 4
+    sent_at: dict[int, dt.datetime] = {}
+    outcomes = [deliver(pipeline, i, sent_at) for i in waiting]
+
+    assert_paced(sent_at, outcomes)

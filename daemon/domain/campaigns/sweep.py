@@ -72,7 +72,7 @@ def sweep(
         ).where(abandoned).execute()
     messages = []
     if include_queued:
-        messages = _take_lost(due & not_recent, running, now, limit, in_queue)
+        messages = _take_lost(due & not_recent, running, now, stale, limit, in_queue)
     events = [
         e.id
         for e in InboundEvent.select(InboundEvent.id)
@@ -104,9 +104,14 @@ def sweep(
 
 
 def _take_lost(
-    lost, running, now, limit: int, in_queue: Collection[int]
+    lost, running, now, stale, limit: int, in_queue: Collection[int]
 ) -> list[tuple[int, int]]:
-    """(id, priority) of lost rows not `in_queue`, marked enqueued now."""
+    """(id, priority) of lost rows not `in_queue`, marked enqueued now.
+
+    A row that lost its entry while it waited for its pacing slot comes
+    back after the slot passed (by the grace at least): the slot is
+    forgotten and it takes a new one, or every row swept together went at
+    once (before 2026-12-07; tests/integration/test_audit_pacing.py)."""
     with database.atomic():
         query = (
             Message.select(Message.id, Message.priority)
@@ -121,8 +126,10 @@ def _take_lost(
         messages = [m for m in query.tuples() if m[0] not in in_queue]
         ids = [m[0] for m in messages]
         for start in range(0, len(ids), _CHUNK):
-            Message.update(enqueued_at=now).where(
-                Message.id.in_(ids[start : start + _CHUNK])
+            chunk = ids[start : start + _CHUNK]
+            Message.update(enqueued_at=now).where(Message.id.in_(chunk)).execute()
+            Message.update(paced_until=None).where(
+                Message.id.in_(chunk), Message.paced_until < stale
             ).execute()
     return messages
 
