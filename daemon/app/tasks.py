@@ -23,6 +23,7 @@ from typing import TypeVar
 import peewee as pw
 
 from daemon import metrics
+from daemon.app.batch_tasks import HANDED_BACK
 from daemon.app.batch_tasks import LEFT_FOR_ANOTHER
 from daemon.app.batch_tasks import BatchSendTasks
 from daemon.app.event_tasks import EventTasks
@@ -283,6 +284,13 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 return f"deferred: {decision.reason}"
             if decision.wait_s > 0:
                 self.sleep(decision.wait_s)
+                # The claim's check is wait_s old: a STOP, a pause or a
+                # cancel that came in meanwhile is obeyed.
+                if not self._until_recorded(
+                    write(campaigns.still_sendable, message, owner)
+                ):
+                    self._until_recorded(write(self._hand_back_one, message, owner))
+                    return HANDED_BACK
         inflight = self.inflight
         try:
             # Noted by the provider's client once connected, right before
@@ -300,6 +308,13 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         if accepted is None:
             inflight.end()
         return outcome
+
+    def _hand_back_one(self, message, owner: str) -> None:
+        """A held row that may not go now: cancelled if its contact opted
+        out or its campaign was cancelled, else queued again (enqueued; a
+        paused campaign's row then waits for the resume)."""
+        if campaigns.hand_back([message.id], owner):
+            self._enqueue_again([message.id])
 
     def _leave_queued(self, message_id: int) -> str:
         """A draining worker takes no new send: the row stays as it is, and
@@ -505,7 +520,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             reason,
             next_at.isoformat(timespec="seconds"),
         )
-        metrics.RETRIES.labels(kind=str(message.kind), reason=_retry_label(exc)).inc()
+        metrics.RETRIES.labels(kind=str(message.kind), reason=exc.label).inc()
         self._schedule_send(message.id, next_at, retry=True)
         return f"retry at {next_at.isoformat()}"
 
@@ -578,23 +593,3 @@ def _which(message) -> str:
 
 def _count_send(kind: int, outcome: str) -> None:
     metrics.SENDS.labels(kind=str(kind), outcome=outcome).inc()
-
-
-def _retry_label(exc: RetryableError) -> str:
-    """A short, bounded label for a retry: the HTTP status when there is one,
-    else what the transport said (a timeout, a connection failure)."""
-    status = exc.http_status
-    if status == 429:
-        return "http_429"
-    if status is not None and 500 <= status <= 599:
-        return "http_5xx"
-    if status == 408:
-        return "timeout"
-    if status is not None:
-        return "other"
-    lowered = exc.reason.lower()
-    if "timed out" in lowered or "timeout" in lowered:
-        return "timeout"
-    if "connect" in lowered:
-        return "connection"
-    return "other"

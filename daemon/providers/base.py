@@ -86,6 +86,27 @@ class RetryableError(ProviderError):
         super().__init__(reason, http_status=http_status, code=code)
         self.retry_after = retry_after
 
+    @property
+    def label(self) -> str:
+        """A short, bounded label for the retries metric: the HTTP status when
+        there is one, else what the transport said (a timeout, a connection
+        failure)."""
+        status = self.http_status
+        if status == 429:
+            return "http_429"
+        if status is not None and 500 <= status <= 599:
+            return "http_5xx"
+        if status == 408:
+            return "timeout"
+        if status is not None:
+            return "other"
+        lowered = self.reason.lower()
+        if "timed out" in lowered or "timeout" in lowered:
+            return "timeout"
+        if "connect" in lowered:
+            return "connection"
+        return "other"
+
 
 class UnconfirmedError(RetryableError):
     """The request was written whole and no answer came (read timeout, reset,
