@@ -390,6 +390,24 @@ def retry_failed(campaign_id: int, tasks) -> int:
     return len(ids)
 
 
+def reopen_for_reply(campaign_id: int) -> bool:
+    """completed -> running: a reply written inside its member's window took
+    that member after the campaign completed (its webhook retried by the
+    provider past the expiry job), so its Message 2 is to be sent, which the
+    claim allows only in a running campaign. It completes again once that
+    Message 2 is settled (maybe_complete), as after `retry-failed`. Only a
+    completed campaign: a cancelled one is never reopened."""
+    reopened = _set_status(
+        campaign_id,
+        (CampaignStatus.COMPLETED,),
+        CampaignStatus.RUNNING,
+        finished_at=None,
+    )
+    if reopened:
+        log.info("campaign %s running again: a reply written in time", campaign_id)
+    return bool(reopened)
+
+
 def maybe_complete(campaign_id: int) -> bool:
     """running -> completed once every contact reached a final state."""
     open_members = CampaignContact.select(CampaignContact.id).where(

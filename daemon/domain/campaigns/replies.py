@@ -19,6 +19,7 @@ from daemon.domain.campaigns.common import _REPLYABLE_STATES
 from daemon.domain.campaigns.fanout import _insert_messages
 from daemon.domain.campaigns.fanout import _message_row
 from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.domain.campaigns.lifecycle import reopen_for_reply
 from daemon.domain.campaigns.sending import _member_after_send
 from daemon.domain.campaigns.sending import member_failed
 from daemon.domain.contacts.phones import whatsapp_variants
@@ -123,7 +124,8 @@ def _quoted(values: Iterable[str]) -> str:
 
 # The member a reply answers, moved to `interacted` in one statement: in
 # the contact's running or paused campaigns, the member whose Message 1 is
-# the latest one attempted within the window. A reply proves the provider
+# the latest one attempted within the window (failing that, in a completed
+# campaign: _take_member_for_reply). A reply proves the provider
 # took Message 1 whatever we know of the attempt: unconfirmed, queued for a
 # retry, or a worker that died before recording it (status still
 # 'sending'). So the member's Message 1 time is set too when it has none.
@@ -142,7 +144,7 @@ def _quoted(values: Iterable[str]) -> str:
 # send still counts.
 REPLY_CLOCK_SKEW = dt.timedelta(minutes=10)
 _NO_BOUND = dt.datetime(9000, 1, 1)
-_TAKE_MEMBER_SQL = f"""
+_TAKE_MEMBER_TEMPLATE = f"""
 UPDATE campaign_contact
    SET state = 'interacted', interacted_at = {{p}}, updated_at = {{p}},
        message1_sent_at = COALESCE(message1_sent_at, {{p}})
@@ -156,7 +158,7 @@ UPDATE campaign_contact
                                  AND message1.kind = 1
         WHERE member.contact_id = {{p}}
           AND member.state IN ({_quoted(_REPLYABLE_STATES)})
-          AND campaign.status IN ('running', 'paused')
+          AND campaign.status IN ({{statuses}})
           AND (message1.status IN ({_quoted(_ATTEMPTED)})
                OR (message1.status = 'queued' AND message1.attempts > 0))
           AND (message1.sent_at >= {{p}}
@@ -166,20 +168,46 @@ UPDATE campaign_contact
         LIMIT 1)
 RETURNING campaign_id
 """
+_TAKE_MEMBER_SQL = _TAKE_MEMBER_TEMPLATE.replace(
+    "{statuses}", _quoted((CampaignStatus.RUNNING, CampaignStatus.PAUSED))
+)
+# The same in the contact's completed campaigns: a reply written in time
+# whose webhook reached us (the provider retried it) after the expiry job
+# had expired the member and the campaign had completed. Only completed:
+# a cancelled campaign is never reopened.
+_TAKE_COMPLETED_MEMBER_SQL = _TAKE_MEMBER_TEMPLATE.replace(
+    "{statuses}", _quoted((CampaignStatus.COMPLETED,))
+)
 
 
 def _take_member_for_reply(
     contact: Contact, window_h: float, now, written_at=None
 ) -> int | None:
     """The campaign of the member this reply answers, now `interacted`; None
-    when no member may take it (see _TAKE_MEMBER_SQL)."""
+    when no member may take it (see _TAKE_MEMBER_SQL).
+
+    A reply to a running or paused campaign costs the one statement. Only
+    when none matched is a completed campaign looked at: its member expired
+    (the hourly job) and the campaign completed before this reply, written
+    inside the window, reached us. That member takes it all the same, and
+    the campaign runs again until its Message 2 is settled (as
+    `retry-failed` reopens one). Before 2026-12-07 such a reply was
+    `no_open_campaign` and got no Message 2
+    (tests/integration/test_audit_late_reply_after_completion.py)."""
     cutoff = now - dt.timedelta(hours=window_h)
     created_after = cutoff - dt.timedelta(days=30)
     sent_before = (written_at or _NO_BOUND) + REPLY_CLOCK_SKEW
-    sql = _TAKE_MEMBER_SQL.replace("{p}", database.param)
     values = (now, now, now, contact.id, cutoff, created_after, sent_before)
+    sql = _TAKE_MEMBER_SQL.replace("{p}", database.param)
     row = database.execute_sql(sql, values).fetchone()
-    return row[0] if row else None
+    if row:
+        return row[0]
+    sql = _TAKE_COMPLETED_MEMBER_SQL.replace("{p}", database.param)
+    row = database.execute_sql(sql, values).fetchone()
+    if row is None:
+        return None
+    reopen_for_reply(row[0])
+    return row[0]
 
 
 def _queue_expired_message2(campaign_id: int, contact_id: int, now) -> list[int]:
