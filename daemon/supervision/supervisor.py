@@ -82,6 +82,7 @@ from daemon.supervision.tree import children_environment
 from daemon.supervision.tree import default_roles
 from daemon.supervision.tree import default_zygote
 from daemon.supervision.tree import metrics_directory
+from daemon.supervision.tree import prepare_metrics_directory
 from daemon.supervision.waiting import close_database
 from daemon.supervision.waiting import open_and_migrate
 from daemon.supervision.waiting import wait_for_database
@@ -136,6 +137,9 @@ def main(
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    # Ours now (the data dir's lock): the metrics directory, before the
+    # migration writes the first metric.
+    prepare_metrics_directory(Path(os.environ[METRICS_ENV]))
     me = os.getpid()
     try:
         return _supervise(cfg, roles, hooks, zygote, role_code, lock)
@@ -272,11 +276,7 @@ class Supervisor(Reloading, Alerting, StatusRequests, BackgroundJobs, SystemdRep
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.metrics_dir.mkdir(parents=True, exist_ok=True)
-        # prometheus_client multiprocess files of a previous run would be
-        # added to this run's counters.
-        for stale in self.metrics_dir.glob("*.db"):
-            stale.unlink(missing_ok=True)
+        prepare_metrics_directory(self.metrics_dir)
         self._sig_r, self._sig_w = nonblocking_pipe()
         self._jobs_r, self._jobs_w = nonblocking_pipe()
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain)

@@ -37,6 +37,17 @@ def metrics_directory(cfg: config_mod.Config, env) -> Path:
     return Path(run_base) / "metrics" if run_base else cfg.data_path / "metrics"
 
 
+def prepare_metrics_directory(path: Path) -> None:
+    """The metrics directory, there before the first write of a metric and
+    emptied of a previous run's files (they would be added to this run's
+    counters); this process's own files are kept."""
+    path.mkdir(parents=True, exist_ok=True)
+    mine = f"_{os.getpid()}.db"
+    for stale in path.glob("*.db"):
+        if not stale.name.endswith(mine):
+            stale.unlink(missing_ok=True)
+
+
 def default_zygote(cfg: config_mod.Config, config_path: str) -> tuple[str, ...]:
     """The zygote's argv: a child that imports every role and forks them."""
     tail = ["-c", config_path] if config_path else []

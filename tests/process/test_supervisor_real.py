@@ -154,3 +154,43 @@ def test_real_daemon_heals_releases_leases_and_stops(make_config, capfd):
             proc.kill()
             proc.wait()
         sock.unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_first_start_and_stop_log_no_error(make_config, tmp_path):
+    """A fresh install's first start (no data dir yet) and a clean stop say
+    nothing at ERROR: an error there is what an operator reads in the
+    journal on day one (the supervisor's metrics were written before their
+    directory existed, and kept out of /metrics)."""
+    sock = Path(tempfile.mkdtemp(prefix="cdfirst", dir="/tmp")) / "s.sock"
+    data_dir = tmp_path / "fresh" / "data"
+    cfg = make_config(
+        "sqlite",
+        {
+            "daemon": {"data_dir": str(data_dir)},
+            "web": {"port": free_port()},
+            "status": {"socket": str(sock)},
+        },
+    )
+    assert not data_dir.exists()
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "-c", cfg.source],
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: all_running(sock), timeout=60, what="all RUNNING")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        text = log_path.read_text()
+        assert "stopped (exit code 0)" in text
+        assert re.findall(r".* (?:ERROR|CRITICAL) .*|^Traceback.*", text, re.M) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.unlink(missing_ok=True)
