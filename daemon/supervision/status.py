@@ -20,6 +20,7 @@ second while fresh queue depths are gathered off the loop).
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import logging
 import os
@@ -259,7 +260,11 @@ def bind(path: Path, group: str = "") -> socket.socket:
         os.umask(old_umask)
     if group:
         try:
-            shutil.chown(path, group=group)
+            # Under systemd the socket is born in the unit's Group= already,
+            # and its system call filter (~@privileged) forbids chown: only
+            # change what differs.
+            if grp.getgrnam(group).gr_gid != path.stat().st_gid:
+                shutil.chown(path, group=group)
         except (LookupError, PermissionError) as exc:
             sock.close()
             path.unlink(missing_ok=True)
