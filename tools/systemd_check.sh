@@ -54,9 +54,10 @@ done
 
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 WEB_PORT=$(free_port); FAKE_PORT=$(free_port); ALERT_PORT=$(free_port)
-# A uid and gid no account of the host uses.
-SERVICE_ID=$("$PYTHON" -c 'import grp, pwd
-print(next(i for i in range(999, 100, -1) if not any(p.pw_uid == i for p in pwd.getpwall()) and not any(g.gr_gid == i for g in grp.getgrall())))')
+# Two uids and gids no account of the host uses: the service's, an operator's.
+read -r SERVICE_ID OPERATOR_ID < <("$PYTHON" -c 'import grp, pwd
+used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+print(*[i for i in range(999, 100, -1) if i not in used][:2])')
 
 # --- install, as README's "Install as a systemd service" ------------------------
 "$PYTHON" -m venv "$VENV"
@@ -71,7 +72,10 @@ for target in sysinit basic shutdown network network-online sockets multi-user d
 done
 cp /etc/passwd "$WORK/passwd"; cp /etc/group "$WORK/group"
 echo "campaignd:x:$SERVICE_ID:$SERVICE_ID:campaignd:/var/lib/campaignd:/usr/sbin/nologin" >>"$WORK/passwd"
-echo "campaignd:x:$SERVICE_ID:" >>"$WORK/group"
+echo "campaignd:x:$SERVICE_ID:operator" >>"$WORK/group"
+# An operator as README's install makes one: in group campaignd, nothing more.
+echo "operator:x:$OPERATOR_ID:$OPERATOR_ID:operator:/nonexistent:/bin/sh" >>"$WORK/passwd"
+echo "operator:x:$OPERATOR_ID:" >>"$WORK/group"
 ln -s "$CD" "$WORK/bin/campaignd"
 for secret in provider_token webhook_secret api_token; do
     echo "check-$secret" >"$WORK/etc/credentials/$secret"
@@ -93,6 +97,7 @@ api_token_file = "/etc/campaignd/credentials/api_token"
 
 [status]
 socket = "/run/campaignd/campaignd.sock"
+group = "campaignd"
 
 [alerts]
 webhook_url = "http://127.0.0.1:$ALERT_PORT/alert"
@@ -173,11 +178,15 @@ echo "systemd $(in_ns systemctl --version | head -1 | cut -d' ' -f2), unit from 
 
 # 1. Type=notify: "active" comes with READY=1, once every role runs.
 t0=$(now)
-in_ns systemctl start campaignd
+in_ns systemctl start campaignd 2>/dev/null || true
 check start "active after $(since "$t0") s, status text \"$(unit StatusText)\"" \
     [ "$(unit ActiveState)" = active ]
-check "status socket" "campaignd status as the operator exits 0" \
-    bash -c "nsenter -t $NS_PID -m -p $CD -c /etc/campaignd/campaignd.toml status >/dev/null"
+if [ "$(unit ActiveState)" != active ]; then
+    echo "--- the unit's output"; tail -40 "$WORK/unit.log" || true
+    exit 1
+fi
+check "status socket" "campaignd status as a user of group campaignd exits 0" \
+    bash -c "nsenter -t $NS_PID -m -p setpriv --reuid $OPERATOR_ID --regid $OPERATOR_ID --init-groups $CD -c /etc/campaignd/campaignd.toml status >/dev/null"
 running=$(processes)
 
 # 2. A campaign inside the sandbox: Message 1, the replies, Message 2.
@@ -211,17 +220,32 @@ check "SIGKILL" "active again after $took s (RestartSec=2), $(processes) process
     bash -c "[ '$(processes)' = '$running' ]"
 
 # 5. Reload: SIGHUP, the roles replaced one by one, the supervisor kept.
+# (systemctl reload returns once kill has sent the signal: systemd 252 does
+# not wait for a RELOADING=1 that comes after; the STATUS= line says
+# "reloading" until the roles are replaced.)
 pid=$(unit MainPID)
+roles_before=$(in_ns pgrep -u "$SERVICE_ID" | sort | paste -sd, -)
 t0=$(now)
 in_ns systemctl reload campaignd
-check reload "returned after $(since "$t0") s, same main pid, $(unit StatusText)" \
-    bash -c "[ '$(unit MainPID)' = '$pid' ] && [ '$(unit ActiveState)' = active ]"
+reloaded() {
+    [ "$(unit StatusText)" = "5/5 roles running" ] && [ "$(unit ActiveState)" = active ] &&
+        [ "$(in_ns pgrep -u "$SERVICE_ID" | sort | paste -sd, -)" != "$roles_before" ]
+}
+wait_for 30 reloaded || true
+check reload "roles replaced after $(since "$t0") s, same main pid, $(unit StatusText)" \
+    bash -c "[ '$(unit MainPID)' = '$pid' ] && [ '$(unit StatusText)' = '5/5 roles running' ]"
 
 # 6. Stop: a clean exit within TimeoutStopSec, the runtime directory removed.
 t0=$(now)
 in_ns systemctl stop campaignd
 check stop "inactive after $(since "$t0") s, result $(unit Result)" \
     bash -c "[ '$(unit Result)' = success ] && ! nsenter -t $NS_PID -m test -e /run/campaignd"
+
+# The unit's own output so far: no error but those the checks caused.
+errors() { grep -E ' (ERROR|CRITICAL) |^Traceback' "$WORK/unit.log" || true; }
+check "log" "$(errors | wc -l) ERROR, CRITICAL or Traceback lines in the unit's output" \
+    bash -c "[ -z \"\$(grep -E ' (ERROR|CRITICAL) |^Traceback' $WORK/unit.log)\" ]"
+errors | head -20
 
 # 7. A config error: exit 2, not restarted, and both alerts sent.
 write_config '"x"'
