@@ -80,8 +80,9 @@ def cleanup_expired_locks(tasks, now: dt.datetime) -> str:
 
 def recover_interrupted_campaigns(tasks, now: dt.datetime) -> str:
     """Re-enqueue stuck rows, resume fan-outs, complete finished campaigns."""
-    found = tasks.sweep_once(now, grace_s=RECOVER_GRACE_S)
+    # Repaired first: a campaign it runs again has its rows enqueued below.
     repaired = campaigns.repair_members(now)
+    found = tasks.sweep_once(now, grace_s=RECOVER_GRACE_S)
     completed = sum(
         1 for cid in campaigns.running_campaign_ids() if campaigns.maybe_complete(cid)
     )

@@ -13,6 +13,7 @@ from daemon.domain.campaigns.common import _CHUNK
 from daemon.domain.campaigns.common import _SENT_OR_LATER
 from daemon.domain.campaigns.fanout import _set_member_states
 from daemon.domain.campaigns.lifecycle import maybe_complete
+from daemon.domain.campaigns.lifecycle import reopen_for_reply
 from daemon.domain.campaigns.sending import _FAILS_MEMBER
 from daemon.domain.campaigns.sending import member_message1_sent
 from daemon.domain.campaigns.sending import unconfirmed_values
@@ -207,4 +208,20 @@ def repair_members(now=None) -> int:
             )
             .execute()
         )
-    return fixed
+    return fixed + _reopen_stranded(now)
+
+
+def _reopen_stranded(now) -> int:
+    """Completed campaigns with a member still open, running again: the
+    completion checks the members, then completes, so a reply that took a
+    member in between (its Message 2 queued) left it in a campaign where no
+    send may be claimed. Running again, the Message 2 goes, and the
+    campaign completes once it is settled (reopen_for_reply)."""
+    open_member = CampaignContact.select(CampaignContact.id).where(
+        CampaignContact.campaign == Campaign.id,
+        CampaignContact.state.in_(tuple(MemberState.OPEN)),
+    )
+    stranded = Campaign.select(Campaign.id).where(
+        Campaign.status == CampaignStatus.COMPLETED, pw.fn.EXISTS(open_member)
+    )
+    return sum(1 for (cid,) in stranded.tuples() if reopen_for_reply(cid))
