@@ -38,6 +38,7 @@ from daemon.domain.pacing import Pacer
 from daemon.owners import lease_owner
 from daemon.providers.base import PauseCampaignError
 from daemon.providers.base import PermanentError
+from daemon.providers.base import ProviderError
 from daemon.providers.base import RecipientOptedOutError
 from daemon.providers.base import RetryableError
 from daemon.providers.base import UnconfirmedError
@@ -260,9 +261,10 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 write(campaigns.record_failure, message, owner, reason)
             )
             return "failed"
-        if message.kind == 2 and self._session_closed(message, now):
+        if message.kind == 2 and campaigns.session_closed(message, now):
             self._until_recorded(write(campaigns.expire_message2, message, owner, now))
             return "expired: WhatsApp's 24 h window closed"
+        cap_day = None
         if message.kind == 1 and not self.pacer.unlimited:
             # The pacer's slots and daily counts are rows too. Its writes are
             # transactions: tried again, they at worst use up one more slot.
@@ -282,6 +284,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 self._until_recorded(release)
                 self._schedule_send(message.id, decision.retry_at)
                 return f"deferred: {decision.reason}"
+            if self.pacer.cfg.daily_cap:
+                cap_day = now.date()  # a unit of that day's cap taken
             if decision.wait_s > 0:
                 self.sleep(decision.wait_s)
                 # The claim's check is wait_s old: a STOP, a pause or a
@@ -297,7 +301,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
             # the request's first byte can leave (Provider.send): a death
             # during a connect or TLS handshake re-sends the row at once.
             outcome = self._send_claimed(
-                message, owner, lambda: inflight.begin(message.id), accepted
+                message, owner, lambda: inflight.begin(message.id), accepted, cap_day
             )
         except BaseException:
             # Not recorded (database down?): the request may have left, and
@@ -352,19 +356,26 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         return note
 
     def _send_claimed(
-        self, message, owner: str, on_write: Callable[[], None], accepted=None
+        self, message, owner: str, on_write, accepted=None, cap_day=None
     ) -> str:
-        """The request, then the provider's answer recorded (_until_recorded)."""
+        """The request, then the provider's answer recorded (_until_recorded).
+        A request the provider refused gives back the unit of `cap_day`'s
+        daily cap it took: a refusal is not a message on a phone."""
         record = functools.partial
         try:
-            result = self.provider.send(
-                message.phone,
-                message.body,
-                message.idempotency_key,
-                kind=message.kind,
-                variables=self._variables(message),
-                on_write=on_write,
-            )
+            try:
+                result = self.provider.send(
+                    message.phone,
+                    message.body,
+                    message.idempotency_key,
+                    kind=message.kind,
+                    variables=self._variables(message),
+                    on_write=on_write,
+                )
+            except ProviderError as exc:
+                if exc.refused and cap_day is not None:
+                    self.pacer.give_back_daily(cap_day)
+                raise
         except UnconfirmedError as exc:
             answer = record(self._after_unconfirmed, message, owner, exc.reason)
         except RetryableError as exc:
@@ -446,16 +457,6 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         _count_send(message.kind, "failed")
         log.warning("%s failed: %s", _which(message), reason)
         return "failed"
-
-    @staticmethod
-    def _session_closed(message, now) -> bool:
-        """WhatsApp takes a free-form message only within 24 h of the
-        contact's last message. A Message 2 row is created when the reply is
-        taken in (at the reply's own time), so its creation time opens that
-        window. (campaigns.reply_window_h is another rule: which replies
-        trigger a Message 2 at all.)"""
-        created = message.created_at
-        return created is not None and now > created + campaigns.SESSION_WINDOW
 
     def _not_claimed(self, message_id: int, now) -> str:
         """Someone else has it, it is done, or it came early: then come back."""

@@ -12,6 +12,7 @@ Message 2 is not paced: it answers a person who just wrote to us.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import random
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
@@ -20,12 +21,15 @@ import peewee as pw
 
 from daemon.config import PacingConfig
 from daemon.config import parse_hhmm
+from daemon.store.db import drop_connection
 from daemon.store.db import is_postgres
 from daemon.store.models import DailyCounter
 from daemon.store.models import Lease
 from daemon.store.models import Message
 from daemon.store.models import MessageStatus
 from daemon.store.models import database
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,24 @@ class Pacer:
         if closing <= local:
             closing += dt.timedelta(days=1)
         return closing.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def give_back_daily(self, day: dt.date) -> None:
+        """A unit of `day`'s cap back: the provider refused the message (a
+        4xx answer, no connection), so nothing reached WhatsApp. A refusal
+        that is retried takes its unit again when it goes. Tried once: a
+        second give-back would free a unit that was used, so if the
+        database fails the unit stays taken."""
+        if not self.cfg.daily_cap:
+            return
+        try:
+            DailyCounter.update(value=DailyCounter.value - 1).where(
+                DailyCounter.day == day,
+                DailyCounter.name == f"cap:{self.device}",
+                DailyCounter.value > 0,
+            ).execute()
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            drop_connection()
+            log.warning("a unit of the daily cap not given back: %s", exc)
 
     def _take_daily(self, now: dt.datetime) -> bool:
         name = f"cap:{self.device}"

@@ -71,6 +71,14 @@ class ProviderError(DaemonError):
         self.http_status = http_status
         self.code = code
 
+    @property
+    def refused(self) -> bool:
+        """Nothing of this call can have reached WhatsApp: the provider
+        answered 4xx, or no whole request left (no connection, a write cut
+        short). A 5xx may come after the provider took it."""
+        status = self.http_status
+        return status is None or 400 <= status < 500
+
 
 class RetryableError(ProviderError):
     """Try again later: timeouts, lost connections, 429, 5xx, rate-limit codes."""
@@ -112,6 +120,8 @@ class UnconfirmedError(RetryableError):
     """The request was written whole and no answer came (read timeout, reset,
     EOF): the provider may have taken it. A send must not be repeated on
     this alone; other calls (number checks) may treat it as retryable."""
+
+    refused = False
 
 
 class PermanentError(ProviderError):

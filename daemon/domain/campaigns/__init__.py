@@ -32,6 +32,7 @@ from daemon.domain.campaigns.common import Backoff
 from daemon.domain.campaigns.common import campaign_cancelled
 from daemon.domain.campaigns.common import contact_opted_out
 from daemon.domain.campaigns.common import idempotency_key
+from daemon.domain.campaigns.common import session_closed
 from daemon.domain.campaigns.fanout import fan_out
 from daemon.domain.campaigns.fanout import fan_out_batch
 from daemon.domain.campaigns.fanout import fanout_ranges
@@ -92,6 +93,7 @@ __all__ = [
     "PRIORITY_MESSAGE_2",
     "MAX_INTERRUPTED_ATTEMPTS",
     "SESSION_WINDOW",
+    "session_closed",
     "idempotency_key",
     "contact_opted_out",
     "campaign_cancelled",

@@ -69,3 +69,13 @@ class Backoff:
         """
         raw = min(self.cap_s, self.base_s * self.factor ** max(failures - 1, 0))
         return raw * (1 + self.jitter * (rng or random).random())
+
+
+def session_closed(message, now) -> bool:
+    """WhatsApp takes a free-form message only within 24 h of the contact's
+    last message. A Message 2 row is created when the reply is taken in (at
+    the reply's own time), so its creation time opens that window.
+    (campaigns.reply_window_h is another rule: which replies trigger a
+    Message 2 at all.)"""
+    created = message.created_at
+    return created is not None and now > created + SESSION_WINDOW
