@@ -197,27 +197,28 @@ as_service campaign start 1 >/dev/null
 campaign_done() { as_service campaign show 1 | grep -q 'members *message_2_sent 3'; }
 check campaign "3 contacts, 3 replies, 3 Message 2 in $(wait_for 60 campaign_done; since "$t0") s" campaign_done
 
+# replaced SIGNAL NAME TEXT: the supervisor gets SIGNAL; a new one must be
+# active, with as many processes as before (the old children went with it).
+replaced() {
+    local signal=$1 name=$2 text=$3 pid t0 took
+    pid=$(unit MainPID)
+    in_ns kill "-$signal" "$pid"
+    t0=$(now)
+    wait_for 20 active_with_new_pid "$pid" || true
+    took=$(since "$t0")
+    wait_for 10 bash -c "[ \"\$(nsenter -t $NS_PID -m -p pgrep -c -u $SERVICE_ID)\" = $running ]" || true
+    check "$name" "$text after $took s, $(processes) processes (were $running)" \
+        bash -c "[ '$(unit MainPID)' != '$pid' ] && [ '$(unit ActiveState)' = active ] && [ '$(processes)' = '$running' ]"
+}
+
 # 3. The watchdog: pings keep it alive; a frozen supervisor is killed and restarted.
 pid=$(unit MainPID)
 sleep 6
 check watchdog "same main pid after 6 s with WatchdogSec=2" [ "$(unit MainPID)" = "$pid" ]
-in_ns kill -STOP "$pid"
-t0=$(now)
-wait_for 20 active_with_new_pid "$pid" || true
-took=$(since "$t0")
-wait_for 10 bash -c "[ \"\$(nsenter -t $NS_PID -m -p pgrep -c -u $SERVICE_ID)\" = $running ]" || true
-check "watchdog kill" "SIGSTOPped supervisor replaced after $took s, $(processes) processes (were $running)" \
-    bash -c "[ '$(processes)' = '$running' ]"
+replaced STOP "watchdog kill" "SIGSTOPped supervisor replaced"
 
 # 4. Restart=always: SIGKILL of the supervisor; its children go with it.
-pid=$(unit MainPID)
-in_ns kill -KILL "$pid"
-t0=$(now)
-wait_for 20 active_with_new_pid "$pid" || true
-took=$(since "$t0")
-wait_for 10 bash -c "[ \"\$(nsenter -t $NS_PID -m -p pgrep -c -u $SERVICE_ID)\" = $running ]" || true
-check "SIGKILL" "active again after $took s (RestartSec=2), $(processes) processes (were $running)" \
-    bash -c "[ '$(processes)' = '$running' ]"
+replaced KILL SIGKILL "active again (RestartSec=2)"
 
 # 5. Reload: SIGHUP, the roles replaced one by one, the supervisor kept.
 # (systemctl reload returns once kill has sent the signal: systemd 252 does
