@@ -404,13 +404,25 @@ def respace_overdue(now: dt.datetime, per_minute: float) -> int:
             .order_by(NumberCheck.due_at, NumberCheck.id)
             .tuples()
         ]
-        # The first keeps its turn now; each later one a step after.
+        # The first keeps its turn now; each later one a step after. One
+        # statement run for every row (executemany): a statement per row
+        # held READY back by seconds behind a bulk verify's backlog.
+        to_db = NumberCheck.due_at.db_value
+        rows = []
         for i, check_id in enumerate(ids[1:], start=1):
-            due = now + i * step
-            NumberCheck.update(due_at=due, enqueued_at=due).where(
-                NumberCheck.id == check_id
-            ).execute()
+            due = to_db(now + i * step)
+            rows.append((due, due, check_id))
+        if rows:
+            database.cursor().executemany(_RESPACE_SQL.format(p=database.param), rows)
     return len(ids)
+
+
+_RESPACE_SQL = (
+    f"UPDATE {NumberCheck._meta.table_name}"
+    f" SET {NumberCheck.due_at.column_name} = {{p}},"
+    f" {NumberCheck.enqueued_at.column_name} = {{p}}"
+    f" WHERE {NumberCheck.id.column_name} = {{p}}"
+)
 
 
 # --- figures ------------------------------------------------------------------------
