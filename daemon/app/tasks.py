@@ -268,7 +268,10 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         if message.kind == 1 and not self.pacer.unlimited:
             # The pacer's slots and daily counts are rows too. Its writes are
             # transactions: tried again, they at worst use up one more slot.
-            has_slot = message.paced_until is not None
+            # A slot long passed (its workers were down) is taken again:
+            # else the whole backlog would go at once.
+            slot = message.paced_until
+            has_slot = slot is not None and now <= slot + self.pacer.slot_grace
             decision = self._until_recorded(
                 write(self.pacer.decide, now, has_slot=has_slot)
             )

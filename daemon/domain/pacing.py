@@ -55,6 +55,8 @@ class Pacer:
         # A thread may sleep this long for its slot; beyond it the message
         # goes back to the queue so threads stay free for Message 2.
         self.max_wait_s = max_wait_s
+        # How late a row may come for the slot it reserved and still use it.
+        self.slot_grace = dt.timedelta(seconds=max_wait_s)
         self._tz = ZoneInfo(cfg.timezone)
         self._start = parse_hhmm("pacing.window_start", cfg.window_start)
         self._end = parse_hhmm("pacing.window_end", cfg.window_end)

@@ -111,6 +111,23 @@ def test_a_restart_does_not_send_the_paced_backlog_at_once(pipeline, fake):
     assert fake.stats()["sends_accepted"] == 4
 
 
+def test_message_workers_down_while_the_rest_ran_do_not_burst_the_backlog(
+    pipeline, fake
+):
+    """Only worker:messages was down (a crash loop, the host's memory): no
+    resume, no restart of the daemon, no sweep of lost entries, so nothing
+    forgot the rows' slots. Back two hours later, its queue's entries are
+    all due: each row whose slot long passed takes a new one."""
+    _, waiting = backlog_with_reserved_slots(pipeline)
+    now = pipeline.clock.set(utcnow().replace(microsecond=0))
+    sent_at: dict[int, dt.datetime] = {}
+    outcomes = [deliver(pipeline, i, sent_at) for i in waiting]
+
+    assert_paced(sent_at, outcomes)
+    assert min(sent_at.values()) == now
+    assert fake.stats()["sends_accepted"] == 4
+
+
 @pytest.mark.parametrize("action", ["cancel", "pause"])
 def test_a_campaign_stopped_with_a_backlog_leaves_the_device_free(
     pipeline, fake, action
