@@ -297,6 +297,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                     write(campaigns.still_sendable, message, owner)
                 ):
                     self._until_recorded(write(self._hand_back_one, message, owner))
+                    if cap_day is not None:  # nothing sent
+                        self.pacer.give_back_daily(cap_day)
                     return HANDED_BACK
         inflight = self.inflight
         try:
@@ -317,9 +319,8 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         return outcome
 
     def _hand_back_one(self, message, owner: str) -> None:
-        """A held row that may not go now: cancelled if its contact opted
-        out or its campaign was cancelled, else queued again (enqueued; a
-        paused campaign's row then waits for the resume)."""
+        """A held row that may not go now: cancelled if its contact opted out
+        or its campaign was cancelled, else queued again (and enqueued)."""
         if campaigns.hand_back([message.id], owner):
             self._enqueue_again([message.id])
 

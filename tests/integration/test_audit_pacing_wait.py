@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.domain import campaigns
+from daemon.domain.pacing import sent_today
 from daemon.store.models import Contact
 from daemon.store.models import Message
 from daemon.store.models import utcnow
@@ -105,3 +106,19 @@ def test_nothing_changed_during_the_wait_the_send_goes(pipeline, fake):
     assert pipeline.tasks.deliver(second) == "sent"
     assert pipeline.sleeps == [5.0]
     assert phone_shows(fake, phone) == {"m1": 1, "m2": 0}
+
+
+capped = manual_pipeline(
+    START, {"pacing": {"per_minute": 12, "daily_cap": 10, "jitter_s": 0.0}}
+)
+
+
+def test_a_send_handed_back_after_the_wait_gives_back_its_daily_unit(capped, fake):
+    _, second, phone = two_paced_sends(capped)
+    contact = Contact.get(Contact.phone == phone)
+    during_the_wait(capped, lambda: campaigns.opt_out_contact(contact, "STOP"))
+
+    capped.tasks.deliver(second)
+
+    assert phone_shows(fake, phone) == {"m1": 0, "m2": 0}
+    assert sent_today(capped.cfg.provider.device, capped.clock()) == 1
