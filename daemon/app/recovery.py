@@ -13,7 +13,6 @@ import socket
 from dataclasses import dataclass
 from dataclasses import field
 
-from daemon.domain import campaigns
 from daemon.domain import unconfirmed
 from daemon.domain.contacts import verification
 from daemon.runtime import clear_inflight
@@ -82,10 +81,10 @@ def release_at_start(cfg) -> LeftBehind:
     left = LeftBehind(
         requeued=list(released.requeued), unconfirmed=released.unconfirmed
     )
-    # Pacing slots and number checks whose time passed while the daemon was
-    # down: paced again from now, not all run at once by the queue's
-    # entries now due together.
-    campaigns.forget_past_slots(utcnow())
+    # Number checks whose time passed while the daemon was down: paced
+    # again from now, not all run at once by the queue's entries now due
+    # together. (Message 1 rows whose pacing slot passed take a new one
+    # when they come: Pacer.slot_grace.)
     verification.respace_overdue(utcnow(), cfg.campaigns.verify_per_minute)
     for pid in recorded_pids(directory):
         # Records of another boot are a previous run's, whatever holds

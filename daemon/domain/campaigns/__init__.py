@@ -39,7 +39,6 @@ from daemon.domain.campaigns.fanout import fanout_ranges
 from daemon.domain.campaigns.lifecycle import cancel_campaign
 from daemon.domain.campaigns.lifecycle import create_campaign
 from daemon.domain.campaigns.lifecycle import due_message_ids
-from daemon.domain.campaigns.lifecycle import forget_past_slots
 from daemon.domain.campaigns.lifecycle import get_campaign
 from daemon.domain.campaigns.lifecycle import maybe_complete
 from daemon.domain.campaigns.lifecycle import pause_campaign
@@ -110,7 +109,6 @@ __all__ = [
     "retry_failed",
     "maybe_complete",
     "due_message_ids",
-    "forget_past_slots",
     "campaign_summary",
     "list_campaigns",
     "list_messages",

@@ -263,7 +263,6 @@ def resume_campaign(campaign_id: int, tasks) -> Campaign:
         "resume",
         status_reason="",
     )
-    forget_past_slots(utcnow(), campaign_id)
     tasks.enqueue_fanout(campaign_id)
     due = _due_messages(campaign_id)
     # Each at its own priority: a Message 2 (a reply that came during the
@@ -273,24 +272,6 @@ def resume_campaign(campaign_id: int, tasks) -> Campaign:
     for message_id, _, priority in sorted(due, key=lambda row: row[1] == 1):
         tasks.send_single_message(message_id, priority=priority)
     return campaign
-
-
-def forget_past_slots(now, campaign_id: int | None = None) -> int:
-    """Queued rows whose reserved pacing slot (`paced_until`) passed unused,
-    the campaign paused or the daemon down: the slot is forgotten, so each
-    takes a new one when it comes (pacing.Pacer), instead of skipping the
-    rate with a slot long gone: the whole backlog at once on a resume or a
-    restart (before 2026-12-07; tests/integration/test_audit_pacing.py).
-    How many rows."""
-    where = [
-        Message.status == MessageStatus.QUEUED,
-        # A reserved slot is the row's next_attempt_at: the index finds them.
-        Message.next_attempt_at <= now,
-        Message.paced_until < now,
-    ]
-    if campaign_id is not None:
-        where.append(Message.campaign == campaign_id)
-    return Message.update(paced_until=None).where(*where).execute()
 
 
 def cancel_campaign(campaign_id: int) -> Campaign:

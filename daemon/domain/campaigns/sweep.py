@@ -73,7 +73,7 @@ def sweep(
         ).where(abandoned).execute()
     messages = []
     if include_queued:
-        messages = _take_lost(due & not_recent, running, now, stale, limit, in_queue)
+        messages = _take_lost(due & not_recent, running, now, limit, in_queue)
     events = [
         e.id
         for e in InboundEvent.select(InboundEvent.id)
@@ -105,14 +105,11 @@ def sweep(
 
 
 def _take_lost(
-    lost, running, now, stale, limit: int, in_queue: Collection[int]
+    lost, running, now, limit: int, in_queue: Collection[int]
 ) -> list[tuple[int, int]]:
-    """(id, priority) of lost rows not `in_queue`, marked enqueued now.
-
-    A row that lost its entry while it waited for its pacing slot comes
-    back after the slot passed (by the grace at least): the slot is
-    forgotten and it takes a new one, or every row swept together went at
-    once (before 2026-12-07; tests/integration/test_audit_pacing.py)."""
+    """(id, priority) of lost rows not `in_queue`, marked enqueued now. A
+    row whose pacing slot passed meanwhile takes a new one when it comes
+    (Tasks._deliver_claimed: Pacer.slot_grace)."""
     with database.atomic():
         query = (
             Message.select(Message.id, Message.priority)
@@ -127,10 +124,8 @@ def _take_lost(
         messages = [m for m in query.tuples() if m[0] not in in_queue]
         ids = [m[0] for m in messages]
         for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            Message.update(enqueued_at=now).where(Message.id.in_(chunk)).execute()
-            Message.update(paced_until=None).where(
-                Message.id.in_(chunk), Message.paced_until < stale
+            Message.update(enqueued_at=now).where(
+                Message.id.in_(ids[start : start + _CHUNK])
             ).execute()
     return messages
 
@@ -208,10 +203,10 @@ def repair_members(now=None) -> int:
             )
             .execute()
         )
-    return fixed + _reopen_stranded(now)
+    return fixed + _reopen_stranded()
 
 
-def _reopen_stranded(now) -> int:
+def _reopen_stranded() -> int:
     """Completed campaigns with a member still open, running again: the
     completion checks the members, then completes, so a reply that took a
     member in between (its Message 2 queued) left it in a campaign where no
