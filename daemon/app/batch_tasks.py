@@ -139,9 +139,14 @@ class BatchSendTasks:
             or time.monotonic() - started > BATCH_BUDGET_S
         )
 
-    def _hand_back(self, message_ids: list[int], owner: str, unsent: set) -> None:
+    def _hand_back(
+        self, message_ids: list[int], owner: str, unsent: set | None = None
+    ) -> None:
+        """Held rows not sent: cancelled if withdrawn, else queued and
+        enqueued again (campaigns.hand_back)."""
         campaigns.hand_back(message_ids, owner)
-        unsent.difference_update(message_ids)
+        if unsent is not None:
+            unsent.difference_update(message_ids)
         self._enqueue_again(message_ids)
 
     def _settle_interrupted(self, accepted: list, unsent: list[int], owner) -> None:

@@ -287,8 +287,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 self._until_recorded(release)
                 self._schedule_send(message.id, decision.retry_at)
                 return f"deferred: {decision.reason}"
-            if self.pacer.cfg.daily_cap:
-                cap_day = now.date()  # a unit of that day's cap taken
+            cap_day = now.date()  # of the cap unit taken, if there is a cap
             if decision.wait_s > 0:
                 self.sleep(decision.wait_s)
                 # The claim's check is wait_s old: a STOP, a pause or a
@@ -296,7 +295,7 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
                 if not self._until_recorded(
                     write(campaigns.still_sendable, message, owner)
                 ):
-                    self._until_recorded(write(self._hand_back_one, message, owner))
+                    self._until_recorded(write(self._hand_back, [message.id], owner))
                     if cap_day is not None:  # nothing sent
                         self.pacer.give_back_daily(cap_day)
                     return HANDED_BACK
@@ -317,12 +316,6 @@ class Tasks(BatchSendTasks, EventTasks, VerifyTasks, RecoveryTasks):
         if accepted is None:
             inflight.end()
         return outcome
-
-    def _hand_back_one(self, message, owner: str) -> None:
-        """A held row that may not go now: cancelled if its contact opted out
-        or its campaign was cancelled, else queued again (and enqueued)."""
-        if campaigns.hand_back([message.id], owner):
-            self._enqueue_again([message.id])
 
     def _leave_queued(self, message_id: int) -> str:
         """A draining worker takes no new send: the row stays as it is, and
