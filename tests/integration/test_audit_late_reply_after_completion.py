@@ -37,9 +37,7 @@ from daemon.store.models import utcnow
 from tests.event_helpers import Events
 from tests.event_helpers import wassenger_reply
 from tests.helpers import wait_for
-from tests.send_helpers import ManualClock
-from tests.send_helpers import build_pipeline
-from tests.send_helpers import mode_config
+from tests.send_helpers import manual_pipeline
 from tests.send_helpers import new_campaign
 from tests.send_helpers import phone_shows
 from tests.send_helpers import seed_contacts
@@ -54,13 +52,7 @@ def fake_options() -> FakeOptions:
     return FakeOptions(ack_delays_ms=())
 
 
-@pytest.fixture(params=["sqlite", "cluster"])
-def pipeline(request, make_config, fake):
-    extra = {"provider": {"base_url": fake.url}}
-    cfg = mode_config(request, make_config, request.param, extra)
-    built = build_pipeline(cfg, ManualClock(utcnow().replace(microsecond=0)))
-    yield built
-    built.close()
+pipeline = manual_pipeline(utcnow().replace(microsecond=0))
 
 
 def phones(contact_ids: list[int]) -> list[str]:
